@@ -1,0 +1,191 @@
+"""Frozen dataclass configs: built from YAML (`yaml.safe_load`) plus dotted command-line overrides.
+
+Every stage has its own dataclass (defined beside the code that uses it and collected in
+`RunConfig` by the pipeline). Unknown keys and wrong types are errors naming the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+  """`value` checked (and gently converted: int -> float, list -> tuple) against annotation `tp`."""
+  origin = typing.get_origin(tp)
+  if tp is Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None:
+      if type(None) in args:
+        return None
+      raise ConfigError(f"{where}: null is not allowed (expected {_type_name(tp)})")
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _coerce(value, a, where)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
+  if origin is typing.Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+    return from_dict(tp, value, where)
+  if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list, got {value!r}")
+    args = typing.get_args(tp)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is tuple and args:
+      if len(args) != len(value):
+        raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+      return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else Any
+    return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+  if origin in (dict, Mapping) or tp is dict:
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    args = typing.get_args(tp)
+    vt = args[1] if len(args) == 2 else Any
+    return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+  if isinstance(tp, type) and not isinstance(value, tp):
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+  return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+  """Builds dataclass `cls` from a (nested) mapping; unknown keys and bad types raise ConfigError."""
+  data = dict(data or {})
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+  kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, (list, tuple)):
+    return [to_dict(v) for v in cfg]
+  if isinstance(cfg, dict):
+    return {k: to_dict(v) for k, v in cfg.items()}
+  return cfg
+
+
+def config_hash(cfg: Any) -> str:
+  return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+  """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: 3 -> int, [1,2] -> list, x -> str)."""
+  if "=" not in item:
+    raise ConfigError(f"override {item!r}: expected key.sub=value")
+  key, raw = item.split("=", 1)
+  if not key or any(not p for p in key.split(".")):
+    raise ConfigError(f"override {item!r}: bad key {key!r}")
+  try:
+    value = yaml.safe_load(raw) if raw != "" else ""
+  except yaml.YAMLError:
+    value = raw
+  return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+  data = dict(data)
+  for item in overrides:
+    path, value = parse_override(item)
+    node = data
+    for p in path[:-1]:
+      nxt = node.get(p)
+      if nxt is None:
+        nxt = {}
+      elif not isinstance(nxt, dict):
+        raise ConfigError(f"override {item!r}: {p!r} is not a mapping")
+      else:
+        nxt = dict(nxt)
+      node[p] = nxt
+      node = nxt
+    node[path[-1]] = value
+  return data
+
+
+def load_yaml(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: config file not found") from None
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: invalid YAML ({e})") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping")
+  return data
+
+
+def load(cls: type[T], path: str | None = None, overrides: Sequence[str] = (), *,
+         base: Mapping | None = None) -> T:
+  """`cls` from `base`, then the YAML file at `path`, then dotted `overrides` (later wins)."""
+  data = _deep_merge(dict(base or {}), load_yaml(path) if path else {})
+  data = apply_overrides(data, overrides)
+  return from_dict(cls, data, where=path or "config")
+
+
+def _deep_merge(a: dict, b: Mapping) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+      out[k] = _deep_merge(dict(out[k]), v)
+    else:
+      out[k] = v
+  return out

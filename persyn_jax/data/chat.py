@@ -1,0 +1,78 @@
+"""Chat formatting and tokenization shared by the sampler, scoring and SFT.
+
+Each model tokenizes text itself, with its own chat template (PAPER.md, Eq. 1): the response span
+of a (prompt, response) pair is what the template adds after the generation prompt.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+Messages = list[dict[str, str]]
+Prompt = str | Sequence[dict[str, Any]]
+
+
+def to_messages(prompt: Prompt, system: str | None = None) -> Messages:
+  """A prompt string becomes one user turn; a message list is copied. `system` is prepended unless
+  the messages already start with a system turn."""
+  if isinstance(prompt, str):
+    msgs = [{"role": "user", "content": prompt}]
+  else:
+    msgs = [dict(m) for m in prompt]
+    for i, m in enumerate(msgs):
+      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ValueError(f"message {i} of a prompt must be a dict with 'role' and 'content': {m!r}")
+  if system and not (msgs and msgs[0]["role"] == "system"):
+    msgs.insert(0, {"role": "system", "content": system})
+  return msgs
+
+
+def has_chat_template(tokenizer) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_text(tokenizer, prompt: Prompt, system: str | None = None) -> str:
+  """The text the model sees before it answers (the chat template's generation prompt)."""
+  if has_chat_template(tokenizer):
+    return tokenizer.apply_chat_template(to_messages(prompt, system), tokenize=False,
+                                         add_generation_prompt=True)
+  if not isinstance(prompt, str):  # a base model: plain concatenation of the turns
+    prompt = "\n".join(m["content"] for m in to_messages(prompt, system))
+  elif system:
+    prompt = system + "\n" + prompt
+  return prompt
+
+
+def encode(tokenizer, text: str) -> list[int]:
+  """Token ids of `text` as-is (chat templates carry their own BOS)."""
+  add = not has_chat_template(tokenizer)  # base models: the tokenizer's own BOS
+  return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt: Prompt, system: str | None = None) -> list[int]:
+  return encode(tokenizer, prompt_text(tokenizer, prompt, system))
+
+
+def eos_id(tokenizer) -> int | None:
+  return tokenizer.eos_token_id
+
+
+def pair_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None
+             ) -> tuple[list[int], list[int]]:
+  """(ids, response_mask) of a prompt and its response, as the model's chat template lays them out.
+
+  With a chat template: the full conversation (prompt turns + an assistant turn) is tokenized, and
+  the tokens after the generation prompt are the response (they include the template's
+  end-of-turn token). If the template's full conversation does not extend its generation prompt
+  token-for-token, and for base models: prompt ids + response ids + EOS.
+  """
+  p_ids = prompt_ids(tokenizer, prompt, system)
+  if has_chat_template(tokenizer):
+    msgs = to_messages(prompt, system) + [{"role": "assistant", "content": response}]
+    full = encode(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False))
+    if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
+      return full, [0] * len(p_ids) + [1] * (len(full) - len(p_ids))
+  r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+  eos = eos_id(tokenizer)
+  if eos is not None:
+    r_ids.append(eos)
+  return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)

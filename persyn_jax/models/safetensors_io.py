@@ -1,0 +1,97 @@
+"""Minimal safetensors reader/writer on numpy memmaps.
+
+The reader slices a tensor without reading the rest of the file (a host loads only the part of a
+weight its devices hold), and handles bf16 through ml_dtypes; the writer streams tensors one by
+one. Format: 8-byte little-endian header size, a JSON header, then raw little-endian bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+  pass
+
+
+class SafeFile:
+  """Read-only view of one .safetensors file: `names()`, `shape(name)`, `read(name, index)`."""
+
+  def __init__(self, path: str):
+    self.path = path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
+      (n,) = struct.unpack("<Q", head)
+      if n > size - 8 or n > 100_000_000:
+        raise SafetensorsError(f"{path}: header size {n} is larger than the file ({size} bytes): "
+                               "truncated or not a safetensors file")
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    self.metadata = header.pop("__metadata__", {}) or {}
+    self.base = 8 + n
+    self.header = header
+    for name, info in header.items():
+      dt = info.get("dtype")
+      if dt not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
+      start, end = info["data_offsets"]
+      want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(DTYPES[dt]).itemsize
+      if end - start != want or self.base + end > size:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} (shape {info['shape']}, {dt}) needs bytes "
+            f"[{start}, {end}) of a data section of {size - self.base} bytes: truncated or corrupt")
+    self._mm = None
+
+  def names(self) -> list[str]:
+    return list(self.header)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.header[name]["shape"])
+
+  def array(self, name: str) -> np.ndarray:
+    """A memmapped view (nothing read until indexed)."""
+    info = self.header[name]
+    if self._mm is None:
+      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+    start, end = info["data_offsets"]
+    raw = self._mm[self.base + start:self.base + end]
+    return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def save_file(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: dict | None = None):
+  """Writes (name, array) pairs; arrays may be produced lazily by the iterable."""
+  tensors = list(tensors)
+  header, offset = {}, 0
+  for name, arr in tensors:
+    n = arr.size * arr.dtype.itemsize
+    header[name] = {"dtype": NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + n]}
+    offset += n
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * ((8 - len(blob) % 8) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for _, arr in tensors:
+      f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    f.flush()
+    os.fsync(f.fileno())

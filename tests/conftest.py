@@ -1,0 +1,35 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported), tiny models built once per session."""
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+  return tiny.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tok):
+  """model_dir(arch, classifier=False, seed=0, **overrides) -> (path, torch model); cached."""
+  cache = {}
+
+  def make(arch, classifier=False, seed=0, **overrides):
+    key = (arch, classifier, seed, tuple(sorted(overrides.items())))
+    if key not in cache:
+      path = str(tmp_path_factory.mktemp(f"{arch}{'_cls' if classifier else ''}"))
+      cache[key] = (path, tiny.make_model(arch, path, tok, seed=seed, classifier=classifier,
+                                          **overrides))
+    return cache[key]
+
+  return make
