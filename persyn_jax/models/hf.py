@@ -147,7 +147,8 @@ def config_to_hf(cfg: ModelConfig, *, classifier: bool = False) -> dict[str, Any
   act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
   if cfg.gemma_norm:
     hf["hidden_activation"] = act
-    hf["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    hf["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
     hf["attn_logit_softcapping"] = cfg.attn_logit_softcap
     hf["final_logit_softcapping"] = cfg.final_logit_softcap
   else:

@@ -1,0 +1,227 @@
+"""Our Flax decoders against transformers' PyTorch models on the same (random, seeded) weights."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from flax import nnx
+
+import tiny
+from persyn_jax import sharding as shd
+from persyn_jax.models import CheckpointError, from_pretrained, save_pretrained
+
+ARCHS = list(tiny.ARCHS)
+B, S = 4, 13
+
+
+def batch(vocab, seed=0):
+  """Mixed lengths: row 1 left-padded, row 2 right-padded, row 3 both (4 pads)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, vocab, (B, S))
+  mask = np.ones((B, S), np.int64)
+  mask[1, :4] = 0
+  mask[2, 9:] = 0
+  mask[3, :2] = 0
+  mask[3, 11:] = 0
+  return ids, mask
+
+
+def torch_logits(tm, ids, mask):
+  # transformers' plain forward numbers positions 0..S-1 whatever the mask; ours follow the mask
+  # (as generate() does), so the reference gets the same positions explicitly.
+  pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+  with torch.no_grad():
+    out = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+             position_ids=torch.tensor(pos))
+  return (out.logits if hasattr(out, "logits") else out).float().numpy()
+
+
+@nnx.jit
+def forward(model, ids, mask):
+  return model(ids, mask)
+
+
+def rel_err(out, ref, mask):
+  m = mask.astype(bool)
+  return np.abs(np.asarray(out, np.float32) - ref)[m].max() / np.abs(ref[m]).max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_logits_match_transformers(arch, model_dir):
+  path, tm = model_dir(arch)
+  model, _ = from_pretrained(path, dtype="float32")
+  ids, mask = batch(model.config.vocab_size)
+  ref = torch_logits(tm, ids, mask)
+  out = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+  assert out.shape == ref.shape
+  assert rel_err(out, ref, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sharded_8_devices_match_transformers(arch, model_dir):
+  assert len(jax.devices()) == 8
+  path, tm = model_dir(arch)
+  mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+  model, _ = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+  q = model.model.layers[0].attn.q.w[...]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert len(q.addressable_shards) == 8
+  ids, mask = batch(model.config.vocab_size, seed=1)
+  ref = torch_logits(tm, ids, mask)
+  with jax.set_mesh(mesh):
+    sh = shd.batch_sharding(mesh, ids.shape)
+    out = forward(model, jax.device_put(jnp.asarray(ids), sh), jax.device_put(jnp.asarray(mask), sh))
+  assert rel_err(out, ref, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_bf16_logits_close_to_fp32_reference(arch, model_dir):
+  # bf16 keeps 8 mantissa bits (relative rounding 2**-8 = 0.4%). Weights, activations and the
+  # attention probabilities are each rounded; through 2 layers of ~6 rounded stages each, with
+  # residual sums, the error compounds to a few percent of the logit scale. 5% of max|ref| bounds
+  # it with margin, while a real bug (a wrong norm, rope or mask) moves logits by O(100%).
+  path, tm = model_dir(arch)
+  model, _ = from_pretrained(path, dtype="bfloat16")
+  assert model.model.embed[...].dtype == jnp.bfloat16
+  ids, mask = batch(model.config.vocab_size, seed=2)
+  ref = torch_logits(tm, ids, mask)
+  out = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+  assert rel_err(out, ref, mask) <= 5e-2
+  m = mask.astype(bool)
+  agree = (np.asarray(out).argmax(-1) == ref.argmax(-1))[m].mean()
+  assert agree >= 0.9
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_pretrained_roundtrips_through_transformers(arch, model_dir, tmp_path):
+  path, tm = model_dir(arch)
+  model, tok = from_pretrained(path, dtype="float32")
+  out_dir = str(tmp_path / "saved")
+  save_pretrained(model, tok, out_dir)
+  loaded = T.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager")
+  loaded.eval()
+  ids, mask = batch(model.config.vocab_size, seed=3)
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
+  assert T.AutoTokenizer.from_pretrained(out_dir)("3 + 4")["input_ids"] == tok("3 + 4")["input_ids"]
+  again, _ = from_pretrained(out_dir, dtype="float32")
+  assert rel_err(forward(again, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_reward_head_matches_sequence_classification(arch, model_dir):
+  path, tm = model_dir(arch, classifier=True)
+  model, _ = from_pretrained(path, dtype="float32")
+  assert type(model).__name__ == "SequenceClassifier"
+  ids, mask = batch(model.config.vocab_size, seed=4)
+  # transformers pools at the last non-pad token by input_ids == pad_token_id
+  ids = np.where(mask == 1, ids, tm.config.pad_token_id)
+  ref = torch_logits(tm, ids, mask)
+  out = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+  assert out.shape == (B, 1)
+  np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+
+
+# ---- errors name the problem ---------------------------------------------------------------
+
+def copy_dir(src, dst):
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def edit_config(path, **kw):
+  p = os.path.join(path, "config.json")
+  cfg = json.load(open(p))
+  cfg.update(kw)
+  json.dump(cfg, open(p, "w"))
+
+
+def test_unsupported_model_type_lists_supported(model_dir, tmp_path):
+  path = copy_dir(model_dir("llama")[0], tmp_path / "m")
+  edit_config(path, model_type="gpt2")
+  with pytest.raises(CheckpointError, match=r"'gpt2' is not supported; supported: llama, mistral"):
+    from_pretrained(path)
+
+
+def _rewrite_weights(src_path, dst_path, fn):
+  from safetensors.torch import load_file, save_file
+  path = copy_dir(src_path, dst_path)
+  sd = load_file(os.path.join(path, "model.safetensors"))
+  save_file(fn(dict(sd)), os.path.join(path, "model.safetensors"))
+  return path
+
+
+def test_missing_tensor_is_named(model_dir, tmp_path):
+  path = _rewrite_weights(model_dir("llama")[0], tmp_path / "m",
+                          lambda sd: {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k})
+  with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+    from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(model_dir, tmp_path):
+  path = _rewrite_weights(model_dir("llama")[0], tmp_path / "m",
+                          lambda sd: {**sd, "model.extra.weight": torch.zeros(2)})
+  with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.extra.weight'\]"):
+    from_pretrained(path)
+
+
+def test_misshaped_tensor_names_both_shapes(model_dir, tmp_path):
+  def cut(sd):
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"][:8]
+    return sd
+  path = _rewrite_weights(model_dir("llama")[0], tmp_path / "m", cut)
+  with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape "
+                                            r"\(8, 32\), expected \(16, 32\)"):
+    from_pretrained(path)
+
+
+def test_pickle_checkpoint_is_refused(model_dir, tmp_path):
+  path = copy_dir(model_dir("llama")[0], tmp_path / "m")
+  os.remove(os.path.join(path, "model.safetensors"))
+  torch.save({"x": torch.zeros(1)}, os.path.join(path, "pytorch_model.bin"))
+  with pytest.raises(CheckpointError, match=r"pytorch_model.bin: pickle checkpoints are refused"):
+    from_pretrained(path)
+
+
+def test_truncated_safetensors_is_named(model_dir, tmp_path):
+  path = copy_dir(model_dir("llama")[0], tmp_path / "m")
+  f = os.path.join(path, "model.safetensors")
+  data = open(f, "rb").read()
+  open(f, "wb").write(data[: len(data) // 2])
+  with pytest.raises(CheckpointError, match=r"model.safetensors: tensor .* truncated or corrupt"):
+    from_pretrained(path)
+
+
+def test_sharded_index_checkpoint_loads(model_dir, tmp_path):
+  path, tm = model_dir("qwen3")
+  out = str(tmp_path / "sharded")
+  tm.save_pretrained(out, max_shard_size="20KB")
+  assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+  shutil.copy(os.path.join(path, "tokenizer.json"), out)
+  shutil.copy(os.path.join(path, "tokenizer_config.json"), out)
+  model, _ = from_pretrained(out, dtype="float32")
+  ids, mask = batch(model.config.vocab_size)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), torch_logits(tm, ids, mask), mask) <= 1e-4
+
+
+def test_missing_tokenizer_is_named(model_dir, tmp_path):
+  path = copy_dir(model_dir("llama")[0], tmp_path / "m")
+  for f in os.listdir(path):
+    if f.startswith("tokenizer"):
+      os.remove(os.path.join(path, f))
+  with pytest.raises(CheckpointError, match=r"no tokenizer files"):
+    from_pretrained(path)
+  model, tok = from_pretrained(path, tokenizer=False)
+  assert tok is None
+
+
+def test_remote_code_config_is_refused(model_dir, tmp_path):
+  path = copy_dir(model_dir("llama")[0], tmp_path / "m")
+  edit_config(path, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
+  with pytest.raises(CheckpointError, match="remote code"):
+    from_pretrained(path)
