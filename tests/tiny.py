@@ -32,6 +32,8 @@ ARCHS = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, T.Qwen2ForSequenceClassification, dict(
         tie_word_embeddings=True)),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, T.Qwen3ForSequenceClassification, dict()),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, T.Phi3ForSequenceClassification, dict(
+        sliding_window=6, original_max_position_embeddings=4096)),
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, T.Gemma2ForSequenceClassification, dict(
         sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
         final_logit_softcapping=3.0)),

@@ -116,7 +116,7 @@ def _tupled(x):
   return tuple(x) if isinstance(x, list) else x
 
 
-HF_ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+HF_ARCH = {"phi3": "Phi3", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
            "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 
 
@@ -181,10 +181,10 @@ def config_to_hf(cfg: ModelConfig, *, classifier: bool = False) -> dict[str, Any
 # Our layout -> HF layout: "same", "T" (2-D transpose), "qkv" ([D,N,H] <- [N*H,D]),
 # "o" ([N,H,D] <- [D,N*H]), "bias_heads" ([N,H] <- [N*H]).
 
-def weight_map(model: nnx.Module) -> dict[tuple, tuple[str, str]]:
-  """Our parameter path -> (HF tensor name, layout)."""
+def weight_map(model: nnx.Module) -> dict[tuple, tuple]:
+  """Our parameter path -> (HF tensor name, layout[, (first row, end row) of a fused tensor])."""
   cfg: ModelConfig = model.config
-  out: dict[tuple, tuple[str, str]] = {("model", "embed"): ("model.embed_tokens.weight", "same"),
+  out: dict[tuple, tuple] = {("model", "embed"): ("model.embed_tokens.weight", "same"),
                                        ("model", "final_norm", "scale"): ("model.norm.weight", "same")}
   gemma = cfg.gemma_norm
   for i in range(cfg.num_layers):
@@ -196,6 +196,16 @@ def weight_map(model: nnx.Module) -> dict[tuple, tuple[str, str]]:
       out[p + ("mlp_post_norm", "scale")] = (h + "post_feedforward_layernorm.weight", "same")
     else:
       out[p + ("mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", "same")
+    if cfg.model_type == "phi3":  # fused q|k|v and gate|up, split by rows
+      N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+      rows = {"q": (0, N * H), "k": (N * H, (N + K) * H), "v": ((N + K) * H, (N + 2 * K) * H)}
+      for n in ("q", "k", "v"):
+        out[p + ("attn", n, "w")] = (h + "self_attn.qkv_proj.weight", "qkv", rows[n])
+      out[p + ("attn", "o", "w")] = (h + "self_attn.o_proj.weight", "o")
+      out[p + ("mlp", "gate", "w")] = (h + "mlp.gate_up_proj.weight", "T", (0, F))
+      out[p + ("mlp", "up", "w")] = (h + "mlp.gate_up_proj.weight", "T", (F, 2 * F))
+      out[p + ("mlp", "down", "w")] = (h + "mlp.down_proj.weight", "T")
+      continue
     for n in ("q", "k", "v"):
       out[p + ("attn", n, "w")] = (h + f"self_attn.{n}_proj.weight", "qkv")
       if cfg.qkv_bias:
@@ -215,6 +225,10 @@ def weight_map(model: nnx.Module) -> dict[tuple, tuple[str, str]]:
   elif not cfg.tie_embeddings:
     out[("lm_head",)] = ("lm_head.weight", "T")
   return out
+
+
+def fused_rows(wmap: dict, name: str) -> int:
+  return max(entry[2][1] for entry in wmap.values() if entry[0] == name and len(entry) > 2)
 
 
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -346,7 +360,7 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
   tensors = _open_weights(path, allow_pickle)
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
-  expected = {hf_name for hf_name, _ in wmap.values()}
+  expected = {entry[0] for entry in wmap.values()}
   unexpected = sorted(n for n in tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES)
                       and not (n == "lm_head.weight" and model.config.tie_embeddings))
   missing = sorted(n for n in expected if n not in tensors)
@@ -360,10 +374,16 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
   for ppath, var in flat.items():
     if ppath not in wmap:
       raise CheckpointError(f"internal: parameter {ppath} has no HF name")
-    name, layout = wmap[ppath]
+    name, layout, *rows = wmap[ppath]
     shape = tuple(var.get_value().shape)
     src = tensors[name]()
     want = hf_shape(layout, shape)
+    if rows:
+      r0, r1 = rows[0]
+      full = (fused_rows(wmap, name),) + want[1:]
+      if tuple(src.shape) != full:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {full}")
+      src = src[r0:r1]
     if tuple(src.shape) != want:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {want}")
     sharding = shd.variable_sharding(var, mesh)
@@ -378,12 +398,14 @@ def save_params(model: nnx.Module, path: str, *, dtype=None, max_shard_bytes: in
   """Writes the weights in HF layout (safetensors, sharded with an index past max_shard_bytes)."""
   wmap = weight_map(model)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  items = []
-  for ppath, (name, layout) in wmap.items():
+  parts: dict[str, list] = {}
+  for ppath, (name, layout, *rows) in wmap.items():
     arr = np.asarray(jax.device_get(flat[ppath].get_value()))
     if dtype is not None:
       arr = arr.astype(np.dtype(dtype))
-    items.append((name, np.ascontiguousarray(to_hf_layout(arr, layout))))
+    parts.setdefault(name, []).append((rows[0][0] if rows else 0, to_hf_layout(arr, layout)))
+  items = [(name, np.ascontiguousarray(np.concatenate([a for _, a in sorted(ps, key=lambda x: x[0])])
+                                       if len(ps) > 1 else ps[0][1])) for name, ps in parts.items()]
   shards, cur, size = [], [], 0
   for it in items:
     n = it[1].nbytes
