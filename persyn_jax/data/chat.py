@@ -76,3 +76,31 @@ def pair_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None
   if eos is not None:
     r_ids.append(eos)
   return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
+
+
+def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
+                   system: str | None = None) -> list[tuple[list[int], list[int]]]:
+  """[pair_ids(tokenizer, p, r, system) for p, r in zip(prompts, responses)], with one batched
+  tokenizer call per kind of text (the Rust tokenizer encodes a batch in parallel)."""
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+  if not prompts:
+    return []
+  p_all = tokenizer([prompt_text(tokenizer, p, system) for p in prompts],
+                    add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+  out: list = [None] * len(prompts)
+  if has_chat_template(tokenizer):
+    fulls = [tokenizer.apply_chat_template(
+        to_messages(p, system) + [{"role": "assistant", "content": r}], tokenize=False)
+        for p, r in zip(prompts, responses)]
+    for i, (p_ids, full) in enumerate(zip(p_all, tokenizer(fulls, add_special_tokens=False)["input_ids"])):
+      if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
+        out[i] = (list(full), [0] * len(p_ids) + [1] * (len(full) - len(p_ids)))
+  rest = [i for i, o in enumerate(out) if o is None]
+  if rest:
+    eos = eos_id(tokenizer)
+    r_all = tokenizer([responses[i] for i in rest], add_special_tokens=False)["input_ids"]
+    for i, r_ids in zip(rest, r_all):
+      r_ids = list(r_ids) + ([eos] if eos is not None else [])
+      out[i] = (list(p_all[i]) + r_ids, [0] * len(p_all[i]) + [1] * len(r_ids))
+  return out

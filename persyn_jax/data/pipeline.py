@@ -1,0 +1,294 @@
+"""SFT input pipeline: records -> tokenized examples -> packed (or padded) [B, T] batches.
+
+A grain `MapDataset` over our shards (or an in-memory record list) is shuffled with a seed derived
+from (seed, epoch), split across hosts by slicing (host i takes records i, i+H, ...), and each
+record is tokenized with the student's own chat template (chat.pair_ids). Examples are packed
+first-fit into the B rows of the batch being built; when an example fits in no row the batch is
+emitted. Every batch follows the SFT batch contract (common.md):
+
+  input_ids, segment_ids (0 = padding), positions (restart per segment), targets (next token of
+  the same segment, 0 elsewhere), loss_mask (1 where the target is a response token).
+
+The token sequence of every example, and so every per-token target, is the same packed and
+unpacked; only the layout differs. Everything is a pure function of (data, tokenizer, config,
+seed, epoch, host), so resuming at step s replays the same stream and drops the first s batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections import Counter
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from persyn_jax.data import chat
+from persyn_jax.data import records as rec
+from persyn_jax.data import shards
+
+T = TypeVar("T")
+KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+  seq_len: int = 1024
+  batch_size: int = 8            # global rows per step (split evenly over hosts)
+  packing: bool = True
+  overlong: str = "truncate"     # "truncate" (keep the first seq_len tokens) or "skip"
+  shuffle: bool = True
+  system: str | None = None      # system prompt given to the chat template
+  drop_remainder: bool = False   # drop the last, partly filled batch of an epoch
+
+  def __post_init__(self):
+    if self.overlong not in ("truncate", "skip"):
+      raise ValueError(f"overlong={self.overlong!r}: 'truncate' or 'skip'")
+    if self.seq_len < 2 or self.batch_size < 1:
+      raise ValueError(f"seq_len={self.seq_len}, batch_size={self.batch_size}: seq_len >= 2, "
+                       "batch_size >= 1")
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+def _infer_stage(data_dir: str) -> str:
+  found = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.manifest.json")))
+  if len(found) != 1:
+    raise shards.ShardError(f"{data_dir}: expected one <stage>.manifest.json, found "
+                            f"{[os.path.basename(f) for f in found]}; pass stage=")
+  return os.path.basename(found[0])[:-len(".manifest.json")]
+
+
+def record_dataset(data: str | Sequence[Mapping[str, Any]], stage: str | None = None):
+  """A grain MapDataset of decoded records: from a shard directory (manifest-checked) or a list."""
+  import grain
+
+  if isinstance(data, (str, os.PathLike)):
+    data = str(data)
+    paths = shards.shard_paths(data, stage or _infer_stage(data))
+    src = grain.sources.ArrayRecordDataSource(paths)
+    return grain.MapDataset.source(src).map(lambda b: rec.decode(b, where=data))
+  return grain.MapDataset.source(list(data))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def host_records(data, *, seed: int, epoch: int, host: int, num_hosts: int, shuffle: bool = True,
+                 stage: str | None = None):
+  """This host's records for one epoch: a seeded permutation of all records, every H-th one."""
+  if not 0 <= host < num_hosts:
+    raise ValueError(f"host={host} out of range for num_hosts={num_hosts}")
+  ds = record_dataset(data, stage)
+  if shuffle:
+    ds = ds.shuffle(seed=epoch_seed(seed, epoch))
+  return ds[host::num_hosts]
+
+
+# -- examples ------------------------------------------------------------------------------------
+
+def _check_response(record: Mapping[str, Any]) -> None:
+  if not isinstance(record.get("response"), str):
+    raise rec.RecordError(f"record {record.get('id')!r}: no 'response' to train on "
+                          f"(response = {record.get('response')!r})")
+
+
+def tokenize(record: Mapping[str, Any], tokenizer, system: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, response_mask) of a record's prompt (its messages if any) and response."""
+  _check_response(record)
+  prompt = record.get("messages") or record["prompt"]
+  ids, mask = chat.pair_ids(tokenizer, prompt, record["response"], system)
+  return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
+
+
+def fit_length(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str, stats: Counter):
+  """(ids, mask) cut to seq_len, or None (skipped); the reason is counted in stats."""
+  cut = len(ids) > seq_len
+  if cut:
+    if overlong == "skip":
+      stats["skipped_overlong"] += 1
+      return None
+    ids, mask = ids[:seq_len], mask[:seq_len]
+  if not mask[1:].any():  # no response token left to predict (the prompt fills seq_len)
+    stats["skipped_no_response"] += 1
+    return None
+  stats["truncated"] += cut
+  return ids, mask
+
+
+def first_fit(items: Iterable[T], rows: int, seq_len: int, size: Callable[[T], int] = len
+              ) -> Iterator[list[list[T]]]:
+  """Batches of `rows` rows of items, placed first-fit by size(item) into rows of seq_len.
+
+  An item goes into the first row with room; when none has room, the batch is emitted and a new
+  one started (so every emitted batch but the last has no empty row). Every item appears exactly
+  once, in stream order within each row. Works on a lazy stream: items are held only until their
+  batch is emitted.
+  """
+  bins: list[list[T]] = [[] for _ in range(rows)]
+  free = [seq_len] * rows
+  for i, item in enumerate(items):
+    n = size(item)
+    if n > seq_len:
+      raise ValueError(f"item {i} has size {n} > seq_len={seq_len}")
+    r = next((r for r in range(rows) if free[r] >= n), None)
+    if r is None:
+      yield bins
+      bins, free, r = [[] for _ in range(rows)], [seq_len] * rows, 0
+    bins[r].append(item)
+    free[r] -= n
+  if any(bins):
+    yield bins
+
+
+def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  batch = {k: np.zeros((rows, seq_len), np.int32) for k in KEYS}
+  batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
+  return batch
+
+
+def build_batch(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], seq_len: int,
+                num_rows: int | None = None) -> dict[str, np.ndarray]:
+  """The SFT batch of `rows` (each a list of (ids, response_mask) examples laid end to end)."""
+  batch = empty_batch(num_rows or len(rows), seq_len)
+  for r, examples in enumerate(rows):
+    off = 0
+    for s, (ids, mask) in enumerate(examples, 1):
+      n = len(ids)
+      if off + n > seq_len:
+        raise ValueError(f"row {r}: {off + n} tokens > seq_len={seq_len}")
+      sl = slice(off, off + n)
+      batch["input_ids"][r, sl] = ids
+      batch["segment_ids"][r, sl] = s
+      batch["positions"][r, sl] = np.arange(n)
+      batch["targets"][r, off:off + n - 1] = ids[1:]
+      batch["loss_mask"][r, off:off + n - 1] = mask[1:]
+      off += n
+  return batch
+
+
+def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: int
+         ) -> Iterator[dict[str, np.ndarray]]:
+  """Packed batches of a list of examples (first-fit, see first_fit)."""
+  for group in first_fit(examples, rows, seq_len, size=lambda ex: len(ex[0])):
+    yield build_batch(group, seq_len)
+
+
+# -- the SFT stream ------------------------------------------------------------------------------
+
+class SFTBatches:
+  """Iterator of this host's SFT batches (numpy, [batch_size / num_hosts, seq_len]) for one epoch.
+
+  `stats` counts examples, tokens, truncated and skipped examples, batches, and padding slots.
+  With num_batches, exactly that many batches come out (empty all-padding batches after the data
+  runs out), so that every host takes the same number of steps.
+  """
+
+  def __init__(self, data, tokenizer, cfg: SFTDataConfig, *, seed: int = 0, epoch: int = 0,
+               start_step: int = 0, host: int | None = None, num_hosts: int | None = None,
+               num_batches: int | None = None, stage: str | None = None):
+    if host is None or num_hosts is None:
+      import jax
+      host = jax.process_index() if host is None else host
+      num_hosts = jax.process_count() if num_hosts is None else num_hosts
+    if cfg.batch_size % num_hosts:
+      raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {num_hosts} hosts")
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.rows = cfg.batch_size // num_hosts
+    self.records = host_records(data, seed=seed, epoch=epoch, host=host, num_hosts=num_hosts,
+                                shuffle=cfg.shuffle, stage=stage)
+    self.start_step, self.num_batches = start_step, num_batches
+    self.stats: Counter = Counter()
+    self._it = self._batches()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def examples(self, chunk: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    cfg, ds = self.cfg, self.records
+    # indexing, not iter(): grain's prefetch threads cost more than they give on a few cores, and
+    # tokenization (batched: the Rust tokenizer encodes a chunk in parallel) is the bottleneck
+    for start in range(0, len(ds), chunk):
+      recs = [ds[i] for i in range(start, min(len(ds), start + chunk))]
+      for record in recs:
+        _check_response(record)
+      pairs = chat.pair_ids_batch(self.tokenizer, [r.get("messages") or r["prompt"] for r in recs],
+                                  [r["response"] for r in recs], cfg.system)
+      for ids, mask in pairs:
+        ex = fit_length(np.asarray(ids, np.int32), np.asarray(mask, np.int8), cfg.seq_len,
+                        cfg.overlong, self.stats)
+        if ex is not None:
+          self.stats["examples"] += 1
+          yield ex
+
+  def _groups(self) -> Iterator[list[list[tuple[np.ndarray, np.ndarray]]]]:
+    seq_len = self.cfg.seq_len
+    # unpacked: every example takes a whole row (padded), in stream order
+    size = (lambda ex: len(ex[0])) if self.cfg.packing else (lambda ex: seq_len)
+    yield from first_fit(self.examples(), self.rows, seq_len, size)
+
+  def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+    step = 0
+    limit = self.num_batches
+    for group in self._groups():
+      full = all(group) and len(group) == self.rows
+      if limit is not None and step >= limit:
+        return
+      if self.cfg.drop_remainder and not full:
+        self.stats["dropped_partial_batches"] += 1
+        break
+      if step >= self.start_step:
+        batch = build_batch(group, self.cfg.seq_len, self.rows)
+        real = int((batch["segment_ids"] > 0).sum())
+        self.stats["tokens"] += real
+        self.stats["padding"] += batch["segment_ids"].size - real
+        self.stats["loss_tokens"] += int(batch["loss_mask"].sum())
+        self.stats["batches"] += 1
+        yield batch
+      step += 1
+    while limit is not None and step < limit:
+      if step >= self.start_step:
+        self.stats["empty_batches"] += 1
+        yield empty_batch(self.rows, self.cfg.seq_len)
+      step += 1
+
+
+def sft_batches(data, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, epoch: int = 0,
+                packing: bool = True, overlong: str = "truncate", shuffle: bool = True,
+                system: str | None = None, drop_remainder: bool = False, start_step: int = 0,
+                host: int | None = None, num_hosts: int | None = None,
+                num_batches: int | None = None, stage: str | None = None) -> SFTBatches:
+  """This host's SFT batches for one epoch of `data` (a shard directory or a list of records).
+
+  Deterministic in (data, tokenizer, seed, epoch, host, num_hosts); `start_step` skips that many
+  batches for an exact resume. `batch_size` is the global batch; each host yields
+  batch_size / num_hosts rows (host, num_hosts default to jax.process_index()/process_count()).
+  """
+  cfg = SFTDataConfig(seq_len=seq_len, batch_size=batch_size, packing=packing, overlong=overlong,
+                      shuffle=shuffle, system=system, drop_remainder=drop_remainder)
+  return SFTBatches(data, tokenizer, cfg, seed=seed, epoch=epoch, start_step=start_step, host=host,
+                    num_hosts=num_hosts, num_batches=num_batches, stage=stage)
+
+
+def to_device(batch: Mapping[str, np.ndarray], mesh) -> dict:
+  """Host-local rows -> global jax.Arrays sharded over the mesh's batch axes (data, fsdp)."""
+  import jax
+
+  from persyn_jax.sharding import batch_sharding
+
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, shape), v, shape)
+  return out
+
+
+def device_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh) -> Iterator[dict]:
+  for batch in batches:
+    yield to_device(batch, mesh)

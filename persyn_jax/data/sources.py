@@ -1,0 +1,309 @@
+"""Prompt sources: files or a hub dataset in, validated prompt records out; deterministic splits.
+
+Formats: JSON Lines (`.jsonl`), JSON (`.json`, a list of objects), Parquet, CSV, Arrow (`.arrow`
+files or a `save_to_disk` folder), a directory of these (read in sorted path order), or a Hugging
+Face hub name. Parquet/CSV/Arrow/hub go through `datasets`; JSON and JSON Lines are parsed here
+line by line so a malformed line is reported with its file and line number, and so a row whose
+prompt is not text is skipped (and counted) instead of failing Arrow's column typing.
+
+Each kept prompt becomes a record (records.make): `id` (the id field, else a stable content hash),
+`prompt` (the text, or the last user turn of a chat), `messages` (chat prompts), `reference` (the
+reference answer, when mapped). Skipped rows are counted by reason for the stage manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from typing import Any, Iterator, Mapping, Sequence
+
+from persyn_jax.data import records as rec
+
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+              ".arrow": "arrow"}
+FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "arrow", "hub")
+SKIP_REASONS = ("empty", "not_text", "too_long", "bad_messages", "duplicate", "duplicate_id")
+
+
+class PromptFileError(ValueError):
+  """A prompt file that cannot be read (the message names the file and line or row)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSourceConfig:
+  """Where prompts come from and which fields hold what."""
+
+  path: str = ""                        # file, directory, or hub dataset name (format="hub")
+  format: str = "auto"                  # one of FORMATS; auto = by extension / folder contents
+  prompt_field: str = "prompt"          # prompt text (ignored when messages_field is set)
+  messages_field: str | None = None     # chat prompts: a list of {"role", "content"}
+  reference_field: str | None = None    # reference answer (for verifiers and evaluation)
+  id_field: str | None = "id"           # missing or empty -> a stable content hash
+  split: str = "train"                  # hub split / save_to_disk DatasetDict split
+  max_prompt_chars: int = 8192          # longer prompts are skipped ("too_long")
+  dedup: bool = True                    # drop prompts whose normalized text was seen before
+  max_prompts: int | None = None        # keep at most this many (after filtering), in file order
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
+    if self.max_prompt_chars < 1:
+      raise ValueError(f"max_prompt_chars={self.max_prompt_chars}: must be positive")
+
+
+def normalize(text: str) -> str:
+  """Dedup key: Unicode NFKC, case-folded, whitespace runs collapsed."""
+  return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def content_id(content: str | Sequence[Mapping[str, str]]) -> str:
+  """A stable id from the prompt's content (the same on every host, run and Python version)."""
+  blob = content if isinstance(content, str) else json.dumps(
+      [[m["role"], m["content"]] for m in content], ensure_ascii=False)
+  return "h" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+# -- reading rows --------------------------------------------------------------------------------
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}:{lineno}: not UTF-8 ({e})") from None
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise PromptFileError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") \
+            from None
+      if not isinstance(row, dict):
+        raise PromptFileError(f"{path}:{lineno}: expected a JSON object per line, got "
+                              f"{type(row).__name__}")
+      yield f"{path}:{lineno}", row
+
+
+def _read_json(path: str) -> Iterator[tuple[str, dict]]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise PromptFileError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") \
+        from None
+  except UnicodeDecodeError as e:
+    raise PromptFileError(f"{path}: not UTF-8 ({e})") from None
+  if not isinstance(data, list):
+    raise PromptFileError(f"{path}: expected a JSON list of objects (or use .jsonl), got "
+                          f"{type(data).__name__}")
+  for i, row in enumerate(data):
+    if not isinstance(row, dict):
+      raise PromptFileError(f"{path}: item {i} is {type(row).__name__}, expected an object")
+    yield f"{path}[{i}]", row
+
+
+def _read_hf(path: str, fmt: str, split: str) -> Iterator[tuple[str, dict]]:
+  import datasets  # heavy import, only when needed
+
+  try:
+    if fmt == "hub":
+      ds = datasets.load_dataset(path, split=split)
+    elif fmt == "arrow" and os.path.isdir(path):
+      ds = datasets.load_from_disk(path)
+      if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    else:
+      ds = datasets.load_dataset(fmt, data_files=[path], split="train")
+  except Exception as e:  # datasets/pyarrow raise many types; name the file
+    raise PromptFileError(f"{path}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
+  for i, row in enumerate(ds):
+    yield f"{path} row {i}", row
+
+
+def _is_saved_dataset(path: str) -> bool:
+  return os.path.isdir(path) and any(
+      os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
+  """(path, format) of every input, in a deterministic order."""
+  path = cfg.path
+  if cfg.format == "hub":
+    return [(path, "hub")]
+  if not path:
+    raise PromptFileError("prompt source: no path given")
+  if _is_saved_dataset(path):
+    return [(path, "arrow")]
+  if os.path.isdir(path):
+    found = []
+    for root, dirs, files in os.walk(path):
+      dirs.sort()
+      for name in sorted(files):
+        ext = os.path.splitext(name)[1].lower()
+        if ext in EXTENSIONS and not name.startswith("."):
+          fmt = EXTENSIONS[ext] if cfg.format == "auto" else cfg.format
+          found.append((os.path.join(root, name), fmt))
+    if not found:
+      raise PromptFileError(f"{path}: no prompt files ({', '.join(EXTENSIONS)}) in this directory")
+    return found
+  if os.path.isfile(path):
+    ext = os.path.splitext(path)[1].lower()
+    if cfg.format != "auto":
+      return [(path, cfg.format)]
+    if ext not in EXTENSIONS:
+      raise PromptFileError(f"{path}: unknown prompt file type {ext!r}; set format to one of "
+                            f"{FORMATS[1:]}")
+    return [(path, EXTENSIONS[ext])]
+  raise PromptFileError(f"{path}: no such file or directory (for a hub dataset set format: hub)")
+
+
+def iter_rows(cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
+  """(where, row) for every row of every input."""
+  for path, fmt in source_files(cfg):
+    if fmt == "jsonl":
+      yield from _read_jsonl(path)
+    elif fmt == "json":
+      yield from _read_json(path)
+    else:
+      yield from _read_hf(path, fmt, cfg.split)
+
+
+# -- rows to prompt records ----------------------------------------------------------------------
+
+def _messages(value: Any) -> list[dict] | None:
+  if not isinstance(value, (list, tuple)) or not value:
+    return None
+  out = []
+  for m in value:
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) \
+        or not isinstance(m.get("content"), str):
+      return None
+    out.append({"role": m["role"], "content": m["content"]})
+  return out
+
+
+def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
+               ) -> tuple[dict | None, str | None, str | None]:
+  """(record, dedup key, skip reason) for one row."""
+  value = row.get(cfg.messages_field or cfg.prompt_field)
+  messages = None
+  if cfg.messages_field:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+      return None, None, "empty"
+    messages = _messages(value)
+    if messages is None:
+      return None, None, "bad_messages"
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    text = users[-1] if users else messages[-1]["content"]
+    full = "\n".join(m["role"] + ": " + m["content"] for m in messages)
+    if not "".join(m["content"] for m in messages).strip():
+      return None, None, "empty"
+  else:
+    if value is None:
+      return None, None, "empty"
+    if not isinstance(value, str):
+      return None, None, "not_text"
+    text = full = value
+    if not text.strip():
+      return None, None, "empty"
+  if len(full) > cfg.max_prompt_chars:
+    return None, None, "too_long"
+  rid = row.get(cfg.id_field) if cfg.id_field else None
+  if rid is None or (isinstance(rid, str) and not rid.strip()):
+    rid = content_id(messages if messages else text)
+  elif isinstance(rid, (int, str)) and not isinstance(rid, bool):
+    rid = str(rid)
+  else:
+    raise PromptFileError(f"{where}: id field {cfg.id_field!r} = {rid!r}: expected a string or int")
+  reference = None
+  if cfg.reference_field:
+    reference = row.get(cfg.reference_field)
+    if reference is not None and not isinstance(reference, str):
+      reference = json.dumps(reference) if not isinstance(reference, (int, float)) else str(reference)
+  record = rec.make(rid, text, messages=messages, reference=reference)
+  return record, normalize(full), None
+
+
+def load_prompts(cfg: PromptSourceConfig) -> tuple[list[dict], dict]:
+  """(prompt records, stats) from the configured source.
+
+  stats = {"source", "files", "rows", "kept", "skipped": {reason: count}} for the stage manifest.
+  """
+  kept, seen_keys, seen_ids = [], set(), set()
+  skipped: Counter = Counter()
+  rows = 0
+  field = cfg.messages_field or cfg.prompt_field
+  field_seen, first = False, None
+  for where, row in iter_rows(cfg):
+    rows += 1
+    field_seen = field_seen or field in row
+    first = first or (where, sorted(row))
+    record, key, reason = _to_record(where, row, cfg)
+    if reason is None and cfg.dedup and key in seen_keys:
+      reason = "duplicate"
+    if reason is None and record["id"] in seen_ids:
+      reason = "duplicate_id"
+    if reason is not None:
+      skipped[reason] += 1
+      continue
+    seen_keys.add(key)
+    seen_ids.add(record["id"])
+    kept.append(record)
+    if cfg.max_prompts is not None and len(kept) >= cfg.max_prompts:
+      break
+  if rows and not field_seen:  # a wrong field mapping, not a row to skip
+    raise PromptFileError(f"{first[0]}: no field {field!r} in any row (fields: {first[1]}); set "
+                          f"{'messages_field' if cfg.messages_field else 'prompt_field'}")
+  stats = {"source": cfg.path, "files": [p for p, _ in source_files(cfg)], "rows": rows,
+           "kept": len(kept), "skipped": {r: skipped.get(r, 0) for r in SKIP_REASONS}}
+  return kept, stats
+
+
+# -- deterministic splits ------------------------------------------------------------------------
+
+def _rank(seed: int, salt: str, id: str) -> int:
+  return int.from_bytes(hashlib.sha256(f"{seed}\0{salt}\0{id}".encode()).digest()[:8], "big")
+
+
+def _take(ids: Sequence[str], amount: int | float, seed: int, salt: str, what: str) -> set[str]:
+  """The ids with the smallest seeded hashes: `amount` of them (int) or that fraction (float)."""
+  if isinstance(amount, bool) or amount < 0:
+    raise ValueError(f"{what}={amount!r}: a count >= 0 or a fraction in [0, 1]")
+  if isinstance(amount, float):
+    if amount > 1:
+      raise ValueError(f"{what}={amount}: a fraction must be <= 1 (use an int for a count)")
+    amount = round(amount * len(ids))
+  if amount > len(ids):
+    raise ValueError(f"{what}={amount}: only {len(ids)} prompts available")
+  return set(sorted(ids, key=lambda i: (_rank(seed, salt, i), i))[:amount])
+
+
+def split_prompts(prompts: Sequence[Mapping[str, Any]], *, probe: int | float, eval: int | float = 0,
+                  seed: int = 0) -> dict[str, list[dict]]:
+  """{"probe", "rest", "train", "eval"} by seeded hash of each prompt's id.
+
+  `eval` prompts are held out first; `probe` (a count or a fraction of the remaining prompts) are
+  chosen among the rest; "train" = probe + rest. Each list keeps the input order. The result
+  depends only on the set of ids and the seed, so every host and every rerun agree.
+  """
+  ids = [p["id"] for p in prompts]
+  if len(set(ids)) != len(ids):
+    dup = next(i for i, c in Counter(ids).items() if c > 1)
+    raise ValueError(f"split_prompts: duplicate prompt id {dup!r}")
+  held = _take(ids, eval, seed, "eval", "eval")
+  train_ids = [i for i in ids if i not in held]
+  probe_ids = _take(train_ids, probe, seed, "probe", "probe")
+  out = {"probe": [], "rest": [], "train": [], "eval": []}
+  for p in prompts:
+    i = p["id"]
+    if i in held:
+      out["eval"].append(dict(p))
+      continue
+    out["train"].append(dict(p))
+    out["probe" if i in probe_ids else "rest"].append(dict(p))
+  return out

@@ -1,0 +1,201 @@
+"""SFT batches: loss mask vs tokenizer offsets, packing keeps every token, packed == unpacked
+targets, determinism and resume, host split, device placement."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from persyn_jax.data import chat, pipeline as P, records as R, shards
+
+SEQ = 128
+
+
+def make_records(n=48):
+  out = []
+  for i in range(n):
+    prompt = f"{i} apples, {i % 7} eaten?"
+    response = f"{i - i % 7} left. " * (1 + i % 4)
+    messages = None
+    if i % 5 == 0:
+      messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": prompt}]
+    out.append(R.make(f"r{i}", prompt, messages=messages, teacher="t0", response=response))
+  return out
+
+
+RECS = make_records()
+
+
+def segments(batches):
+  """(input ids, targets, loss mask) of every packed segment, as tuples."""
+  out = []
+  for b in batches:
+    for r in range(b["input_ids"].shape[0]):
+      seg = b["segment_ids"][r]
+      for s in range(1, seg.max() + 1):
+        sel = seg == s
+        assert (b["positions"][r][sel] == np.arange(sel.sum())).all()
+        out.append((tuple(b["input_ids"][r][sel]), tuple(b["targets"][r][sel]),
+                    tuple(b["loss_mask"][r][sel])))
+  return out
+
+
+def expected(tok, recs):
+  """The same triples computed straight from the tokenizer, one example at a time."""
+  out = []
+  for rec in recs:
+    ids, mask = chat.pair_ids(tok, rec.get("messages") or rec["prompt"], rec["response"])
+    ids, mask = ids[:SEQ], mask[:SEQ]
+    out.append((tuple(ids), tuple(ids[1:]) + (0,), tuple(float(m) for m in mask[1:]) + (0.0,)))
+  return out
+
+
+def batches(tok, **kw):
+  args = dict(seq_len=SEQ, batch_size=4, seed=0, host=0, num_hosts=1)
+  args.update(kw)
+  it = P.sft_batches(RECS if "data" not in args else args.pop("data"), tok, **args)
+  return list(it), it.stats
+
+
+def test_loss_mask_is_exactly_the_response_tokens(tok):
+  """Response tokens from the tokenizer's character offsets: those starting at or after the end
+  of the generation prompt in the chat-templated text."""
+  for rec in RECS[:10]:
+    prompt = rec.get("messages") or rec["prompt"]
+    msgs = chat.to_messages(prompt) + [{"role": "assistant", "content": rec["response"]}]
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    cut = len(chat.prompt_text(tok, prompt))
+    assert full[:cut] == chat.prompt_text(tok, prompt)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    want = [int(start >= cut) for start, _ in enc["offset_mapping"]]
+    ids, mask = chat.pair_ids(tok, prompt, rec["response"])
+    assert ids == list(enc["input_ids"]) and mask == want
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith(rec["response"])
+  (b,), _ = batches(tok, data=RECS[:1], batch_size=1)
+  ids, mask = chat.pair_ids(tok, RECS[0]["messages"], RECS[0]["response"])
+  n = len(ids)
+  np.testing.assert_array_equal(b["loss_mask"][0, :n - 1], mask[1:])
+  assert b["loss_mask"][0, n - 1:].sum() == 0
+
+
+def test_packing_keeps_every_token_and_mask(tok):
+  got, stats = batches(tok, packing=True, shuffle=False)
+  assert sorted(segments(got)) == sorted(expected(tok, RECS))
+  assert stats["examples"] == len(RECS)
+  assert stats["tokens"] == sum(len(e[0]) for e in expected(tok, RECS))
+
+
+def test_packed_and_unpacked_give_the_same_per_token_targets(tok):
+  packed, ps = batches(tok, packing=True)
+  padded, us = batches(tok, packing=False)
+  assert sorted(segments(packed)) == sorted(segments(padded))
+  assert all((b["segment_ids"] <= 1).all() for b in padded)
+  assert len(packed) < len(padded) == -(-len(RECS) // 4)
+  assert ps["loss_tokens"] == us["loss_tokens"] and ps["padding"] < us["padding"]
+
+
+def test_deterministic_and_exact_resume(tok):
+  full, _ = batches(tok, seed=1, epoch=0)
+  again, _ = batches(tok, seed=1, epoch=0)
+  resumed, _ = batches(tok, seed=1, epoch=0, start_step=3)
+  other, _ = batches(tok, seed=1, epoch=1)
+  eq = lambda a, b: len(a) == len(b) and all(
+      all((x[k] == y[k]).all() for k in P.KEYS) for x, y in zip(a, b))
+  assert eq(full, again) and eq(full[3:], resumed) and not eq(full, other)
+
+
+def test_shard_directory_gives_the_same_batches_as_the_records(tok, tmp_path):
+  shards.write_records(str(tmp_path), "data", RECS, num_shards=3, host=0)
+  from_dir, _ = batches(tok, data=str(tmp_path), seed=5)
+  from_list, _ = batches(tok, seed=5)
+  assert len(from_dir) == len(from_list)
+  assert all((a[k] == b[k]).all() for a, b in zip(from_dir, from_list) for k in P.KEYS)
+
+
+def test_overlong_examples_truncated_or_skipped(tok):
+  lengths = [len(chat.pair_ids(tok, r.get("messages") or r["prompt"], r["response"])[0])
+             for r in RECS]
+  seq = 50
+  over = sum(n > seq for n in lengths)
+  assert 0 < over < len(RECS)
+  _, skip = batches(tok, seq_len=seq, overlong="skip")
+  assert skip["skipped_overlong"] == over and skip["examples"] == len(RECS) - over
+  got, trunc = batches(tok, seq_len=seq, overlong="truncate", shuffle=False)
+  assert trunc["truncated"] + trunc["skipped_no_response"] == over
+  assert trunc["examples"] == len(RECS) - trunc["skipped_no_response"]
+  assert max(len(s[0]) for s in segments(got)) == seq
+
+
+def test_hosts_split_the_epoch_and_take_equal_steps(tok):
+  per_host = [batches(tok, batch_size=8, host=h, num_hosts=4, num_batches=8) for h in range(4)]
+  assert all(len(b) == 8 and b[0]["input_ids"].shape == (2, SEQ) for b, _ in per_host)
+  assert sum(s["examples"] for _, s in per_host) == len(RECS)
+  assert sorted(x for b, _ in per_host for x in segments(b)) == sorted(expected(tok, RECS))
+  with pytest.raises(ValueError, match="not divisible by 3 hosts"):
+    batches(tok, batch_size=8, host=0, num_hosts=3)
+
+
+def test_record_without_response_is_an_error(tok):
+  with pytest.raises(R.RecordError, match="'r0': no 'response'"):
+    batches(tok, data=[R.make("r0", "p")])
+
+
+def test_device_batches_over_the_mesh(tok):
+  import jax
+
+  from persyn_jax.sharding import MeshConfig, make_mesh
+
+  mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+  (b, *_), _ = batches(tok, batch_size=8)
+  d = P.to_device(b, mesh)
+  for k in P.KEYS:
+    assert d[k].shape == (8, SEQ) and d[k].dtype == b[k].dtype
+    assert d[k].sharding.spec[0] == ("data", "fsdp")
+    assert len(d[k].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(d[k]), b[k])
+  assert isinstance(d["input_ids"], jax.Array)
+
+
+examples = st.lists(st.integers(2, 20).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 999), min_size=n, max_size=n),
+    st.lists(st.integers(0, 1), min_size=n, max_size=n))), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(examples, st.integers(1, 4), st.integers(20, 48))
+def test_first_fit_packing_properties(exs, rows, seq_len):
+  exs = [(np.asarray(i, np.int32), np.asarray(m, np.int8)) for i, m in exs]
+  groups = list(P.first_fit(list(enumerate(exs)), rows, seq_len, size=lambda e: len(e[1][0])))
+  placed = [i for g in groups for row in g for i, _ in row]
+  assert sorted(placed) == list(range(len(exs)))  # every example exactly once
+  for g in groups[:-1]:
+    assert all(g)  # a batch is emitted only when full: no empty row before the last batch
+  for g in groups:
+    assert len(g) == rows
+    for row in g:
+      assert sum(len(e[0]) for _, e in row) <= seq_len
+      assert [i for i, _ in row] == sorted(i for i, _ in row)  # stream order within a row
+    b = P.build_batch([[e for _, e in row] for row in g], seq_len)
+    for r, row in enumerate(g):
+      off = 0
+      for s, (_, (ids, mask)) in enumerate(row, 1):
+        n = len(ids)
+        assert (b["segment_ids"][r, off:off + n] == s).all()
+        assert (b["positions"][r, off:off + n] == np.arange(n)).all()
+        assert (b["targets"][r, off:off + n - 1] == ids[1:]).all() and b["targets"][r, off + n - 1] == 0
+        assert (b["loss_mask"][r, off:off + n - 1] == mask[1:]).all()
+        assert b["loss_mask"][r, off + n - 1] == 0
+        off += n
+      assert (b["segment_ids"][r, off:] == 0).all() and (b["targets"][r, off:] == 0).all()
+      assert (b["loss_mask"][r, off:] == 0).all() and (b["input_ids"][r, off:] == 0).all()
+
+
+def test_batched_tokenization_equals_pair_ids(tok):
+  import copy
+
+  base = copy.deepcopy(tok)
+  base.chat_template = None  # a base model: prompt + response + EOS
+  for t in (tok, base):
+    for system in (None, "Be brief."):
+      prompts = [r.get("messages") or r["prompt"] for r in RECS[:12]]
+      responses = [r["response"] for r in RECS[:12]]
+      assert chat.pair_ids_batch(t, prompts, responses, system) == [
+          chat.pair_ids(t, p, r, system) for p, r in zip(prompts, responses)]

@@ -1,0 +1,156 @@
+"""Prompt sources: every file format, field mapping, skip reasons, errors with file:line, splits."""
+import hashlib
+import json
+import os
+import random
+
+import datasets
+import pytest
+
+from persyn_jax.data import sources as S
+
+ROWS = [
+    {"id": "a", "question": "What is 2+2?", "answer": "4"},
+    {"id": "b", "question": "Name a prime.", "answer": "7"},
+    {"question": "  what IS 2+2? ", "answer": "4"},       # duplicate of "a" after normalization
+    {"question": "", "answer": "x"},                      # empty
+    {"question": "x" * 500, "answer": "x"},               # too long
+    {"question": None, "answer": "x"},                    # empty
+    {"question": "no id here", "answer": "y"},            # id from content
+]
+
+
+def write(tmp_path, fmt, rows=ROWS, name="prompts"):
+  path = os.path.join(tmp_path, f"{name}.{fmt}")
+  if fmt == "jsonl":
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  elif fmt == "json":
+    json.dump(rows, open(path, "w"))
+  else:
+    ds = datasets.Dataset.from_list([{"id": r.get("id"), "question": r["question"],
+                                      "answer": r["answer"]} for r in rows])
+    if fmt == "parquet":
+      ds.to_parquet(path)
+    elif fmt == "csv":
+      ds.to_csv(path, index=False)
+    elif fmt == "arrow":
+      path = os.path.join(tmp_path, name)
+      ds.save_to_disk(path)
+  return path
+
+
+CFG = dict(prompt_field="question", reference_field="answer", max_prompt_chars=100)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "arrow"])
+def test_formats_give_the_same_prompts(tmp_path, fmt):
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=write(tmp_path, fmt), **CFG))
+  expect_id = "h" + hashlib.sha256(b"no id here").hexdigest()[:20]
+  assert [p["id"] for p in prompts] == ["a", "b", expect_id]
+  assert [p["prompt"] for p in prompts] == ["What is 2+2?", "Name a prime.", "no id here"]
+  assert [p["reference"] for p in prompts] == ["4", "7", "y"]
+  assert stats["rows"] == 7 and stats["kept"] == 3
+  assert stats["skipped"] == {"empty": 2, "not_text": 0, "too_long": 1, "bad_messages": 0,
+                              "duplicate": 1, "duplicate_id": 0}
+
+
+def test_single_arrow_file(tmp_path):
+  folder = write(tmp_path, "arrow")
+  (name,) = [n for n in os.listdir(folder) if n.endswith(".arrow")]
+  prompts, _ = S.load_prompts(S.PromptSourceConfig(path=os.path.join(folder, name), **CFG))
+  assert [p["id"] for p in prompts][:2] == ["a", "b"]
+
+
+def test_directory_of_mixed_files_in_sorted_order(tmp_path):
+  write(tmp_path, "jsonl", [{"id": "1", "question": "one", "answer": ""}], name="b")
+  write(tmp_path, "parquet", [{"id": "2", "question": "two", "answer": ""}], name="a")
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(tmp_path), **CFG))
+  assert [p["id"] for p in prompts] == ["2", "1"]
+  assert [os.path.basename(f) for f in stats["files"]] == ["a.parquet", "b.jsonl"]
+
+
+def test_chat_messages_field(tmp_path):
+  rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+          {"messages": [{"role": "user"}]},
+          {"messages": "not a list"},
+          {"messages": []},
+          {"text": 5, "messages": [{"role": "user", "content": "hi"}]}]
+  path = write(tmp_path, "jsonl", rows)
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=path, messages_field="messages"))
+  assert len(prompts) == 2 and prompts[0]["prompt"] == "hi"
+  assert prompts[0]["messages"][0] == {"role": "system", "content": "be brief"}
+  assert prompts[0]["id"] != prompts[1]["id"]  # the system turn is part of the content hash
+  assert stats["skipped"]["bad_messages"] == 2 and stats["skipped"]["empty"] == 1
+
+
+def test_non_text_prompt_is_skipped_not_fatal(tmp_path):
+  path = write(tmp_path, "jsonl", [{"question": 3}, {"question": ["a"]}, {"question": "ok"}])
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=path, prompt_field="question"))
+  assert [p["prompt"] for p in prompts] == ["ok"] and stats["skipped"]["not_text"] == 2
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+  path = os.path.join(tmp_path, "bad.jsonl")
+  with open(path, "w") as f:
+    f.write('{"prompt": "fine"}\n\n{"prompt": "broken\n{"prompt": "x"}\n')
+  with pytest.raises(S.PromptFileError, match=r"bad\.jsonl:3: malformed JSON"):
+    S.load_prompts(S.PromptSourceConfig(path=path))
+  with open(path, "w") as f:
+    f.write('{"prompt": "fine"}\n[1, 2]\n')
+  with pytest.raises(S.PromptFileError, match=r"bad\.jsonl:2: expected a JSON object"):
+    S.load_prompts(S.PromptSourceConfig(path=path))
+
+
+def test_malformed_json_and_parquet(tmp_path):
+  path = os.path.join(tmp_path, "bad.json")
+  open(path, "w").write('[\n {"prompt": "a"},\n {"prompt": }\n]')
+  with pytest.raises(S.PromptFileError, match=r"bad\.json:3: malformed JSON"):
+    S.load_prompts(S.PromptSourceConfig(path=path))
+  path = os.path.join(tmp_path, "bad.parquet")
+  open(path, "wb").write(b"PAR1 this is not parquet")
+  with pytest.raises(S.PromptFileError, match=r"bad\.parquet: cannot read as parquet"):
+    S.load_prompts(S.PromptSourceConfig(path=path))
+
+
+def test_wrong_field_mapping_is_an_error(tmp_path):
+  path = write(tmp_path, "jsonl")
+  with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl:1: no field 'prompt' in any row"):
+    S.load_prompts(S.PromptSourceConfig(path=path))
+
+
+def test_dedup_off_keeps_near_duplicates_but_never_duplicate_ids(tmp_path):
+  rows = [{"id": "a", "prompt": "Hi"}, {"id": "b", "prompt": "hi"}, {"id": "a", "prompt": "other"}]
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=write(tmp_path, "jsonl", rows),
+                                                       dedup=False))
+  assert [p["id"] for p in prompts] == ["a", "b"] and stats["skipped"]["duplicate_id"] == 1
+
+
+def prompts_n(n):
+  return [{"schema": 1, "id": f"p{i}", "prompt": f"q{i}"} for i in range(n)]
+
+
+def test_splits_are_deterministic_and_disjoint():
+  ps = prompts_n(1000)
+  a = S.split_prompts(ps, probe=100, eval=0.1, seed=7)
+  shuffled = ps[:]
+  random.Random(0).shuffle(shuffled)
+  b = S.split_prompts(shuffled, probe=100, eval=0.1, seed=7)  # another host, another order
+  for k in ("probe", "rest", "train", "eval"):
+    assert {p["id"] for p in a[k]} == {p["id"] for p in b[k]}
+  assert len(a["eval"]) == 100 and len(a["probe"]) == 100 and len(a["rest"]) == 800
+  ids = lambda k: {p["id"] for p in a[k]}
+  assert not ids("eval") & ids("train") and ids("probe") | ids("rest") == ids("train")
+  assert not ids("probe") & ids("rest")
+  assert [p["id"] for p in a["train"]] == [p["id"] for p in ps if p["id"] not in ids("eval")]
+  c = S.split_prompts(ps, probe=100, eval=0.1, seed=8)
+  assert {p["id"] for p in c["probe"]} != ids("probe")
+
+
+def test_split_fraction_and_errors():
+  s = S.split_prompts(prompts_n(200), probe=0.25, seed=0)
+  assert len(s["probe"]) == 50 and s["eval"] == []
+  with pytest.raises(ValueError, match="only 10 prompts"):
+    S.split_prompts(prompts_n(10), probe=11)
+  with pytest.raises(ValueError, match="duplicate prompt id 'p0'"):
+    S.split_prompts(prompts_n(3) + prompts_n(1), probe=1)
