@@ -27,6 +27,8 @@ G2 = dict(query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping
 
 ZOO: dict[str, dict] = {
     # Qwen2 / Qwen2.5 (incl. Math and the R1 distills, which are Qwen2 architecture)
+    "Qwen/Qwen2.5-0.5B": _c("qwen2", 896, 24, 14, 2, 4864, 151936, tie=True, theta=1e6),
+    "Qwen/Qwen2.5-1.5B": _c("qwen2", 1536, 28, 12, 2, 8960, 151936, tie=True, theta=1e6),
     "Qwen/Qwen2.5-0.5B-Instruct": _c("qwen2", 896, 24, 14, 2, 4864, 151936, tie=True, theta=1e6),
     "Qwen/Qwen2.5-1.5B-Instruct": _c("qwen2", 1536, 28, 12, 2, 8960, 151936, tie=True, theta=1e6),
     "Qwen/Qwen2.5-3B-Instruct": _c("qwen2", 2048, 36, 16, 2, 11008, 151936, tie=True, theta=1e6),
@@ -73,6 +75,9 @@ ZOO: dict[str, dict] = {
 
 def architecture(path_or_id: str) -> ModelConfig:
   """The ModelConfig of a local HF directory (its config.json), else of a known hub id."""
+  if path_or_id.startswith("toyworld:"):
+    from persyn_jax.toyworld import spec_config
+    return spec_config(path_or_id)
   cfg_path = os.path.join(path_or_id, "config.json")
   if os.path.exists(cfg_path):
     return config_from_hf(read_json(cfg_path), source=cfg_path)

@@ -33,3 +33,11 @@ def model_dir(tmp_path_factory, tok):
     return cache[key]
 
   return make
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+  """The toy world at its small scale, built once per session (teachers trained by our SFT)."""
+  from persyn_jax import toyworld
+  cache = os.environ.get("PERSYN_JAX_TEST_WORLD") or str(tmp_path_factory.mktemp("small_world"))
+  return toyworld.build("small", 0, cache, log=lambda m: None)

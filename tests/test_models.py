@@ -225,3 +225,13 @@ def test_remote_code_config_is_refused(model_dir, tmp_path):
   edit_config(path, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
   with pytest.raises(CheckpointError, match="remote code"):
     from_pretrained(path)
+
+
+def test_generic_tokenizer_keeps_its_ids_in_a_qwen2_directory(model_dir, tok):
+  # transformers' AutoTokenizer would load it as Qwen2Tokenizer (digits split one by one)
+  path, _ = model_dir("qwen2")
+  _, loaded = from_pretrained(path, dtype="float32")
+  text = "Step 12 + 345 = 357. The answer is 357."
+  assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+  assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+      tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

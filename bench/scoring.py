@@ -1,0 +1,233 @@
+"""Learnability scoring throughput: scored tokens/s and forward MFU, JAX vs transformers/torch.
+
+    python bench/scoring.py --preset cpu          # small Llama-shaped model, fp32 (runs anywhere)
+    python bench/scoring.py --preset gpu          # ~1.2B Llama-3.2-1B-shaped model, bf16
+
+Both sides score the same (prompt, response) pairs: the same token ids (our chat helpers), the
+same length-sorted batches, an fp32 log-softmax over the vocabulary and the mean log-prob of the
+response tokens. JAX runs `scoring.LogProbScorer` end to end (tokenization included); torch runs
+its forward on the pre-tokenized batches (tokenization not counted, in its favour). MFU counts
+the model FLOPs of the real (unpadded) tokens, `ModelConfig.flops_per_token`, against the device
+peak (a table for GPUs; on CPU the measured fp32 matmul throughput of this machine).
+Prints a table; writes JSON with device, date, versions and the command to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PRESETS = {
+    # vocab 4096 keeps the LM head comparable to the trunk, as in real models
+    "cpu": dict(model=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           vocab_size=4096),
+                dtype="float32", pairs=96, prompt_words=(20, 80), response_words=(40, 200),
+                max_len=1024, batch_tokens=4096, tokenizer_vocab=2048),
+    # Llama-3.2-1B shapes (1.24B parameters, untied head here)
+    "gpu": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                           vocab_size=128256, rope_theta=500000.0),
+                dtype="bfloat16", pairs=512, prompt_words=(50, 300), response_words=(200, 900),
+                max_len=2048, batch_tokens=32768, tokenizer_vocab=8192),
+}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they "
+         "which one you were all we her she there been if more when will would who so no apples "
+         "number model answer step total each left count world language tiny what how many "
+         "twelve seven forty because therefore first then finally result equals plus minus").split()
+
+
+def synthetic_pairs(n: int, prompt_words, response_words, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  text = lambda lo, hi: " ".join(rng.choice(WORDS, int(rng.integers(lo, hi))))
+  return [text(*prompt_words) + "?" for _ in range(n)], [text(*response_words) + "." for _ in range(n)]
+
+
+def build_model_dir(preset: dict, path: str):
+  import torch
+  import transformers as T
+  from persyn_jax.tokenizer import train_tokenizer
+  prompts, responses = synthetic_pairs(200, (10, 40), (10, 40), seed=123)
+  tok = train_tokenizer(prompts + responses, vocab_size=preset["tokenizer_vocab"])
+  cfg = T.LlamaConfig(**preset["model"], pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+                      max_position_embeddings=8192)
+  torch.manual_seed(0)
+  model = T.LlamaForCausalLM(cfg).to(getattr(torch, preset["dtype"]))
+  model.save_pretrained(path, safe_serialization=True)
+  tok.save_pretrained(path)
+  return tok
+
+
+def measured_matmul_peak(dtype) -> float:
+  """FLOP/s of a large square matmul in JAX: the practical peak of a CPU (no vendor table)."""
+  import jax
+  import jax.numpy as jnp
+  n = 1024
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  reps = 10
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def device_info():
+  import jax
+  d = jax.devices()[0]
+  kind = d.device_kind
+  peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+  return d.platform, kind, len(jax.devices()), peak
+
+
+def run_jax(path, prompts, responses, preset):
+  from persyn_jax import scoring
+  cfg = scoring.ScoringConfig(dtype=preset["dtype"], max_len=preset["max_len"],
+                              batch_tokens=preset["batch_tokens"], max_batch_size=256)
+  t = time.perf_counter()
+  scorer = scoring.LogProbScorer.from_pretrained(path, cfg)
+  load_s = time.perf_counter() - t
+  t = time.perf_counter()
+  scorer.learnability(prompts, responses)  # compiles every bucket shape
+  first_s = time.perf_counter() - t
+  t = time.perf_counter()
+  scoring.encode_pairs(scorer.tokenizer, prompts, responses, cfg)
+  tokenize_s = time.perf_counter() - t
+  times = []
+  for _ in range(2):
+    t = time.perf_counter()
+    values, stats = scorer.learnability(prompts, responses)
+    times.append(time.perf_counter() - t)
+  return values, stats, {"load_s": load_s, "first_call_s": first_s, "tokenize_s": tokenize_s,
+                         "seconds": min(times)}, scorer
+
+
+def run_torch(path, prompts, responses, preset, scorer):
+  import torch
+  import transformers as T
+  from persyn_jax import scoring
+  from persyn_jax.buckets import plan_batches, bucket_lengths
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, preset["dtype"])
+  model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+  model = model.to(dev).eval()
+  pairs, _ = scoring.encode_pairs(scorer.tokenizer, prompts, responses, scorer.config)
+  lengths = [len(p[0]) for p in pairs]
+  plan = plan_batches(lengths, bucket_lengths(preset["max_len"], 64),
+                      batch_tokens=preset["batch_tokens"], max_batch_size=256)
+  batches = []
+  for b in plan:  # the same rows as JAX, padded only to the longest row (torch needs no buckets)
+    seqs = [pairs[i] for i in b.indices]
+    T_ = max(len(s[0]) for s in seqs)
+    ids = torch.zeros((len(seqs), T_), dtype=torch.long)
+    att = torch.zeros((len(seqs), T_), dtype=torch.long)
+    m = torch.zeros((len(seqs), T_))
+    for r, (x, mk) in enumerate(seqs):
+      ids[r, :len(x)] = torch.tensor(x)
+      att[r, :len(x)] = 1
+      m[r, :len(x)] = torch.tensor(mk, dtype=torch.float32)
+    batches.append((b.indices, ids.to(dev), att.to(dev), m.to(dev)))
+
+  def score_all():
+    out = np.zeros(len(pairs))
+    with torch.inference_mode():
+      for idx, ids, att, m in batches:
+        logits = model(input_ids=ids, attention_mask=att).logits
+        for r in range(len(idx)):  # fp32 log-softmax a row at a time (a 128K vocab is large)
+          lp = torch.log_softmax(logits[r, :-1].float(), -1).gather(-1, ids[r, 1:, None])[:, 0]
+          mm = m[r, 1:]
+          out[idx[r]] = float((lp * mm).sum() / mm.sum())
+    if dev == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  score_all()  # warm-up
+  times = []
+  for _ in range(2):
+    t = time.perf_counter()
+    values = score_all()
+    times.append(time.perf_counter() - t)
+  return values, {"seconds": min(times), "device": dev, "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  ap.add_argument("--pairs", type=int, default=None)
+  ap.add_argument("--out", default=None, help="JSON path (default bench/results/scoring_<preset>.json)")
+  ap.add_argument("--no-torch", action="store_true")
+  args = ap.parse_args(argv)
+  preset = dict(PRESETS[args.preset])
+  if args.pairs:
+    preset["pairs"] = args.pairs
+  import jax
+  from persyn_jax import models, scoring
+  load_before = os.getloadavg()  # shared machines: a busy host slows both sides unevenly
+  platform_name, kind, ndev, peak = device_info()
+  peak_source = "vendor dense peak" if peak else "measured fp32 matmul (JAX)"
+  if peak is None:
+    peak = measured_matmul_peak(models.as_dtype(preset["dtype"]))
+  prompts, responses = synthetic_pairs(preset["pairs"], preset["prompt_words"],
+                                       preset["response_words"])
+  with tempfile.TemporaryDirectory() as tmp:
+    build_model_dir(preset, tmp)
+    cfg, _ = models.load_config(tmp)
+    jv, stats, jt, scorer = run_jax(tmp, prompts, responses, preset)
+    pairs, _ = scoring.encode_pairs(scorer.tokenizer, prompts, responses, scorer.config)
+    flops = float(sum(len(p[0]) * cfg.flops_per_token(len(p[0])) for p in pairs))
+    tokens = stats["tokens"]
+    rows = [("jax", jt["seconds"], tokens / jt["seconds"], flops / jt["seconds"] / peak)]
+    result = {"jax": {**jt, "tokens_per_s": tokens / jt["seconds"],
+                      "padded_tokens_per_s": stats["padded_tokens"] / jt["seconds"],
+                      "mfu": flops / jt["seconds"] / peak, "stats": stats}}
+    if not args.no_torch:
+      tv, tt = run_torch(tmp, prompts, responses, preset, scorer)
+      result["torch"] = {**tt, "tokens_per_s": tokens / tt["seconds"],
+                         "mfu": flops / tt["seconds"] / peak,
+                         "max_abs_diff_vs_jax": float(np.nanmax(np.abs(tv - jv)))}
+      rows.append(("torch", tt["seconds"], tokens / tt["seconds"], flops / tt["seconds"] / peak))
+      result["jax_speedup_vs_torch"] = tt["seconds"] / jt["seconds"]
+  import flax
+  import torch
+  import transformers
+  report = {
+      "benchmark": "scoring.learnability (forward only)", "preset": args.preset,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+      "device": {"platform": platform_name, "kind": kind, "count": ndev,
+                 "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                 "peak_flops": peak, "peak_source": peak_source,
+                 "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__, "torch": torch.__version__,
+                   "transformers": transformers.__version__},
+      "model": {**preset["model"], "dtype": preset["dtype"], "params": cfg.num_params()},
+      "pairs": preset["pairs"], "tokens": tokens, "flops": flops, "results": result,
+  }
+  print(f"\nlearnability scoring, preset {args.preset}: {preset['pairs']} pairs, {tokens} tokens, "
+        f"{cfg.num_params() / 1e6:.1f}M params, {preset['dtype']}, {kind} x{ndev}")
+  print(f"{'impl':<8}{'seconds':>10}{'tokens/s':>12}{'MFU':>8}")
+  for name, s, tps, mfu in rows:
+    print(f"{name:<8}{s:>10.3f}{tps:>12.0f}{mfu:>8.1%}")
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"scoring_{args.preset}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"wrote {out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,214 @@
+"""SFT step throughput: our jitted JAX step vs a plain transformers/torch training step.
+
+Same Llama-shaped model, same batch (every token a response token), AdamW, grad clipping.
+    python bench/sft.py --preset cpu      # small shapes, fp32: ratios (runs in minutes on a CPU)
+    python bench/sft.py --preset gpu      # ~1.2B Llama-3.2-1B shape, seq 2048, bf16 (one GPU)
+Prints a table and writes bench/results/sft_<preset>.json (device, date, versions, command).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+PRESETS = {
+    # Llama-3.2-1B: 16 layers, d 2048, mlp 8192, 32 heads / 8 kv heads of 64, tied 128k vocab.
+    "gpu": dict(vocab=128256, hidden=2048, mlp=8192, layers=16, heads=32, kv_heads=8, head_dim=64,
+                tie=True, seq=2048, batch=4, dtype="bfloat16", warmup=3, steps=10, rounds=3,
+                loss_chunk=0),
+    "cpu": dict(vocab=4096, hidden=256, mlp=768, layers=4, heads=8, kv_heads=4, head_dim=32,
+                tie=True, seq=256, batch=4, dtype="float32", warmup=2, steps=3, rounds=4,
+                loss_chunk=0),
+}
+
+
+def hf_config(p):
+  import transformers as T
+  return T.LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["mlp"],
+                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                       num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"],
+                       tie_word_embeddings=p["tie"], max_position_embeddings=max(p["seq"], 2048),
+                       rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def make_batch(p, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, p["vocab"], (p["batch"], p["seq"] + 1)).astype(np.int32)
+  mask = np.ones((p["batch"], p["seq"]), np.float32)
+  return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
+          "segment_ids": np.ones_like(ids[:, :-1]),
+          "positions": np.broadcast_to(np.arange(p["seq"], dtype=np.int32), ids[:, :-1].shape).copy()}
+
+
+def bench_jax(p, batch):
+  import jax
+  from persyn_jax import sharding as shd
+  from persyn_jax.models import build_model
+  from persyn_jax.models.hf import config_from_hf
+  from persyn_jax.sft import SFTConfig, make_session
+
+  cfg = config_from_hf(hf_config(p).to_dict())
+  model = build_model(cfg, dtype=p["dtype"], param_dtype="float32")
+  sft = SFTConfig(lr=1e-5, batch_size=p["batch"], seq_len=p["seq"], max_steps=1000,
+                  compute_dtype=p["dtype"], param_dtype="float32", loss_chunk=p["loss_chunk"])
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  session = make_session(model, sft, mesh, 1000)
+  del model
+  with jax.set_mesh(mesh):
+    box = {"state": session.init_state(), "batch": session.put_batch([batch])}
+
+  def run(n):
+    with jax.set_mesh(mesh):
+      for _ in range(n):
+        box["state"], box["m"] = session.step(box["state"], session.frozen, box["batch"])
+      return float(jax.block_until_ready(box["m"])["loss"])
+
+  return run, {"flops_per_token_fwd": cfg.flops_per_token(p["seq"]), "params": cfg.num_params()}
+
+
+def bench_torch(p, batch):
+  import torch
+  import transformers as T
+
+  cuda = torch.cuda.is_available()
+  dev = "cuda" if cuda else "cpu"
+  torch.manual_seed(0)
+  config = hf_config(p)
+  config._attn_implementation = "sdpa"
+  model = T.LlamaForCausalLM(config).to(dev).float().train()  # fp32 master weights
+  try:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    fused = True
+  except (RuntimeError, TypeError):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    fused = False
+  ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=dev)
+  tgt = torch.as_tensor(batch["targets"], dtype=torch.long, device=dev)
+  amp = p["dtype"] == "bfloat16"
+
+  def step():
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+      logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             tgt.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+  def run(n):
+    for _ in range(n):
+      loss = step()
+    sync()
+    return float(loss.detach())
+
+  return run, {"fused_adamw": fused, "autocast_bf16": amp, "attn": "sdpa",
+               "threads": torch.get_num_threads()}
+
+
+def timed(run, n):
+  t0 = time.perf_counter()
+  loss = run(n)
+  return (time.perf_counter() - t0) / n, loss
+
+
+def cpu_matmul_peak(dtype="float32", n=1024, reps=10):
+  """Measured fp32 matmul FLOP/s of this CPU (JAX): the MFU denominator where no spec applies."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--set", nargs="*", default=[], help="preset overrides, e.g. batch=8 seq=1024")
+  args = ap.parse_args()
+  p = dict(PRESETS[args.preset])
+  for kv in args.set:
+    k, v = kv.split("=", 1)
+    p[k] = type(p[k])(v) if not isinstance(p[k], bool) else v.lower() == "true"
+
+  import jax
+  import torch
+  import transformers
+  import flax
+  import optax
+
+  batch = make_batch(p)
+  runs = {}
+  for name, make in (("jax", bench_jax), ("torch", bench_torch)):
+    run, info = make(p, batch)
+    info["warmup_s"], _ = timed(run, p["warmup"])  # compilation / allocator warmup
+    runs[name] = (run, info, [])
+  # Alternate the two in rounds and keep each one's best round: a shared machine's noise then
+  # hits both alike (and the minimum is the least disturbed measurement).
+  for _ in range(p["rounds"]):
+    for name, (run, info, times) in runs.items():
+      dt, info["loss"] = timed(run, p["steps"])
+      times.append(dt)
+  for name, (run, info, times) in runs.items():
+    info["step_s"], info["step_s_rounds"] = min(times), times
+  jx, th = runs["jax"][1], runs["torch"][1]
+  tokens = p["batch"] * p["seq"]
+  train_flops = 3 * jx["flops_per_token_fwd"]  # forward + backward (2x)
+  dev = jax.devices()[0]
+  from persyn_jax.sft.trainer import PEAK_BF16
+  peak = next((f for k, f in PEAK_BF16.items() if dev.device_kind.startswith(k)), None)
+  peak_note = "spec bf16 dense"
+  if dev.platform == "cpu" or p["dtype"] != "bfloat16":
+    peak, peak_note = cpu_matmul_peak() if dev.platform == "cpu" else None, "measured fp32 matmul"
+  rows = []
+  for name, r in (("persyn_jax (jax.jit)", jx), ("transformers/torch", th)):
+    tps = tokens / r["step_s"]
+    r["tokens_per_s"] = tps
+    r["mfu"] = train_flops * tps / peak if peak else None
+    rows.append((name, r["step_s"] * 1e3, tps, r["mfu"], r["loss"]))
+  ratio = jx["tokens_per_s"] / th["tokens_per_s"]
+  print(f"\nSFT step, preset {args.preset}: {jx['params'] / 1e6:.1f}M params, batch {p['batch']} x "
+        f"seq {p['seq']}, {p['dtype']}, on {dev.device_kind}")
+  print(f"{'':24s} {'ms/step':>10s} {'tokens/s':>12s} {'MFU':>8s} {'loss':>8s}")
+  for name, ms, tps, mfu, loss in rows:
+    print(f"{name:24s} {ms:10.1f} {tps:12.0f} {(f'{100 * mfu:.1f}%' if mfu else 'n/a'):>8s} {loss:8.3f}")
+  print(f"jax / torch tokens/s: {ratio:.2f}x   (MFU denominator: {peak_note}"
+        f"{f', {peak / 1e12:.2f} TFLOP/s' if peak else ''})")
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"sft_{args.preset}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  result = {
+      "benchmark": "sft_step", "preset": args.preset, "shapes": p,
+      "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
+                 "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__, "torch": torch.__version__,
+                   "transformers": transformers.__version__},
+      "peak_flops": peak, "peak_note": peak_note, "train_flops_per_token": train_flops,
+      "jax": jx, "torch": th, "jax_over_torch_tokens_per_s": ratio,
+  }
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

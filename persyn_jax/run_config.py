@@ -1,0 +1,118 @@
+"""The run's configuration: one frozen dataclass per stage, collected in `RunConfig`.
+
+Defaults are the embedded toy world (`python -m persyn_jax.train` with no arguments) and, where
+the paper is silent, our choices from PAPER.md. YAML files in configs/ override them; `--set
+key.sub=value` overrides those.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from persyn_jax import config as C
+from persyn_jax.data.sources import PromptSourceConfig
+from persyn_jax.policies import POLICIES, PolicyConfig
+from persyn_jax.router import RouterConfig
+from persyn_jax.sampler import SamplingConfig
+from persyn_jax.scoring import ScoringConfig
+from persyn_jax.sft import SFTConfig
+from persyn_jax.sharding import MeshConfig
+
+STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+  """A model by name: a local HF directory (or, for --dry-run planning, a known hub id)."""
+
+  name: str
+  path: str
+  family: str = ""          # e.g. qwen, llama, gemma: family_strong picks within the student's
+  dtype: str = "bfloat16"   # compute and storage dtype when the model is loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptsConfig:
+  source: PromptSourceConfig = PromptSourceConfig()
+  probe: float = 0.1        # probe subset: a count (>= 1) or a fraction of the training prompts
+  eval: float = 0.0         # held-out evaluation prompts: a count or a fraction of all prompts
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("probe", "eval"):
+      v = getattr(self, name)
+      if v < 0 or (v >= 1 and not float(v).is_integer()):
+        raise ValueError(f"prompts.{name}={v}: a count (whole number >= 1) or a fraction in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=512)
+  verifier: str | None = "math"   # None: no automatic metric (judge-based benchmarks only)
+  reference_field: str = "reference"
+  # judge-based benchmarks read these exports: jsonl (prompt/response), alpaca_eval, arena_hard
+  exports: tuple[str, ...] = ("jsonl",)
+  base_student: bool = True       # also evaluate the student before SFT
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+  """What --dry-run plans for when it runs elsewhere than the target (a laptop for a pod)."""
+
+  devices: int = 0                # 0: this machine's jax.device_count()
+  device_memory_gb: float = 0.0   # per device; 0: this machine's, if it reports it
+  prompt_tokens: int = 256        # mean prompt length, for token and memory estimates
+  response_tokens: int = 0        # mean response length; 0: sampling.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyWorldConfig:
+  """The embedded default world (persyn_jax/toyworld.py)."""
+
+  scale: Literal["default", "small", "tiny"] = "default"
+  seed: int = 0
+  cache_dir: str = ""             # "": $PERSYN_JAX_CACHE or ~/.cache/persyn_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  name: str = "toy"
+  run_dir: str = ""               # "": runs/<name>
+  seed: int = 0
+  world: ToyWorldConfig | None = ToyWorldConfig()  # null when teachers/student/prompts are given
+  mesh: MeshConfig = MeshConfig()
+  prompts: PromptsConfig = PromptsConfig()
+  teachers: tuple[ModelRef, ...] = ()
+  student: ModelRef | None = None
+  sampling: SamplingConfig = SamplingConfig()
+  scoring: ScoringConfig = ScoringConfig()
+  router: RouterConfig = RouterConfig()
+  policies: PolicyConfig = PolicyConfig()
+  compare: tuple[str, ...] = ("persyn", "strong", "mix", "random")
+  sft: SFTConfig = SFTConfig()
+  eval: EvalConfig = EvalConfig()
+  plan: PlanConfig = PlanConfig()
+  records_per_shard: int = 4096
+
+  def __post_init__(self):
+    bad = [p for p in self.compare if p not in POLICIES]
+    if bad:
+      raise ValueError(f"compare: unknown policies {bad}; policies: {list(POLICIES)}")
+    if len(set(self.compare)) != len(self.compare):
+      raise ValueError(f"compare lists a policy twice: {list(self.compare)}")
+    names = [t.name for t in self.teachers]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f"teachers: duplicated teacher names {dup}")
+    if self.world is None and (not self.teachers or self.student is None):
+      raise ValueError("teachers and student are required when world is null")
+    if self.records_per_shard < 1:
+      raise ValueError(f"records_per_shard={self.records_per_shard}: must be >= 1")
+
+  @property
+  def out_dir(self) -> str:
+    return self.run_dir or f"runs/{self.name}"
+
+
+def load_run_config(path: str | None = None, overrides=()) -> RunConfig:
+  return C.load(RunConfig, path, overrides)

@@ -1,0 +1,178 @@
+"""`generate_to_records`: a large sampling job streamed into ArrayRecord shards, resumable.
+
+Shard k holds the responses to prompts [k * P, (k + 1) * P) (P = records_per_shard // num_samples),
+in input order, so which prompts a shard holds does not depend on what ran before. A rerun after a
+crash keeps every complete shard (data.shards.complete_shards) and samples only the others; since
+a prompt's random keys depend on (seed, its global index, sample), the resumed job writes the same
+records as one uninterrupted run. A plan file (`<stage>-<host>.plan.json`) records the config hash,
+teacher, prompt ids and shard layout: a rerun with other inputs refuses to mix them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from persyn_jax.config import config_hash, to_dict
+from persyn_jax.data import records as rec
+from persyn_jax.data import shards
+from persyn_jax.sampling.config import GenerationResult, SamplingConfig, summarize
+from persyn_jax.sampling.generate import generate
+
+# fields a generation record sets itself; everything else of the prompt record is carried over
+GENERATED = ("schema", "teacher", "sample", "response", "finish_reason", "tokens", "provenance")
+
+
+def prompt_of(item: Mapping[str, Any]):
+  """What the model is asked: the chat messages when the prompt record has them, else the text."""
+  return item["messages"] if item.get("messages") else item["prompt"]
+
+
+def default_record(item: Mapping[str, Any], result: GenerationResult, *, teacher: str,
+                   provenance: Mapping[str, Any]) -> dict:
+  """The DESIGN.md generation record: the prompt record's fields, plus teacher, sample, response,
+  finish_reason, tokens {prompt, response} and provenance."""
+  out = {k: v for k, v in item.items() if k not in GENERATED}
+  out.update(schema=rec.SCHEMA_VERSION, teacher=teacher, sample=result.sample,
+             response=result.text, finish_reason=result.finish_reason,
+             tokens={"prompt": result.prompt_tokens, "response": result.response_tokens},
+             provenance=dict(provenance))
+  if result.truncated:
+    out["prompt_truncated"] = True
+  return out
+
+
+def _ids_hash(items: Sequence[Mapping[str, Any]]) -> str:
+  h = hashlib.sha256()
+  for it in items:
+    h.update(str(it["id"]).encode("utf-8") + b"\n")
+  return h.hexdigest()[:16]
+
+
+def _check_plan(out_dir: str, stage: str, host: int, plan: dict) -> None:
+  path = os.path.join(out_dir, f"{stage}-{host}.plan.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in plan if old.get(k) != plan[k])
+    if diff:
+      raise shards.ShardError(
+          f"{path}: an earlier run of stage {stage!r} used other {', '.join(diff)}; its shards "
+          f"cannot be resumed with these inputs (delete {out_dir} to start over)")
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    shards.atomic_write_json(path, plan)
+
+
+def _done_shards(out_dir, stage, count, host) -> set[int]:
+  import jax
+  done = shards.complete_shards(out_dir, stage, count, host)
+  if jax.process_count() > 1:  # every process must run the same batches (the model is sharded)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    flags = np.zeros((count,), np.int32)
+    flags[sorted(done)] = 1
+    flags = multihost_utils.broadcast_one_to_all(flags)
+    done = {int(i) for i in np.nonzero(np.asarray(flags))[0]}
+  return done
+
+
+def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
+                        config: SamplingConfig, out_dir: str, stage: str, *, teacher: str,
+                        records_per_shard: int = 4096,
+                        make_record: Callable[..., dict] | None = None,
+                        provenance: Mapping[str, Any] | None = None, mesh=None,
+                        progress: bool = True, fmt: str = "json") -> dict:
+  """Samples every prompt record (`id`, `prompt`, optional `messages`, any metadata) and writes
+  `<stage>-<host>-<k>-of-<n>.array_record` shards plus `<stage>.manifest.json` into out_dir.
+
+  make_record(item, result, teacher=, provenance=) -> record (default `default_record`).
+  Prompts skipped as too long (overlong="skip") get no record; they are counted (and their ids
+  listed) in the manifest's `extra.counts` / `extra.skipped_ids` (from a `<shard>.stats.json`
+  sidecar per shard). Only process 0 writes (every process runs the same sharded batches).
+  Returns the manifest ({} on other processes).
+  """
+  import jax
+  if records_per_shard < 1:
+    raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1")
+  for i, it in enumerate(prompts):
+    if not isinstance(it, Mapping) or "id" not in it or not (it.get("prompt")
+                                                             or it.get("messages")):
+      raise ValueError(f"prompt record {i} needs an 'id' and a 'prompt' or 'messages': {it!r:.200}")
+  make_record = make_record or default_record
+  host = 0  # the shard names of the writing process
+  writer = jax.process_index() == 0
+  per = max(1, records_per_shard // config.num_samples)
+  count = max(1, math.ceil(len(prompts) / per))
+  # batch_size is left out of the hash so a job that ran out of memory can resume with less
+  prov = {"stage": stage, "config_hash": config_hash(
+      {k: v for k, v in to_dict(config).items() if k != "batch_size"}), "seed": config.seed}
+  prov.update(provenance or {})
+  plan = {"stage": stage, "teacher": teacher, "config_hash": prov["config_hash"],
+          "prompts": len(prompts), "prompt_ids": _ids_hash(prompts), "prompts_per_shard": per,
+          "shards": count}
+  if writer:
+    _check_plan(out_dir, stage, host, plan)
+  done = _done_shards(out_dir, stage, count, host)
+
+  bar = None
+  rows_total = len(prompts) * config.num_samples
+  if progress and writer:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=rows_total, unit="resp", desc=f"{stage}/{teacher}", dynamic_ncols=True)
+    bar.update(sum(min(per, len(prompts) - k * per) for k in done) * config.num_samples)
+  t0, tokens = time.perf_counter(), 0
+
+  def tick(rows: int, new_tokens: int) -> None:
+    nonlocal tokens
+    tokens += new_tokens
+    if bar is not None:
+      bar.update(rows)
+      dt = max(time.perf_counter() - t0, 1e-9)
+      bar.set_postfix(prompts_s=f"{bar.n / config.num_samples / dt:.1f}",
+                      tok_s=f"{tokens / dt:.0f}", refresh=False)
+
+  try:
+    for k in range(count):
+      if k in done:
+        continue
+      chunk = prompts[k * per:(k + 1) * per]
+      results = generate(model, tokenizer, [prompt_of(it) for it in chunk], config, mesh=mesh,
+                         indices=range(k * per, k * per + len(chunk)), progress=tick)
+      out = [make_record(chunk[r.index - k * per], r, teacher=teacher, provenance=prov)
+             for r in results if r.finish_reason != "skipped"]
+      if writer:
+        # the stats sidecar goes first: a complete shard always has one
+        stats = summarize(results)
+        stats["skipped_ids"] = sorted({str(chunk[r.index - k * per]["id"]) for r in results
+                                       if r.finish_reason == "skipped"})
+        shards.atomic_write_json(_stats_path(out_dir, stage, host, k, count), stats)
+        shards.write_shard(out_dir, stage, out, index=k, count=count, host=host, fmt=fmt)
+  finally:
+    if bar is not None:
+      bar.close()
+
+  if not writer:
+    return {}
+  counts: dict[str, Any] = {}
+  for k in range(count):
+    path = _stats_path(out_dir, stage, host, k, count)
+    try:
+      with open(path) as f:
+        stats = json.load(f)
+    except FileNotFoundError:
+      raise shards.ShardError(f"{path}: missing; shard {k} was not written by "
+                              "generate_to_records (delete it and rerun)") from None
+    for key, v in stats.items():
+      counts[key] = counts.get(key, 0 if key != "skipped_ids" else []) + v
+  skipped_ids = counts.pop("skipped_ids", [])
+  extra = {"teacher": teacher, "sampling": to_dict(config), "plan": plan, "counts": counts,
+           "skipped_ids": skipped_ids}
+  return shards.write_manifest(out_dir, stage, extra)
+
+
+def _stats_path(out_dir: str, stage: str, host: int, index: int, count: int) -> str:
+  return os.path.join(out_dir, shards.shard_name(stage, host, index, count) + ".stats.json")

@@ -1,0 +1,291 @@
+"""Scores of every teacher response: learnability, quality and the combined reward (PAPER.md).
+
+    student = LogProbScorer.from_pretrained("student_dir", config, mesh=mesh)
+    learn, stats = student.learnability(prompts, responses)        # Eq. 1, [n] float
+    rm = RewardScorer.from_pretrained("reward_model_dir", config, mesh=mesh)
+    quality, stats = rm.score(prompts, responses)
+    reward = combine(quality_matrix, learn_matrix, alpha=0.4)       # Eq. 2, per prompt
+    scored, stats = score_records(records, config, student=student, reward_model=rm)
+
+Each model tokenizes the (prompt, response) text itself with its own chat template
+(`data.chat.pair_ids`). Pairs are sorted into length buckets (`buckets.py`) so that each batch
+shape compiles once; batches are sharded over the mesh's (data, fsdp) axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from persyn_jax import models
+from persyn_jax import sharding as shd
+from persyn_jax.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
+from persyn_jax.data import chat
+from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
+from persyn_jax.verify import get_verifier
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+  """The score stage. Defaults: PAPER.md (alpha = 0.4; the normalizer is our choice)."""
+
+  alpha: float = 0.4  # Eq. 2: weight of learnability in the combined reward
+  normalizer: Literal["minmax", "zscore", "rank"] = "minmax"  # per prompt, across teachers
+  quality: Literal["reward_model", "verifier"] = "reward_model"
+  reward_model: str = ""  # HF directory of a sequence-classification reward model
+  verifier: str = "math"  # `verify.get_verifier` name, for quality = verifier
+  reference_field: str = "reference"  # the record field holding the reference answer
+  system: str | None = None  # system prompt given to both the student and the reward model
+  max_len: int = 4096  # tokens of prompt + response
+  overlong: Literal["truncate", "skip"] = "truncate"
+  min_prompt_tokens: int = 256  # truncate: prompt tokens kept (its tail) at least
+  batch_tokens: int = 32768  # padded tokens per batch (rows = batch_tokens // bucket length)
+  max_batch_size: int = 64
+  min_bucket: int = 64  # the shortest bucket length
+  logits_chunk: int = 512  # sequence chunk of the fp32 log-softmax (bounds [B, chunk, vocab])
+  dtype: str = "bfloat16"  # compute dtype of the student and the reward model
+
+  def __post_init__(self):
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"scoring.alpha={self.alpha}: must be in [0, 1]")
+    for name in ("max_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"scoring.{name}={getattr(self, name)}: must be >= 1")
+    if self.normalizer not in NORMALIZERS:
+      raise ValueError(f"scoring.normalizer={self.normalizer!r}: not one of {list(NORMALIZERS)}")
+    if self.overlong not in ("truncate", "skip"):
+      raise ValueError(f"scoring.overlong={self.overlong!r}: expected truncate or skip")
+    if self.quality not in ("reward_model", "verifier"):
+      raise ValueError(f"scoring.quality={self.quality!r}: expected reward_model or verifier")
+    if self.quality == "verifier":
+      get_verifier(self.verifier)  # fails early on an unknown name
+
+
+# ---------------------------------------------------------------------------------------------
+# jitted forwards (pure functions of a model and one padded batch)
+
+def response_logprobs(model: models.CausalLM, batch: Mapping[str, jax.Array], chunk: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(sum of log p(target) over loss_mask, number of masked tokens), per row.
+
+  The fp32 log-softmax runs over sequence chunks so that only [B, chunk, vocab] logits are live
+  (a 128K vocabulary at 4K tokens would otherwise need 2 GB per row).
+  """
+  hidden, _ = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])
+  tgt, mask = batch["targets"], batch["loss_mask"]
+  B, T, D = hidden.shape
+  c = min(chunk, T)
+  n = -(-T // c)
+  if n * c != T:
+    pad = n * c - T
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tgt, mask = jnp.pad(tgt, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+  split = lambda x: jnp.swapaxes(x.reshape((B, n, c) + x.shape[2:]), 0, 1)
+
+  def one_chunk(args):
+    h, t, m = args
+    logits = shd.constrain(model.logits(h), ("batch", "seq", "act_vocab"))  # fp32
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)
+
+  sums = jax.lax.map(one_chunk, (split(hidden), split(tgt), split(mask))).sum(0)
+  return sums, mask.sum(-1)
+
+
+def reward_forward(model: models.SequenceClassifier, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The reward model's scalar score [B] (its score head at the last token)."""
+  return model(batch["input_ids"], batch["segment_ids"])[:, 0]
+
+
+class _Runner:
+  """One model, one pure batch function, jitted once; batches placed on the mesh's batch axes."""
+
+  def __init__(self, model: nnx.Module, fn: Callable, mesh: jax.sharding.Mesh | None):
+    self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh if mesh is not None else _mesh_of(self.state)
+    self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    graphdef = self.graphdef
+    self._jit = jax.jit(lambda state, batch: fn(nnx.merge(graphdef, state), batch))
+
+  def __call__(self, batch: Mapping[str, np.ndarray]):
+    with jax.set_mesh(self.mesh):
+      arrays = {k: jax.device_put(v, shd.batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
+      return self._jit(self.state, arrays)
+
+
+def _mesh_of(state) -> jax.sharding.Mesh:
+  for leaf in jax.tree.leaves(state):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding):
+      return s.mesh
+  return shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+
+
+def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config: ScoringConfig):
+  """Token ids and response masks of the pairs, over-long ones truncated or dropped (None).
+  Returns (list of (ids, mask) or None, {"truncated": n, "skipped": n})."""
+  if len(prompts) != len(responses):
+    raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+  out, truncated, skipped = [], 0, 0
+  for prompt, response in zip(prompts, responses):
+    ids, mask = chat.pair_ids(tokenizer, prompt, response, config.system)
+    if len(ids) > config.max_len:
+      if config.overlong == "skip":
+        out.append(None)
+        skipped += 1
+        continue
+      ids, mask = fit_prompt_response(ids, mask, config.max_len, config.min_prompt_tokens)
+      truncated += 1
+    out.append((ids, mask))
+  return out, {"truncated": truncated, "skipped": skipped}
+
+
+class _PairScorer:
+  kind = ""
+
+  def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
+    self.model, self.tokenizer, self.config = model, tokenizer, config
+    self.runner = _Runner(model, self._batch_fn(), mesh)
+    self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+  def _run(self, prompts, responses) -> tuple[list, list, dict]:
+    cfg = self.config
+    pairs, stats = encode_pairs(self.tokenizer, prompts, responses, cfg)
+    kept = [i for i, p in enumerate(pairs) if p is not None]
+    plan = plan_batches([len(pairs[i][0]) for i in kept], bucket_lengths(cfg.max_len, cfg.min_bucket),
+                        batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
+                        multiple=self.runner.shards)
+    results = []  # dispatched asynchronously; fetched once all batches are queued
+    padded = 0
+    for b in plan:
+      seqs = [pairs[kept[i]] for i in b.indices]
+      arrays = pad_rows([s[0] for s in seqs], b.rows, b.length, self.pad_id, [s[1] for s in seqs])
+      results.append(([kept[i] for i in b.indices], self.runner(self._inputs(arrays))))
+      padded += b.rows * b.length
+    tokens = sum(len(pairs[i][0]) for i in kept)
+    stats.update(pairs=len(pairs), scored=len(kept), batches=len(plan), tokens=tokens,
+                 padded_tokens=padded, shapes=len({(b.rows, b.length) for b in plan}))
+    return pairs, [(idx, jax.device_get(r)) for idx, r in results], stats
+
+  @classmethod
+  def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
+    head = "lm" if cls is LogProbScorer else "classifier"
+    model, tok = models.from_pretrained(path, dtype=config.dtype, mesh=mesh, head=head)
+    return cls(model, tok, config, mesh)
+
+
+class LogProbScorer(_PairScorer):
+  """Learnability (Eq. 1): mean log-probability of the response tokens under the student, prompt
+  excluded, with the student's tokenizer and chat template."""
+
+  def _batch_fn(self):
+    chunk = self.config.logits_chunk
+    return lambda model, batch: response_logprobs(model, batch, chunk)
+
+  def _inputs(self, arrays):
+    return arrays
+
+  def learnability(self, prompts: Sequence, responses: Sequence[str]) -> tuple[np.ndarray, dict]:
+    """[n] float64 mean log-probs (NaN for skipped pairs) and counts."""
+    pairs, results, stats = self._run(prompts, responses)
+    out = np.full(len(pairs), np.nan)
+    response_tokens = 0
+    for idx, (sums, counts) in results:
+      n = len(idx)
+      counts = np.asarray(counts[:n], np.float64)
+      response_tokens += int(counts.sum())
+      out[idx] = np.where(counts > 0, np.asarray(sums[:n], np.float64) / np.maximum(counts, 1),
+                          np.nan)
+    stats["response_tokens"] = response_tokens
+    return out, stats
+
+
+class RewardScorer(_PairScorer):
+  """Quality from a reward model: a sequence-classification model's scalar score of the full
+  conversation, formatted with the reward model's own chat template."""
+
+  def _batch_fn(self):
+    return reward_forward
+
+  def _inputs(self, arrays):
+    return {"input_ids": arrays["input_ids"], "segment_ids": arrays["segment_ids"]}
+
+  def score(self, prompts: Sequence, responses: Sequence[str]) -> tuple[np.ndarray, dict]:
+    pairs, results, stats = self._run(prompts, responses)
+    out = np.full(len(pairs), np.nan)
+    for idx, scores in results:
+      out[idx] = np.asarray(scores[:len(idx)], np.float64)
+    return out, stats
+
+
+def verifier_quality(responses: Sequence[str], references: Sequence[str | None],
+                     name: str = "math") -> np.ndarray:
+  """Quality from a verifier: 1/0 per response (PAPER.md, math); NaN where there is no reference."""
+  fn = get_verifier(name)
+  return np.asarray([np.nan if ref is None else fn(resp, str(ref))
+                     for resp, ref in zip(responses, references)], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+def _finite(x: float) -> float | None:
+  return None if x is None or not math.isfinite(x) else float(x)
+
+
+def score_records(records: Sequence[Mapping[str, Any]], config: ScoringConfig, *,
+                  student: LogProbScorer, reward_model: RewardScorer | None = None
+                  ) -> tuple[list[dict], dict]:
+  """Adds `scores` {quality, learnability, reward} to probe records (`id`, `prompt`, `teacher`,
+  `response`, and for verifiers the reference under `config.reference_field`).
+
+  Normalization (Eq. 2) runs per prompt id across all its responses. A response with a missing
+  score (over-long and skipped; no reference) gets reward None and is left out of the router's
+  pairs. Returns (new records, counts).
+  """
+  for i, r in enumerate(records):
+    for key in ("id", "prompt", "teacher", "response"):
+      if key not in r:
+        raise ValueError(f"record {i} (id {r.get('id')!r}) has no {key!r} field")
+  prompts = [r["prompt"] for r in records]
+  responses = [r["response"] for r in records]
+  learn, lstats = student.learnability(prompts, responses)
+  if config.quality == "reward_model":
+    if reward_model is None:
+      raise ValueError("scoring.quality=reward_model needs a reward model (scoring.reward_model)")
+    quality, qstats = reward_model.score(prompts, responses)
+  else:
+    missing = [r["id"] for r in records if r.get(config.reference_field) is None]
+    if missing:
+      raise ValueError(f"scoring.quality=verifier: {len(missing)} record(s) have no "
+                       f"{config.reference_field!r} field, e.g. id {missing[0]!r}")
+    quality = verifier_quality(responses, [r[config.reference_field] for r in records],
+                               config.verifier)
+    qstats = {"pairs": len(records), "verified": len(records)}
+  keys = [r["id"] for r in records]
+  cols = [(r["teacher"], r.get("sample", 0)) for r in records]
+  rows, colnames, q = group_matrix(keys, cols, quality)
+  _, _, l = group_matrix(keys, cols, learn, colnames)
+  reward = combine(q, l, config.alpha, config.normalizer)
+  r_of, c_of = {k: i for i, k in enumerate(rows)}, {c: j for j, c in enumerate(colnames)}
+  out = []
+  for rec, lv, qv, k, c in zip(records, learn, quality, keys, cols):
+    rv = reward[r_of[k], c_of[c]]
+    out.append({**rec, "scores": {"quality": _finite(qv), "learnability": _finite(lv),
+                                  "reward": _finite(rv)}})
+  stats = {"records": len(records), "prompts": len(rows), "learnability": lstats, "quality": qstats,
+           "unscored": int(sum(o["scores"]["reward"] is None for o in out))}
+  return out, stats
+
+
+def reward_matrix(records: Sequence[Mapping[str, Any]], teachers: Sequence[str] | None = None,
+                  field: str = "reward") -> tuple[list, list[str], np.ndarray]:
+  """(prompt ids, teacher names, [prompts, teachers] matrix of `scores[field]`) of scored records
+  (the router's training target; several samples of a teacher are averaged, missing -> NaN)."""
+  vals = [np.nan if r["scores"].get(field) is None else r["scores"][field] for r in records]
+  return group_matrix([r["id"] for r in records], [r["teacher"] for r in records], vals, teachers)

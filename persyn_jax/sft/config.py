@@ -1,0 +1,103 @@
+"""The SFT stage's configuration: one frozen dataclass (plus LoRA's), defaults from PAPER.md."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from persyn_jax.sharding import MeshConfig
+
+# Projections of one decoder block that LoRA can wrap (attribute names in models/transformer.py).
+ATTN_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on the attention and MLP projections; rank 0 means full fine-tuning."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ATTN_TARGETS + MLP_TARGETS
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 = full fine-tuning)")
+    bad = sorted(set(self.targets) - set(ATTN_TARGETS + MLP_TARGETS))
+    if bad:
+      raise ValueError(f"lora.targets: unknown projection(s) {bad}; known: "
+                       f"{list(ATTN_TARGETS + MLP_TARGETS)}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Student SFT. `batch_size` rows per microbatch; one optimizer step takes `grad_accum` of them.
+
+  The run is `max_steps` optimizer steps, or (max_steps = 0) `epochs` passes over the data.
+  """
+
+  # optimizer (optax AdamW) and schedule: PAPER.md's default is lr 2e-5, cosine with warmup
+  lr: float = 2e-5
+  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  warmup_steps: int = 0  # > 0 overrides warmup_ratio
+  warmup_ratio: float = 0.03
+  min_lr_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0  # global norm; 0 = off
+  grad_accum: int = 1
+  # data
+  batch_size: int = 8
+  seq_len: int = 4096
+  epochs: float = 2.0
+  max_steps: int = 0
+  # numerics
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"  # master weights of the trained parameters
+  z_loss: float = 0.0  # coefficient of mean(logsumexp^2) over response tokens; 0 = off
+  loss_chunk: int = 0  # > 0: logits computed (and recomputed in backward) this many tokens at a time
+  remat: Literal["none", "dots"] = "none"  # "dots": keep matmul outputs, recompute the rest
+  # checkpoints, eval, logs
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = True
+  eval_every: int = 0  # 0 = only at the end (when eval batches are given)
+  log_every: int = 10
+  tensorboard: bool = True
+  progress: bool = True
+  peak_tflops: float = 0.0  # per device, for MFU; 0 = from the device kind (None if unknown)
+  export: bool = True  # write the final student in HF layout to <out_dir>/student
+  export_dtype: str | None = "bfloat16"  # None: as stored (param_dtype)
+  seed: int = 0
+  lora: LoRAConfig = LoRAConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def __post_init__(self):
+    positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                "log_every")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+    for name in ("max_steps", "warmup_steps", "eval_every", "loss_chunk"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+    if not 0.0 <= self.warmup_ratio < 1.0:
+      raise ValueError(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+    if self.max_steps == 0 and self.epochs <= 0:
+      raise ValueError("either max_steps > 0 or epochs > 0 is needed")
+    if self.loss_chunk and self.seq_len % self.loss_chunk:
+      raise ValueError(f"loss_chunk={self.loss_chunk} does not divide seq_len={self.seq_len}")
+
+  def replace(self, **kw) -> "SFTConfig":
+    return dataclasses.replace(self, **kw)

@@ -1,0 +1,124 @@
+"""LoRA on the decoder's Einsum projections, without touching models/transformer.py.
+
+`apply_lora` swaps each targeted `Einsum` (attention q/k/v/o, MLP gate/up/down) for a `LoRAEinsum`
+that keeps the very same frozen weight `w` and adds two trainable factors:
+
+    y = x·W + (alpha / rank) · (x·A)·B,   A: [contracted dims..., R],  B: [R, output dims...]
+
+so the parameter paths of the base weights do not change (checkpoints, sharding rules and the HF
+weight map still apply). `merge_lora` folds B·A back into W and returns a plain model of the
+original structure, which `save_pretrained` writes like any other.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persyn_jax.models.transformer import CausalLM, Einsum
+from persyn_jax.sft.config import ATTN_TARGETS, LoRAConfig
+
+RANK = "R"  # the rank axis' letter in the einsum strings (unused by the model's strings)
+
+
+class LoRAParam(nnx.Param):
+  """A trainable low-rank factor (a Param subtype, so filters can pick adapters alone)."""
+
+
+def split_eqn(eqn: str) -> tuple[str, str, str, str, str]:
+  """"BTD,DNH->BTNH" -> (x, w, out, contracted "D", free "NH") subscripts."""
+  lhs, out = eqn.replace(" ", "").split("->")
+  x, w = lhs.split(",")
+  contracted = "".join(c for c in w if c in x and c not in out)
+  free = "".join(c for c in w if c in out)
+  if RANK in eqn or contracted + free != w:
+    raise ValueError(f"LoRA cannot factor the einsum {eqn!r}")
+  return x, w, out, contracted, free
+
+
+class LoRAEinsum(nnx.Module):
+  """An Einsum plus a low-rank update; `w` is the wrapped module's own (frozen) variable."""
+
+  def __init__(self, base: Einsum, rank: int, alpha: float, *, rngs: nnx.Rngs, param_dtype):
+    self.eqn, self.dtype, self.w = base.eqn, base.dtype, base.w
+    x, w, _, contracted, free = split_eqn(base.eqn)
+    shape = dict(zip(w, self.w.get_value().shape))
+    axes = dict(zip(w, getattr(self.w, "logical_axes", (None,) * len(w))))
+    fan_in = 1
+    for c in contracted:
+      fan_in *= shape[c]
+    bound = fan_in ** -0.5  # PEFT's kaiming-uniform A; B = 0, so training starts at the base model
+    a_shape = tuple(shape[c] for c in contracted) + (rank,)
+    self.lora_a = LoRAParam(
+        jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound),
+        logical_axes=tuple(axes[c] for c in contracted) + (None,))
+    self.lora_b = LoRAParam(jnp.zeros((rank,) + tuple(shape[c] for c in free), param_dtype),
+                            logical_axes=(None,) + tuple(axes[c] for c in free))
+    self.scale = alpha / rank
+
+  def __call__(self, x):
+    xs, _, out, contracted, free = split_eqn(self.eqn)
+    batch = "".join(c for c in xs if c not in contracted)
+    y = jnp.einsum(self.eqn, x, self.w[...].astype(self.dtype))
+    a = self.lora_a[...].astype(self.dtype)
+    b = self.lora_b[...].astype(self.dtype)
+    h = jnp.einsum(f"{xs},{contracted}{RANK}->{batch}{RANK}", x, a)
+    return y + jnp.einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b) * jnp.asarray(self.scale, y.dtype)
+
+  def delta(self) -> jax.Array:
+    """scale · A·B in the layout of `w` (fp32)."""
+    _, w, _, contracted, free = split_eqn(self.eqn)
+    return self.scale * jnp.einsum(f"{contracted}{RANK},{RANK}{free}->{w}",
+                                   self.lora_a[...].astype(jnp.float32),
+                                   self.lora_b[...].astype(jnp.float32))
+
+
+def _projections(model: CausalLM, targets):
+  for block in model.model.layers:
+    for name in targets:
+      parent = block.attn if name in ATTN_TARGETS else block.mlp
+      yield parent, name
+
+
+def apply_lora(model: CausalLM, config: LoRAConfig, *, seed: int = 0, param_dtype=jnp.float32
+               ) -> CausalLM:
+  """Wraps the targeted projections of `model` in place (returns it)."""
+  if not isinstance(model, CausalLM):
+    raise TypeError(f"LoRA applies to a CausalLM, got {type(model).__name__}")
+  rngs = nnx.Rngs(seed)
+  for parent, name in _projections(model, config.targets):
+    mod = getattr(parent, name)
+    if isinstance(mod, LoRAEinsum):
+      raise ValueError("the model already carries LoRA adapters")
+    setattr(parent, name, LoRAEinsum(mod, config.rank, config.alpha, rngs=rngs,
+                                     param_dtype=param_dtype))
+  return model
+
+
+def has_lora(model: nnx.Module) -> bool:
+  return any(isinstance(m, LoRAEinsum) for _, m in nnx.iter_graph(model))
+
+
+def merged_weights(model: nnx.Module) -> dict[tuple, jax.Array]:
+  """{path of w: W + scale·A·B} for every adapted projection, in the dtype of W."""
+  out = {}
+  for path, m in nnx.iter_graph(model):
+    if isinstance(m, LoRAEinsum):
+      w = m.w[...]
+      out[tuple(path) + ("w",)] = (w.astype(jnp.float32) + m.delta()).astype(w.dtype)
+  return out
+
+
+def merge_lora(model: CausalLM) -> CausalLM:
+  """A plain model (no adapters) whose weights are the merged W + scale·A·B; `model` is unchanged."""
+  if not has_lora(model):
+    return model
+  merged = merged_weights(model)
+  base = nnx.eval_shape(lambda: CausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                         param_dtype=jnp.float32))
+  graphdef, _ = nnx.split(base)
+  flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))
+          if p[-1] not in ("lora_a", "lora_b")}
+  for p, arr in merged.items():
+    flat[p] = flat[p].replace(arr)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,178 @@
+"""Everything one SFT run compiles once: the model split into trained and frozen parts, their
+shardings on the mesh, the optimizer, and the jitted (donating) train step and eval step."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from persyn_jax import sharding as shd
+from persyn_jax.models import CausalLM, as_dtype, build_model
+from persyn_jax.sft.config import SFTConfig
+from persyn_jax.sft.lora import LoRAParam, apply_lora, has_lora
+from persyn_jax.sft.loss import BATCH_KEYS
+from persyn_jax.sft.optim import make_optimizer
+from persyn_jax.sft.step import (ParamTree, batch_shardings, flat_shardings, make_eval_step,
+                                 make_loss, make_train_step, opt_shardings)
+
+
+def recast(model: CausalLM, compute_dtype, param_dtype=None) -> CausalLM:
+  """The same weights under another compute dtype (and, if given, storage dtype)."""
+  if not isinstance(model, CausalLM):
+    raise TypeError(f"SFT trains a CausalLM, got {type(model).__name__}")
+  if has_lora(model):
+    raise ValueError("recast() takes a model without LoRA adapters (merge_lora first)")
+  compute = as_dtype(compute_dtype)
+  state = nnx.state(model)
+  if param_dtype is not None:
+    state = jax.tree.map(lambda x: x.astype(as_dtype(param_dtype)), state)
+  if model.dtype == compute:
+    return nnx.merge(nnx.graphdef(model), state)
+  graphdef = nnx.graphdef(build_model(model.config, dtype=compute, abstract=True))
+  return nnx.merge(graphdef, state)
+
+
+def _buffers(x: jax.Array) -> set[int]:
+  """Device buffer addresses of an array (a device_put to an equivalent sharding may wrap the same
+  buffers in a new Array object, so identity of the objects says nothing)."""
+  try:
+    return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+  except Exception:  # a backend without raw pointers: assume shared, so that we copy
+    return {id(x)}
+
+
+def prepare(model: CausalLM, config: SFTConfig) -> CausalLM:
+  """Compute dtype from the config; full fine-tuning keeps master weights in param_dtype, LoRA
+  keeps the frozen base as stored and its factors in param_dtype."""
+  if config.lora.enabled:
+    model = recast(model, config.compute_dtype)
+    return apply_lora(model, config.lora, seed=config.seed, param_dtype=as_dtype(config.param_dtype))
+  return recast(model, config.compute_dtype, config.param_dtype)
+
+
+# The config fields that enter the traced step (the rest only steer the loop around it).
+TRACED_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
+                 "b1", "b2", "eps", "grad_clip", "z_loss", "loss_chunk", "remat", "compute_dtype",
+                 "param_dtype", "lora")
+# Compiled steps by (graph, parameter names, traced config, steps, mesh): a pipeline that trains
+# one student per routing policy with the same shapes compiles its step once.
+_COMPILED: dict[Any, dict[str, Any]] = {}
+_COMPILED_MAX = 8
+
+
+@dataclasses.dataclass
+class Session:
+  config: SFTConfig
+  model_config: Any  # the ModelConfig
+  mesh: Any
+  graphdef: Any
+  trained: ParamTree
+  frozen_tree: ParamTree
+  frozen: dict[str, jax.Array]
+  init_params: dict[str, jax.Array] | None  # handed to (and donated by) the first state only
+  state_shardings: dict[str, Any]
+  compiled: dict[str, Any]  # tx, schedule, loss and the jitted step/eval, shared via _COMPILED
+  param_shapes: dict[str, jax.ShapeDtypeStruct]
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.compiled["tx"]
+
+  @property
+  def schedule(self) -> Callable:
+    return self.compiled["schedule"]
+
+  @property
+  def loss(self) -> Callable:
+    return self.compiled["loss"]
+
+  def init_state(self) -> dict[str, Any]:
+    """The state at step 0; it takes over `init_params` (the first step donates them)."""
+    if self.init_params is None:
+      raise RuntimeError("init_state() was already called, or the run was restored")
+    params, self.init_params = self.init_params, None
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state,
+            "step": jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))}
+
+  def abstract_state(self) -> dict[str, Any]:
+    """Shapes, dtypes and shardings of the state: the target of a checkpoint restore."""
+    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
+                                       "step": jnp.zeros((), jnp.int32)}, self.param_shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        self.state_shardings)
+
+  def put_batch(self, micro: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """k microbatches [rows, seq] (this process' rows) -> global [k, rows, seq] device arrays."""
+    stacked = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
+    local_rows = stacked["input_ids"].shape[1]
+    global_shape = (len(micro), local_rows * jax.process_count(), stacked["input_ids"].shape[2])
+    shardings = batch_shardings(self.mesh, global_shape)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_shape)
+            for k, v in stacked.items()}
+
+  def put_rows(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """One batch [rows, seq] (this process' rows) -> global device arrays, rows over (data, fsdp)."""
+    local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+    shape = (local["input_ids"].shape[0] * jax.process_count(), local["input_ids"].shape[1])
+    sharding = shd.batch_sharding(self.mesh, shape)
+    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
+
+  @property
+  def step(self) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); the state is donated."""
+    if self.compiled["step"] is None:
+      fn = make_train_step(self.loss, self.tx, self.schedule)
+      self.compiled["step"] = jax.jit(fn, donate_argnums=(0,),
+                                      out_shardings=(self.state_shardings, shd.replicated(self.mesh)))
+    return self.compiled["step"]
+
+  @property
+  def evaluate(self) -> Callable:
+    if self.compiled["eval"] is None:
+      self.compiled["eval"] = jax.jit(make_eval_step(self.loss))
+    return self.compiled["eval"]
+
+  def model(self, params: dict[str, jax.Array]) -> CausalLM:
+    """The model with `params` (adapters not merged)."""
+    return nnx.merge(self.graphdef, self.trained.state(params), self.frozen_tree.state(self.frozen))
+
+
+def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> Session:
+  """Splits, places and compiles (lazily) for `model` as `prepare` makes it."""
+  original = model
+  with jax.set_mesh(mesh):
+    model = prepare(model, config)
+    trained_filter = LoRAParam if config.lora.enabled else nnx.Param
+    graphdef, trained_state, frozen_state = nnx.split(model, trained_filter, ...)
+    ttree, ftree = ParamTree.of(trained_state), ParamTree.of(frozen_state)
+    p_shard = flat_shardings(trained_state, mesh)
+    f_shard = flat_shardings(frozen_state, mesh)
+    params = jax.device_put(ttree.flat(trained_state), p_shard)
+    # The step donates its state: arrays still shared with the caller's model are copied (a
+    # dtype or sharding change already made new ones, and copying those would double memory).
+    callers = set().union(*map(_buffers, jax.tree.leaves(nnx.state(original))))
+    params = {k: jnp.copy(v) if _buffers(v) & callers else v for k, v in params.items()}
+    frozen = jax.device_put(ftree.flat(frozen_state), f_shard)
+    key = (graphdef, ttree.keys, ftree.keys, tuple(getattr(config, f) for f in TRACED_FIELDS),
+           total_steps, mesh)
+    compiled = _COMPILED.pop(key, None)
+    if compiled is None:
+      tx, schedule = make_optimizer(config, total_steps)
+      loss = make_loss(graphdef, ttree, ftree, z_loss=config.z_loss, chunk=config.loss_chunk,
+                       remat=config.remat)
+      compiled = {"tx": tx, "schedule": schedule, "loss": loss, "step": None, "eval": None}
+    _COMPILED[key] = compiled  # most recently used last
+    while len(_COMPILED) > _COMPILED_MAX:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    tx = compiled["tx"]
+    o_shard = opt_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    state_shardings = {"params": p_shard, "opt_state": o_shard, "step": shd.replicated(mesh)}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+  return Session(config, model.config, mesh, graphdef, ttree, ftree, frozen, params,
+                 state_shardings, compiled, shapes)

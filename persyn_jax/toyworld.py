@@ -1,0 +1,245 @@
+"""The embedded default world: PerSyn end to end on a laptop CPU, built offline in minutes.
+
+A task with checkable answers (arithmetic word problems of four kinds, toyworld_tasks.py), a
+tokenizer trained here, four teachers of different sizes and families each trained by our own SFT
+on one answer style, and a student smaller than every teacher whose prior ("pretraining") favours
+some styles over others. Everything is saved as HF-layout checkpoints, so the run uses the real
+loading path, and cached under ~/.cache/persyn_jax/toyworld/<key>/ (or $PERSYN_JAX_CACHE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from persyn_jax import sharding as shd
+from persyn_jax import toyworld_tasks as tasks
+from persyn_jax.io_utils import atomic_write_json, atomic_write_text
+from persyn_jax.models import ModelConfig, RopeConfig, build_model, save_pretrained
+from persyn_jax.tokenizer import train_tokenizer
+
+WORLD_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One model of the world: its name, answer style, family (HF model_type) and size."""
+
+  name: str
+  style: str
+  model_type: str
+  hidden: int
+  layers: int
+  heads: int
+  kv_heads: int
+  steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  prompts: int           # run prompts (train + eval)
+  probe: int
+  eval: int
+  train_problems: int    # problems each teacher (and the student's prior) is trained on
+  batch: int
+  seq_len: int
+  lr: float
+  teachers: tuple[Spec, ...]
+  student: Spec
+
+
+def _teachers(f: float, steps: int) -> tuple[Spec, ...]:
+  s = lambda n: max(16, int(n * f) // 16 * 16)  # noqa: E731
+  return (Spec("terse-L", "terse", "llama", s(128), 3, 4, 2, steps),
+          Spec("stepwise-Q", "stepwise", "qwen3", s(112), 2, 4, 2, steps),
+          Spec("verbose-L", "verbose", "llama", s(96), 2, 4, 2, steps),
+          Spec("sloppy-Q", "sloppy", "qwen3", s(80), 2, 4, 2, steps))
+
+
+SCALES = {
+    "default": Scale(prompts=1400, probe=300, eval=200, train_problems=6000, batch=16, seq_len=256,
+                     lr=3e-3, teachers=_teachers(1.0, 500),
+                     student=Spec("student-Q", "prior", "qwen3", 64, 2, 4, 2, 150)),
+    "small": Scale(prompts=160, probe=48, eval=32, train_problems=600, batch=8, seq_len=192,
+                   lr=3e-3, teachers=_teachers(0.5, 60),
+                   student=Spec("student-Q", "prior", "qwen3", 32, 1, 2, 1, 30)),
+    "tiny": Scale(prompts=64, probe=16, eval=16, train_problems=120, batch=4, seq_len=128,
+                  lr=3e-3, teachers=_teachers(0.25, 6),
+                  student=Spec("student-Q", "prior", "qwen3", 16, 1, 2, 1, 4)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  root: str
+  prompts_path: str
+  teachers: tuple[tuple[str, str, str], ...]  # (name, path, family)
+  student: tuple[str, str, str]
+  probe: int
+  eval: int
+  info: dict
+
+
+def cache_root(cache_dir: str = "") -> str:
+  base = cache_dir or os.environ.get("PERSYN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "persyn_jax")
+  return os.path.join(base, "toyworld")
+
+
+def world_key(scale: str, seed: int) -> str:
+  blob = json.dumps([WORLD_VERSION, scale, seed, dataclasses.asdict(SCALES[scale])], sort_keys=True)
+  return f"{scale}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def model_config(spec: Spec, vocab: int, tok) -> ModelConfig:
+  return ModelConfig(
+      model_type=spec.model_type, vocab_size=vocab, hidden_size=spec.hidden,
+      intermediate_size=spec.hidden * 2, num_layers=spec.layers, num_heads=spec.heads,
+      num_kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads, rms_norm_eps=1e-6,
+      rope=RopeConfig(theta=10000.0), tie_embeddings=True, qk_norm=spec.model_type == "qwen3",
+      max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _train(spec: Spec, style, scale: Scale, tok, problems, out_dir: str, seed: int, mesh, log) -> str:
+  """Trains one model of the world with our SFT and saves it in HF layout; returns its path."""
+  from persyn_jax import sft
+  from persyn_jax.data.chat import pair_ids_batch
+  from persyn_jax.data.pipeline import pack
+
+  rng = random.Random(seed)
+  records = [{"id": p["id"], "prompt": p["prompt"], "response": style(p, rng)} for p in problems]
+  cfg = model_config(spec, len(tok), tok)
+  model = build_model(cfg, dtype="float32", seed=seed)
+  model = shd.shard_model(model, mesh)
+  sft_cfg = sft.SFTConfig(lr=scale.lr, schedule="cosine", warmup_steps=max(1, spec.steps // 20),
+                          batch_size=scale.batch, seq_len=scale.seq_len, max_steps=spec.steps,
+                          compute_dtype="float32", param_dtype="float32", weight_decay=0.0,
+                          checkpoint_every=10**9, keep_checkpoints=1, async_checkpoint=False,
+                          log_every=max(1, spec.steps // 10), tensorboard=False, export=False,
+                          seed=seed, progress=True)
+
+  # Tokenized once (the chat template is the slow part), packed anew each epoch in a seeded order.
+  pairs = pair_ids_batch(tok, [r["prompt"] for r in records], [r["response"] for r in records])
+  examples = [(np.asarray(i, np.int32), np.asarray(m, np.int8)) for i, m in pairs]
+
+  def batches(start):
+    epoch, step = 0, 0
+    while True:
+      order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+      for b in pack([examples[i] for i in order], scale.batch, scale.seq_len):
+        if step >= start:
+          yield b
+        step += 1
+      epoch += 1
+
+  work = out_dir + ".train"
+  shutil.rmtree(work, ignore_errors=True)
+  log(f"[toyworld] training {spec.name} ({spec.style}, {spec.model_type}, "
+        f"{cfg.num_params() / 1e6:.2f}M params, {spec.steps} steps)")
+  result = sft.train(model, tok, batches, sft_cfg, out_dir=work, mesh=mesh)
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_pretrained(result.model, tok, tmp, dtype="float32")
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp, out_dir)
+  shutil.rmtree(work, ignore_errors=True)
+  return out_dir
+
+
+def build(scale: str = "default", seed: int = 0, cache_dir: str = "", *, force: bool = False,
+          log=print) -> World:
+  """Builds the world (or loads it from the cache). Deterministic: same seed, same checkpoints."""
+  if scale not in SCALES:
+    raise ValueError(f"toy world scale {scale!r}: one of {sorted(SCALES)}")
+  sc = SCALES[scale]
+  root = os.path.join(cache_root(cache_dir), world_key(scale, seed))
+  info_path = os.path.join(root, "world.json")
+  if os.path.exists(info_path) and not force:
+    log(f"[toyworld] using the cached world at {root}")
+    return _world(root, json.load(open(info_path)))
+  log(f"[toyworld] building the {scale} world at {root} (cached for later runs)")
+  t0 = time.time()
+  os.makedirs(root, exist_ok=True)
+  # The run's prompts and the models' training problems never overlap.
+  run_problems = tasks.make_problems(sc.prompts, seed)
+  run_ids = {p["prompt"] for p in run_problems}
+  pool = tasks.make_problems(sc.train_problems + sc.prompts, seed + 1)
+  train_problems = [p for p in pool if p["prompt"] not in run_ids][:sc.train_problems]
+  lines = [json.dumps({"id": p["id"], "prompt": p["prompt"], "reference": p["answer"],
+                       "kind": p["kind"]}) for p in run_problems]
+  prompts_path = os.path.join(root, "prompts.jsonl")
+  atomic_write_text(prompts_path, "\n".join(lines) + "\n")
+
+  tok_dir = os.path.join(root, "tokenizer")
+  tok = train_tokenizer(tasks.corpus_texts(train_problems + run_problems, seed), vocab_size=384)
+  tok.save_pretrained(tok_dir)
+  # One device, whatever this machine has: the checkpoints do not depend on the device count.
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  hashes, teachers = {}, []
+  for i, spec in enumerate(sc.teachers):
+    path = _train(spec, tasks.STYLES[spec.style], sc, tok, train_problems,
+                  os.path.join(root, "teachers", spec.name), seed * 100 + i, mesh, log)
+    hashes[spec.name] = sha256_file(os.path.join(path, "model.safetensors"))
+    teachers.append({"name": spec.name, "path": path, "family": spec.model_type,
+                     "style": spec.style, "params": model_config(spec, len(tok), tok).num_params()})
+  st = sc.student
+  spath = _train(st, tasks.student_prior, sc, tok, train_problems[: len(train_problems) // 2],
+                 os.path.join(root, "student"), seed * 100 + 99, mesh, log)
+  hashes[st.name] = sha256_file(os.path.join(spath, "model.safetensors"))
+  info = {"version": WORLD_VERSION, "scale": scale, "seed": seed, "teachers": teachers,
+          "student": {"name": st.name, "path": spath, "family": st.model_type,
+                      "params": model_config(st, len(tok), tok).num_params(),
+                      "prior": tasks.STUDENT_PRIOR},
+          "prompts": prompts_path, "probe": sc.probe, "eval": sc.eval, "hashes": hashes,
+          "build_seconds": round(time.time() - t0, 1)}
+  atomic_write_json(info_path, info)
+  return _world(root, info)
+
+
+def _world(root: str, info: dict) -> World:
+  return World(root=root, prompts_path=info["prompts"],
+               teachers=tuple((t["name"], t["path"], t["family"]) for t in info["teachers"]),
+               student=(info["student"]["name"], info["student"]["path"], info["student"]["family"]),
+               probe=info["probe"], eval=info["eval"], info=info)
+
+
+def plan_config(cfg):
+  """The run config with the world's models and sizes filled in from its specs, without building
+  it (for --dry-run): model paths are `toyworld:<scale>/<name>` pseudo-paths."""
+  from persyn_jax.data.sources import PromptSourceConfig
+  from persyn_jax.run_config import ModelRef
+  sc = SCALES[cfg.world.scale]
+  teachers = tuple(ModelRef(s.name, f"toyworld:{cfg.world.scale}/{s.name}", s.model_type, "float32")
+                   for s in sc.teachers)
+  st = ModelRef(sc.student.name, f"toyworld:{cfg.world.scale}/{sc.student.name}",
+                sc.student.model_type, "float32")
+  prompts = dataclasses.replace(cfg.prompts, probe=float(sc.probe), eval=float(sc.eval),
+                                source=PromptSourceConfig(path="", max_prompts=sc.prompts))
+  router = dataclasses.replace(cfg.router, backbone=cfg.router.backbone or st.path)
+  return dataclasses.replace(cfg, teachers=teachers, student=st, prompts=prompts, router=router)
+
+
+def spec_config(pseudo_path: str) -> ModelConfig:
+  """ModelConfig of a `toyworld:<scale>/<name>` pseudo-path."""
+  scale, name = pseudo_path.split(":", 1)[1].split("/", 1)
+  sc = SCALES[scale]
+  spec = next(s for s in sc.teachers + (sc.student,) if s.name == name)
+
+  class _Tok:  # the world's tokenizer ids (pad first, then the other specials)
+    pad_token_id, eos_token_id = 0, 3
+  return model_config(spec, 384, _Tok)

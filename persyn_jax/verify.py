@@ -1,0 +1,192 @@
+"""Answer verifiers: the quality reward of verifiable prompts (PAPER.md: math, 1 if the final answer
+matches the reference, else 0).
+
+    verify_math("... so the answer is \\boxed{\\frac{3}{4}}.", "0.75")   # -> 1.0
+    get_verifier("math")(response, reference)
+
+The final answer of a response is, in order of precedence: the last `\\boxed{...}` (or `\\fbox`),
+the text after the last GSM8K `####`, the text after the last "the (final) answer is", and else
+the last number in the text. Answers are compared as exact rationals where both sides read as
+numbers (commas, fractions, `\\frac`, decimals, percentages, currency and unit words, negative
+numbers), else as normalized strings (LaTeX spacing and wrappers removed).
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Callable
+
+Verifier = Callable[[str, str], float]
+
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+_NUM_RE = re.compile(rf"(?<![\w.])(?:{_NUM})(?:\s*/\s*(?:\d+))?(?![\w])")
+_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
+_UNIT_WORDS = (
+    "dollars?|cents?|euros?|pounds?|usd|units?|cm|mm|km|m|meters?|metres?|centimeters?|"
+    "kilometers?|inches|inch|in|feet|foot|ft|yards?|miles?|kg|g|grams?|kilograms?|lbs?|"
+    "ounces?|oz|liters?|litres?|l|ml|gallons?|hours?|hrs?|h|minutes?|mins?|seconds?|secs?|s|"
+    "days?|weeks?|months?|years?|degrees?|people|persons?|students?|apples?|items?|points?|"
+    "marbles?|pages?|books?|cookies?|eggs?|times|square|cubic|sq|per|each|total|mph|km/h")
+_UNIT_RE = re.compile(rf"^(?:(?:{_UNIT_WORDS})\b[\s.]*)+$", re.IGNORECASE)
+
+
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+  """The contents of the brace group opening at `text[start]` (nested braces), and the end index."""
+  if start >= len(text) or text[start] != "{":
+    return None
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] == "{":
+      depth += 1
+    elif text[i] == "}":
+      depth -= 1
+      if depth == 0:
+        return text[start + 1:i], i + 1
+  return None  # unbalanced: a truncated response has no final answer
+
+
+def last_boxed(text: str) -> str | None:
+  """Contents of the last `\\boxed{...}` / `\\fbox{...}` (nested braces), or `\\boxed 5`."""
+  found = None
+  for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
+    g = _braced(text, m.end())
+    if g is not None:
+      found = g[0]
+    elif m.end() < len(text) and text[m.end()] != "{":
+      tail = re.match(r"[^\s$]+", text[m.end():])
+      if tail:
+        found = tail.group(0)
+  return found
+
+
+def extract_answer(text: str) -> str | None:
+  """The final answer of a response (see the module docstring for the order), or None."""
+  if not text:
+    return None
+  boxed = last_boxed(text)
+  if boxed is not None:
+    return boxed.strip()
+  if "####" in text:
+    return text.rsplit("####", 1)[1].strip().split("\n")[0].strip()
+  matches = list(_ANSWER_IS.finditer(text))
+  if matches:
+    rest = text[matches[-1].end():].split("\n")[0]
+    # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
+    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
+    if rest:
+      return rest
+  nums = _NUM_RE.findall(_strip_latex(text))
+  return nums[-1].strip() if nums else None
+
+
+def _strip_latex(s: str) -> str:
+  s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00a0", " ")
+  s = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
+  s = re.sub(r"\\[dt]?frac\s*(\d)\s*(\d)", r"\1/\2", s)  # \frac34
+  s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|operatorname|mbox)\s*\{([^{}]*)\}", r" \1 ", s)
+  s = re.sub(r"\\(?:left|right|displaystyle|,|;|!|:|quad|qquad)", " ", s)
+  s = s.replace("\\%", "%").replace("\\$", "$").replace("\\ ", " ")
+  s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", " degrees", s)
+  return s
+
+
+def normalize_answer(s: str) -> str:
+  """A canonical string of an answer: LaTeX wrappers, spacing, `$`, a leading `x =` and a trailing
+  period removed, lower case."""
+  s = _strip_latex(s.strip())
+  s = s.replace("$", " ")
+  s = re.sub(r"^\s*[a-zA-Z]\s*=\s*(?=\S)", "", s)  # "x = 5" -> "5"
+  s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+  s = re.sub(r"^\((\w)\)$", r"\1", s)  # "(B)" -> "B" (multiple choice)
+  s = s.replace("{", "").replace("}", "").replace(" ", "")
+  return s.lower()
+
+
+def parse_number(s: str) -> tuple[Fraction, bool] | None:
+  """(value, is_percentage) of an answer that is one number, possibly with a currency sign, a
+  percent sign or unit words; None otherwise."""
+  t = _strip_latex(s.strip())
+  t = re.sub(r"^\s*[a-zA-Z]\s*=\s*(?=\S)", "", t)
+  t = t.replace("$", " ").replace("€", " ").replace("£", " ").strip().rstrip(".").strip()
+  t = re.sub(r"^(?:usd|rs\.?|us)\s*", "", t, flags=re.IGNORECASE)
+  pct = False
+  if t.endswith("%") or re.search(r"\s*percent$", t, re.IGNORECASE):
+    pct = True
+    t = re.sub(r"\s*(?:%|percent)$", "", t, flags=re.IGNORECASE).strip()
+  m = re.match(rf"^(-?)\s*\(?\s*({_NUM})\s*\)?(?:\s*/\s*\(?\s*(\d+(?:\.\d+)?)\s*\)?)?\s*(.*)$",
+               t)
+  if not m:
+    return None
+  unit = m.group(4).strip()
+  if unit and not _UNIT_RE.match(unit):
+    return None
+  try:
+    value = Fraction(m.group(2).replace(",", "")) * (-1 if m.group(1) else 1)
+    if m.group(3) is not None:
+      den = Fraction(m.group(3))
+      if den == 0:
+        return None
+      value /= den
+  except (ValueError, ZeroDivisionError):
+    return None
+  return value, pct
+
+
+def _close(a: Fraction, b: Fraction, rel: float = 1e-6) -> bool:
+  return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def answers_match(pred: str | None, ref: str | None) -> bool:
+  """True if the extracted answer `pred` equals the reference answer `ref`."""
+  if pred is None or ref is None:
+    return False
+  a, b = parse_number(pred), parse_number(ref)
+  if a is not None and b is not None:
+    (va, pa), (vb, pb) = a, b
+    if _close(va, vb):
+      return True
+    # "50%" answers "what percentage" (ref 50) and "what fraction" (ref 0.5) alike.
+    return (pa and _close(va / 100, vb)) or (pb and _close(va, vb / 100))
+  na, nb = normalize_answer(pred), normalize_answer(ref)
+  return bool(na) and na == nb
+
+
+def reference_answer(reference: str) -> str | None:
+  """The answer of a reference: a full solution (`\\boxed`, `####`) or the bare answer."""
+  if reference is None:
+    return None
+  if last_boxed(reference) is not None or "####" in reference:
+    return extract_answer(reference)
+  return reference.strip()
+
+
+def verify_math(response: str, reference: str) -> float:
+  """1.0 if the final answer of `response` matches `reference`, else 0.0 (PAPER.md, math quality)."""
+  return 1.0 if answers_match(extract_answer(response), reference_answer(reference)) else 0.0
+
+
+def verify_exact(response: str, reference: str) -> float:
+  """1.0 if the response equals the reference after whitespace and case normalization."""
+  norm = lambda s: re.sub(r"\s+", " ", (s or "")).strip().lower()
+  return 1.0 if norm(response) == norm(reference) and norm(reference) else 0.0
+
+
+_VERIFIERS: dict[str, Verifier] = {"math": verify_math, "gsm8k": verify_math, "exact": verify_exact}
+
+
+def register_verifier(name: str, fn: Verifier) -> None:
+  """Adds a verifier that datasets can name in config (`scoring.verifier`)."""
+  if name in _VERIFIERS and _VERIFIERS[name] is not fn:
+    raise ValueError(f"verifier {name!r} is already registered")
+  _VERIFIERS[name] = fn
+
+
+def get_verifier(name: str) -> Verifier:
+  try:
+    return _VERIFIERS[name]
+  except KeyError:
+    raise ValueError(f"unknown verifier {name!r}; known: {sorted(_VERIFIERS)}") from None
+
+
+def verifier_names() -> list[str]:
+  return sorted(_VERIFIERS)

@@ -1,0 +1,252 @@
+"""Kill the pipeline with SIGKILL at seeded points across probe, score, generate and sft, and fail
+its writes like a full disk; after resuming, the run equals a clean run of the same config file
+by file: the same records, no duplicate, no gap, the same manifests, the same SFT losses.
+
+One clean reference run and one chain of launches on the tiny toy world. Each launch of the chain
+resumes what the previous one left and is itself killed (or made to fail a write) at the next
+point of a seeded plan; the last launch is a plain `python -m persyn_jax.train` to the end. The
+chain's launches are forked from a warm process (persyn_jax.faults.Launcher) so that 25 launches
+cost seconds each rather than a Python + JAX + transformers start-up each.
+"""
+import glob
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from persyn_jax import faults
+from persyn_jax.data import shards
+
+SEED = 1234
+MIN_KILLS = 20
+STAGE_ORDER = ("probe", "score", "router", "route", "generate", "sft")
+STAGES_TO_SFT = ",".join(STAGE_ORDER)
+# The tiny toy world, made smaller still: shards of 4 records (many commit points), two policies,
+# a checkpoint every SFT step, one prompt bucket (one compile per teacher).
+SETS = ["world.scale=tiny", "records_per_shard=4", "compare=[persyn,strong]",
+        "sampling.max_new_tokens=32", "sampling.min_bucket=64", "sft.checkpoint_every=1",
+        "sft.keep_checkpoints=1", "sft.log_every=1"]
+
+
+def run_args(run_dir: str, stages: str) -> list[str]:
+  args = ["--run-dir", run_dir, "--stages", stages]
+  for s in SETS:
+    args += ["--set", s]
+  return args
+
+
+def stage_at(run_dir: str) -> str | None:
+  """The stage a run is in: the first without its DONE.json (None when all are done)."""
+  for s in STAGE_ORDER:
+    if not os.path.exists(os.path.join(run_dir, s, "DONE.json")):
+      return s
+  return None
+
+
+@pytest.fixture(scope="module")
+def fault_world(tmp_path_factory):
+  """A cache directory (toy world and XLA compilation cache) shared by this module's runs;
+  $PERSYN_JAX_TEST_WORLD keeps it across sessions."""
+  cache = os.environ.get("PERSYN_JAX_TEST_WORLD") or str(tmp_path_factory.mktemp("fault_cache"))
+  os.makedirs(cache, exist_ok=True)
+  return cache
+
+
+def world_env(cache: str) -> dict:
+  env = dict(os.environ, PERSYN_JAX_CACHE=cache, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("PERSYN_JAX_XLA_CACHE", None)
+  return env
+
+
+def kill_plan(seed: int) -> list[dict]:
+  """The seeded plan: per launch, where to kill it ("watch": the k-th new file matching a pattern,
+  then a random delay; "kill_at": inside the process, at the n-th rename of a path of the stage)
+  or which write to fail."""
+  rng = random.Random(seed)
+  delay = lambda: round(rng.uniform(0.0, 0.25), 3)  # noqa: E731
+  replace = lambda stage, hi: {"kill_at": {  # noqa: E731
+      "target": "os.replace", "n": rng.randint(1, hi), "match": f"/{stage}/",
+      "when": rng.choice(["before", "after"])}}
+  plan = [
+      # a disk that is full for shard-sized files: the first probe shard cannot be written
+      {"stage": "probe", "write_fault": "disk_full"},
+      {"stage": "probe", "watch": ["probe/probe-*.array_record"], "k": rng.randint(1, 2), "delay": delay()},
+      {"stage": "probe", "faults": replace("probe", 4)},
+      {"stage": "probe", "watch": ["probe/probe-*.array_record"], "k": rng.randint(1, 2), "delay": delay()},
+      {"stage": "probe", "faults": replace("probe", 4)},
+      {"stage": "probe", "watch": ["probe/*.manifest.json"], "k": 1, "delay": delay()},
+      {"stage": "score", "faults": replace("score", 10)},
+      {"stage": "score", "watch": ["score/score-*.array_record"], "k": rng.randint(1, 6), "delay": delay()},
+      {"stage": "score", "faults": replace("score", 10)},
+      # an fsync that fails with ENOSPC while a generation shard is committed
+      {"stage": "generate", "write_fault": "fsync", "n": rng.randint(1, 3)},
+      {"stage": "generate", "watch": ["generate/gen-*.array_record"], "k": rng.randint(1, 2), "delay": delay()},
+      {"stage": "generate", "faults": replace("generate", 4)},
+      {"stage": "generate", "watch": ["generate/gen-*.array_record"], "k": rng.randint(1, 2), "delay": delay()},
+      {"stage": "generate", "watch": ["data/*/data-*.array_record"], "k": rng.randint(1, 3), "delay": delay()},
+      {"stage": "generate", "faults": replace("data", 6)},
+      {"stage": "generate", "watch": ["data/*/data-*.array_record"], "k": rng.randint(1, 3), "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/checkpoints/*"], "k": 1, "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/checkpoints/*"], "k": 1, "delay": delay()},
+      # checkpoint files too large for the disk: the save fails, the last good one stays
+      {"stage": "sft", "write_fault": "disk_full_sft"},
+      {"stage": "sft", "watch": ["sft/*/checkpoints/*"], "k": 1, "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/metrics.jsonl"], "k": 1, "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/checkpoints/*"], "k": 2, "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/student*"], "k": 1, "delay": 0.0},
+      {"stage": "sft", "watch": ["sft/*/checkpoints/*"], "k": 1, "delay": delay()},
+      {"stage": "sft", "watch": ["sft/*/DONE.json"], "k": 1, "delay": delay()},
+  ]
+  return plan
+
+
+def complete_steps(ckpt_dir: str) -> list[int]:
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
+def sft_bar_starts(log_text: str, policy: str) -> list[int]:
+  """Where the SFT progress bars of `policy` started in a launch's log (tqdm's initial count)."""
+  text = log_text.replace("\r", "\n")
+  at = text.find(f"[sft] {policy}:")
+  if at < 0:
+    return []
+  m = re.search(r"^sft:\s+\d+%\|[^|]*\|\s*(\d+)/\d+", text[at:], re.M)
+  return [int(m.group(1))] if m else []
+
+
+def tail(path: str, n: int = 3000) -> str:
+  with open(path, errors="replace") as f:
+    return f.read()[-n:]
+
+
+# -- comparison -----------------------------------------------------------------------------------
+
+COMPARED = ("*.array_record", "*.manifest.json", "*.meta.json", "*.stats.json", "*.plan.json",
+            "assignments.json", "model.safetensors", "config.json", "metrics.jsonl")
+
+
+def compared_files(run: str) -> dict[str, str]:
+  out = {}
+  for pat in COMPARED:
+    for path in glob.glob(os.path.join(run, "**", pat), recursive=True):
+      rel = os.path.relpath(path, run)
+      if rel == "config.json" or "/checkpoints/" in rel or rel.startswith("router/checkpoint"):
+        continue  # the run's config names its directory; orbax files have random names
+      out[rel] = path
+  return out
+
+
+def strip_volatile(x, run: str):
+  if isinstance(x, dict):
+    return {k: strip_volatile(v, run) for k, v in x.items() if k not in ("seconds", "finished")}
+  if isinstance(x, list):
+    return [strip_volatile(v, run) for v in x]
+  if isinstance(x, str):
+    return x.replace(run, "<run>")
+  return x
+
+
+def losses(path: str) -> dict[int, float]:
+  rows = [json.loads(line) for line in open(path)]
+  steps = [r["step"] for r in rows if r.get("split") == "train"]
+  assert len(steps) == len(set(steps)), f"{path}: a step logged twice: {steps}"
+  return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
+def assert_same_run(clean: str, resumed: str) -> None:
+  a, b = compared_files(clean), compared_files(resumed)
+  assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+  for rel in a:
+    if rel.endswith("metrics.jsonl"):
+      # timings differ; the loss of every step must not
+      assert losses(a[rel]) == losses(b[rel]), rel
+      continue
+    assert open(a[rel], "rb").read() == open(b[rel], "rb").read(), f"{rel} differs from the clean run"
+  # every stage's records: same ids and contents, nothing twice, nothing missing
+  for man in sorted(glob.glob(os.path.join(clean, "**", "*.manifest.json"), recursive=True)):
+    d, stage = os.path.dirname(man), os.path.basename(man)[:-len(".manifest.json")]
+    ra = list(shards.read_records(d, stage))
+    rb = list(shards.read_records(d.replace(clean, resumed, 1), stage))
+    keys = [(r["id"], r.get("teacher"), r.get("sample"), r.get("policy")) for r in rb]
+    assert len(keys) == len(set(keys)), f"{stage}: duplicated records"
+    assert ra == rb, f"{os.path.relpath(d, clean)}/{stage}: records differ"
+  for done in glob.glob(os.path.join(clean, "**", "DONE.json"), recursive=True):
+    other = done.replace(clean, resumed, 1)
+    x, y = json.load(open(done)), json.load(open(other))
+    assert strip_volatile(x, clean) == strip_volatile(y, resumed), os.path.relpath(done, clean)
+  for policy_dir in glob.glob(os.path.join(clean, "sft", "*", "checkpoints")):
+    other = policy_dir.replace(clean, resumed, 1)
+    assert complete_steps(policy_dir)[-1:] == complete_steps(other)[-1:]
+
+
+# -- the test -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_a_clean_run(fault_world, tmp_path):
+  env = world_env(fault_world)
+  clean, run = str(tmp_path / "clean"), str(tmp_path / "killed")
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  with faults.Launcher(env) as la:
+    pid = la.start("persyn_jax.train", run_args(clean, STAGES_TO_SFT), log=str(logs / "clean.log"))
+    assert la.wait(pid) == 0, tail(str(logs / "clean.log"))
+    shard_bytes = min(os.path.getsize(p) for p in glob.glob(os.path.join(clean, "probe", "*.array_record")))
+
+    kills, faults_seen, resumes = [], [], []
+    for i, step in enumerate(kill_plan(SEED)):
+      log = str(logs / f"launch-{i:02d}.log")
+      spec = dict(step.get("faults") or {})
+      wf = step.get("write_fault")
+      if wf == "disk_full":  # files of a shard's size cannot be written
+        spec["limit_file_size"] = shard_bytes // 2
+      elif wf == "disk_full_sft":  # checkpoint and weight files larger than 16 KiB cannot
+        spec["limit_file_size"] = 16 << 10
+      elif wf == "fsync":
+        spec["fail_at"] = {"target": "os.fsync", "n": step["n"], "match": "/generate/gen-"}
+      ckpt_before = {p: complete_steps(os.path.join(p, "checkpoints"))
+                     for p in glob.glob(os.path.join(run, "sft", "*"))}
+      pid = la.start("persyn_jax.train", run_args(run, STAGES_TO_SFT), log=log, faults=spec)
+      trigger = None
+      if "watch" in step:
+        trigger = faults.watch_and_kill(pid, run, step["watch"], step["k"], delay=step["delay"])
+      rc = la.wait(pid)
+      where = stage_at(run)
+      # a policy whose SFT was under way resumes from its newest complete checkpoint
+      for pdir, before in ckpt_before.items():
+        pol = os.path.basename(pdir)
+        starts = sft_bar_starts(open(log, errors="replace").read(), pol)
+        if starts and before:
+          resumes.append((pol, before[-1], starts[0]))
+          assert starts[0] == before[-1], (i, pol, before, starts, tail(log))
+      if wf:
+        assert rc == 1, (i, step, rc, tail(log))
+        last = open(log, errors="replace").read().strip().splitlines()[-1]
+        faults_seen.append((wf, where, last))
+        if wf == "fsync":
+          assert re.search(r"No space left on device: '.*/generate/", last), last
+        else:
+          assert "File too large" in last and run in last, last
+        continue
+      if rc == -9:
+        kills.append((step["stage"], where, trigger or step.get("faults")))
+        assert where == step["stage"] or (where, step["stage"]) in (("score", "probe"),), (i, step, where)
+      else:
+        assert rc == 0, (i, step, rc, tail(log))
+    # the last launch: the real command line, to the end
+    final = subprocess.run([sys.executable, "-m", "persyn_jax.train"] + run_args(run, STAGES_TO_SFT),
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+  by_stage = {s: sum(1 for k in kills if k[1] == s) for s in ("probe", "score", "generate", "sft")}
+  print(f"\n{len(kills)} kills {by_stage}, write faults {[(w, s) for w, s, _ in faults_seen]}, "
+        f"SFT resumes (policy, checkpoint, started at) {resumes}")
+  assert len(kills) >= MIN_KILLS, kills
+  assert all(by_stage[s] >= 2 for s in by_stage), by_stage
+  assert len(faults_seen) == 3
+  assert resumes, "no launch resumed an SFT run from a checkpoint"
+  assert_same_run(clean, run)

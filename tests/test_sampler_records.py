@@ -1,0 +1,102 @@
+"""generate_to_records: shards in input order, and a crashed job resumes to the same records."""
+import json
+import os
+
+import pytest
+
+from persyn_jax import models, sampler
+from persyn_jax.data import shards
+from persyn_jax.sampling import records as srec
+
+# the batch shape and constants of test_sampler.py's SAMPLED config: no new compile (12 prompts,
+# 3 per shard and batches of 4 rows)
+CFG = sampler.SamplingConfig(max_new_tokens=32, temperature=1.0, top_k=40, top_p=0.9, seed=11,
+                             stop_token_ids=(), batch_size=4, min_bucket=64)
+ITEMS = [{"schema": 1, "id": f"q{i}", "prompt": text, "reference": str(i)}
+         for i, text in enumerate(["hi", "what is 3 + 4?", "count to ten", "name a color",
+                                   "hello world", "def f(x):", "2 + 2 =", "tell me a joke",
+                                   "why?", "ok", "good morning", "list three primes"])]
+ITEMS[3] = {"schema": 1, "id": "q3", "prompt": "name a color",
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "name a color"}]}
+
+
+@pytest.fixture(scope="module")
+def llama(model_dir):
+  path, _ = model_dir("llama")
+  return models.from_pretrained(path, dtype="float32")
+
+
+def run(llama, out, **kw):
+  model, tok = llama
+  return sampler.generate_to_records(model, tok, ITEMS, CFG, str(out), "probe", teacher="t1",
+                                     records_per_shard=3, progress=False, **kw)
+
+
+def test_records_are_the_generations_in_input_order(llama, tmp_path):
+  model, tok = llama
+  manifest = run(llama, tmp_path)
+  recs = list(shards.read_records(str(tmp_path), "probe"))
+  assert manifest["records"] == len(recs) == len(ITEMS) and len(manifest["shards"]) == 4
+  assert [r["id"] for r in recs] == [it["id"] for it in ITEMS]
+  direct = sampler.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], CFG)
+  assert [r["response"] for r in recs] == [d.text for d in direct]
+  assert recs[3]["messages"][0]["role"] == "system" and recs[5]["reference"] == "5"
+  assert all(r["teacher"] == "t1" and r["provenance"]["stage"] == "probe" for r in recs)
+  assert manifest["extra"]["counts"]["length"] == len(ITEMS)
+
+
+def test_crash_and_resume_gives_the_uninterrupted_records(llama, tmp_path, monkeypatch):
+  whole = tmp_path / "whole"
+  run(llama, whole)
+  crashed = tmp_path / "crashed"
+  calls = []
+
+  def failing_record(item, result, **kw):
+    if item["id"] == "q7":  # the first prompt of shard 2
+      raise RuntimeError("injected crash")
+    return srec.default_record(item, result, **kw)
+
+  with pytest.raises(RuntimeError, match="injected crash"):
+    run(llama, crashed, make_record=failing_record)
+  assert shards.complete_shards(str(crashed), "probe", 4, host=0) == {0, 1}
+  mtimes = {f: os.path.getmtime(crashed / f) for f in os.listdir(crashed)
+            if f.endswith(".array_record")}
+
+  real = srec.generate
+  def spy(*a, **kw):
+    calls.append(list(kw["indices"]))
+    return real(*a, **kw)
+
+  monkeypatch.setattr(srec, "generate", spy)
+  run(llama, crashed)
+  assert calls == [[6, 7, 8], [9, 10, 11]], "finished shards must not be generated again"
+  assert all(os.path.getmtime(crashed / f) == t for f, t in mtimes.items())
+  assert list(shards.read_records(str(crashed), "probe")) == \
+      list(shards.read_records(str(whole), "probe"))
+
+
+def test_resume_with_other_inputs_is_refused(llama, tmp_path):
+  model, tok = llama
+  run(llama, tmp_path)
+  with pytest.raises(shards.ShardError, match="config_hash"):
+    sampler.generate_to_records(model, tok, ITEMS, CFG.replace(seed=3), str(tmp_path), "probe",
+                                teacher="t1", records_per_shard=3, progress=False)
+  # batch size changes no result: a job that ran out of memory may resume with a smaller one
+  run_small = sampler.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),
+                                          str(tmp_path), "probe", teacher="t1",
+                                          records_per_shard=3, progress=False)
+  assert run_small["records"] == len(ITEMS)
+
+
+def test_skipped_prompts_are_counted_not_written(llama, tmp_path):
+  model, tok = llama
+  items = ITEMS[:3] + [{"schema": 1, "id": "long", "prompt": "Once upon a time " * 20}]
+  manifest = sampler.generate_to_records(
+      model, tok, items, CFG.replace(max_prompt_len=64, overlong="skip"), str(tmp_path), "probe",
+      teacher="t1", records_per_shard=4, progress=False)
+  assert manifest["records"] == 3
+  assert manifest["extra"]["counts"]["skipped"] == 1
+  assert manifest["extra"]["skipped_ids"] == ["long"]
+  plan = json.loads((tmp_path / "probe-0.plan.json").read_text())
+  assert plan["prompts"] == 4 and plan["shards"] == 1

@@ -1,0 +1,102 @@
+"""The math verifier on tricky final answers, right and wrong (PAPER.md: math quality is 0/1)."""
+import pytest
+
+from persyn_jax import verify
+
+# (response, reference, expected score)
+CASES = [
+    # \boxed, nested braces, last box wins
+    (r"So $x = \boxed{42}$.", "42", 1.0),
+    (r"The result is \boxed{\frac{3}{4}}.", "3/4", 1.0),
+    (r"\boxed{\frac{3}{4}}", "0.75", 1.0),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\tfrac12}", "0.5", 1.0),
+    (r"First \boxed{3}, then correcting: \boxed{5}", "5", 1.0),
+    (r"First \boxed{5}, then correcting: \boxed{3}", "5", 0.0),
+    (r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),
+    (r"\boxed{\sqrt{3}}", r"\sqrt{2}", 0.0),
+    (r"\boxed{2\sqrt{2}}", r"2 \sqrt{2}", 1.0),
+    (r"\boxed{\text{(B)}}", "B", 1.0),
+    (r"\boxed{(1, 2)}", r"(1,2)", 1.0),
+    (r"\boxed{\left( 1, 2 \right)}", "(1, 2)", 1.0),
+    (r"\boxed{(2, 1)}", "(1, 2)", 0.0),
+    (r"\boxed{x = 7}", "7", 1.0),
+    (r"The answer is \boxed{-3}", "-3", 1.0),
+    (r"The answer is \boxed{3}", "-3", 0.0),
+    (r"\boxed{10\%}", "10", 1.0),
+    (r"\boxed{90^\circ}", "90", 1.0),
+    (r"\boxed 7", "7", 1.0),
+    (r"unfinished \boxed{\frac{1}{2", "1/2", 0.0),  # truncated: falls back to the last number
+    # GSM8K ####
+    ("Tom has 12 - 5 = 7 apples left.\n#### 7", "7", 1.0),
+    ("She earns 1200 + 34 = 1234 dollars.\n#### 1,234", "1234", 1.0),
+    ("#### 1,234", "1234.00", 1.0),
+    ("so 6 * 7 = 42\n#### 41", "42", 0.0),
+    ("#### $18", "The total is 9 * 2 = 18.\n#### 18", 1.0),  # reference given as a solution
+    ("#### 17", "The total is 9 * 2 = 18.\n#### 18", 0.0),
+    # "The answer is ..."
+    ("The answer is 12 dollars.", "12", 1.0),
+    ("The answer is $12.", "12", 1.0),
+    ("The final answer is: 5 cm", "5", 1.0),
+    ("Therefore, the answer is 3.5.", "7/2", 1.0),
+    ("The answer is 3.50", "3.5", 1.0),
+    ("So the answer is -0.25.", r"-\frac{1}{4}", 1.0),
+    ("So the answer is \u22124.", "-4", 1.0),  # unicode minus
+    ("The answer is 4, not 5.", "5", 0.0),
+    ("The answer is 25%.", "0.25", 1.0),
+    ("The answer is 25 percent", "25", 1.0),
+    ("The answer is 26%.", "25", 0.0),
+    ("The answer is 1,000,000.", "1000000", 1.0),
+    ("The answer is 100000.", "1000000", 0.0),
+    ("The answer is 2/3", "0.6667", 0.0),  # a rounded decimal is not the fraction
+    # last-number fallback
+    ("First 2 + 3 = 5, then 5 * 4 = 20", "20", 1.0),
+    ("First 2 + 3 = 5, then 5 * 4 = 20", "5", 0.0),
+    ("It costs $1,250.50 in total", "1250.5", 1.0),
+    ("We get -7 as the result", "-7", 1.0),
+    ("We get 7 as the result", "-7", 0.0),
+    ("The ratio is 3/4", r"\frac{3}{4}", 1.0),
+    ("No number here at all.", "3", 0.0),
+    ("", "3", 0.0),
+    # non-numeric answers, compared as normalized strings
+    (r"The answer is \boxed{\text{Monday}}", "monday", 1.0),
+    (r"\boxed{\pi}", r"\pi", 1.0),
+    (r"\boxed{2\pi}", r"\pi", 0.0),
+    # things that are not numbers must not be read as one
+    (r"\boxed{3 apples and 2 pears}", "3", 0.0),
+]
+
+
+@pytest.mark.parametrize("response,reference,expected", CASES)
+def test_verify_math_table(response, reference, expected):
+  assert verify.verify_math(response, reference) == expected, (
+      f"extracted {verify.extract_answer(response)!r} vs {verify.reference_answer(reference)!r}")
+
+
+def test_table_is_large_and_balanced():
+  assert len(CASES) >= 40
+  assert sum(e == 0.0 for *_, e in CASES) >= 15
+
+
+@pytest.mark.parametrize("text,answer", [
+    (r"\boxed{\frac{a}{b}}", r"\frac{a}{b}"),
+    (r"x \boxed{1} y \fbox{2}", "2"),
+    ("lots of text\n#### 12\nmore", "12"),
+    ("The answer is 7. Then we check.", "7"),
+    ("the final answer is 3.25.", "3.25"),
+    ("only 1 and 2 and 3", "3"),
+])
+def test_extract_answer(text, answer):
+  assert verify.extract_answer(text) == answer
+
+
+def test_registry_names_and_errors():
+  assert verify.get_verifier("math") is verify.verify_math
+  assert verify.get_verifier("gsm8k")("#### 3", "3") == 1.0
+  assert verify.get_verifier("exact")(" Paris ", "paris") == 1.0
+  with pytest.raises(ValueError, match="unknown verifier 'nope'"):
+    verify.get_verifier("nope")
+  verify.register_verifier("always_test", lambda r, a: 1.0)
+  assert "always_test" in verify.verifier_names()
+  with pytest.raises(ValueError, match="already registered"):
+    verify.register_verifier("math", lambda r, a: 0.0)
