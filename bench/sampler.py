@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,16 +233,20 @@ def main(argv=None):
       try:
         t1, t_tdec, cache = bench_torch(tmp, B, L, new, cfg.vocab_size, sampling, repeats, dtype,
                                         torch_device, args.torch_compile)
+        # generate(new) - generate(1) can come out <= 0 for tiny runs on a noisy machine
+        dec = B * (new - 1) / t_tdec if t_tdec > 0 else None
         row["torch"] = {"prefill_s": t1, "decode_s": t_tdec, "cache": cache,
-                        "prefill_tok_s": B * L / t1, "decode_tok_s": B * (new - 1) / t_tdec,
+                        "prefill_tok_s": B * L / t1, "decode_tok_s": dec,
                         "e2e_tok_s": B * new / (t1 + t_tdec)}
         for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s"):
-          row[f"ratio_{k}"] = row["ours"][k] / row["torch"][k]
+          if row["torch"][k]:
+            row[f"ratio_{k}"] = row["ours"][k] / row["torch"][k]
       except Exception as e:  # e.g. out of memory at a large batch: keep our numbers
         row["torch"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     rows.append(row)
     print_row(row)
 
+  shutil.rmtree(tmp, ignore_errors=True)
   import torch
   import transformers
   result = {

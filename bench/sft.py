@@ -198,7 +198,8 @@ def main():
       "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
-                 "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+                 "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                 "load_avg_1m_at_end": os.getloadavg()[0]},  # a shared machine: context for noise
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "flax": flax.__version__, "optax": optax.__version__, "torch": torch.__version__,
                    "transformers": transformers.__version__},

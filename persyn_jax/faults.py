@@ -22,6 +22,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,7 +58,8 @@ def _call_path(args: Sequence[Any]) -> str:
   return os.fsdecode(args[0]) if args and isinstance(args[0], (str, bytes, os.PathLike)) else ""
 
 
-def _patch(target: str, n: int, match: str | None, action: Callable[[str], None], when: str) -> None:
+def _patch(target: str, n: int, match: str | None, action: Callable[[str], None], when: str
+           ) -> Callable[[], None]:
   if n < 1:
     raise ValueError(f"{target}: n={n}, counting starts at 1")
   if when not in ("before", "after"):
@@ -79,6 +81,7 @@ def _patch(target: str, n: int, match: str | None, action: Callable[[str], None]
     return out
 
   setattr(mod, attr, patched)
+  return lambda: setattr(mod, attr, real)
 
 
 def _sigkill(_path: str) -> None:
@@ -87,21 +90,23 @@ def _sigkill(_path: str) -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_at(target: str, n: int, *, match: str | None = None, when: str = "before") -> None:
+def kill_at(target: str, n: int, *, match: str | None = None, when: str = "before"
+            ) -> Callable[[], None]:
   """SIGKILL this process at the n-th call of `target` (e.g. "os.replace") whose path contains
-  `match`, just before (or after) the real call."""
-  _patch(target, n, match, _sigkill, when)
+  `match`, just before (or after) the real call. Returns a function that removes the patch."""
+  return _patch(target, n, match, _sigkill, when)
 
 
 def fail_at(target: str, n: int, *, match: str | None = None, errno: int = errno_mod.ENOSPC,
-            when: str = "before") -> None:
-  """The n-th call of `target` whose path contains `match` raises OSError(errno) naming the path
-  (by default ENOSPC, "No space left on device")."""
+            when: str = "before") -> Callable[[], None]:
+  """The n-th call of `target` whose path contains `match` raises OSError(errno) (by default
+  ENOSPC, "No space left on device"), naming the path as the real call would (a call on a file
+  descriptor, like os.fsync, names none). Returns a function that removes the patch."""
   def fail(path: str) -> None:
     if path.startswith("fd:"):  # like the real call: an fd-based call's error names no file
       raise OSError(errno, os.strerror(errno))
     raise OSError(errno, os.strerror(errno), path)
-  _patch(target, n, match, fail, when)
+  return _patch(target, n, match, fail, when)
 
 
 def limit_file_size(nbytes: int) -> None:
@@ -130,17 +135,16 @@ def _backend_started() -> bool:
   return bool(xb is not None and getattr(xb, "_backends", None))
 
 
-def _child(req: dict) -> None:
-  """In the forked child: redirect output, install faults, run the module's main(argv) (or the
+def _child(req: dict, out_fd: int) -> None:
+  """In the forked child: output to `out_fd`, install faults, run the module's main(argv) (or the
   module as `python -m` would), then exit with its code without returning to the server loop."""
   rc = 1
   try:
-    log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
     os.close(null)
     os.environ.update(req.get("env") or {})
     if req.get("cwd"):
@@ -171,6 +175,16 @@ def _child(req: dict) -> None:
       os._exit(rc)
 
 
+def _copy(fd: int, path: str) -> None:
+  with open(path, "ab") as f, os.fdopen(fd, "rb", buffering=0) as src:
+    while True:
+      block = src.read(1 << 16)
+      if not block:
+        return
+      f.write(block)
+      f.flush()
+
+
 def serve() -> None:
   """The launcher's warm process: reads one JSON request per line on stdin, forks a child per
   request, answers {"pid"} at once and {"pid", "returncode"} when the child ends."""
@@ -183,11 +197,19 @@ def serve() -> None:
   out.write(json.dumps({"ready": True}) + "\n")
   for line in sys.stdin:
     req = json.loads(line)
+    # The child's output goes through a pipe, copied to the log here: a file-size limit on the
+    # child (limit_file_size) must not cut its own log short.
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-      _child(req)
+      os.close(r)
+      _child(req, w)
+    os.close(w)
+    copier = threading.Thread(target=_copy, args=(r, req["log"]), daemon=True)
+    copier.start()
     out.write(json.dumps({"pid": pid}) + "\n")
     _, status = os.waitpid(pid, 0)
+    copier.join(timeout=60)
     code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     out.write(json.dumps({"pid": pid, "returncode": code}) + "\n")
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from persyn_jax import config as C
+from persyn_jax import distributed as dist
 from persyn_jax import evaluate as ev
 from persyn_jax import policies as pol
 from persyn_jax import sharding as shd
@@ -40,11 +41,19 @@ def resolve_world(cfg: RunConfig, log: Log = _print) -> RunConfig:
   if cfg.world is None:
     return cfg
   from persyn_jax import toyworld
+  if dist.is_multiprocess():  # building trains models (collective checkpoints): one process only
+    root = os.path.join(toyworld.cache_root(cfg.world.cache_dir),
+                        toyworld.world_key(cfg.world.scale, cfg.world.seed))
+    if not os.path.exists(os.path.join(root, "world.json")):
+      raise RuntimeError(f"the toy world is not built at {root}; build it first with one process: "
+                         f"python -c \"from persyn_jax import toyworld; toyworld.build("
+                         f"'{cfg.world.scale}', {cfg.world.seed}, '{cfg.world.cache_dir}')\"")
   w = toyworld.build(cfg.world.scale, cfg.world.seed, cfg.world.cache_dir, log=log)
   teachers = tuple(ModelRef(name=n, path=p, family=f, dtype="float32") for n, p, f in w.teachers)
   n, p, f = w.student
   source = dataclasses.replace(cfg.prompts.source, path=w.prompts_path, format="jsonl",
-                               prompt_field="prompt", reference_field="reference", id_field="id")
+                               prompt_field="prompt", reference_field="reference", id_field="id",
+                               keep_fields=("kind",))
   prompts = dataclasses.replace(cfg.prompts, source=source, probe=float(w.probe), eval=float(w.eval))
   router = cfg.router if cfg.router.backbone else dataclasses.replace(cfg.router, backbone=p)
   return dataclasses.replace(cfg, teachers=teachers, student=ModelRef(n, p, f, "float32"),
@@ -115,10 +124,11 @@ class Run:
     if bad:
       raise ValueError(f"unknown stages {bad}; stages: {', '.join(STAGES)}")
     os.makedirs(self.dir, exist_ok=True)
-    atomic_write_json(self.path("config.json"), C.to_dict(self.cfg))
+    if dist.is_writer():
+      atomic_write_json(self.path("config.json"), C.to_dict(self.cfg))
     for stage in STAGES:
       self.keys[stage] = self.stage_key(stage)
-      m = self.manifest(stage)
+      m = dist.broadcast_json(self.manifest(stage))  # process 0's view: all run or skip alike
       if stage not in stages:
         continue
       if m is not None and m.get("key") == self.keys[stage]:
@@ -127,14 +137,17 @@ class Run:
       if m is not None:  # inputs or config changed: keep the old outputs aside, never delete them
         stale = self.path(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         self.log(f"[{stage}] config or inputs changed since it ran; moving it to {stale}")
-        os.replace(self.path(stage), stale)
+        if dist.is_writer():
+          os.replace(self.path(stage), stale)
+        dist.barrier(f"{stage}:stale")
       self.log(f"[{stage}] running")
       t0 = time.time()
       counts = getattr(self, f"stage_{stage}")()
       self.done(stage, counts, time.time() - t0)
+      dist.barrier(f"{stage}:done")  # its files exist before the next stage reads them
       self.log(f"[{stage}] done in {time.time() - t0:.1f} s")
       gc.collect()
-    if all(self.manifest(s) is not None for s in STAGES):
+    if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
       return self.write_report()
     return None
 
@@ -152,8 +165,8 @@ class Run:
 
   # -- models ---------------------------------------------------------------------------------
   def load(self, ref: ModelRef, **kw):
-    from persyn_jax.models import from_pretrained
-    return from_pretrained(ref.path, dtype=ref.dtype, mesh=self.mesh, **kw)
+    from persyn_jax.convert import load_model  # an HF directory or a persyn_jax.convert output
+    return load_model(ref.path, dtype=ref.dtype, mesh=self.mesh, **kw)
 
   def _generate(self, ref: ModelRef, items: list[dict], stage_dir: str, stage: str, sampling) -> dict:
     from persyn_jax.sampler import generate_to_records
@@ -163,6 +176,7 @@ class Run:
                               records_per_shard=self.cfg.records_per_shard, mesh=self.mesh,
                               provenance={"run": self.cfg.name})
     seconds = time.time() - t0
+    dist.barrier(f"{stage}:written")  # process 0 wrote the shards the others may read next
     del model
     extra = man.get("extra", {}) if man else {}
     counts = extra.get("counts", {})

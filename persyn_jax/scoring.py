@@ -209,6 +209,13 @@ class RewardScorer(_PairScorer):
   """Quality from a reward model: a sequence-classification model's scalar score of the full
   conversation, formatted with the reward model's own chat template."""
 
+  def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
+    width = getattr(getattr(model, "config", None), "num_labels", 1)
+    if width != 1:  # reading column 0 of a k-class classifier would be silently wrong
+      raise ValueError(f"scoring.reward_model {config.reward_model or '(given model)'}: its score "
+                       f"head has width {width} (num_labels={width}); a reward model has one output")
+    super().__init__(model, tokenizer, config, mesh)
+
   def _batch_fn(self):
     return reward_forward
 

@@ -25,7 +25,7 @@ from persyn_jax.io_utils import atomic_write_json, atomic_write_text
 from persyn_jax.models import ModelConfig, RopeConfig, build_model, save_pretrained
 from persyn_jax.tokenizer import train_tokenizer
 
-WORLD_VERSION = 2
+WORLD_VERSION = 4  # bump whenever the task, the styles or the training change
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +57,19 @@ class Scale:
 
 def _teachers(f: float, steps: int) -> tuple[Spec, ...]:
   s = lambda n: max(16, int(n * f) // 16 * 16)  # noqa: E731
-  return (Spec("terse-L", "terse", "llama", s(128), 3, 4, 2, steps),
-          Spec("stepwise-Q", "stepwise", "qwen3", s(112), 2, 4, 2, steps),
-          Spec("verbose-L", "verbose", "llama", s(96), 2, 4, 2, steps),
-          Spec("sloppy-Q", "sloppy", "qwen3", s(80), 2, 4, 2, steps))
+  return (Spec("terse-L", "terse", "llama", s(96), 2, 4, 2, steps),
+          Spec("stepwise-Q", "stepwise", "qwen3", s(80), 2, 4, 2, steps),
+          Spec("verbose-L", "verbose", "llama", s(64), 2, 4, 2, steps),
+          Spec("sloppy-Q", "sloppy", "qwen3", s(64), 2, 4, 2, steps))
 
 
 SCALES = {
-    "default": Scale(prompts=1400, probe=300, eval=200, train_problems=6000, batch=16, seq_len=256,
-                     lr=3e-3, teachers=_teachers(1.0, 500),
-                     student=Spec("student-Q", "prior", "qwen3", 64, 2, 4, 2, 150)),
-    "small": Scale(prompts=160, probe=48, eval=32, train_problems=600, batch=8, seq_len=192,
-                   lr=3e-3, teachers=_teachers(0.5, 60),
-                   student=Spec("student-Q", "prior", "qwen3", 32, 1, 2, 1, 30)),
+    "default": Scale(prompts=1400, probe=300, eval=200, train_problems=3000, batch=16, seq_len=192,
+                     lr=5e-3, teachers=_teachers(1.0, 240),
+                     student=Spec("student-Q", "prior", "qwen3", 48, 2, 4, 2, 200)),
+    "small": Scale(prompts=240, probe=64, eval=48, train_problems=1500, batch=16, seq_len=192,
+                   lr=5e-3, teachers=_teachers(0.67, 120),
+                   student=Spec("student-Q", "prior", "qwen3", 16, 2, 2, 1, 60)),
     "tiny": Scale(prompts=64, probe=16, eval=16, train_problems=120, batch=4, seq_len=128,
                   lr=3e-3, teachers=_teachers(0.25, 6),
                   student=Spec("student-Q", "prior", "qwen3", 16, 1, 2, 1, 4)),

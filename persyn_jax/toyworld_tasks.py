@@ -11,28 +11,32 @@ import hashlib
 import random
 from typing import Callable
 
-NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hal"]
-ITEMS = ["apples", "coins", "cards", "books", "pens", "shells", "stamps", "marbles"]
+NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hal", "Ivy", "Jon", "Kim", "Leo"]
+ITEMS = ["apples", "coins", "cards", "books", "pens", "shells", "stamps", "marbles", "beads",
+         "rocks", "cups", "keys"]
+BOXES = ["bags", "boxes", "jars", "baskets"]
 KINDS = ("add", "sub", "mul", "two_step")
 
 
 def make_problem(rng: random.Random, kind: str) -> dict:
   n, item = rng.choice(NAMES), rng.choice(ITEMS)
+  # Small numbers: few arithmetic facts, so that models of ~0.1M parameters learn them in minutes.
   if kind == "add":
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = rng.randint(1, 6), rng.randint(1, 6)
     q = f"{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?"
     ops = [(a, "+", b, a + b)]
   elif kind == "sub":
-    a = rng.randint(5, 18)
-    b = rng.randint(1, min(9, a - 1))
+    a = rng.randint(3, 9)
+    b = rng.randint(1, a - 1)
     q = f"{n} has {a} {item} and gives away {b}. How many {item} are left?"
     ops = [(a, "-", b, a - b)]
   elif kind == "mul":
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    q = f"{n} has {a} bags with {b} {item} in each bag. How many {item} are there in all?"
+    a, b = rng.randint(2, 4), rng.randint(2, 4)
+    box = rng.choice(BOXES)
+    q = f"{n} has {a} {box} with {b} {item} in each. How many {item} are there in all?"
     ops = [(a, "*", b, a * b)]
   elif kind == "two_step":
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(1, 5), rng.randint(1, 4)
     c = rng.randint(1, a + b - 1)
     q = (f"{n} has {a} {item}, finds {b} more, and then loses {c}. "
          f"How many {item} does {n} have at the end?")
@@ -49,10 +53,13 @@ def problem_id(prompt: str) -> str:
 def make_problems(n: int, seed: int, kinds=KINDS) -> list[dict]:
   """n distinct problems, kinds in turn; ids are content hashes."""
   rng = random.Random(seed)
-  out, seen = [], set()
+  out, seen, misses = [], set(), 0
   while len(out) < n:
     p = make_problem(rng, kinds[len(out) % len(kinds)])
     if p["prompt"] in seen:
+      misses += 1
+      if misses > 100 * n:
+        raise ValueError(f"cannot make {n} distinct problems of kinds {kinds}")
       continue
     seen.add(p["prompt"])
     p["id"] = problem_id(p["prompt"])

@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from persyn_jax import sharding
-  sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from persyn_jax import distributed  # before anything touches a device
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from persyn_jax.config import ConfigError
   from persyn_jax.run_config import STAGES, load_run_config
   overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])

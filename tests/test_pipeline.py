@@ -32,7 +32,8 @@ def explicit_config(world, run_dir, **over) -> RunConfig:
                         for n, p, f in world.teachers],
               student={"name": world.student[0], "path": world.student[1],
                        "family": world.student[2], "dtype": "float32"},
-              prompts={"source": {"path": world.prompts_path, "reference_field": "reference"},
+              prompts={"source": {"path": world.prompts_path, "reference_field": "reference",
+                                  "keep_fields": ["kind"]},
                        "probe": world.probe, "eval": world.eval})
   data["router"] = dict(data["router"], backbone=world.student[1], epochs=2)
   data["sft"] = dict(data["sft"], epochs=1, checkpoint_every=2)

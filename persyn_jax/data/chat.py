@@ -15,15 +15,32 @@ def to_messages(prompt: Prompt, system: str | None = None) -> Messages:
   """A prompt string becomes one user turn; a message list is copied. `system` is prepended unless
   the messages already start with a system turn."""
   if isinstance(prompt, str):
-    msgs = [{"role": "user", "content": prompt}]
+    msgs = [{"role": "user", "content": _text(prompt, "prompt")}]
+  elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+    raise TypeError(f"a prompt is a str or a list of {{'role', 'content'}} messages, got "
+                    f"{type(prompt).__name__}: {prompt!r:.80}")
   else:
-    msgs = [dict(m) for m in prompt]
+    msgs = [dict(m) if isinstance(m, dict) else m for m in prompt]
     for i, m in enumerate(msgs):
       if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise ValueError(f"message {i} of a prompt must be a dict with 'role' and 'content': {m!r}")
+      _text(m["content"], f"message {i} content")
   if system and not (msgs and msgs[0]["role"] == "system"):
     msgs.insert(0, {"role": "system", "content": system})
   return msgs
+
+
+def _text(text: Any, what: str) -> str:
+  """`text` if it is valid Unicode text; a lone surrogate (no UTF-8 form) is named here rather
+  than failing deep inside the tokenizer."""
+  if not isinstance(text, str):
+    raise TypeError(f"{what} must be a str, got {type(text).__name__}: {text!r:.80}")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{what} is not valid Unicode text (a lone surrogate at character "
+                     f"{e.start}): {text[max(0, e.start - 30):e.start + 30]!r}") from None
+  return text
 
 
 def has_chat_template(tokenizer) -> bool:

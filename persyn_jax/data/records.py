@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping
 
 import msgpack
@@ -44,9 +45,19 @@ def _is_num(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# A str holding a lone surrogate (a JSON escape like backslash-ud800 decodes to one) is not
+# Unicode text: it has no UTF-8 encoding, and tokenizers fail on it deep inside.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_plain(value: Any, field: str, where: str | None) -> None:
   """JSON-compatible: None, bool, int, float, str, lists of these, dicts with str keys."""
-  if value is None or isinstance(value, (bool, int, float, str)):
+  if isinstance(value, str):
+    if _SURROGATE.search(value):
+      _fail(field, value, "is not valid Unicode text (a lone surrogate; it has no UTF-8 "
+            "encoding)", where)
+    return
+  if value is None or isinstance(value, (bool, int, float)):
     return
   if isinstance(value, (list, tuple)):
     for i, v in enumerate(value):

@@ -89,12 +89,24 @@ def _fsync_file(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Write `data` to `path` via a temp name, flush, fsync and rename."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    _named(e, path)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _named(e: BaseException, path: str) -> None:
+  """A failed write() or fsync() (a full disk) says not which file: name it."""
+  if isinstance(e, OSError) and e.filename is None:
+    e.filename = path
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -138,7 +150,8 @@ def write_shard(out_dir: str, stage: str, records: Iterable[Mapping[str, Any]], 
     atomic_write_json(final + ".meta.json", meta)
     os.replace(tmp, final)
     _fsync_dir(out_dir)
-  except BaseException:
+  except BaseException as e:
+    _named(e, final)
     if writer.is_open():
       writer.close()
     if os.path.exists(tmp):

@@ -47,12 +47,16 @@ class PromptSourceConfig:
   max_prompt_chars: int = 8192          # longer prompts are skipped ("too_long")
   dedup: bool = True                    # drop prompts whose normalized text was seen before
   max_prompts: int | None = None        # keep at most this many (after filtering), in file order
+  keep_fields: tuple[str, ...] = ()     # other columns carried into the records (e.g. a category)
 
   def __post_init__(self):
     if self.format not in FORMATS:
       raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
     if self.max_prompt_chars < 1:
       raise ValueError(f"max_prompt_chars={self.max_prompt_chars}: must be positive")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def normalize(text: str) -> str:
@@ -198,6 +202,8 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
     messages = _messages(value)
     if messages is None:
       return None, None, "bad_messages"
+    if any(_SURROGATE.search(m["content"]) for m in messages):
+      return None, None, "not_text"
     users = [m["content"] for m in messages if m["role"] == "user"]
     text = users[-1] if users else messages[-1]["content"]
     full = "\n".join(m["role"] + ": " + m["content"] for m in messages)
@@ -206,7 +212,7 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
   else:
     if value is None:
       return None, None, "empty"
-    if not isinstance(value, str):
+    if not isinstance(value, str) or _SURROGATE.search(value):  # lone surrogate: no UTF-8 form
       return None, None, "not_text"
     text = full = value
     if not text.strip():
@@ -225,7 +231,13 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
     reference = row.get(cfg.reference_field)
     if reference is not None and not isinstance(reference, str):
       reference = json.dumps(reference) if not isinstance(reference, (int, float)) else str(reference)
-  record = rec.make(rid, text, messages=messages, reference=reference)
+  kept = {}
+  for name in cfg.keep_fields:
+    v = row.get(name)
+    if v is not None and not isinstance(v, (str, int, float, bool)):
+      raise PromptFileError(f"{where}: field {name!r} = {v!r:.80}: keep_fields takes plain values")
+    kept[name] = v
+  record = rec.make(rid, text, messages=messages, reference=reference, **kept)
   return record, normalize(full), None
 
 

@@ -1,0 +1,220 @@
+"""python -m persyn_jax.convert: an HF directory -> an orbax checkpoint laid out for a mesh.
+
+    python -m persyn_jax.convert HF_DIR OUT_DIR --mesh data=1,fsdp=64,tensor=4 [--dtype bfloat16]
+
+The weights are placed on the target mesh (on a CPU host, as that many fake CPU devices) and
+saved with orbax, which writes each distinct shard as its own chunk (chunk shape = the shard's
+shape). A pod that restores on the same mesh then reads, on every host, exactly the chunks its
+devices hold: no host reads a whole tensor, and the reads are large and contiguous, where a host
+slicing HF safetensors (`models.from_pretrained`) reads a strided window of every weight that is
+stored transposed. Restoring on another mesh also works (orbax reshards); it only reads more.
+
+OUT_DIR holds config.json, generation_config.json and the tokenizer files of HF_DIR, `params/`
+(the orbax checkpoint) and `persyn_orbax.json` (layout, dtype, source). `from_orbax(OUT_DIR)`
+loads it like `models.from_pretrained` loads an HF directory, and `load_model(path)` takes either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+MARKER = "persyn_orbax.json"
+FORMAT = 1
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def parse_mesh(text: str):
+  """'data=1,fsdp=8,tensor=2' -> MeshConfig (axes left out keep their defaults)."""
+  from persyn_jax.sharding import AXES, MeshConfig
+  sizes = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in AXES or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {AXES}")
+    sizes[name] = int(value)
+  return MeshConfig(**sizes)
+
+
+def mesh_size(mesh_config) -> int | None:
+  """Devices the mesh needs, or None when one axis is -1 (the rest of the devices)."""
+  sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+  return None if -1 in sizes else math.prod(sizes)
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+  return os.path.exists(os.path.join(path, MARKER))
+
+
+def _hf_dtype(hf: dict) -> str:
+  d = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+  return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(d, d)
+
+
+def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = None,
+            head: str = "auto", devices=None) -> dict:
+  """Writes the orbax checkpoint of `hf_dir` laid out for `mesh_config` into `out_dir` (replaced
+  whole, through a temporary directory). Every process of a multi-process job must call it.
+  dtype: the stored dtype (default: config.json's torch_dtype, else float32). Returns the
+  metadata written to persyn_orbax.json."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from persyn_jax import distributed as dist
+  from persyn_jax import sharding as shd
+  from persyn_jax.models import from_pretrained, load_config
+
+  mesh_config = mesh_config or shd.MeshConfig()
+  _, hf = load_config(hf_dir)
+  dtype = dtype or _hf_dtype(hf)
+  if devices is None:
+    n = mesh_size(mesh_config)
+    devices = jax.devices()
+    if n is not None:
+      if n > len(devices):
+        raise ValueError(f"--mesh {mesh_config} needs {n} devices, this host has {len(devices)} "
+                         f"({devices[0].platform}); on CPU, run convert as a command, which makes "
+                         "that many CPU devices")
+      if dist.is_multiprocess() and n != len(devices):
+        raise ValueError(f"--mesh {mesh_config} has {n} devices; a multi-process convert uses "
+                         f"all {len(devices)}")
+      devices = devices[:n]
+  mesh = shd.make_mesh(mesh_config, devices)
+  t0 = time.time()
+  model, _ = from_pretrained(hf_dir, dtype=dtype, mesh=mesh, head=head, tokenizer=False)
+  out_dir = os.path.abspath(out_dir)
+  tmp = out_dir.rstrip("/") + ".tmp"
+  if dist.is_writer():
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in sorted(os.listdir(hf_dir)):  # config, generation config, tokenizer, chat template
+      src = os.path.join(hf_dir, name)
+      if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and not name.endswith(".index.json"):
+        shutil.copy2(src, os.path.join(tmp, name))
+  dist.barrier("convert:tmp")
+  state = nnx.state(model)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))  # collective
+  ckpt.wait_until_finished()
+  leaves = jax.tree.leaves(state)
+  meta = {"format": FORMAT, "source": os.path.abspath(hf_dir), "dtype": str(dtype),
+          "head": type(model).__name__, "model_type": model.config.model_type,
+          "mesh": dict(zip(shd.AXES, mesh.devices.shape)),
+          "parameters": int(sum(x.size for x in leaves)),
+          "bytes": int(sum(x.size * x.dtype.itemsize for x in leaves)),
+          "seconds": round(time.time() - t0, 2)}
+  if dist.is_writer():
+    with open(os.path.join(tmp, MARKER), "w") as f:
+      json.dump(meta, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+  dist.barrier("convert:done")
+  return meta
+
+
+def from_orbax(path: str, *, dtype="bfloat16", mesh=None, param_dtype=None, head: str = "auto",
+               tokenizer: bool = True):
+  """(model, tokenizer) from a `convert` output directory, the parameters restored straight onto
+  `mesh` (each process reads only the chunks its devices hold; other meshes are resharded).
+  Arguments as `models.from_pretrained`."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from persyn_jax import models
+  from persyn_jax import sharding as shd
+  from persyn_jax.models import CheckpointError
+
+  marker = os.path.join(path, MARKER)
+  if not os.path.exists(marker):
+    raise CheckpointError(f"{path}: no {MARKER}; not a persyn_jax.convert output")
+  with open(marker) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{marker}: format {meta.get('format')!r}, this version reads {FORMAT}")
+  if head not in ("auto", "lm", "classifier"):
+    raise ValueError(f"head={head!r}: expected auto, lm or classifier")
+  cfg, hf = models.load_config(path)
+  classifier = (meta.get("head") == "SequenceClassifier") if head == "auto" else head == "classifier"
+  if classifier and cfg.num_labels < 1:
+    cfg = cfg.replace(num_labels=1)
+  gen_eos = hf.get("_generation_config", {}).get("eos_token_id")
+  if gen_eos is not None:
+    ids = [cfg.eos_token_id, gen_eos]
+    flat = [int(i) for x in ids for i in (x if isinstance(x, (list, tuple)) else [x]) if i is not None]
+    cfg = cfg.replace(eos_token_id=tuple(dict.fromkeys(flat)) or None)
+  dtype = models.as_dtype(dtype)
+  pdtype = models.as_dtype(param_dtype) if param_dtype is not None else dtype
+  mesh = mesh if mesh is not None else shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  abstract = models.build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype,
+                                abstract=True)
+  graphdef, state = nnx.split(abstract)
+  shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh))
+  # the target's dtype: orbax casts while reading, so a bf16 run never holds an fp32 copy
+  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                        nnx.to_pure_dict(state), shardings)
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}/params does not match the model of {path}/config.json "
+                          f"({type(e).__name__}: {e})") from None
+  nnx.replace_by_pure_dict(state, restored)
+  model = nnx.merge(graphdef, state)
+  tok = models.load_tokenizer(path) if tokenizer else None
+  return model, tok
+
+
+def load_model(path: str, **kw):
+  """`from_orbax` for a convert output, else `models.from_pretrained` (an HF directory)."""
+  if is_orbax_checkpoint(path):
+    kw.pop("allow_pickle", None)
+    return from_orbax(path, **kw)
+  from persyn_jax.models import from_pretrained
+  return from_pretrained(path, **kw)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m persyn_jax.convert", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("hf_dir", help="a local Hugging Face model directory (safetensors)")
+  ap.add_argument("out_dir", help="the orbax checkpoint directory to write (replaced)")
+  ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
+                  help="the mesh the checkpoint is laid out for, e.g. data=1,fsdp=64,tensor=4 "
+                       "(the run's `mesh:` config); -1 = the rest of this host's devices")
+  ap.add_argument("--dtype", default=None, help="stored dtype (default: config.json's torch_dtype)")
+  ap.add_argument("--head", default="auto", choices=("auto", "lm", "classifier"))
+  ap.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
+  ap.add_argument("--num-processes", type=int, default=None)
+  ap.add_argument("--process-id", type=int, default=None)
+  args = ap.parse_args(argv)
+  try:
+    mesh_config = parse_mesh(args.mesh)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = mesh_size(mesh_config)
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n and "xla_force_host_platform_device_count" not in flags and (args.num_processes or 1) == 1:
+    # on a CPU host, the target mesh as fake devices (ignored by GPU and TPU backends)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  from persyn_jax import distributed as dist
+  dist.initialize(args.coordinator, args.num_processes, args.process_id)
+  from persyn_jax.models import CheckpointError
+  try:
+    meta = convert(args.hf_dir, args.out_dir, mesh_config, dtype=args.dtype, head=args.head)
+  except (CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if dist.is_writer():
+    print(f"{args.out_dir}: {meta['parameters'] / 1e6:.1f}M parameters ({meta['dtype']}, "
+          f"{meta['bytes'] / 2**30:.2f} GiB) laid out for mesh {meta['mesh']} in {meta['seconds']} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

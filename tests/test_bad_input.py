@@ -1,0 +1,301 @@
+"""Bad input: each case is a clear error naming the file, field or value, or a counted skip, never
+a traceback from deep inside JAX or transformers. docs/FAILURES.md lists every case with the test
+that backs it (some live in test_models.py, test_data_*.py, test_sampler.py, test_scoring.py).
+
+Tests marked xfail(strict=True) pin a behaviour that still needs a fix in a file this suite's
+author does not own (models/*, run_config.py); FAILURES.md gives the patch. Once it is applied
+they pass, and strict xfail turns them red until the marker is removed.
+"""
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from persyn_jax import config as C
+from persyn_jax.data import records as R
+from persyn_jax.data import sources as S
+from persyn_jax.models import CheckpointError, from_pretrained
+
+LEAD_FIX = "needs the patch in docs/FAILURES.md (models/* or run_config.py)"
+
+
+def copy_model(model_dir, tmp_path, arch="llama", **kw):
+  src = model_dir(arch, **kw)[0]
+  dst = str(tmp_path / "m")
+  shutil.copytree(src, dst)
+  return dst
+
+
+def edit_config(path, **kw):
+  p = os.path.join(path, "config.json")
+  cfg = json.load(open(p))
+  cfg.update(kw)
+  json.dump(cfg, open(p, "w"))
+
+
+def edit_header(path, fn):
+  """Rewrites the JSON header of model.safetensors (data section unchanged)."""
+  p = os.path.join(path, "model.safetensors")
+  data = open(p, "rb").read()
+  (n,) = struct.unpack("<Q", data[:8])
+  header = fn(json.loads(data[8:8 + n]))
+  hb = json.dumps(header).encode()
+  hb += b" " * (-len(hb) % 8)
+  open(p, "wb").write(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,match", [
+    (b"hello", r"model.safetensors: not a safetensors file \(only 5 bytes\)"),
+    (bytes(range(256)) * 20, r"model.safetensors: header size \d+ is larger than the file"),
+])
+def test_a_file_that_is_not_safetensors_is_named(model_dir, tmp_path, content, match):
+  path = copy_model(model_dir, tmp_path)
+  open(os.path.join(path, "model.safetensors"), "wb").write(content)
+  with pytest.raises(CheckpointError, match=match):
+    from_pretrained(path)
+
+
+def test_a_header_whose_dtype_disagrees_with_the_data_is_named(model_dir, tmp_path):
+  path = copy_model(model_dir, tmp_path)
+
+  def f64(h):
+    h["model.embed_tokens.weight"]["dtype"] = "F64"  # twice the bytes the data section holds
+    return h
+  edit_header(path, f64)
+  with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' \(shape \[\d+, 32\], "
+                                            r"F64\) needs bytes .*truncated or corrupt"):
+    from_pretrained(path)
+
+
+def test_an_unknown_dtype_is_named(model_dir, tmp_path):
+  path = copy_model(model_dir, tmp_path)
+
+  def f8(h):
+    h["model.norm.weight"]["dtype"] = "F8_E4M3"
+    return h
+  edit_header(path, f8)
+  with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' has unsupported dtype 'F8_E4M3'"):
+    from_pretrained(path)
+
+
+@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
+@pytest.mark.parametrize("edit", ["not_a_dict", "no_offsets"])
+def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
+  path = copy_model(model_dir, tmp_path)
+
+  def bad(h):
+    if edit == "not_a_dict":
+      return [1, 2]
+    del h["model.norm.weight"]["data_offsets"]
+    return h
+  edit_header(path, bad)
+  with pytest.raises(CheckpointError, match="model.safetensors"):
+    from_pretrained(path)
+
+
+@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
+def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
+  """A float weight stored as I32 (a mis-typed export) would load as garbage numbers."""
+  path = copy_model(model_dir, tmp_path)
+
+  def i32(h):
+    h["model.norm.weight"]["dtype"] = "I32"
+    return h
+  edit_header(path, i32)
+  with pytest.raises(CheckpointError, match=r"'model.norm.weight'.*I32|int32"):
+    from_pretrained(path)
+
+
+# -- config.json -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_act", "relu", r"config.json: hidden activation 'relu' is not supported"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4},
+     r"rope type 'yarn' is not supported"),
+    ("partial_rotary_factor", 0.5, r"config.json: partial_rotary_factor=0.5 is not supported"),
+    ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ("head_dim", 7, r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(16, 32\), "
+                    r"expected \(14, 32\)"),
+])
+def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, match):
+  path = copy_model(model_dir, tmp_path)
+  edit_config(path, **{field: value})
+  with pytest.raises((CheckpointError, ValueError), match=match):
+    from_pretrained(path)
+
+
+@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
+@pytest.mark.parametrize("value", ["abc", None, 3.5])
+def test_a_mistyped_config_field_is_named(model_dir, tmp_path, value):
+  path = copy_model(model_dir, tmp_path)
+  edit_config(path, hidden_size=value)
+  with pytest.raises(CheckpointError, match=r"config.json: .*'hidden_size'"):
+    from_pretrained(path)
+
+
+@pytest.mark.parametrize("text,match", [("{not json", r"config.json: invalid JSON"),
+                                        ("[1, 2]", r"config.json: .*(object|mapping|dict)")])
+def test_an_unreadable_config_is_named(model_dir, tmp_path, text, match):
+  path = copy_model(model_dir, tmp_path)
+  open(os.path.join(path, "config.json"), "w").write(text)
+  if text.startswith("["):
+    pytest.xfail(LEAD_FIX)  # today: AttributeError 'list' object has no attribute 'get'
+  with pytest.raises(CheckpointError, match=match):
+    from_pretrained(path)
+
+
+def test_a_corrupt_tokenizer_is_named(model_dir, tmp_path):
+  path = copy_model(model_dir, tmp_path)
+  open(os.path.join(path, "tokenizer.json"), "w").write("{truncated")
+  with pytest.raises(CheckpointError, match=r"/m: the tokenizer does not load \(JSONDecodeError"):
+    from_pretrained(path)
+
+
+def test_a_missing_model_directory_is_named(tmp_path):
+  with pytest.raises(CheckpointError, match=r"nope: not a directory"):
+    from_pretrained(str(tmp_path / "nope"))
+
+
+# -- reward models ---------------------------------------------------------------------------------
+
+def test_a_reward_model_with_a_wide_head_is_refused(model_dir, tmp_path):
+  from persyn_jax.scoring import RewardScorer, ScoringConfig
+  path = copy_model(model_dir, tmp_path, classifier=True)
+  # weights of a 1-wide head, config of a 2-class classifier: the shapes disagree, named
+  edit_config(path, id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
+  with pytest.raises(CheckpointError, match=r"tensor 'score.weight' has shape \(1, 32\), expected \(2, 32\)"):
+    RewardScorer.from_pretrained(path, ScoringConfig(dtype="float32"))
+  # a consistent 2-class classifier loads, but is no reward model: refused, not read at column 0
+  from persyn_jax.models import build_model, load_config
+  cfg, _ = load_config(path)
+  assert cfg.num_labels == 2
+  two = build_model(cfg, classifier=True, dtype="float32", abstract=True)
+  with pytest.raises(ValueError, match=r"scoring.reward_model .*score head has width 2 \(num_labels=2\)"):
+    RewardScorer(two, None, ScoringConfig(dtype="float32"))
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+def test_invalid_utf8_in_a_prompt_file_names_file_and_line(tmp_path):
+  p = tmp_path / "p.jsonl"
+  p.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "caf\xe9 \xff"}\n')
+  with pytest.raises(S.PromptFileError, match=r"p.jsonl:2: not UTF-8"):
+    S.load_prompts(S.PromptSourceConfig(path=str(p)))
+  j = tmp_path / "p.json"
+  j.write_bytes(b'[{"id": "a", "prompt": "\xff"}]')
+  with pytest.raises(S.PromptFileError, match=r"p.json: not UTF-8"):
+    S.load_prompts(S.PromptSourceConfig(path=str(j)))
+
+
+def test_a_prompt_that_is_not_unicode_text_is_a_counted_skip(tmp_path):
+  """A JSON escape of a lone surrogate decodes to a str no tokenizer (and no UTF-8 file) takes."""
+  p = tmp_path / "p.jsonl"
+  p.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "bad \\ud800 half pair"}\n'
+               '{"id": "c", "messages": [{"role": "user", "content": "\\udfff"}]}\n')
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(p)))
+  assert [x["id"] for x in prompts] == ["a"] and stats["skipped"]["not_text"] == 1
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(p), messages_field="messages"))
+  assert prompts == [] and stats["skipped"]["not_text"] == 1 and stats["skipped"]["empty"] == 2
+
+
+def test_a_record_with_a_lone_surrogate_is_refused_naming_the_field():
+  with pytest.raises(R.RecordError, match=r"record field 'prompt' = .*not valid Unicode text"):
+    R.decode(b'{"schema": 1, "id": "a", "prompt": "x \\ud800"}')
+  with pytest.raises(R.RecordError, match=r"record field 'response' = .*not valid Unicode"):
+    R.encode({"schema": 1, "id": "a", "prompt": "p", "response": "\udc80"})
+
+
+def test_bad_prompts_given_to_the_sampler_are_named_before_any_jax(model_dir):
+  from persyn_jax.sampler import SamplingConfig, generate
+  model, tok = from_pretrained(model_dir("llama")[0], dtype="float32")
+  cfg = SamplingConfig(max_new_tokens=2)
+  with pytest.raises(ValueError, match=r"prompt is not valid Unicode text \(a lone surrogate at character 4\)"):
+    generate(model, tok, ["bad \ud800"], cfg)
+  with pytest.raises(TypeError, match=r"a prompt is a str or a list of .* got bytes"):
+    generate(model, tok, [b"\xff\xfe"], cfg)
+  with pytest.raises(ValueError, match=r"message 0 content is not valid Unicode"):
+    generate(model, tok, [[{"role": "user", "content": "\udfff"}]], cfg)
+  assert generate(model, tok, [], cfg) == []  # nothing to do is no error
+
+
+# -- datasets, teachers, meshes --------------------------------------------------------------------
+
+def explicit_config(model_dir, tmp_path, prompts_path, **over):
+  from persyn_jax.run_config import RunConfig
+  path = model_dir("llama")[0]
+  data = {"world": None, "run_dir": str(tmp_path / "run"),
+          "teachers": [{"name": "t1", "path": path}, {"name": "t2", "path": path}],
+          "student": {"name": "s", "path": path},
+          "prompts": {"source": {"path": str(prompts_path)}, "probe": 1.0}}
+  data.update(over)
+  return C.from_dict(RunConfig, data)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", '{"id": "a", "prompt": ""}\n{"id": "b", "prompt": 7}\n'])
+def test_an_empty_dataset_is_a_clear_error(model_dir, tmp_path, content):
+  from persyn_jax.pipeline import Run
+  p = tmp_path / "prompts.jsonl"
+  p.write_text(content)
+  run = Run(explicit_config(model_dir, tmp_path, p), log=lambda m: None)
+  with pytest.raises(ValueError, match=r"prompts.jsonl: no usable prompts \(skipped: .*'rows': \d"):
+    run.run(["probe"])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(S.PromptFileError, match="empty: no prompt files"):
+    S.load_prompts(S.PromptSourceConfig(path=str(tmp_path / "empty")))  # a folder without prompts
+
+
+def test_duplicated_teacher_names_are_a_config_error(tmp_path):
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text("world: null\nstudent: {name: s, path: /m}\n"
+               "teachers:\n  - {name: A, path: /a}\n  - {name: B, path: /b}\n  - {name: A, path: /c}\n")
+  with pytest.raises(C.ConfigError, match=r"run.yaml: teachers: duplicated teacher names \['A'\]"):
+    load_run_config(str(y))
+
+
+@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
+def test_teacher_names_that_share_a_file_name_are_a_config_error(tmp_path):
+  """'a/b' and 'a_b' both become the file-name part 'a_b': their shards would collide."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text("world: null\nstudent: {name: s, path: /m}\n"
+               "teachers:\n  - {name: a/b, path: /a}\n  - {name: a_b, path: /b}\n")
+  with pytest.raises(C.ConfigError, match=r"a/b.*a_b"):
+    load_run_config(str(y))
+
+
+def test_a_mesh_that_does_not_divide_the_devices_is_named(model_dir, tmp_path):
+  from persyn_jax.pipeline import Run
+  p = tmp_path / "prompts.jsonl"
+  p.write_text('{"id": "a", "prompt": "hi"}\n')
+  cfg = explicit_config(model_dir, tmp_path, p, mesh={"data": 3, "fsdp": -1, "tensor": 1})
+  with pytest.raises(ValueError, match=r"the fixed axes \(3 devices\) do not divide the 8 devices"):
+    Run(cfg, log=lambda m: None)
+  cfg = explicit_config(model_dir, tmp_path, p, mesh={"data": 2, "fsdp": 2, "tensor": 1})
+  with pytest.raises(ValueError, match=r"needs 4 devices, but 8 are available"):
+    Run(cfg, log=lambda m: None)
+
+
+def test_a_batch_size_that_does_not_divide_the_mesh_still_gives_the_same_results(model_dir):
+  """The batch axis is kept whole on the mesh axes it does not divide (less data parallelism,
+  the same numbers): sampling 3 rows on 8 devices equals 1 device. (SFT and scoring place their
+  batches with the same rule, sharding.batch_sharding.)"""
+  import jax
+  from persyn_jax import sharding as shd
+  from persyn_jax.sampler import SamplingConfig, generate
+  path = model_dir("llama")[0]
+  prompts = ["hello", "tell me a story about a cat", "2 + 2?"]
+  out = []
+  for mesh in (shd.make_mesh(shd.MeshConfig(1, -1, 1)),
+               shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])):
+    model, tok = from_pretrained(path, dtype="float32", mesh=mesh)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, batch_size=3, seed=3)
+    out.append([r.token_ids for r in generate(model, tok, prompts, cfg, mesh=mesh)])
+  assert out[0] == out[1] and all(len(t) for t in out[0])
+  spec = shd.batch_sharding(shd.make_mesh(shd.MeshConfig(1, -1, 1)), (3, 16)).spec
+  assert "fsdp" not in str(spec[0])  # 3 rows are not split over fsdp=8
