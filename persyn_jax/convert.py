@@ -78,8 +78,8 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
     if n is not None:
       if n > len(devices):
         raise ValueError(f"--mesh {mesh_config} needs {n} devices, this host has {len(devices)} "
-                         f"({devices[0].platform}); on CPU, run convert as a command, which makes "
-                         "that many CPU devices")
+                         f"({devices[0].platform}); `JAX_PLATFORMS=cpu python -m "
+                         "persyn_jax.convert ...` lays it out on that many fake CPU devices")
       if dist.is_multiprocess() and n != len(devices):
         raise ValueError(f"--mesh {mesh_config} has {n} devices; a multi-process convert uses "
                          f"all {len(devices)}")

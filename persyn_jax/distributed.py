@@ -142,17 +142,3 @@ def broadcast_json(obj: Any) -> Any:
   buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
   return json.loads(bytes(buf[:n]).decode("utf-8"))
 
-
-def assert_same(value: Any, what: str) -> None:
-  """Raises on every process when `value` (JSON-able) differs between processes: inputs that
-  must agree (prompt lists, configs) are checked before a collective would silently diverge."""
-  if jax.process_count() == 1:
-    return
-  mine = json.dumps(value, sort_keys=True)
-  ref = json.dumps(broadcast_json(value), sort_keys=True)
-  from jax.experimental import multihost_utils
-  same = multihost_utils.process_allgather(np.int32(mine == ref))
-  if not np.all(np.asarray(same)):
-    bad = [i for i, ok in enumerate(np.asarray(same).ravel()) if not ok]
-    raise RuntimeError(f"{what} differs between processes (processes {bad} disagree with process "
-                       "0): every process must see the same files and config")

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Mapping, Sequence
 
-from persyn_jax.io_utils import atomic_write_json, atomic_write_text
+from persyn_jax.io_utils import atomic_write_json, atomic_write_text, safe_name
 from persyn_jax.sampling.records import prompt_of
 from persyn_jax.verify import get_verifier
 
@@ -60,7 +60,7 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
       atomic_write_json(path, [{"instruction": r["prompt"], "output": r["response"],
                                 "generator": model_name, "dataset": "persyn_jax"} for r in rows])
     else:  # arena_hard: model_answer/<model>.jsonl, one answer object per question
-      path = os.path.join(out_dir, "arena_hard", f"{model_name}.jsonl")
+      path = os.path.join(out_dir, "arena_hard", f"{safe_name(model_name, 'model name')}.jsonl")
       lines = [json.dumps({"question_id": r["id"], "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
                            f"{model_name}/{r['id']}").hex, "model_id": model_name,
                            "choices": [{"index": 0, "turns": [{"content": r["response"]}]}],

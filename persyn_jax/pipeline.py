@@ -352,7 +352,10 @@ class Run:
       batches, per_epoch = epoch_batches(self.path("data", safe_name(policy)), tok, c)
       self.log(f"[sft] {policy}: {per_epoch} batches per epoch")
       res = sft.train(model, tok, batches, c, out_dir=d, mesh=self.mesh, num_batches=per_epoch)
-      summary = {"steps": res.step, "final_loss": res.losses.get(res.step),
+      final_loss = res.losses.get(res.step)
+      if final_loss is None:  # resumed after the last step (killed while exporting): from the log
+        final_loss = dict(_loss_curve(res.metrics_path)).get(res.step)
+      summary = {"steps": res.step, "final_loss": final_loss,
                  "export_dir": res.export_dir, "metrics": res.metrics_path}
       if jax.process_index() == 0:
         atomic_write_json(done, summary)

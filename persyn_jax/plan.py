@@ -27,7 +27,10 @@ def _bytes(dtype: str) -> int:
 
 def plan(cfg: RunConfig, *, num_prompts: int | None = None) -> dict:
   devices = cfg.plan.devices or jax.device_count()
-  mesh = dict(zip(("data", "fsdp", "tensor"), cfg.mesh.shape(devices)))
+  try:
+    mesh = dict(zip(("data", "fsdp", "tensor"), cfg.mesh.shape(devices)))
+  except ValueError as e:
+    raise PlanError(f"{e} (plan.devices={devices}: set plan.devices to the target's device count)") from None
   shard_w = mesh["fsdp"] * mesh["tensor"]      # weights are split over fsdp x tensor
   shard_b = mesh["data"] * mesh["fsdp"]        # batches over data x fsdp
   mem = cfg.plan.device_memory_gb * GB

@@ -79,6 +79,12 @@ def markdown(report: dict) -> str:
     c = report["costs"]["policies"].get(p, {})
     lines.append(f"| {p} | {_fmt(e['score'])} | {e['n']} | {c.get('prompts', '')} | "
                  f"{c.get('generations', '')} | {_fmt(c.get('teacher_seconds', ''))} |")
+  kinds = sorted({k for e in ev.values() for k in e.get("by_kind", {})})
+  if kinds:
+    lines += ["", f"{report['eval_metric'].capitalize()} by prompt kind:", "",
+              "| policy | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
+    for p, e in ev.items():
+      lines.append(f"| {p} | " + " | ".join(_fmt(e["by_kind"].get(k, float("nan"))) for k in kinds) + " |")
   r = report.get("router", {})
   if r:
     lines += ["", "## Router", "", "| metric | value |", "| --- | --- |"]

@@ -247,9 +247,10 @@ class Router:
         arr = pad_rows([ids[i] for i in b.indices], b.rows, b.length, self.pad_id)
         put = lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.shape))
         pending.append((b.indices, fwd(state, put(arr["input_ids"]), put(arr["segment_ids"]))))
+    from persyn_jax.distributed import to_host  # sharded over other hosts' devices too
     out = np.zeros((len(ids), len(self.teachers)), np.float32)
     for idx, s in pending:
-      out[idx] = np.asarray(jax.device_get(s))[:len(idx)]
+      out[idx] = to_host(s)[:len(idx)]
     return out
 
   def route(self, prompts: Sequence) -> tuple[list[str], np.ndarray]:
@@ -268,6 +269,8 @@ class Router:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(state_dir, nnx.to_pure_dict(nnx.state(self.model)), force=True)
     ckpt.wait_until_finished()
+    if jax.process_index() != 0:  # the orbax save above is collective; the rest is written once
+      return
     self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     _write_json(os.path.join(path, "backbone_config.json"), config_to_hf(self.model.backbone.cfg))
     _write_json(os.path.join(path, "router.json"), {

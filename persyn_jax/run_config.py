@@ -11,6 +11,7 @@ from typing import Literal
 
 from persyn_jax import config as C
 from persyn_jax.data.sources import PromptSourceConfig
+from persyn_jax.io_utils import safe_name
 from persyn_jax.policies import POLICIES, PolicyConfig
 from persyn_jax.router import RouterConfig
 from persyn_jax.sampler import SamplingConfig
@@ -104,6 +105,13 @@ class RunConfig:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
       raise ValueError(f"teachers: duplicated teacher names {dup}")
+    files: dict[str, str] = {}
+    for n in names:  # shard files are named by safe_name(teacher): two must not share one
+      f = safe_name(n, "teacher name")
+      if f in files:
+        raise ValueError(f"teachers: names {files[f]!r} and {n!r} both map to the file name {f!r}; "
+                         "rename one")
+      files[f] = n
     if self.world is None and (not self.teachers or self.student is None):
       raise ValueError("teachers and student are required when world is null")
     if self.records_per_shard < 1:

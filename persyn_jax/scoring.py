@@ -170,7 +170,8 @@ class _PairScorer:
     tokens = sum(len(pairs[i][0]) for i in kept)
     stats.update(pairs=len(pairs), scored=len(kept), batches=len(plan), tokens=tokens,
                  padded_tokens=padded, shapes=len({(b.rows, b.length) for b in plan}))
-    return pairs, [(idx, jax.device_get(r)) for idx, r in results], stats
+    from persyn_jax.distributed import tree_to_host  # sharded over other hosts' devices too
+    return pairs, [(idx, tree_to_host(r)) for idx, r in results], stats
 
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):

@@ -57,7 +57,11 @@ def main(argv=None) -> int:
     if cfg.world is not None:
       cfg = toyworld.plan_config(cfg)
     n = args.num_prompts if args.num_prompts is not None else _count_prompts(cfg)
-    p = planlib.plan(cfg, num_prompts=n)
+    try:
+      p = planlib.plan(cfg, num_prompts=n)
+    except (planlib.PlanError, KeyError) as e:
+      print(f"--dry-run: {e}", file=sys.stderr)
+      return 2
     print(planlib.format_plan(p))
     return 0 if p["fits"] else 3
   from persyn_jax.pipeline import Run, enable_compilation_cache

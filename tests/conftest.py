@@ -9,6 +9,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="persyn_jax_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Toy worlds are built once per test run, shared by the xdist workers (inherited from the
+# controller process) under a lock.
+os.environ.setdefault("PERSYN_JAX_TEST_WORLDS", tempfile.mkdtemp(prefix="persyn_jax_worlds_"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,9 +43,26 @@ def model_dir(tmp_path_factory, tok):
   return make
 
 
-@pytest.fixture(scope="session")
-def small_world(tmp_path_factory):
-  """The toy world at its small scale, built once per session (teachers trained by our SFT)."""
+def build_world(scale: str):
+  """The toy world at `scale` (seed 0), built by the first worker that asks, then cached."""
+  import fcntl
+
   from persyn_jax import toyworld
-  cache = os.environ.get("PERSYN_JAX_TEST_WORLD") or str(tmp_path_factory.mktemp("small_world"))
-  return toyworld.build("small", 0, cache, log=lambda m: None)
+  root = os.environ["PERSYN_JAX_TEST_WORLDS"]
+  with open(os.path.join(root, f".lock-{scale}"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return toyworld.build(scale, 0, root, log=lambda m: None)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+  return build_world("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_world():
+  """The toy world at its small scale (teachers trained by our SFT)."""
+  return build_world("small")

@@ -227,11 +227,11 @@ def test_remote_code_config_is_refused(model_dir, tmp_path):
     from_pretrained(path)
 
 
-def test_generic_tokenizer_keeps_its_ids_in_a_qwen2_directory(model_dir, tok):
-  # transformers' AutoTokenizer would load it as Qwen2Tokenizer (digits split one by one)
-  path, _ = model_dir("qwen2")
-  _, loaded = from_pretrained(path, dtype="float32")
-  text = "Step 12 + 345 = 357. The answer is 357."
-  assert loaded(text)["input_ids"] == tok(text)["input_ids"]
-  assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
-      tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+def test_tokenizer_is_the_one_transformers_loads(model_dir):
+  for arch in ("qwen2", "llama"):
+    path, _ = model_dir(arch)
+    _, loaded = from_pretrained(path, dtype="float32")
+    ref = T.AutoTokenizer.from_pretrained(path)
+    text = "Step 12 + 345 = 357. The answer is 357."
+    assert type(loaded) is type(ref)
+    assert loaded(text)["input_ids"] == ref(text)["input_ids"]

@@ -19,16 +19,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = "probe,score,router,route,generate,sft"
-# The tiny toy world's pipeline, cut to what multi-host correctness needs and to few compiles: two
-# teachers of one architecture (their sampler compiles are shared), one length bucket per stage,
-# short answers, one router epoch, and one SFT step whose global batch holds the whole dataset
-# (16 rows x 512 tokens for 48 examples of ~80 tokens), so that the step sees the same examples
-# whatever the number of hosts (each host packs only its own slice of the records).
+# The tiny toy world's pipeline, cut to what multi-host correctness needs and to few compiles
+# (each process compiles everything; the budget is 2 CPU cores): two teachers of one architecture
+# (their sampler compiles are shared), one batch shape and length bucket per stage, short answers,
+# one router epoch on a frozen backbone, and one SFT step whose global batch holds the whole
+# dataset (16 rows x 512 tokens for 48 examples of ~80 tokens), so that the step sees the same
+# examples whatever the number of hosts (each host packs only its own slice of the records).
 TEACHERS = ("stepwise-Q", "sloppy-Q")
 POLICIES = ("persyn", "random")  # random: both teachers generate
-RUN_SETS = ["sampling.max_new_tokens=16", "sampling.batch_size=16", "sampling.min_bucket=64",
+RUN_SETS = ["sampling.max_new_tokens=16", "sampling.batch_size=4", "sampling.min_bucket=64",
             "sampling.max_prompt_len=64", "scoring.min_bucket=160", "scoring.max_len=160",
-            "router.epochs=1", "router.min_bucket=64", "router.max_len=64",
+            "scoring.max_batch_size=4", "router.epochs=1", "router.min_bucket=64",
+            "router.max_len=64", "router.max_batch_size=4", "router.freeze_backbone=true",
             "sft.max_steps=1", "sft.batch_size=16", "sft.seq_len=512", "sft.checkpoint_every=1",
             "sft.tensorboard=false", "sft.progress=false", "records_per_shard=32"]
 
@@ -66,6 +68,7 @@ def worker(argv=None) -> int:
   ap.add_argument("--stages", default=STAGES)
   ap.add_argument("--model", default="", help="first load this HF directory (load_check)")
   ap.add_argument("--orbax", default="", help="and its persyn_jax.convert output")
+  ap.add_argument("--sft-step", default="", help="one SFT step on run-dir/data/POLICY")
   args = ap.parse_args(argv)
   from persyn_jax import distributed as dist
   dist.initialize(args.coordinator if args.num_processes > 1 else None, args.num_processes,
@@ -74,6 +77,8 @@ def worker(argv=None) -> int:
   assert jax.process_count() == args.num_processes, (jax.process_count(), args.num_processes)
   if args.model:
     load_check(args)
+  if args.sft_step:
+    sft_step(args)
   if args.stages:
     from persyn_jax.pipeline import Run
     Run(run_config(args.run_dir), log=lambda m: None).run(args.stages.split(","))
@@ -81,10 +86,31 @@ def worker(argv=None) -> int:
   return 0
 
 
+def sft_step(args) -> None:
+  """The SFT stage's first step for one policy, on a finished run's dataset (the student sharded
+  over every process, each process feeding its own rows); writes sft-<policy>.json."""
+  import dataclasses
+
+  import jax
+
+  from persyn_jax import distributed as dist
+  from persyn_jax import sft
+  from persyn_jax.pipeline import Run, epoch_batches
+  run = Run(run_config(args.run_dir), log=lambda m: None)
+  c = dataclasses.replace(run.cfg.sft, export=False)
+  model, tok = run.load(dataclasses.replace(run.cfg.student, dtype=c.param_dtype))
+  batches, per_epoch = epoch_batches(run.path("data", args.sft_step), tok, c)
+  res = sft.train(model, tok, batches, c, out_dir=os.path.join(args.run_dir, "sft-step"),
+                  mesh=run.mesh, num_batches=per_epoch)
+  if dist.is_writer():
+    with open(os.path.join(args.run_dir, f"sft-{args.sft_step}.json"), "w") as f:
+      json.dump({"processes": jax.process_count(), "loss": res.losses[res.step]}, f)
+
+
 def load_check(args) -> None:
   """Loads one model sharded over every process' devices, from safetensors (recording which
-  blocks this process read) and from its orbax conversion; one sharded forward and a short greedy
-  generation. Writes load-<process>.json into the run directory."""
+  blocks this process read) and from its orbax conversion; one sharded forward.
+  Writes load-<process>.json into the run directory."""
   import jax
   import numpy as np
 
@@ -92,7 +118,6 @@ def load_check(args) -> None:
   from persyn_jax import distributed as dist
   from persyn_jax import sharding as shd
   from persyn_jax.models import from_pretrained, hf
-  from persyn_jax.sampler import SamplingConfig, generate
 
   reads = []
   real = hf.read_slice
@@ -117,13 +142,10 @@ def load_check(args) -> None:
   same = all(np.array_equal(dist.to_host(a), dist.to_host(b)) for a, b in
              zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(restored))))
   logits = dist.to_host(_forward(model, mesh, tok, PROMPTS))
-  results = generate(model, tok, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0.0,
-                                                         batch_size=4), mesh=mesh)
   out = {"process": jax.process_index(), "devices": jax.local_device_count(),
          "reads": sorted(map(list, reads)), "held": sorted(map(list, held)),
          "read_bytes": sum(r[2] for r in reads), "total_bytes": int(total),
-         "orbax_equal": bool(same), "logits": np.asarray(logits, np.float64).tolist(),
-         "texts": [r.text for r in results]}
+         "orbax_equal": bool(same), "logits": np.asarray(logits, np.float64).tolist()}
   with open(os.path.join(args.run_dir, f"load-{jax.process_index()}.json"), "w") as f:
     json.dump(out, f)
 
@@ -175,53 +197,54 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(num_processes: int, devices_each: int, args: list[str], cache: str,
-           timeout: float = TIMEOUT_S) -> float:
-  """Runs this file as `num_processes` processes of one jax.distributed job; returns seconds.
-  When one fails, the others (waiting for it at a collective) are killed."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PERSYN_JAX_CACHE=cache,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
-             TOKENIZERS_PARALLELISM="false", TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  port = free_port()
-  procs, logs = [], []
-  t0 = time.time()
-  for i in range(num_processes):
-    log = open(os.path.join(cache, f"worker-{port}-{i}.log"), "w+")
-    cmd = [sys.executable, os.path.abspath(__file__), "--coordinator", f"127.0.0.1:{port}",
-           "--num-processes", str(num_processes), "--process-id", str(i)] + args
-    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    logs.append(log)
-  failed = []
-  try:
-    while any(p.poll() is None for p in procs) and not failed:
-      failed = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-      if time.time() - t0 > timeout:
-        failed = [(i, "timeout") for i, p in enumerate(procs) if p.poll() is None]
-      time.sleep(0.2)
-    failed = failed or [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  tails = []
-  for i, log in enumerate(logs):
-    log.seek(0)
-    tails.append(f"--- process {i} ---\n" + "".join(log.readlines()[-30:]))
-    log.close()
-  if failed:
-    raise AssertionError(f"processes {failed} failed:\n" + "\n".join(tails))
-  return time.time() - t0
+class Job:
+  """This file run as `num_processes` processes of one jax.distributed job (started at once)."""
+
+  def __init__(self, num_processes: int, devices_each: int, args: list[str], cache: str):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PERSYN_JAX_CACHE=cache,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+               TOKENIZERS_PARALLELISM="false", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    self.procs, self.logs, self.t0 = [], [], time.time()
+    for i in range(num_processes):
+      log = open(os.path.join(cache, f"worker-{port}-{i}.log"), "w+")
+      cmd = [sys.executable, os.path.abspath(__file__), "--coordinator", f"127.0.0.1:{port}",
+             "--num-processes", str(num_processes), "--process-id", str(i)] + args
+      self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=ROOT))
+      self.logs.append(log)
+
+  def wait(self, timeout: float = TIMEOUT_S) -> float:
+    """Seconds the job took; when one process fails, the others (which would wait for it at the
+    next collective) are killed and the error names every process' last lines."""
+    procs, failed = self.procs, []
+    try:
+      while any(p.poll() is None for p in procs) and not failed:
+        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if time.time() - self.t0 > timeout:
+          failed = [(i, "timeout") for i, p in enumerate(procs) if p.poll() is None]
+        time.sleep(0.2)
+      failed = failed or [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    tails = []
+    for i, log in enumerate(self.logs):
+      log.seek(0)
+      tails.append(f"--- process {i} ---\n" + "".join(log.readlines()[-30:]))
+      log.close()
+    if failed:
+      raise AssertionError(f"processes {failed} failed:\n" + "\n".join(tails))
+    return time.time() - self.t0
 
 
 @pytest.fixture(scope="module")
-def world_cache(tmp_path_factory):
-  """The tiny toy world, built once here so that no worker process builds it."""
-  from persyn_jax import toyworld
-  cache = str(tmp_path_factory.mktemp("multihost_cache"))
-  toyworld.build("tiny", 0, cache, log=lambda m: None)
-  return cache
+def world_cache(tiny_world):
+  """The tiny toy world (conftest: built once per test run) so that no worker process builds it."""
+  return os.environ["PERSYN_JAX_TEST_WORLDS"]
 
 
 def summary(run_dir: str) -> dict:
@@ -245,12 +268,14 @@ def summary(run_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(world_cache, tmp_path_factory):
-  """The single-process run: one process with 4 devices (the mesh of both multi-process runs)."""
-  run_dir = str(tmp_path_factory.mktemp("run1"))
-  seconds = launch(1, 4, ["--run-dir", run_dir], world_cache)
-  print(f"1 process x 4 devices: {seconds:.1f} s")
-  return run_dir, summary(run_dir)
+def runs(world_cache, tmp_path_factory):
+  """The whole tiny pipeline run by one process with 4 devices (the reference) and, at the same
+  time, by 2 processes with 2 devices each: the same mesh, split over processes."""
+  one, two = str(tmp_path_factory.mktemp("run1")), str(tmp_path_factory.mktemp("run2"))
+  jobs = [Job(1, 4, ["--run-dir", one], world_cache), Job(2, 2, ["--run-dir", two], world_cache)]
+  seconds = [job.wait() for job in jobs]
+  print(f"1 process x 4 devices and 2 processes x 2 devices, at once: {max(seconds):.1f} s")
+  return one, two
 
 
 def assert_close(got: dict, want: dict, rel: float) -> None:
@@ -259,14 +284,11 @@ def assert_close(got: dict, want: dict, rel: float) -> None:
     assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-6, nan_ok=True), k
 
 
-def test_two_processes_run_the_pipeline_like_one(world_cache, reference, tmp_path):
+def test_two_processes_run_the_pipeline_like_one(runs):
   """probe -> score -> router -> route -> generate -> one SFT step, 2 processes x 2 devices: the
   same generations, scores, router coefficients, routes, datasets and loss as one process. Float
   results agree to float32 rounding (the cross-process sums run in another order)."""
-  _, ref = reference
-  seconds = launch(2, 2, ["--run-dir", str(tmp_path)], world_cache)
-  print(f"2 processes x 2 devices: {seconds:.1f} s")
-  got = summary(str(tmp_path))
+  ref, got = summary(runs[0]), summary(runs[1])
   assert got["probe"] == ref["probe"] and len(ref["probe"]) == 2 * 16
   assert_close(got["scores"], ref["scores"], rel=1e-4)
   assert_close(got["route_scores"], ref["route_scores"], rel=1e-3)
@@ -276,17 +298,28 @@ def test_two_processes_run_the_pipeline_like_one(world_cache, reference, tmp_pat
   assert len({t for _, t, _ in ref["data"]["random"]}) == 2  # both teachers generated
   # the one step saw the same 48 examples; only the order of float sums differs
   assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-  # only process 0 wrote shards (host 0 in every name); both wrote the orbax checkpoint; the
-  # student was exported once from the gathered parameters
-  names = [os.path.basename(p) for p in glob.glob(str(tmp_path / "**" / "*.array_record"),
+
+
+def test_two_processes_write_once_and_checkpoint_together(runs):
+  """Only process 0 wrote shards (host 0 in every name) and the manifests; both processes wrote
+  their part of the orbax checkpoint; the student was exported once, from gathered parameters."""
+  run = runs[1]
+  names = [os.path.basename(p) for p in glob.glob(os.path.join(run, "**", "*.array_record"),
                                                   recursive=True)]
   assert names and all(n.rsplit("-", 4)[1] == "0" for n in names), names
-  ckpt = tmp_path / "sft" / "persyn" / "checkpoints" / "1"
-  assert ckpt.is_dir() and (ckpt / "state").is_dir()
+  state = os.path.join(run, "sft", "persyn", "checkpoints", "1", "state")
+  assert os.path.isdir(os.path.join(state, "ocdbt.process_0"))
+  assert os.path.isdir(os.path.join(state, "ocdbt.process_1"))
   from persyn_jax.models import from_pretrained
-  student, _ = from_pretrained(str(tmp_path / "sft" / "persyn" / "student"), dtype="float32",
-                               tokenizer=False)
-  assert student.config.num_layers >= 1
+  exported, _ = from_pretrained(os.path.join(run, "sft", "persyn", "student"), dtype="float32",
+                                tokenizer=False)
+  base, _ = from_pretrained(run_config_paths(runs[0])["student"], dtype="float32", tokenizer=False)
+  assert exported.config == base.config
+
+
+def run_config_paths(run_dir: str) -> dict:
+  cfg = json.load(open(os.path.join(run_dir, "config.json")))
+  return {"student": cfg["student"]["path"]}
 
 
 @pytest.fixture(scope="module")
@@ -294,50 +327,39 @@ def orbax_teacher(world_cache, tmp_path_factory):
   """A teacher of the tiny world, converted for the 4-device mesh of the 4-process run."""
   from persyn_jax import convert, toyworld
   from persyn_jax import sharding as shd
-  path = dict((n, p) for n, p, _ in toyworld.build("tiny", 0, world_cache, log=lambda m: None).teachers)[
-      TEACHERS[0]]
+  teachers = toyworld.build("tiny", 0, world_cache, log=lambda m: None).teachers
+  path = {n: p for n, p, _ in teachers}[TEACHERS[0]]
   out = str(tmp_path_factory.mktemp("orbax") / TEACHERS[0])
   convert.convert(path, out, shd.MeshConfig(1, 4, 1))
   return path, out
 
 
-def test_four_processes_load_their_slices_sample_and_train_like_one(
-    world_cache, reference, orbax_teacher, tmp_path):
+def test_four_processes_load_their_slices_and_train_like_one(world_cache, runs, orbax_teacher):
   """4 processes x 1 device: each reads from safetensors exactly the blocks its device holds (a
-  quarter of every sharded weight), restores the same weights from orbax, gets the same logits
-  and greedy answers as one process, and the SFT stage, resumed on the reference run's data,
-  takes the same first step."""
-  import shutil
-
-  import numpy as np
-  ref_dir, ref = reference
-  hf_dir, orbax_dir = orbax_teacher
-  run = tmp_path / "run"
-  shutil.copytree(ref_dir, run, ignore=shutil.ignore_patterns("sft"))
-  seconds = launch(4, 1, ["--run-dir", str(run), "--stages", "sft", "--model", hf_dir,
-                          "--orbax", orbax_dir], world_cache)
-  print(f"4 processes x 1 device: {seconds:.1f} s")
-  loads = [json.load(open(run / f"load-{i}.json")) for i in range(4)]
-  for r in loads:
-    assert r["reads"] and [x[:2] for x in r["reads"]] == [x[:2] for x in r["held"]]
-    assert r["read_bytes"] < 0.5 * r["total_bytes"]  # only replicated norms are read whole
-    assert r["orbax_equal"]
-  blocks = {tuple(map(tuple, x[1])) for r in loads for x in r["reads"]}
-  assert len(blocks) > len(loads[0]["reads"])  # the processes read different blocks
-
-  # the same forward and greedy answers as one process on 4 devices
+  quarter of every sharded weight), restores the same weights from orbax, computes the same
+  logits as one process, and the first SFT step on the reference run's dataset has its loss."""
   import jax
+  import numpy as np
 
   from persyn_jax import sharding as shd
   from persyn_jax.models import from_pretrained
-  from persyn_jax.sampler import SamplingConfig, generate
+  ref_dir = runs[0]
+  hf_dir, orbax_dir = orbax_teacher
+  seconds = Job(4, 1, ["--run-dir", ref_dir, "--stages", "", "--model", hf_dir, "--orbax",
+                       orbax_dir, "--sft-step", "persyn"], world_cache).wait()
+  print(f"4 processes x 1 device: {seconds:.1f} s")
+  loads = [json.load(open(os.path.join(ref_dir, f"load-{i}.json"))) for i in range(4)]
+  for r in loads:
+    assert r["reads"] and [x[:2] for x in r["reads"]] == [x[:2] for x in r["held"]]
+    assert r["read_bytes"] < 0.5 * r["total_bytes"]  # only the replicated norms are read whole
+    assert r["orbax_equal"]
+  blocks = [{json.dumps(x[:2]) for x in r["reads"]} for r in loads]
+  assert all(a != b for i, a in enumerate(blocks) for b in blocks[i + 1:])  # 4 different quarters
   mesh = shd.make_mesh(shd.MeshConfig(1, 4, 1), jax.devices()[:4])
   model, tok = from_pretrained(hf_dir, dtype="float32", mesh=mesh)
   want = np.asarray(_forward(model, mesh, tok, PROMPTS))
-  texts = [r.text for r in generate(model, tok, PROMPTS, SamplingConfig(
-      max_new_tokens=8, temperature=0.0, batch_size=4), mesh=mesh)]
   for r in loads:
     np.testing.assert_allclose(np.asarray(r["logits"]), want, rtol=1e-5, atol=1e-5)
-    assert r["texts"] == texts
-  loss = {p: json.load(open(run / "sft" / p / "DONE.json"))["final_loss"] for p in POLICIES}
-  assert loss == pytest.approx(ref["loss"], rel=1e-5)
+  step = json.load(open(os.path.join(ref_dir, "sft-persyn.json")))
+  assert step["processes"] == 4
+  assert step["loss"] == pytest.approx(summary(ref_dir)["loss"]["persyn"], rel=1e-5)

@@ -10,17 +10,10 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from persyn_jax import config as C
 from persyn_jax import policies as pol
-from persyn_jax import toyworld
 from persyn_jax.pipeline import Run
 from persyn_jax.run_config import STAGES, RunConfig, load_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("world_cache"))
-  return toyworld.build("tiny", 0, cache, log=lambda m: None)
 
 
 def explicit_config(world, run_dir, **over) -> RunConfig:

@@ -70,14 +70,9 @@ def load_tokenizer(path: str):
   files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
   if not any(os.path.exists(os.path.join(path, f)) for f in files):
     raise CheckpointError(f"{path}: no tokenizer files ({', '.join(files)})")
-  tc_path = os.path.join(path, "tokenizer_config.json")
-  cls = read_json(tc_path).get("tokenizer_class") if os.path.exists(tc_path) else None
+  # Exactly transformers' choice of tokenizer class, so ids match every HF tool. (For a model_type
+  # such as qwen2, transformers picks Qwen2Tokenizer even for a generic tokenizer.json.)
   try:
-    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-      # A generic tokenizer.json: AutoTokenizer would pick the class of config.json's model_type
-      # (e.g. Qwen2Tokenizer), whose own pre-tokenizer changes the ids.
-      from transformers import PreTrainedTokenizerFast
-      return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   except Exception as e:  # transformers raises many kinds; name the directory
     raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -49,13 +50,22 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelC
   if mt not in SUPPORTED_MODEL_TYPES or mt == "gemma3":
     raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: "
                           f"{', '.join(t for t in SUPPORTED_MODEL_TYPES if t != 'gemma3')}")
-  try:
-    D, L, N = int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-    vocab, F = int(hf["vocab_size"]), int(hf["intermediate_size"])
-  except KeyError as e:
-    raise CheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
-  K = int(hf.get("num_key_value_heads") or N)
-  H = int(hf.get("head_dim") or D // N)
+  def count(key: str, default: int | None = None) -> int:
+    """A positive integer field (a value of another type is named, not passed to int())."""
+    v = hf.get(key)
+    v = default if v is None else v
+    if v is None:
+      raise CheckpointError(f"{source}: required field {key!r} is missing")
+    if isinstance(v, float) and v.is_integer():
+      v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise CheckpointError(f"{source}: field {key!r} = {v!r}: expected a positive integer")
+    return v
+
+  D, L, N = count("hidden_size"), count("num_hidden_layers"), count("num_attention_heads")
+  vocab, F = count("vocab_size"), count("intermediate_size")
+  K = count("num_key_value_heads", N)
+  H = count("head_dim", D // N)
   gemma = mt in GEMMA
   act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
   acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -348,11 +358,14 @@ def _has(f: SafeFile, name: str, index: str) -> bool:
 def read_json(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
+      data = json.load(f)
   except FileNotFoundError:
     raise CheckpointError(f"{path} is missing") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
 
 
 def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False) -> nnx.Module:
@@ -377,6 +390,9 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
     name, layout, *rows = wmap[ppath]
     shape = tuple(var.get_value().shape)
     src = tensors[name]()
+    if not (np.issubdtype(src.dtype, np.floating) or src.dtype == ml_dtypes.bfloat16):
+      raise CheckpointError(f"{path}: tensor {name!r} has dtype {src.dtype}; weights must be "
+                            "floating point (a mis-typed or quantized export?)")
     want = hf_shape(layout, shape)
     if rows:
       r0, r1 = rows[0]

@@ -44,10 +44,18 @@ class SafeFile:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{path}: the safetensors header is a {type(header).__name__}, "
+                             "not a JSON object")
     self.metadata = header.pop("__metadata__", {}) or {}
     self.base = 8 + n
     self.header = header
     for name, info in header.items():
+      ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and \
+          isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+      if not ok:
+        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry "
+                               f"{json.dumps(info)[:200]} (needs dtype, shape, data_offsets)")
       dt = info.get("dtype")
       if dt not in DTYPES:
         raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
