@@ -1,10 +1,6 @@
 """Bad input: each case is a clear error naming the file, field or value, or a counted skip, never
 a traceback from deep inside JAX or transformers. docs/FAILURES.md lists every case with the test
 that backs it (some live in test_models.py, test_data_*.py, test_sampler.py, test_scoring.py).
-
-Tests marked xfail(strict=True) pin a behaviour that still needs a fix in a file this suite's
-author does not own (models/*, run_config.py); FAILURES.md gives the patch. Once it is applied
-they pass, and strict xfail turns them red until the marker is removed.
 """
 import json
 import os
@@ -18,9 +14,6 @@ from persyn_jax import config as C
 from persyn_jax.data import records as R
 from persyn_jax.data import sources as S
 from persyn_jax.models import CheckpointError, from_pretrained
-
-LEAD_FIX = "needs the patch in docs/FAILURES.md (models/* or run_config.py)"
-
 
 def copy_model(model_dir, tmp_path, arch="llama", **kw):
   src = model_dir(arch, **kw)[0]
@@ -83,7 +76,6 @@ def test_an_unknown_dtype_is_named(model_dir, tmp_path):
     from_pretrained(path)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
 @pytest.mark.parametrize("edit", ["not_a_dict", "no_offsets"])
 def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
   path = copy_model(model_dir, tmp_path)
@@ -98,7 +90,6 @@ def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
     from_pretrained(path)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
 def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
   """A float weight stored as I32 (a mis-typed export) would load as garbage numbers."""
   path = copy_model(model_dir, tmp_path)
@@ -129,7 +120,6 @@ def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, 
     from_pretrained(path)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
 @pytest.mark.parametrize("value", ["abc", None, 3.5])
 def test_a_mistyped_config_field_is_named(model_dir, tmp_path, value):
   path = copy_model(model_dir, tmp_path)
@@ -143,8 +133,6 @@ def test_a_mistyped_config_field_is_named(model_dir, tmp_path, value):
 def test_an_unreadable_config_is_named(model_dir, tmp_path, text, match):
   path = copy_model(model_dir, tmp_path)
   open(os.path.join(path, "config.json"), "w").write(text)
-  if text.startswith("["):
-    pytest.xfail(LEAD_FIX)  # today: AttributeError 'list' object has no attribute 'get'
   with pytest.raises(CheckpointError, match=match):
     from_pretrained(path)
 
@@ -258,7 +246,6 @@ def test_duplicated_teacher_names_are_a_config_error(tmp_path):
     load_run_config(str(y))
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_FIX)
 def test_teacher_names_that_share_a_file_name_are_a_config_error(tmp_path):
   """'a/b' and 'a_b' both become the file-name part 'a_b': their shards would collide."""
   from persyn_jax.run_config import load_run_config

@@ -153,7 +153,6 @@ def test_a_hostile_teacher_name_or_record_id_cannot_write_outside_the_run(model_
   assert {r["id"] for r in recs} == {"../../../escape", "/etc/passwd", "ok"}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the evaluate.export patch in docs/FAILURES.md")
 def test_an_export_name_cannot_leave_the_export_directory(tmp_path):
   from persyn_jax import evaluate as ev
   out = tmp_path / "eval" / "x"
