@@ -19,17 +19,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
-import tiny  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def tok():
+  import tiny  # torch is the reference: imported only by the tests that need it
   return tiny.tokenizer()
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tok):
   """model_dir(arch, classifier=False, seed=0, **overrides) -> (path, torch model); cached."""
+  import tiny
   cache = {}
 
   def make(arch, classifier=False, seed=0, **overrides):
