@@ -1,34 +1,65 @@
 """Atomic file writes (temp file, flush, fsync, rename) and safe path components."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # some filesystems (e.g. FUSE mounts) refuse fsync on a directory
+    pass
+  finally:
+    os.close(fd)
+
+
+def name_error(e: BaseException, path: str) -> None:
+  """A failed write() or fsync() (a full disk) says not which file: name it."""
+  if isinstance(e, OSError) and e.filename is None:
+    e.filename = path
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  d = os.path.dirname(os.path.abspath(path))
+  """Write `data` to `path` via a temp name, flush, fsync and rename (then fsync the directory)."""
+  d = os.path.dirname(path) or "."
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except OSError as e:
+    name_error(e, path)
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  fsync_dir(d)
 
 
 def atomic_write_text(path: str, text: str) -> None:
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str, obj) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
+def atomic_write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = False) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_default)
+                            + "\n").encode("utf-8"))
 
 
 def _default(o):

@@ -21,7 +21,7 @@ import numpy as np
 
 from persyn_jax import sharding as shd
 from persyn_jax import toyworld_tasks as tasks
-from persyn_jax.io_utils import atomic_write_json, atomic_write_text
+from persyn_jax.io_utils import atomic_write_json, atomic_write_text, sha256_file
 from persyn_jax.models import ModelConfig, RopeConfig, build_model, save_pretrained
 from persyn_jax.tokenizer import train_tokenizer
 
@@ -105,14 +105,6 @@ def model_config(spec: Spec, vocab: int, tok) -> ModelConfig:
       num_kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads, rms_norm_eps=1e-6,
       rope=RopeConfig(theta=10000.0), tie_embeddings=True, qk_norm=spec.model_type == "qwen3",
       max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _train(spec: Spec, style, scale: Scale, tok, problems, out_dir: str, seed: int, mesh, log) -> str:

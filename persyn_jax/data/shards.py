@@ -13,7 +13,6 @@ checked rather than trusting the reader.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from persyn_jax import io_utils as io
 from persyn_jax.data import records as rec
+from persyn_jax.io_utils import atomic_write_bytes, sha256_file  # noqa: F401  (re-exported)
 
 MANIFEST_VERSION = 1
 # group_size:1 makes every record randomly accessible (grain reads records by index).
@@ -57,60 +58,8 @@ def manifest_path(out_dir: str, stage: str) -> str:
   return os.path.join(out_dir, f"{stage}.manifest.json")
 
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:  # some filesystems (e.g. FUSE mounts) refuse fsync on a directory
-    pass
-  finally:
-    os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Write `data` to `path` via a temp name, flush, fsync and rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    _named(e, path)
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _named(e: BaseException, path: str) -> None:
-  """A failed write() or fsync() (a full disk) says not which file: name it."""
-  if isinstance(e, OSError) and e.filename is None:
-    e.filename = path
-
-
 def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+  io.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _remove_stale_temps(final: str) -> None:
@@ -145,13 +94,17 @@ def write_shard(out_dir: str, stage: str, records: Iterable[Mapping[str, Any]], 
     if not writer.ok():
       raise ShardError(f"{tmp}: ArrayRecord writer failed")
     writer.close()
-    _fsync_file(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
     meta = {"file": name, "records": n, "sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp)}
     atomic_write_json(final + ".meta.json", meta)
     os.replace(tmp, final)
-    _fsync_dir(out_dir)
+    io.fsync_dir(out_dir)
   except BaseException as e:
-    _named(e, final)
+    io.name_error(e, final)
     if writer.is_open():
       writer.close()
     if os.path.exists(tmp):
