@@ -88,7 +88,7 @@ def main(argv=None):
     for packing in (True, False):
       def run():
         it = pipeline.sft_batches(sft, tok, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  seed=0, packing=packing, host=0, num_hosts=1)
+                                  seed=0, packing=packing)
         for b in pipeline.device_batches(it, mesh):
           jax.block_until_ready(b)
         return it.stats

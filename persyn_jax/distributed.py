@@ -1,9 +1,10 @@
 """Several processes, one run: start-up, barriers, and what only process 0 does.
 
 Every process runs every stage (the models are sharded over all devices, so every jitted call is
-collective); process 0 alone writes manifests, reports and the shards of a stage (see
-sampling/records.py), and a barrier between stages makes each stage's files visible before the
-next one reads them. With one process every function here is a no-op or the identity.
+collective); each host writes its own shards of a stage (data/shards.write_stage_records,
+sampling/records.py), process 0 alone writes manifests and reports, and a barrier between stages
+makes each stage's files visible before the next one reads them. With one process every function
+here is a no-op or the identity.
 
     from persyn_jax import distributed as dist
     dist.initialize()                     # TPU pod / SLURM / OpenMPI: found automatically
@@ -111,6 +112,23 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def raise_if_any(error: str | None, exc: type[Exception] = RuntimeError, what: str = "") -> None:
+  """Raises `exc(error)` on every process when any process has an error (collective with several
+  processes; every process must call it): a check that fails on one host must not leave the
+  others waiting for it at the next collective. The others' message names the failed hosts."""
+  if jax.process_count() == 1:
+    if error:
+      raise exc(error)
+    return
+  from jax.experimental import multihost_utils
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+  bad = [int(i) for i in np.nonzero(failed.reshape(-1))[0]]
+  if error:
+    raise exc(error)
+  if bad:
+    raise exc(f"{what}: processes {bad} failed a check (their logs say why)")
 
 
 def to_host(x) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Atomic file writes (temp file, flush, fsync, rename) and safe path components."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   d = os.path.dirname(path) or "."
   os.makedirs(d, exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
+  remove_dead_temps(path)
   try:
     with open(tmp, "wb") as f:
       f.write(data)
@@ -51,6 +53,32 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
       os.remove(tmp)
     raise
   fsync_dir(d)
+
+
+def remove_dead_temps(path: str) -> list[str]:
+  """Removes `<path>.tmp-<pid>` files left by writers killed midway (their pid no longer runs
+  here); a path is written by one host only, so a live writer's temp is never touched."""
+  removed = []
+  for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+    pid = tmp.rsplit(".tmp-", 1)[1]
+    if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+      continue
+    try:
+      os.remove(tmp)
+      removed.append(tmp)
+    except FileNotFoundError:
+      pass
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -3,7 +3,8 @@
 Each stage is a function of its inputs and config. It writes into `run_dir/<stage>/` and, when
 done, a `DONE.json` manifest holding a key (a hash of its config and of the keys of the stages it
 reads) and its counts. A rerun skips a stage whose manifest key matches; a stopped stage resumes
-from its completed shards (and SFT from its last checkpoint). Only process 0 writes manifests.
+from its completed shards (and SFT from its last checkpoint). With several processes each host
+writes its own shards; only process 0 writes manifests and reports.
 """
 from __future__ import annotations
 
@@ -175,8 +176,7 @@ class Run:
     man = generate_to_records(model, tok, items, sampling, stage_dir, stage, teacher=ref.name,
                               records_per_shard=self.cfg.records_per_shard, mesh=self.mesh,
                               provenance={"run": self.cfg.name})
-    seconds = time.time() - t0
-    dist.barrier(f"{stage}:written")  # process 0 wrote the shards the others may read next
+    seconds = time.time() - t0  # every host's shards and the manifest are written: all may read
     del model
     extra = man.get("extra", {}) if man else {}
     counts = extra.get("counts", {})
@@ -221,10 +221,8 @@ class Run:
   def stage_score(self) -> dict:
     """Quality and learnability of every probe response; the combined reward per prompt (Eq. 2)."""
     scored, stats = self._score(self.probe_records())
-    n = max(1, -(-len(scored) // self.cfg.records_per_shard))
-    if jax.process_index() == 0:
-      shards.write_records(self.path("score"), "score", scored, num_shards=n, host=0,
-                           extra={"stats": stats})
+    shards.write_stage_records(self.path("score"), "score", scored,
+                               records_per_shard=self.cfg.records_per_shard, extra={"stats": stats})
     return stats
 
   def score_table(self) -> pol.ScoreTable:
@@ -259,9 +257,8 @@ class Run:
     routes = {x["id"]: t for x, t in zip(rest, names)}
     route_records = [{**x, "route": {"teacher": t, "scores": dict(zip(self.teachers, map(float, s)))}}
                      for x, t, s in zip(rest, names, scores)]
-    if jax.process_index() == 0:
-      n = max(1, -(-len(route_records) // self.cfg.records_per_shard))
-      shards.write_records(self.path("route"), "route", route_records, num_shards=n, host=0)
+    shards.write_stage_records(self.path("route"), "route", route_records,
+                               records_per_shard=self.cfg.records_per_shard)
     table = self.score_table()
     train_ids = [x["id"] for x in p["train"]]
     families = {t.name: t.family for t in self.cfg.teachers}
@@ -329,9 +326,8 @@ class Run:
         if r is None:
           raise RuntimeError(f"internal: no response of {a[x['id']]} for prompt {x['id']!r}")
         recs.append({**r, "policy": policy})
-      if jax.process_index() == 0:
-        n = max(1, -(-len(recs) // self.cfg.records_per_shard))
-        shards.write_records(self.path("data", safe_name(policy)), "data", recs, num_shards=n, host=0)
+      shards.write_stage_records(self.path("data", safe_name(policy)), "data", recs,
+                                 records_per_shard=self.cfg.records_per_shard)
       datasets[policy] = {"records": len(recs),
                           "teacher_shares": pol.shares(a, self.teachers)}
     return {"teachers": per_teacher, "datasets": datasets}
@@ -505,10 +501,16 @@ def summarize(report: dict) -> str:
 
 
 def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
-  """(start -> microbatches from index `start` on, across epochs; microbatches per epoch)."""
-  from persyn_jax.data.pipeline import sft_batches
-  kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, stage="data")
-  per_epoch = sum(1 for _ in sft_batches(data_dir, tokenizer, epoch=0, **kw))
+  """(start -> microbatches from index `start` on, across epochs; microbatches per epoch).
+  The records are tokenized once, for the count and every epoch."""
+  from persyn_jax.data.pipeline import TokenizedRecords, sft_batches
+  tokenized = TokenizedRecords(data_dir, tokenizer, seq_len=c.seq_len, stage="data")
+  kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, tokenized=tokenized)
+  first = sft_batches(data_dir, tokenizer, epoch=0, **kw)
+  per_epoch = sum(1 for _ in first)
+  if per_epoch == 0:
+    raise ValueError(f"{data_dir}: no SFT examples to train on ({len(tokenized)} records; "
+                     f"{dict(first.stats) or 'none tokenized'}); check sft.seq_len and the data")
 
   def batches(start: int):
     epoch, skip = divmod(start, per_epoch)

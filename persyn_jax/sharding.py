@@ -147,5 +147,14 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+  """A host numpy array holding the whole (global) value -> a jax.Array laid out by `sharding`.
+
+  Every process passes the same `x`; each one's devices take their slices of it, whatever the
+  mesh's layout over processes (rows replicated over a `tensor` axis that spans hosts included)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

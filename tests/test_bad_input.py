@@ -286,3 +286,21 @@ def test_a_batch_size_that_does_not_divide_the_mesh_still_gives_the_same_results
   assert out[0] == out[1] and all(len(t) for t in out[0])
   spec = shd.batch_sharding(shd.make_mesh(shd.MeshConfig(1, -1, 1)), (3, 16)).spec
   assert "fsdp" not in str(spec[0])  # 3 rows are not split over fsdp=8
+
+
+def test_an_sft_dataset_with_nothing_to_train_on_is_named(tok, tmp_path):
+  """Every example longer than seq_len with overlong=skip: the pipeline names the data directory
+  and the counts, not a planning detail; an empty list of batches says so too."""
+  from persyn_jax.data import shards
+  from persyn_jax.pipeline import epoch_batches
+  from persyn_jax.sft import SFTConfig
+  from persyn_jax.sft.trainer import total_steps
+  recs = [R.make(f"r{i}", "a long prompt " * 20, response="an answer " * 10, teacher="t",
+                 sample=0) for i in range(3)]
+  shards.write_records(str(tmp_path), "data", recs, num_shards=1, host=0)
+  cfg = SFTConfig(seq_len=16, batch_size=2, max_steps=0)
+  with pytest.raises(ValueError, match=rf"{tmp_path}: no SFT examples to train on \(3 records; "
+                                       r".*'skipped_no_response': 3"):
+    epoch_batches(str(tmp_path), tok, cfg)
+  with pytest.raises(ValueError, match="the SFT data has no batches"):
+    total_steps(cfg, 0)

@@ -49,7 +49,7 @@ def expected(tok, recs):
 
 
 def batches(tok, **kw):
-  args = dict(seq_len=SEQ, batch_size=4, seed=0, host=0, num_hosts=1)
+  args = dict(seq_len=SEQ, batch_size=4, seed=0)
   args.update(kw)
   it = P.sft_batches(RECS if "data" not in args else args.pop("data"), tok, **args)
   return list(it), it.stats
@@ -124,13 +124,16 @@ def test_overlong_examples_truncated_or_skipped(tok):
   assert max(len(s[0]) for s in segments(got)) == seq
 
 
-def test_hosts_split_the_epoch_and_take_equal_steps(tok):
-  per_host = [batches(tok, batch_size=8, host=h, num_hosts=4, num_batches=8) for h in range(4)]
-  assert all(len(b) == 8 and b[0]["input_ids"].shape == (2, SEQ) for b, _ in per_host)
-  assert sum(s["examples"] for _, s in per_host) == len(RECS)
-  assert sorted(x for b, _ in per_host for x in segments(b)) == sorted(expected(tok, RECS))
-  with pytest.raises(ValueError, match="not divisible by 3 hosts"):
-    batches(tok, batch_size=8, host=0, num_hosts=3)
+def test_num_batches_pads_the_epoch_with_empty_batches(tok):
+  """Every example once, in the batches of the unpadded stream; then all-padding batches up to
+  num_batches (those the trainer sees as zero-loss steps)."""
+  plain, _ = batches(tok, batch_size=8)
+  padded, stats = batches(tok, batch_size=8, num_batches=len(plain) + 3)
+  assert len(padded) == len(plain) + 3 and stats["empty_batches"] == 3
+  assert all((a[k] == b[k]).all() for a, b in zip(plain, padded) for k in P.KEYS)
+  assert all(not b["segment_ids"].any() and not b["loss_mask"].any() for b in padded[len(plain):])
+  assert sorted(segments(padded)) == sorted(expected(tok, RECS))
+  assert stats["examples"] == len(RECS)
 
 
 def test_record_without_response_is_an_error(tok):
@@ -199,3 +202,24 @@ def test_batched_tokenization_equals_pair_ids(tok):
       responses = [r["response"] for r in RECS[:12]]
       assert chat.pair_ids_batch(t, prompts, responses, system) == [
           chat.pair_ids(t, p, r, system) for p, r in zip(prompts, responses)]
+
+
+@pytest.mark.parametrize("packing,overlong", [(True, "truncate"), (False, "skip")])
+def test_tokenized_once_gives_the_same_batches_every_epoch(tok, tmp_path, packing, overlong):
+  """TokenizedRecords (what the pipeline's SFT stage uses: the chat template runs once per record,
+  not once per epoch) gives the batches and stats of tokenizing every epoch, for several epochs;
+  it refuses batches of another seq_len."""
+  shards.write_records(str(tmp_path), "data", RECS, num_shards=3, host=0)
+  seq = 50  # some examples overlong: their outcome (cut, skipped) must be replayed too
+  cached = P.TokenizedRecords(str(tmp_path), tok, seq_len=seq, overlong=overlong)
+  assert len(cached) == len(RECS)
+  for epoch in range(3):
+    want, ws = batches(tok, data=str(tmp_path), seq_len=seq, seed=7, epoch=epoch,
+                       packing=packing, overlong=overlong)
+    got, gs = batches(tok, data=None, tokenized=cached, seq_len=seq, seed=7, epoch=epoch,
+                      packing=packing, overlong=overlong)
+    assert len(got) == len(want) > 1
+    assert all((a[k] == b[k]).all() for a, b in zip(got, want) for k in P.KEYS), epoch
+    assert gs == ws and (ws["truncated"] or ws["skipped_overlong"])
+  with pytest.raises(ValueError, match=r"seq_len, overlong, system\) = \(50"):
+    batches(tok, data=None, tokenized=cached, seq_len=64, overlong=overlong)

@@ -71,6 +71,30 @@ def test_shards_per_host_and_manifest_over_hosts(tmp_path):
       [f"r{i}" for i in range(10)] + [f"r{i}" for i in range(100, 110)])
 
 
+def test_manifest_refuses_shards_of_other_host_counts(tmp_path):
+  """A stage rerun with fewer processes finds the shards of hosts it no longer has (left by the
+  earlier run): the manifest refuses them, naming them, instead of mixing two layouts."""
+  out = str(tmp_path)
+  for host in range(3):
+    shards.write_records(out, "gen", make_records(4, start=10 * host), num_shards=1, host=host,
+                         manifest=False)
+  with pytest.raises(shards.ShardError, match=r"hosts \[2\] \(gen-2-00000-of-00001"):
+    shards.write_manifest(out, "gen", num_hosts=2)
+  with pytest.raises(shards.ShardError, match=r"no shards of hosts \[3\] \(of 4\)"):
+    shards.write_manifest(out, "gen", num_hosts=4)
+  assert shards.write_manifest(out, "gen", num_hosts=3)["records"] == 12
+
+
+def test_stage_records_on_one_process_are_one_hosts_shards(tmp_path):
+  recs = make_records(10)
+  manifest = shards.write_stage_records(str(tmp_path), "score", recs, records_per_shard=4)
+  assert [(s["host"], s["index"], s["records"]) for s in manifest["shards"]] == [
+      (0, 0, 3), (0, 1, 3), (0, 2, 4)]
+  assert [r["id"] for r in shards.read_records(str(tmp_path), "score")] == [r["id"] for r in recs]
+  # a rerun keeps the complete shards and writes the same manifest
+  assert shards.write_stage_records(str(tmp_path), "score", recs, records_per_shard=4) == manifest
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from persyn_jax.data import records as R, shards

@@ -75,8 +75,8 @@ KILLER = textwrap.dedent("""
 
 def test_shard_writer_killed_at_every_commit_point_resumes_exactly(clean, tmp_path):
   """SIGKILL before and after every rename and every fsync of write_records (shards, sidecars,
-  manifest): the rerun keeps the complete shards, rewrites the rest, and the stage is identical
-  to an uninterrupted write."""
+  manifest): the rerun keeps the complete shards, rewrites the rest, removes the dead writer's
+  temp files, and the stage is identical to an uninterrupted write."""
   ref_dir, ref = clean
   proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), str(N_RECORDS), str(N_SHARDS)],
                         capture_output=True, text=True, timeout=300)
@@ -92,6 +92,9 @@ def test_shard_writer_killed_at_every_commit_point_resumes_exactly(clean, tmp_pa
       assert name in ref
     assert snapshot(p["dir"]) == ref, p
     assert [r["id"] for r in shards.read_records(p["dir"], "gen")] == [f"r{i}" for i in range(N_RECORDS)]
+    # the killed writer's temp files (shard, sidecar, manifest) are gone after the rerun
+    assert not [n for n in os.listdir(p["dir"]) if ".tmp-" in n], p
+  assert any(".tmp-" in n for p in points for n in p["files"])  # kills did leave temp files
 
 
 def test_a_full_disk_fails_the_shard_clearly_and_leaves_nothing(clean, tmp_path):

@@ -235,3 +235,34 @@ def test_tokenizer_is_the_one_transformers_loads(model_dir):
     text = "Step 12 + 345 = 357. The answer is 357."
     assert type(loaded) is type(ref)
     assert loaded(text)["input_ids"] == ref(text)["input_ids"]
+
+
+SHARDED_FORWARD = """
+import sys, numpy as np, jax
+from flax import nnx
+from persyn_jax import sharding as shd
+from persyn_jax.models import from_pretrained
+mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+m, _ = from_pretrained(sys.argv[1], dtype="float32", mesh=mesh)
+ids = (np.arange(64, dtype=np.int32).reshape(8, 8) % 50 + 3)
+put = lambda x: jax.device_put(x, shd.batch_sharding(mesh, x.shape))
+g, s = nnx.split(m)
+with jax.set_mesh(mesh):
+  out = jax.jit(lambda s, i, k: nnx.merge(g, s)(i, k))(s, put(ids), put(np.ones_like(ids)))
+print(out.shape)
+"""
+
+
+def test_the_sharded_embedding_lookup_needs_no_rematerialization(model_dir):
+  """On a mesh sharding the table on both axes (vocab on tensor, embed on fsdp) and the ids on
+  (data, fsdp), XLA partitions the lookup without falling back to replicating it (it prints
+  'Involuntary full rematerialization' when it does)."""
+  import subprocess
+  import sys
+  path, _ = model_dir("llama")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARDED_FORWARD, path], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "(8, 8," in proc.stdout
+  assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-2000:]

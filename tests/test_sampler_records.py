@@ -82,6 +82,14 @@ def test_resume_with_other_inputs_is_refused(llama, tmp_path):
   with pytest.raises(shards.ShardError, match="config_hash"):
     sampler.generate_to_records(model, tok, ITEMS, CFG.replace(seed=3), str(tmp_path), "probe",
                                 teacher="t1", records_per_shard=3, progress=False)
+  # a resume on another number of processes would lay the prompts out over hosts differently
+  plan_path = tmp_path / "probe-0.plan.json"
+  plan = json.loads(plan_path.read_text())
+  plan_path.write_text(json.dumps(dict(plan, hosts=2, host_prompts=[0, 3])))
+  with pytest.raises(shards.ShardError, match=r"other host_prompts, hosts.*rerun with 2 processes"):
+    sampler.generate_to_records(model, tok, ITEMS, CFG, str(tmp_path), "probe", teacher="t1",
+                                records_per_shard=3, progress=False)
+  plan_path.write_text(json.dumps(plan))
   # batch size changes no result: a job that ran out of memory may resume with a smaller one
   run_small = sampler.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),
                                           str(tmp_path), "probe", teacher="t1",

@@ -1,17 +1,18 @@
 """SFT input pipeline: records -> tokenized examples -> packed (or padded) [B, T] batches.
 
 A grain `MapDataset` over our shards (or an in-memory record list) is shuffled with a seed derived
-from (seed, epoch), split across hosts by slicing (host i takes records i, i+H, ...), and each
-record is tokenized with the student's own chat template (chat.pair_ids). Examples are packed
-first-fit into the B rows of the batch being built; when an example fits in no row the batch is
-emitted. Every batch follows the SFT batch contract (common.md):
+from (seed, epoch), and each record is tokenized with the student's own chat template
+(chat.pair_ids). Examples are packed first-fit into the B rows of the batch being built; when an
+example fits in no row the batch is emitted. With several processes every process builds the same
+global batches and its devices take their rows (to_device), so packing never depends on the number
+of hosts. (host_records splits records across hosts for readers that want per-host streams.) Every batch follows the SFT batch contract (common.md):
 
   input_ids, segment_ids (0 = padding), positions (restart per segment), targets (next token of
   the same segment, 0 elsewhere), loss_mask (1 where the target is a response token).
 
 The token sequence of every example, and so every per-token target, is the same packed and
 unpacked; only the layout differs. Everything is a pure function of (data, tokenizer, config,
-seed, epoch, host), so resuming at step s replays the same stream and drops the first s batches.
+seed, epoch), so resuming at step s replays the same stream and drops the first s batches.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 @dataclasses.dataclass(frozen=True)
 class SFTDataConfig:
   seq_len: int = 1024
-  batch_size: int = 8            # global rows per step (split evenly over hosts)
+  batch_size: int = 8            # global rows per step (each process' devices take their rows)
   packing: bool = True
   overlong: str = "truncate"     # "truncate" (keep the first seq_len tokens) or "skip"
   shuffle: bool = True
@@ -176,29 +177,51 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: 
     yield build_batch(group, seq_len)
 
 
+def tokenize_records(ds, tokenizer, seq_len: int, overlong: str, system: str | None,
+                     chunk: int = 64) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | None, Counter]]:
+  """Per record of `ds` (in order): its example cut to seq_len, or None when skipped, and the
+  stats it adds (examples, truncated, skipped_overlong, skipped_no_response)."""
+  # indexing, not iter(): grain's prefetch threads cost more than they give on a few cores, and
+  # tokenization (batched: the Rust tokenizer encodes a chunk in parallel) is the bottleneck
+  for start in range(0, len(ds), chunk):
+    recs = [ds[i] for i in range(start, min(len(ds), start + chunk))]
+    for record in recs:
+      _check_response(record)
+    pairs = chat.pair_ids_batch(tokenizer, [r.get("messages") or r["prompt"] for r in recs],
+                                [r["response"] for r in recs], system)
+    for ids, mask in pairs:
+      outcome: Counter = Counter()
+      ex = fit_length(np.asarray(ids, np.int32), np.asarray(mask, np.int8), seq_len, overlong,
+                      outcome)
+      if ex is not None:
+        outcome["examples"] += 1
+      yield ex, +outcome
+
+
 # -- the SFT stream ------------------------------------------------------------------------------
 
 class SFTBatches:
-  """Iterator of this host's SFT batches (numpy, [batch_size / num_hosts, seq_len]) for one epoch.
+  """Iterator of the global SFT batches (numpy, [batch_size, seq_len]) of one epoch.
 
+  Every process builds the same batches from all records (the seeded shuffle and first-fit
+  packing see the whole dataset), and each process' devices take their rows of them (see
+  to_device), so the batches, and so the losses, do not depend on the number of processes.
   `stats` counts examples, tokens, truncated and skipped examples, batches, and padding slots.
   With num_batches, exactly that many batches come out (empty all-padding batches after the data
-  runs out), so that every host takes the same number of steps.
+  runs out).
   """
 
   def __init__(self, data, tokenizer, cfg: SFTDataConfig, *, seed: int = 0, epoch: int = 0,
-               start_step: int = 0, host: int | None = None, num_hosts: int | None = None,
-               num_batches: int | None = None, stage: str | None = None):
-    if host is None or num_hosts is None:
-      import jax
-      host = jax.process_index() if host is None else host
-      num_hosts = jax.process_count() if num_hosts is None else num_hosts
-    if cfg.batch_size % num_hosts:
-      raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {num_hosts} hosts")
+               start_step: int = 0, num_batches: int | None = None, stage: str | None = None,
+               tokenized: "TokenizedRecords | None" = None):
     self.cfg, self.tokenizer = cfg, tokenizer
-    self.rows = cfg.batch_size // num_hosts
-    self.records = host_records(data, seed=seed, epoch=epoch, host=host, num_hosts=num_hosts,
-                                shuffle=cfg.shuffle, stage=stage)
+    self.rows = cfg.batch_size
+    self.tokenized = tokenized
+    if tokenized is not None:
+      tokenized.check(cfg)
+      data = range(len(tokenized))  # record indices, shuffled like the records themselves
+    self.records = host_records(data, seed=seed, epoch=epoch, host=0, num_hosts=1,
+                                shuffle=cfg.shuffle, stage=stage if tokenized is None else None)
     self.start_step, self.num_batches = start_step, num_batches
     self.stats: Counter = Counter()
     self._it = self._batches()
@@ -209,22 +232,17 @@ class SFTBatches:
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._it)
 
-  def examples(self, chunk: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    cfg, ds = self.cfg, self.records
-    # indexing, not iter(): grain's prefetch threads cost more than they give on a few cores, and
-    # tokenization (batched: the Rust tokenizer encodes a chunk in parallel) is the bottleneck
-    for start in range(0, len(ds), chunk):
-      recs = [ds[i] for i in range(start, min(len(ds), start + chunk))]
-      for record in recs:
-        _check_response(record)
-      pairs = chat.pair_ids_batch(self.tokenizer, [r.get("messages") or r["prompt"] for r in recs],
-                                  [r["response"] for r in recs], cfg.system)
-      for ids, mask in pairs:
-        ex = fit_length(np.asarray(ids, np.int32), np.asarray(mask, np.int8), cfg.seq_len,
-                        cfg.overlong, self.stats)
-        if ex is not None:
-          self.stats["examples"] += 1
-          yield ex
+  def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ds = self.records
+    if self.tokenized is not None:  # tokenized once: replay each record's example and outcome
+      outcomes = (self.tokenized[ds[i]] for i in range(len(ds)))
+    else:
+      outcomes = tokenize_records(ds, self.tokenizer, self.cfg.seq_len, self.cfg.overlong,
+                                  self.cfg.system)
+    for ex, outcome in outcomes:
+      self.stats.update(outcome)
+      if ex is not None:
+        yield ex
 
   def _groups(self) -> Iterator[list[list[tuple[np.ndarray, np.ndarray]]]]:
     seq_len = self.cfg.seq_len
@@ -261,32 +279,50 @@ class SFTBatches:
 def sft_batches(data, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, epoch: int = 0,
                 packing: bool = True, overlong: str = "truncate", shuffle: bool = True,
                 system: str | None = None, drop_remainder: bool = False, start_step: int = 0,
-                host: int | None = None, num_hosts: int | None = None,
-                num_batches: int | None = None, stage: str | None = None) -> SFTBatches:
-  """This host's SFT batches for one epoch of `data` (a shard directory or a list of records).
+                num_batches: int | None = None, stage: str | None = None,
+                tokenized: "TokenizedRecords | None" = None) -> SFTBatches:
+  """The SFT batches of one epoch of `data` (a shard directory or a list of records).
 
-  Deterministic in (data, tokenizer, seed, epoch, host, num_hosts); `start_step` skips that many
-  batches for an exact resume. `batch_size` is the global batch; each host yields
-  batch_size / num_hosts rows (host, num_hosts default to jax.process_index()/process_count()).
+  Deterministic in (data, tokenizer, seed, epoch); `start_step` skips that many batches for an
+  exact resume. `batch_size` is the global batch: every process gets the same batches. With
+  `tokenized` (TokenizedRecords of the same data), no record is tokenized again: the batches are
+  the same, epoch after epoch, without the chat template's cost (`data` is then unused).
   """
   cfg = SFTDataConfig(seq_len=seq_len, batch_size=batch_size, packing=packing, overlong=overlong,
                       shuffle=shuffle, system=system, drop_remainder=drop_remainder)
-  return SFTBatches(data, tokenizer, cfg, seed=seed, epoch=epoch, start_step=start_step, host=host,
-                    num_hosts=num_hosts, num_batches=num_batches, stage=stage)
+  return SFTBatches(data, tokenizer, cfg, seed=seed, epoch=epoch, start_step=start_step,
+                    num_batches=num_batches, stage=stage, tokenized=tokenized)
+
+
+class TokenizedRecords:
+  """Every record of `data` tokenized once, in dataset order: per record its example
+  (ids, response mask, cut to seq_len) or None when skipped, and the stats it adds. Shared by all
+  epochs of a run (sft_batches(tokenized=...)); about 5 bytes per token of host memory."""
+
+  def __init__(self, data, tokenizer, *, seq_len: int, overlong: str = "truncate",
+               system: str | None = None, stage: str | None = None):
+    self.seq_len, self.overlong, self.system = seq_len, overlong, system
+    self._items = list(tokenize_records(record_dataset(data, stage), tokenizer, seq_len,
+                                        overlong, system))
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, i: int):
+    return self._items[i]
+
+  def check(self, cfg: SFTDataConfig) -> None:
+    got = (self.seq_len, self.overlong, self.system)
+    want = (cfg.seq_len, cfg.overlong, cfg.system)
+    if got != want:
+      raise ValueError(f"tokenized with (seq_len, overlong, system) = {got}, batches ask {want}")
 
 
 def to_device(batch: Mapping[str, np.ndarray], mesh) -> dict:
-  """Host-local rows -> global jax.Arrays sharded over the mesh's batch axes (data, fsdp)."""
-  import jax
-
-  from persyn_jax.sharding import batch_sharding
-
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, shape), v, shape)
-  return out
+  """A global batch (the same on every process) -> jax.Arrays sharded over the mesh's batch axes
+  (data, fsdp); each process' devices take their rows."""
+  from persyn_jax.sharding import batch_sharding, put_global
+  return {k: put_global(v, batch_sharding(mesh, np.shape(v))) for k, v in batch.items()}
 
 
 def device_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh) -> Iterator[dict]:

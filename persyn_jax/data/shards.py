@@ -158,14 +158,28 @@ def list_shards(out_dir: str, stage: str) -> list[str]:
 
 
 def write_manifest(out_dir: str, stage: str, extra: Mapping[str, Any] | None = None,
-                   verify: bool = False) -> dict:
+                   verify: bool = False, num_hosts: int | None = None) -> dict:
   """Atomically write `<stage>.manifest.json` over every shard of the stage in `out_dir`.
 
   Checks that each host's shards are all present (0..count-1, one count) and have a sidecar; with
-  verify=True each file's sha256 is recomputed too. Call it once all hosts have written (e.g. on
-  process 0 after a barrier). Returns the manifest.
+  verify=True each file's sha256 is recomputed too; with num_hosts, that exactly hosts
+  0..num_hosts-1 wrote shards (files of other hosts are left from a run with more processes).
+  Call it once all hosts have written (e.g. on process 0 after a barrier). Returns the manifest.
   """
   names = list_shards(out_dir, stage)
+  if num_hosts is not None:
+    hosts = {parse_name(stage, n)[0] for n in names}
+    extra_hosts = sorted(h for h in hosts if h >= num_hosts)
+    if extra_hosts:
+      files = [n for n in names if parse_name(stage, n)[0] >= num_hosts]
+      raise ShardError(f"{out_dir}: stage {stage!r} has shards of hosts {extra_hosts} "
+                       f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) but "
+                       f"{num_hosts} processes run it: they are left from a run with more "
+                       "processes (rerun with that many, or move the directory aside)")
+    absent = sorted(set(range(num_hosts)) - hosts)
+    if absent:
+      raise ShardError(f"{out_dir}: stage {stage!r} has no shards of hosts {absent} "
+                       f"(of {num_hosts}); every host writes at least one")
   by_host: dict[int, list[tuple[int, int]]] = {}
   shards = []
   for name in names:
@@ -266,6 +280,35 @@ def read_records(out_dir: str, stage: str, check_hash: bool = True) -> Iterator[
 def shard_paths(out_dir: str, stage: str, check_hash: bool = True) -> list[str]:
   """Verified shard paths of a stage, in shard order (for grain's ArrayRecordDataSource)."""
   return [os.path.join(out_dir, s["file"]) for s in verify_shards(out_dir, stage, check_hash)]
+
+
+def write_stage_records(out_dir: str, stage: str, records: Sequence[Mapping[str, Any]], *,
+                        records_per_shard: int, fmt: str = "json",
+                        extra: Mapping[str, Any] | None = None) -> dict | None:
+  """A whole stage's records, written by every process together (collective: all must call it).
+
+  Every process holds the same `records` (the gathered result of a sharded computation). Host h
+  writes the h-th of H contiguous parts as its own shards `<stage>-<h>-<k>-of-<n>` (at most
+  records_per_shard records each, at least one shard), so reading the stage in (host, index)
+  order gives `records` back in order, whatever H. Once all have written, process 0 writes the
+  manifest. A rerun keeps complete shards (see write_records). Returns the manifest on process 0,
+  None on the others.
+  """
+  import jax
+
+  from persyn_jax import distributed as dist
+  if records_per_shard < 1:
+    raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1")
+  host, hosts = jax.process_index(), jax.process_count()
+  part = split_evenly(list(records), hosts)[host]
+  write_records(out_dir, stage, part, num_shards=max(1, -(-len(part) // records_per_shard)),
+                host=host, fmt=fmt, manifest=False)
+  dist.barrier(f"shards:{stage}:written")
+  manifest = None
+  if host == 0:
+    manifest = write_manifest(out_dir, stage, extra, num_hosts=hosts)
+  dist.barrier(f"shards:{stage}:manifest")
+  return manifest
 
 
 def split_evenly(items: Sequence[Any], count: int) -> list[Sequence[Any]]:

@@ -241,7 +241,10 @@ class Transformer(nnx.Module):
   def __call__(self, input_ids: Array, *, positions: Array, segment_ids: Array,
                cache: Cache | None = None) -> tuple[Array, Cache | None]:
     B, T = input_ids.shape
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+    # the table's embed axis gathered first (as FSDP does for every weight): a lookup into a table
+    # sharded on both axes would make XLA replicate the gathered activations
+    table = constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
     if self.cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))

@@ -6,6 +6,11 @@ crash keeps every complete shard (data.shards.complete_shards) and samples only 
 a prompt's random keys depend on (seed, its global index, sample), the resumed job writes the same
 records as one uninterrupted run. A plan file (`<stage>-<host>.plan.json`) records the config hash,
 teacher, prompt ids and shard layout: a rerun with other inputs refuses to mix them.
+
+With H processes, host h owns the h-th of H contiguous parts of the prompts and writes its shards
+(`<stage>-<h>-<k>-of-<n>`); reading the shards in (host, index) order gives the input order back.
+Every batch still runs on all devices of all processes, and a prompt's keys depend only on its
+global index, so the records are those of a one-process run. A rerun must use the same H.
 """
 from __future__ import annotations
 
@@ -53,31 +58,41 @@ def _ids_hash(items: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _check_plan(out_dir: str, stage: str, host: int, plan: dict) -> None:
+  """Writes this host's plan, or checks it against an earlier run's; every process raises when
+  any host's plan differs (collective), so none is left waiting for the others."""
+  from persyn_jax import distributed as dist
   path = os.path.join(out_dir, f"{stage}-{host}.plan.json")
+  error = None
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
     diff = sorted(k for k in plan if old.get(k) != plan[k])
     if diff:
-      raise shards.ShardError(
-          f"{path}: an earlier run of stage {stage!r} used other {', '.join(diff)}; its shards "
-          f"cannot be resumed with these inputs (delete {out_dir} to start over)")
+      hint = (f"rerun with {old.get('hosts')} processes, or " if "hosts" in diff and
+              isinstance(old.get("hosts"), int) else "")
+      error = (f"{path}: an earlier run of stage {stage!r} used other {', '.join(diff)}; its "
+               f"shards cannot be resumed with these inputs ({hint}delete {out_dir} to start over)")
   else:
     os.makedirs(out_dir, exist_ok=True)
     shards.atomic_write_json(path, plan)
+  dist.raise_if_any(error, shards.ShardError, f"stage {stage!r}")
 
 
-def _done_shards(out_dir, stage, count, host) -> set[int]:
+def _done_shards(out_dir: str, stage: str, counts: Sequence[int]) -> set[tuple[int, int]]:
+  """(host, index) of every complete shard. Each host checks its own files; with several
+  processes the flags are gathered, so that every process skips the same batches (every batch is
+  a collective computation over all of them)."""
   import jax
-  done = shards.complete_shards(out_dir, stage, count, host)
-  if jax.process_count() > 1:  # every process must run the same batches (the model is sharded)
-    import numpy as np
-    from jax.experimental import multihost_utils
-    flags = np.zeros((count,), np.int32)
-    flags[sorted(done)] = 1
-    flags = multihost_utils.broadcast_one_to_all(flags)
-    done = {int(i) for i in np.nonzero(np.asarray(flags))[0]}
-  return done
+  import numpy as np
+  host = jax.process_index()
+  mine = shards.complete_shards(out_dir, stage, counts[host], host)
+  if jax.process_count() == 1:
+    return {(host, k) for k in mine}
+  from jax.experimental import multihost_utils
+  flags = np.zeros((max(counts),), np.int32)
+  flags[sorted(mine)] = 1
+  flags = np.asarray(multihost_utils.process_allgather(flags))  # [hosts, max(counts)]
+  return {(int(h), int(k)) for h, k in zip(*np.nonzero(flags))}
 
 
 def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
@@ -92,8 +107,9 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
   make_record(item, result, teacher=, provenance=) -> record (default `default_record`).
   Prompts skipped as too long (overlong="skip") get no record; they are counted (and their ids
   listed) in the manifest's `extra.counts` / `extra.skipped_ids` (from a `<shard>.stats.json`
-  sidecar per shard). Only process 0 writes (every process runs the same sharded batches).
-  Returns the manifest ({} on other processes).
+  sidecar per shard). With several processes, every process runs every batch (sharded over all
+  devices) and host h writes the shards of the h-th contiguous part of the prompts; process 0
+  writes the manifest once all have written. Returns the manifest ({} on other processes).
   """
   import jax
   if records_per_shard < 1:
@@ -103,27 +119,35 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
                                                              or it.get("messages")):
       raise ValueError(f"prompt record {i} needs an 'id' and a 'prompt' or 'messages': {it!r:.200}")
   make_record = make_record or default_record
-  host = 0  # the shard names of the writing process
-  writer = jax.process_index() == 0
+  host, hosts = jax.process_index(), jax.process_count()
   per = max(1, records_per_shard // config.num_samples)
-  count = max(1, math.ceil(len(prompts) / per))
+  # host h writes the h-th contiguous part of the prompts as its shards 0..counts[h]-1
+  parts, start = [], 0
+  for part in shards.split_evenly(prompts, hosts):
+    parts.append((start, part, max(1, math.ceil(len(part) / per))))
+    start += len(part)
+  counts = [c for _, _, c in parts]
   # batch_size is left out of the hash so a job that ran out of memory can resume with less
   prov = {"stage": stage, "config_hash": config_hash(
       {k: v for k, v in to_dict(config).items() if k != "batch_size"}), "seed": config.seed}
   prov.update(provenance or {})
+  first, mine, count = parts[host]
   plan = {"stage": stage, "teacher": teacher, "config_hash": prov["config_hash"],
           "prompts": len(prompts), "prompt_ids": _ids_hash(prompts), "prompts_per_shard": per,
-          "shards": count}
-  if writer:
-    _check_plan(out_dir, stage, host, plan)
-  done = _done_shards(out_dir, stage, count, host)
+          "hosts": hosts, "host_prompts": [first, first + len(mine)], "shards": count}
+  _check_plan(out_dir, stage, host, plan)
+  done = _done_shards(out_dir, stage, counts)
+  # every process runs every batch, in this order (each batch is sharded over all devices)
+  todo = [(h, k, first_h + k * per, part_h[k * per:(k + 1) * per])
+          for h, (first_h, part_h, count_h) in enumerate(parts) for k in range(count_h)
+          if (h, k) not in done]
 
   bar = None
   rows_total = len(prompts) * config.num_samples
-  if progress and writer:
+  if progress and host == 0:
     from tqdm.auto import tqdm
     bar = tqdm(total=rows_total, unit="resp", desc=f"{stage}/{teacher}", dynamic_ncols=True)
-    bar.update(sum(min(per, len(prompts) - k * per) for k in done) * config.num_samples)
+    bar.update((rows_total - sum(len(chunk) for *_, chunk in todo) * config.num_samples))
   t0, tokens = time.perf_counter(), 0
 
   def tick(rows: int, new_tokens: int) -> None:
@@ -136,42 +160,52 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
                       tok_s=f"{tokens / dt:.0f}", refresh=False)
 
   try:
-    for k in range(count):
-      if k in done:
-        continue
-      chunk = prompts[k * per:(k + 1) * per]
+    for h, k, offset, chunk in todo:
       results = generate(model, tokenizer, [prompt_of(it) for it in chunk], config, mesh=mesh,
-                         indices=range(k * per, k * per + len(chunk)), progress=tick)
-      out = [make_record(chunk[r.index - k * per], r, teacher=teacher, provenance=prov)
+                         indices=range(offset, offset + len(chunk)), progress=tick)
+      if h != host:  # another host's shard: it writes it
+        continue
+      out = [make_record(chunk[r.index - offset], r, teacher=teacher, provenance=prov)
              for r in results if r.finish_reason != "skipped"]
-      if writer:
-        # the stats sidecar goes first: a complete shard always has one
-        stats = summarize(results)
-        stats["skipped_ids"] = sorted({str(chunk[r.index - k * per]["id"]) for r in results
-                                       if r.finish_reason == "skipped"})
-        shards.atomic_write_json(_stats_path(out_dir, stage, host, k, count), stats)
-        shards.write_shard(out_dir, stage, out, index=k, count=count, host=host, fmt=fmt)
+      # the stats sidecar goes first: a complete shard always has one
+      stats = summarize(results)
+      stats["skipped_ids"] = sorted({str(chunk[r.index - offset]["id"]) for r in results
+                                     if r.finish_reason == "skipped"})
+      shards.atomic_write_json(_stats_path(out_dir, stage, host, k, count), stats)
+      shards.write_shard(out_dir, stage, out, index=k, count=count, host=host, fmt=fmt)
   finally:
     if bar is not None:
       bar.close()
 
-  if not writer:
-    return {}
-  counts: dict[str, Any] = {}
-  for k in range(count):
-    path = _stats_path(out_dir, stage, host, k, count)
-    try:
-      with open(path) as f:
-        stats = json.load(f)
-    except FileNotFoundError:
-      raise shards.ShardError(f"{path}: missing; shard {k} was not written by "
-                              "generate_to_records (delete it and rerun)") from None
-    for key, v in stats.items():
-      counts[key] = counts.get(key, 0 if key != "skipped_ids" else []) + v
-  skipped_ids = counts.pop("skipped_ids", [])
-  extra = {"teacher": teacher, "sampling": to_dict(config), "plan": plan, "counts": counts,
+  from persyn_jax import distributed as dist
+  dist.barrier(f"generate:{stage}:written")
+  manifest: dict = {}
+  if host == 0:
+    manifest = _write_manifest(out_dir, stage, counts, teacher, config, plan)
+  dist.barrier(f"generate:{stage}:manifest")
+  return manifest
+
+
+def _write_manifest(out_dir: str, stage: str, counts: Sequence[int], teacher: str,
+                    config: SamplingConfig, plan: dict) -> dict:
+  totals: dict[str, Any] = {}
+  for h, count in enumerate(counts):
+    for k in range(count):
+      path = _stats_path(out_dir, stage, h, k, count)
+      try:
+        with open(path) as f:
+          stats = json.load(f)
+      except FileNotFoundError:
+        raise shards.ShardError(f"{path}: missing; shard {k} of host {h} was not written by "
+                                "generate_to_records (delete it and rerun)") from None
+      for key, v in stats.items():
+        totals[key] = totals.get(key, 0 if key != "skipped_ids" else []) + v
+  skipped_ids = totals.pop("skipped_ids", [])
+  plan = {k: v for k, v in plan.items() if k not in ("host_prompts", "shards")}
+  plan["shards"] = list(counts)
+  extra = {"teacher": teacher, "sampling": to_dict(config), "plan": plan, "counts": totals,
            "skipped_ids": skipped_ids}
-  return shards.write_manifest(out_dir, stage, extra)
+  return shards.write_manifest(out_dir, stage, extra, num_hosts=len(counts))
 
 
 def _stats_path(out_dir: str, stage: str, host: int, index: int, count: int) -> str:

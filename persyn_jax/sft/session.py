@@ -108,20 +108,16 @@ class Session:
                         self.state_shardings)
 
   def put_batch(self, micro: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
-    """k microbatches [rows, seq] (this process' rows) -> global [k, rows, seq] device arrays."""
+    """k global microbatches [batch_size, seq] (the same on every process) -> [k, rows, seq]
+    device arrays, rows over (data, fsdp); each process' devices take their slices."""
     stacked = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}
-    local_rows = stacked["input_ids"].shape[1]
-    global_shape = (len(micro), local_rows * jax.process_count(), stacked["input_ids"].shape[2])
-    shardings = batch_shardings(self.mesh, global_shape)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_shape)
-            for k, v in stacked.items()}
+    shardings = batch_shardings(self.mesh, stacked["input_ids"].shape)
+    return {k: shd.put_global(v, shardings[k]) for k, v in stacked.items()}
 
   def put_rows(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """One batch [rows, seq] (this process' rows) -> global device arrays, rows over (data, fsdp)."""
-    local = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
-    shape = (local["input_ids"].shape[0] * jax.process_count(), local["input_ids"].shape[1])
-    sharding = shd.batch_sharding(self.mesh, shape)
-    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
+    """One global batch [rows, seq] -> device arrays, rows over (data, fsdp)."""
+    sharding = shd.batch_sharding(self.mesh, np.shape(batch["input_ids"]))
+    return {k: shd.put_global(batch[k], sharding) for k in BATCH_KEYS}
 
   @property
   def step(self) -> Callable:

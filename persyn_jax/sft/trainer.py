@@ -87,6 +87,8 @@ def as_source(batches: BatchesFn | Sequence[Batch] | Iterable[Batch]) -> tuple[B
 def total_steps(config: SFTConfig, per_epoch: int | None) -> int:
   if config.max_steps:
     return config.max_steps
+  if per_epoch == 0:
+    raise ValueError("the SFT data has no batches (an empty dataset, or every example skipped)")
   if not per_epoch:
     raise ValueError("SFTConfig.max_steps = 0 needs the number of batches per epoch "
                      "(pass num_batches= or a sized source)")
@@ -98,10 +100,10 @@ def _check_batch(b: Batch, config: SFTConfig, index: int) -> None:
   if missing:
     raise KeyError(f"batch {index}: missing {missing} (the SFT batch contract needs {list(BATCH_KEYS)})")
   shape = np.shape(b["input_ids"])
-  rows = config.batch_size // jax.process_count()
-  if shape != (rows, config.seq_len):
-    raise ValueError(f"batch {index}: input_ids has shape {shape}, expected (batch_size/processes, "
-                     f"seq_len) = {(rows, config.seq_len)}")
+  if shape != (config.batch_size, config.seq_len):
+    raise ValueError(f"batch {index}: input_ids has shape {shape}, expected (batch_size, seq_len) "
+                     f"= {(config.batch_size, config.seq_len)} (the global batch, the same on "
+                     "every process)")
   for k in BATCH_KEYS:
     if np.shape(b[k]) != shape:
       raise ValueError(f"batch {index}: {k} has shape {np.shape(b[k])}, input_ids {shape}")
@@ -149,7 +151,10 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
   checkpoint in `out_dir/checkpoints` if there is one.
 
   `batches_fn(start)` yields microbatches ([batch_size, seq_len] dicts of the SFT batch contract)
-  from microbatch index `start` on; a list of batches or a re-iterable also works. `num_batches`:
+  from microbatch index `start` on; a list of batches or a re-iterable also works. With several
+  processes, every process yields the same global batches (data.pipeline.sft_batches does: every
+  host packs all records the same way), and each process' devices take their rows, so a run's
+  losses do not depend on the number of processes. `num_batches`:
   microbatches per epoch, needed when max_steps = 0 and the source has no len().
   """
   os.makedirs(out_dir, exist_ok=True)
