@@ -42,13 +42,8 @@ def resolve_world(cfg: RunConfig, log: Log = _print) -> RunConfig:
   if cfg.world is None:
     return cfg
   from persyn_jax import toyworld
-  if dist.is_multiprocess():  # building trains models (collective checkpoints): one process only
-    root = os.path.join(toyworld.cache_root(cfg.world.cache_dir),
-                        toyworld.world_key(cfg.world.scale, cfg.world.seed))
-    if not os.path.exists(os.path.join(root, "world.json")):
-      raise RuntimeError(f"the toy world is not built at {root}; build it first with one process: "
-                         f"python -c \"from persyn_jax import toyworld; toyworld.build("
-                         f"'{cfg.world.scale}', {cfg.world.seed}, '{cfg.world.cache_dir}')\"")
+  # several processes: the first to get the lock builds it (in a one-process subprocess), the
+  # others wait and load it (or build their own copy when the cache is not shared)
   w = toyworld.build(cfg.world.scale, cfg.world.seed, cfg.world.cache_dir, log=log)
   teachers = tuple(ModelRef(name=n, path=p, family=f, dtype="float32") for n, p, f in w.teachers)
   n, p, f = w.student

@@ -8,12 +8,16 @@ loading path, and cached under ~/.cache/persyn_jax/toyworld/<key>/ (or $PERSYN_J
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -155,15 +159,64 @@ def _train(spec: Spec, style, scale: Scale, tok, problems, out_dir: str, seed: i
 
 def build(scale: str = "default", seed: int = 0, cache_dir: str = "", *, force: bool = False,
           log=print) -> World:
-  """Builds the world (or loads it from the cache). Deterministic: same seed, same checkpoints."""
+  """Builds the world (or loads it from the cache). Deterministic: same seed, same checkpoints.
+  Safe to call from several processes at once (a lock file beside the world); in a multi-process
+  jax job the world is built by a one-process subprocess on CPU."""
   if scale not in SCALES:
     raise ValueError(f"toy world scale {scale!r}: one of {sorted(SCALES)}")
-  sc = SCALES[scale]
   root = os.path.join(cache_root(cache_dir), world_key(scale, seed))
   info_path = os.path.join(root, "world.json")
   if os.path.exists(info_path) and not force:
     log(f"[toyworld] using the cached world at {root}")
     return _world(root, json.load(open(info_path)))
+  with _build_lock(root):  # processes sharing the cache: one builds, the others wait, then load
+    if os.path.exists(info_path) and not force:
+      log(f"[toyworld] using the world just built at {root}")
+      return _world(root, json.load(open(info_path)))
+    if jax.process_count() > 1:
+      _build_in_subprocess(scale, seed, cache_dir, force, root, log)
+      return _world(root, json.load(open(info_path)))
+    return _build(scale, seed, root, log)
+
+
+LOCK_HELD = "PERSYN_JAX_TOYWORLD_LOCK_HELD"
+
+
+@contextlib.contextmanager
+def _build_lock(root: str):
+  """An exclusive lock on `<root>.lock` (fcntl: also between hosts on an NFS share)."""
+  if os.environ.get(LOCK_HELD) == root:  # the build subprocess of the process holding it
+    yield
+    return
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  with open(root + ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_in_subprocess(scale: str, seed: int, cache_dir: str, force: bool, root: str, log) -> None:
+  """One process of a multi-process job: the world is built by a one-process CPU job of its own
+  (building trains models, and their checkpoints would otherwise be collective over every
+  process, which are not building). The same world as a one-process build: it is deterministic
+  on CPU."""
+  log(f"[toyworld] process {jax.process_index()}: building the {scale} world at {root} in a "
+      "one-process CPU subprocess (the other processes wait for it)")
+  env = dict(os.environ, PERSYN_JAX_DISTRIBUTED="0", JAX_PLATFORMS="cpu", **{LOCK_HELD: root})
+  code = ("import sys; from persyn_jax import toyworld; "
+          "toyworld.build(sys.argv[1], int(sys.argv[2]), sys.argv[3], force=sys.argv[4] == '1')")
+  proc = subprocess.run([sys.executable, "-c", code, scale, str(seed), cache_dir,
+                         "1" if force else "0"], env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"building the toy world at {root} failed (exit code {proc.returncode}; "
+                       "its output is above)")
+
+
+def _build(scale: str, seed: int, root: str, log) -> World:
+  sc = SCALES[scale]
+  info_path = os.path.join(root, "world.json")
   log(f"[toyworld] building the {scale} world at {root} (cached for later runs)")
   t0 = time.time()
   os.makedirs(root, exist_ok=True)

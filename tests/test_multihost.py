@@ -58,6 +58,18 @@ def run_config(run_dir: str):
   return C.from_dict(RunConfig, C.apply_overrides(data, RUN_SETS))
 
 
+def world_config(run_dir: str, cache_dir: str):
+  """The default config's toy world (`world:` set) at the tiny scale, cached in cache_dir: the
+  run builds the world itself when cache_dir has none."""
+  from persyn_jax import config as C
+  from persyn_jax.run_config import RunConfig
+  from persyn_jax.train import DEFAULT_CONFIG
+  data = C.load_yaml(DEFAULT_CONFIG)
+  data.update(run_dir=run_dir, compare=list(POLICIES))
+  data["world"] = dict(data["world"], scale="tiny", cache_dir=cache_dir)
+  return C.from_dict(RunConfig, C.apply_overrides(data, RUN_SETS))
+
+
 TIMEOUT_S = 600
 
 
@@ -72,6 +84,7 @@ def worker(argv=None) -> int:
   ap.add_argument("--stages", default=STAGES)
   ap.add_argument("--model", default="", help="first load this HF directory (load_check)")
   ap.add_argument("--orbax", default="", help="and its persyn_jax.convert output")
+  ap.add_argument("--world-cache", default="", help="run the toy world config cached here")
   args = ap.parse_args(argv)
   from persyn_jax import distributed as dist
   dist.initialize(args.coordinator if args.num_processes > 1 else None, args.num_processes,
@@ -82,7 +95,9 @@ def worker(argv=None) -> int:
     load_check(args)
   if args.stages:
     from persyn_jax.pipeline import Run
-    Run(run_config(args.run_dir), log=lambda m: None).run(args.stages.split(","))
+    cfg = (world_config(args.run_dir, args.world_cache) if args.world_cache
+           else run_config(args.run_dir))
+    Run(cfg, log=lambda m: None).run(args.stages.split(","))
   dist.barrier("worker:end")
   return 0
 
@@ -212,10 +227,11 @@ class Job:
         if p.poll() is None:
           p.kill()
           p.wait()
-    tails = []
+    tails, self.output = [], []
     for i, log in enumerate(self.logs):
       log.seek(0)
-      tails.append(f"--- process {i} ---\n" + "".join(log.readlines()[-30:]))
+      self.output.append(log.read())
+      tails.append(f"--- process {i} ---\n" + "\n".join(self.output[-1].splitlines()[-30:]))
       log.close()
     if failed:
       raise AssertionError(f"processes {failed} failed:\n" + "\n".join(tails))
@@ -248,12 +264,17 @@ def runs(world_cache, orbax_teacher, tmp_path_factory):
   first loads a teacher from safetensors and from its orbax conversion (load_check)."""
   dirs = {n: str(tmp_path_factory.mktemp(f"run{n}")) for n in (1, 2, 4)}
   hf_dir, orbax_dir = orbax_teacher
+  fresh = str(tmp_path_factory.mktemp("fresh_cache"))
+  dirs["world"] = (str(tmp_path_factory.mktemp("run_world")), fresh)
   jobs = [Job(1, 4, ["--run-dir", dirs[1]], world_cache),
           Job(2, 2, ["--run-dir", dirs[2]], world_cache),
-          Job(4, 1, ["--run-dir", dirs[4], "--model", hf_dir, "--orbax", orbax_dir], world_cache)]
+          Job(4, 1, ["--run-dir", dirs[4], "--model", hf_dir, "--orbax", orbax_dir], world_cache),
+          Job(2, 1, ["--run-dir", dirs["world"][0], "--world-cache", fresh, "--stages", "probe"],
+              world_cache)]
   seconds = [job.wait() for job in jobs]
-  print("1 x 4, 2 x 2 and 4 x 1 processes x devices, at once: "
+  print("1 x 4, 2 x 2 and 4 x 1 processes x devices, and the world build job, at once: "
         + ", ".join(f"{t:.1f} s" for t in seconds))
+  dirs["world_output"] = jobs[-1].output
   return dirs
 
 
@@ -364,6 +385,22 @@ def test_the_exported_student_equals_the_one_process_run(runs, n):
       a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
       np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()),
                                  err_msg=str(k))
+
+
+def test_a_multi_process_run_builds_the_toy_world_once(runs, tiny_world):
+  """The default config's `world:` on 2 processes with an empty cache: one process builds the
+  world (in a one-process subprocess, holding the lock), the other waits and loads it, and the
+  probe runs. The world is the one a one-process build makes (its checkpoints' sha256)."""
+  from persyn_jax import toyworld
+  run_dir, cache = runs["world"]
+  built = [out.count("[toyworld] building the tiny world") for out in runs["world_output"]]
+  assert sorted(built) == [0, 1], built
+  assert len(glob.glob(os.path.join(toyworld.cache_root(cache), "*", "world.json"))) == 1
+  world = toyworld.build("tiny", 0, cache, log=lambda m: None)
+  assert world.info["hashes"] == tiny_world.info["hashes"]
+  from persyn_jax.data import shards
+  for name, _, _ in world.teachers:
+    assert shards.read_manifest(os.path.join(run_dir, "probe"), f"probe-{name}")["records"] == 16
 
 
 def test_four_processes_load_only_their_slices(runs, orbax_teacher):
