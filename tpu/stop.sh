@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Stop the run on every worker and keep the TPU VM: `tpu/launch.sh` with the same config and
+# --run-dir resumes it (finished stages are skipped, a stopped stage continues from its shards
+# and its last SFT checkpoint). GRACE seconds after SIGTERM, what is left is killed.
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "$0")/common.sh"
+: "${GRACE:=30}"
+tpu_ssh "pkill -TERM -f persyn_jax.train || true; \
+for _ in \$(seq ${GRACE}); do pgrep -f persyn_jax.train >/dev/null || exit 0; sleep 1; done; \
+pkill -KILL -f persyn_jax.train || true"
+echo "stopped the run on every worker of ${TPU_NAME} (the VM is kept)"
