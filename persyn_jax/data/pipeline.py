@@ -5,7 +5,8 @@ from (seed, epoch), and each record is tokenized with the student's own chat tem
 (chat.pair_ids). Examples are packed first-fit into the B rows of the batch being built; when an
 example fits in no row the batch is emitted. With several processes every process builds the same
 global batches and its devices take their rows (to_device), so packing never depends on the number
-of hosts. (host_records splits records across hosts for readers that want per-host streams.) Every batch follows the SFT batch contract (common.md):
+of hosts (host_records splits records across hosts for readers that want per-host streams).
+Every batch follows the SFT batch contract (common.md):
 
   input_ids, segment_ids (0 = padding), positions (restart per segment), targets (next token of
   the same segment, 0 elsewhere), loss_mask (1 where the target is a response token).
