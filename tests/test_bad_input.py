@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 
+import tiny
 from persyn_jax import config as C
 from persyn_jax.data import records as R
 from persyn_jax.data import sources as S
@@ -22,13 +23,6 @@ def copy_model(model_dir, tmp_path, arch="llama", **kw):
   return dst
 
 
-def edit_config(path, **kw):
-  p = os.path.join(path, "config.json")
-  cfg = json.load(open(p))
-  cfg.update(kw)
-  json.dump(cfg, open(p, "w"))
-
-
 def edit_header(path, fn):
   """Rewrites the JSON header of model.safetensors (data section unchanged)."""
   p = os.path.join(path, "model.safetensors")
@@ -38,6 +32,14 @@ def edit_header(path, fn):
   hb = json.dumps(header).encode()
   hb += b" " * (-len(hb) % 8)
   open(p, "wb").write(struct.pack("<Q", len(hb)) + hb + data[8 + n:])
+
+
+def retype(path, tensor, dtype):
+  """Declares `tensor` as `dtype` in the safetensors header (its bytes unchanged)."""
+  def edit(h):
+    h[tensor]["dtype"] = dtype
+    return h
+  edit_header(path, edit)
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -55,11 +57,7 @@ def test_a_file_that_is_not_safetensors_is_named(model_dir, tmp_path, content, m
 
 def test_a_header_whose_dtype_disagrees_with_the_data_is_named(model_dir, tmp_path):
   path = copy_model(model_dir, tmp_path)
-
-  def f64(h):
-    h["model.embed_tokens.weight"]["dtype"] = "F64"  # twice the bytes the data section holds
-    return h
-  edit_header(path, f64)
+  retype(path, "model.embed_tokens.weight", "F64")  # twice the bytes the data section holds
   with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' \(shape \[\d+, 32\], "
                                             r"F64\) needs bytes .*truncated or corrupt"):
     from_pretrained(path)
@@ -67,11 +65,7 @@ def test_a_header_whose_dtype_disagrees_with_the_data_is_named(model_dir, tmp_pa
 
 def test_an_unknown_dtype_is_named(model_dir, tmp_path):
   path = copy_model(model_dir, tmp_path)
-
-  def f8(h):
-    h["model.norm.weight"]["dtype"] = "F8_E4M3"
-    return h
-  edit_header(path, f8)
+  retype(path, "model.norm.weight", "F8_E4M3")
   with pytest.raises(CheckpointError, match=r"tensor 'model.norm.weight' has unsupported dtype 'F8_E4M3'"):
     from_pretrained(path)
 
@@ -93,11 +87,7 @@ def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
 def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
   """A float weight stored as I32 (a mis-typed export) would load as garbage numbers."""
   path = copy_model(model_dir, tmp_path)
-
-  def i32(h):
-    h["model.norm.weight"]["dtype"] = "I32"
-    return h
-  edit_header(path, i32)
+  retype(path, "model.norm.weight", "I32")
   with pytest.raises(CheckpointError, match=r"'model.norm.weight'.*I32|int32"):
     from_pretrained(path)
 
@@ -115,7 +105,7 @@ def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
 ])
 def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, match):
   path = copy_model(model_dir, tmp_path)
-  edit_config(path, **{field: value})
+  tiny.edit_config(path, **{field: value})
   with pytest.raises((CheckpointError, ValueError), match=match):
     from_pretrained(path)
 
@@ -123,7 +113,7 @@ def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, 
 @pytest.mark.parametrize("value", ["abc", None, 3.5])
 def test_a_mistyped_config_field_is_named(model_dir, tmp_path, value):
   path = copy_model(model_dir, tmp_path)
-  edit_config(path, hidden_size=value)
+  tiny.edit_config(path, hidden_size=value)
   with pytest.raises(CheckpointError, match=r"config.json: .*'hidden_size'"):
     from_pretrained(path)
 
@@ -155,7 +145,7 @@ def test_a_reward_model_with_a_wide_head_is_refused(model_dir, tmp_path):
   from persyn_jax.scoring import RewardScorer, ScoringConfig
   path = copy_model(model_dir, tmp_path, classifier=True)
   # weights of a 1-wide head, config of a 2-class classifier: the shapes disagree, named
-  edit_config(path, id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
+  tiny.edit_config(path, id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
   with pytest.raises(CheckpointError, match=r"tensor 'score.weight' has shape \(1, 32\), expected \(2, 32\)"):
     RewardScorer.from_pretrained(path, ScoringConfig(dtype="float32"))
   # a consistent 2-class classifier loads, but is no reward model: refused, not read at column 0

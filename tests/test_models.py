@@ -1,5 +1,4 @@
 """Our Flax decoders against transformers' PyTorch models on the same (random, seeded) weights."""
-import json
 import os
 import shutil
 
@@ -134,16 +133,9 @@ def copy_dir(src, dst):
   return str(dst)
 
 
-def edit_config(path, **kw):
-  p = os.path.join(path, "config.json")
-  cfg = json.load(open(p))
-  cfg.update(kw)
-  json.dump(cfg, open(p, "w"))
-
-
 def test_unsupported_model_type_lists_supported(model_dir, tmp_path):
   path = copy_dir(model_dir("llama")[0], tmp_path / "m")
-  edit_config(path, model_type="gpt2")
+  tiny.edit_config(path, model_type="gpt2")
   with pytest.raises(CheckpointError, match=r"'gpt2' is not supported; supported: llama, mistral"):
     from_pretrained(path)
 
@@ -222,7 +214,7 @@ def test_missing_tokenizer_is_named(model_dir, tmp_path):
 
 def test_remote_code_config_is_refused(model_dir, tmp_path):
   path = copy_dir(model_dir("llama")[0], tmp_path / "m")
-  edit_config(path, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
+  tiny.edit_config(path, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
   with pytest.raises(CheckpointError, match="remote code"):
     from_pretrained(path)
 

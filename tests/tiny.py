@@ -4,6 +4,7 @@ Every parameter, norms included, is drawn at random so that a wrongly mapped wei
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -47,6 +48,16 @@ ARCHS = {
 
 def tokenizer():
   return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def edit_config(path: str, **fields) -> None:
+  """Sets `fields` in the config.json of the model directory `path` (for bad-input tests)."""
+  p = os.path.join(path, "config.json")
+  with open(p) as f:
+    cfg = json.load(f)
+  cfg.update(fields)
+  with open(p, "w") as f:
+    json.dump(cfg, f)
 
 
 def hf_config(arch: str, tok, **overrides):
