@@ -152,13 +152,6 @@ def batch_multiple(mesh) -> int:
   return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def to_host(x: Array) -> np.ndarray:
-  if not x.is_fully_addressable:  # multi-host: every process gets the whole batch
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 class Runner:
   """Runs batches through the compiled prefill and decode of one (model, sampling config, mesh)."""
 

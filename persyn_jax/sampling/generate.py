@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from persyn_jax.data import chat
+from persyn_jax.distributed import to_host  # multi-host: every process gets the whole batch
 from persyn_jax.sampling.config import GenerationResult, SamplingConfig
-from persyn_jax.sampling.engine import Runner, Static, batch_multiple, model_mesh, to_host
+from persyn_jax.sampling.engine import Runner, Static, batch_multiple, model_mesh
 
 Prompt = chat.Prompt
 
