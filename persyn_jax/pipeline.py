@@ -305,9 +305,8 @@ class Run:
           responses[(r["id"], r["teacher"])] = r
     if oracle:
       scored, _ = self._score([r for (i, _), r in responses.items() if i in by_id])
-      recs = [r for r in scored]
       from persyn_jax.scoring import reward_matrix
-      ids, teachers, reward = reward_matrix(recs, self.teachers, "reward")
+      ids, teachers, reward = reward_matrix(scored, self.teachers, "reward")
       best = np.argmax(np.where(np.isnan(reward), -np.inf, reward), axis=1)
       assignments["oracle"] = {i: teachers[j] for i, j in zip(ids, best)}
       if jax.process_index() == 0:
