@@ -61,6 +61,7 @@ class RouterConfig:
   batch_tokens: int = 32768  # route(): padded tokens per batch
   max_batch_size: int = 256
   min_bucket: int = 64
+  mesh: shd.MeshConfig | None = None  # the router stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
     if self.pooling not in ("appended_token", "last_token"):

@@ -49,6 +49,7 @@ class ScoringConfig:
   min_bucket: int = 64  # the shortest bucket length
   logits_chunk: int = 512  # sequence chunk of the fp32 log-softmax (bounds [B, chunk, vocab])
   dtype: str = "bfloat16"  # compute dtype of the student and the reward model
+  mesh: shd.MeshConfig | None = None  # the score stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:

@@ -78,6 +78,24 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
   return Mesh(arr, AXES)
 
 
+def single_device_mesh() -> Mesh:
+  """The default mesh of an unsharded model: the first device alone."""
+  return make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+
+
+def mesh_of(tree) -> Mesh:
+  """The mesh a model's (or a state pytree's) arrays live on; the single-device mesh for arrays
+  that are not laid out on a named mesh."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+    break
+  return single_device_mesh()
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> P:
   """PartitionSpec for `logical_axes`. A mesh axis is used at most once, and only where it divides

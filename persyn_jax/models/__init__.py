@@ -23,7 +23,7 @@ from persyn_jax.models.transformer import (CausalLM, SequenceClassifier, Transfo
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "load_tokenizer", "ModelConfig",
            "RopeConfig", "CausalLM", "SequenceClassifier", "Transformer", "CheckpointError",
-           "SUPPORTED_MODEL_TYPES", "init_cache", "pool_last", "as_dtype", "build_model"]
+           "SUPPORTED_MODEL_TYPES", "init_cache", "pool_last", "as_dtype", "build_model", "load_model"]
 
 
 def as_dtype(dtype) -> jnp.dtype:
@@ -104,6 +104,13 @@ def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | No
   model = load_params(abstract, path, mesh, pdtype, allow_pickle=allow_pickle)
   tok = load_tokenizer(path) if tokenizer else None
   return model, tok
+
+
+def load_model(path: str, **kw):
+  """(model, tokenizer) from an HF directory or a `persyn_jax.convert` (orbax) output; keyword
+  arguments as `from_pretrained`."""
+  from persyn_jax.convert import load_model as _load
+  return _load(path, **kw)
 
 
 def _merge_ids(a, b) -> tuple[int, ...] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from persyn_jax.sharding import MeshConfig
+
 FINISH_REASONS = ("stop", "length", "skipped")
 
 
@@ -21,6 +23,7 @@ class SamplingConfig:
     (`overlong="skip"`, finish_reason "skipped").
   min_bucket: the shortest prompt bucket; buckets are 2^n and 1.5 * 2^n tokens up to max_prompt_len.
   cache_dtype: "auto" = the model's compute dtype.
+  mesh: the sampling stage's own mesh; None = the run's mesh.
   """
 
   max_new_tokens: int = 512
@@ -37,6 +40,7 @@ class SamplingConfig:
   system_prompt: str | None = None
   min_bucket: int = 16
   cache_dtype: str = "auto"
+  mesh: MeshConfig | None = None
 
   def __post_init__(self):
     checks = [

@@ -79,7 +79,7 @@ class SFTConfig:
   export_dtype: str | None = "bfloat16"  # None: as stored (param_dtype)
   seed: int = 0
   lora: LoRAConfig = LoRAConfig()
-  mesh: MeshConfig = MeshConfig()
+  mesh: MeshConfig | None = None  # the SFT stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
     positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
