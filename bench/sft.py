@@ -171,7 +171,7 @@ def main():
   tokens = p["batch"] * p["seq"]
   train_flops = 3 * jx["flops_per_token_fwd"]  # forward + backward (2x)
   dev = jax.devices()[0]
-  from persyn_jax.sft.trainer import PEAK_BF16
+  from persyn_jax.sft.log import PEAK_BF16
   peak = next((f for k, f in PEAK_BF16.items() if dev.device_kind.startswith(k)), None)
   peak_note = "spec bf16 dense"
   if dev.platform == "cpu" or p["dtype"] != "bfloat16":

@@ -4,7 +4,7 @@ teacher, read at a token appended to the prompt; each prompt goes to argmax_m pi
     router = Router.from_backbone("qwen2.5-1.5b_dir", teachers, RouterConfig(), mesh=mesh)
     router, report = train_router(router, prompts, rewards)        # router_train.py
     names, scores = router.route(prompts)                           # batched, sharded
-    router.save("run/router"); Router.load("run/router", mesh=mesh)  # orbax
+    router.save("run/router"); Router.load("run/router", mesh=mesh)  # checkpoints.save_tree
 
 Pairs, the Bradley-Terry loss and the metrics (pairwise accuracy, Hit@1/Hit@3 against the oracle,
 assignment shares) are pure functions here too.
@@ -12,7 +12,6 @@ assignment shares) are pure functions here too.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Literal, Sequence
@@ -26,7 +25,9 @@ from persyn_jax import config as cfglib
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.buckets import bucket_lengths, pad_rows, plan_batches
+from persyn_jax.checkpoints import abstract, restore_tree, save_tree
 from persyn_jax.data import chat
+from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models.hf import config_from_hf, config_to_hf, read_json
 from persyn_jax.models.transformer import Transformer, pool_last, positions_from_segments
 
@@ -182,7 +183,7 @@ class Router:
     self.model, self.tokenizer, self.config = model, tokenizer, config
     self.teachers = list(teachers)
     self.route_token_id = route_token_id
-    self.mesh = mesh if mesh is not None else shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+    self.mesh = mesh if mesh is not None else shd.single_device_mesh()
     self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     self._forward = None
@@ -263,49 +264,35 @@ class Router:
   def save(self, path: str) -> None:
     """Orbax state + router.json (teachers, config, route token) + the backbone's config and
     tokenizer: a self-contained directory (the backbone's HF weights are not needed to load)."""
-    import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
-    state_dir = os.path.join(path, "state")
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(state_dir, nnx.to_pure_dict(nnx.state(self.model)), force=True)
-    ckpt.wait_until_finished()
+    save_tree(os.path.join(path, "state"), nnx.to_pure_dict(nnx.state(self.model)))
     if jax.process_index() != 0:  # the orbax save above is collective; the rest is written once
       return
     self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    _write_json(os.path.join(path, "backbone_config.json"), config_to_hf(self.model.backbone.cfg))
-    _write_json(os.path.join(path, "router.json"), {
+    atomic_write_json(os.path.join(path, "backbone_config.json"),
+                      config_to_hf(self.model.backbone.cfg), sort_keys=True)
+    atomic_write_json(os.path.join(path, "router.json"), {
         "format": 1, "teachers": self.teachers, "route_token_id": self.route_token_id,
-        "config": cfglib.to_dict(self.config)})
+        "config": cfglib.to_dict(self.config)}, sort_keys=True)
 
   @classmethod
   def load(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> "Router":
-    import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     meta = read_json(os.path.join(path, "router.json"))
     config = cfglib.from_dict(RouterConfig, meta["config"], where=f"{path}/router.json:config")
     bcfg = config_from_hf(read_json(os.path.join(path, "backbone_config.json")),
                           source=os.path.join(path, "backbone_config.json"))
-    mesh = mesh if mesh is not None else shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
     dtype, pdtype = models.as_dtype(config.dtype), models.as_dtype(config.param_dtype)
     abstract = nnx.eval_shape(lambda: RouterModel(
         Transformer(bcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype),
         len(meta["teachers"]), rngs=nnx.Rngs(0), param_dtype=pdtype))
     graphdef, state = nnx.split(abstract)
     shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh))
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(state), shardings)
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+    restored = restore_tree(os.path.join(path, "state"), abstract(nnx.to_pure_dict(state), shardings))
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     tok = models.load_tokenizer(os.path.join(path, "tokenizer"))
     return cls(model, tok, meta["teachers"], config, meta["route_token_id"], mesh)
 
-
-def _write_json(fpath: str, obj) -> None:
-  tmp = fpath + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, fpath)

@@ -166,15 +166,15 @@ def test_a_half_written_checkpoint_is_never_restored(tmp_path):
   """An orbax save that died midway leaves `<step>.orbax-checkpoint-tmp*`: the newest complete
   step is restored, with its values."""
   import jax.numpy as jnp
-  from persyn_jax.sft.checkpoint import Checkpoints
+  from persyn_jax.checkpoints import CheckpointManager
   d = str(tmp_path / "ckpt")
-  c = Checkpoints(d, keep=3, async_save=False)
+  c = CheckpointManager(d, keep=3, async_save=False)
   for step in (1, 2):
     c.save(step, {"w": jnp.full((4,), float(step))}, {"step": step, "position": step})
   c.close()
   shutil.copytree(os.path.join(d, "2"), os.path.join(d, "3.orbax-checkpoint-tmp-1234"))
   os.makedirs(os.path.join(d, "4.orbax-checkpoint-tmp-99", "state"))
-  c = Checkpoints(d, keep=3, async_save=False)
+  c = CheckpointManager(d, keep=3, async_save=False)
   assert c.latest_step() == 2 and c.all_steps() == [1, 2]
   import jax
   state, meta, step = c.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})

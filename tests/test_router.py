@@ -8,7 +8,7 @@ import pytest
 from persyn_jax import sharding as shd
 from persyn_jax.router import (Router, RouterConfig, bt_loss, bt_loss_np, build_pairs,
                                router_metrics)
-from persyn_jax.router_train import split_prompts, train_router
+from persyn_jax.router_train import held_out_split, train_router
 
 
 def numpy_bt(scores, wins):
@@ -70,12 +70,12 @@ def test_router_metrics_on_a_hand_made_case():
   assert m["random_hit@3"] == pytest.approx((3 / 4 + 1.0 + 3 / 4) / 3)
 
 
-def test_split_prompts_is_seeded_and_disjoint():
-  tr, ho = split_prompts(50, 0.2, seed=3)
+def test_held_out_split_is_seeded_and_disjoint():
+  tr, ho = held_out_split(50, 0.2, seed=3)
   assert len(ho) == 10 and not set(tr) & set(ho) and sorted([*tr, *ho]) == list(range(50))
-  assert np.array_equal(split_prompts(50, 0.2, seed=3)[1], ho)
-  assert not np.array_equal(split_prompts(50, 0.2, seed=4)[1], ho)
-  assert len(split_prompts(5, 0.01, seed=0)[1]) == 1
+  assert np.array_equal(held_out_split(50, 0.2, seed=3)[1], ho)
+  assert not np.array_equal(held_out_split(50, 0.2, seed=4)[1], ho)
+  assert len(held_out_split(5, 0.01, seed=0)[1]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

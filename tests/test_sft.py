@@ -14,7 +14,7 @@ from persyn_jax.metrics import read_metrics
 from persyn_jax.models import from_pretrained
 from persyn_jax.sft import (LoRAConfig, LoRAEinsum, NonFiniteError, SFTConfig, apply_lora,
                             merge_lora, recast, train)
-from persyn_jax.sft.checkpoint import Checkpoints
+from persyn_jax.checkpoints import CheckpointManager
 from test_sft_batches import batches
 
 SEQ = 80
@@ -83,7 +83,7 @@ def test_metrics_go_to_jsonl_and_tensorboard(memorized):
     assert all(np.isfinite(r[key]) for r in rows[1:]), key
   assert [r["step"] for r in read_metrics(result.metrics_path, "eval")] == [30, 60]
   assert any(f.startswith("events") for f in os.listdir(os.path.join(result.out_dir, "tb")))
-  assert Checkpoints(result.checkpoint_dir, keep=2).all_steps() == [30, 60]
+  assert CheckpointManager(result.checkpoint_dir, keep=2).all_steps() == [30, 60]
 
 
 def test_exported_student_logits_in_transformers_equal_ours(memorized):
@@ -144,7 +144,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(llama, mesh, tmp_p
   with pytest.raises(NonFiniteError, match=r"step 3: the loss and gradient norm are not finite.*"
                                            r"last good checkpoint is step 2"):  # microbatches 4, 5
     train(model, tok, data, RESUME, out_dir=str(tmp_path), mesh=mesh)
-  ckpts = Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+  ckpts = CheckpointManager(str(tmp_path / "checkpoints"), keep=2)
   assert ckpts.all_steps() == [2]
 
 

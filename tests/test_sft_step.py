@@ -40,7 +40,7 @@ def loss_and_grads(session, batch):
 
     def mean(p, frozen, b):
       total, aux = loss(p, frozen, b)
-      return total / aux["count"]
+      return total / aux["tokens"]
     session.compiled["test_grad"] = jax.jit(jax.value_and_grad(mean))
   return session.compiled["test_grad"](session.init_params, session.frozen,
                                        {k: jnp.asarray(v) for k, v in batch.items()})
@@ -100,7 +100,7 @@ def run_steps(model, config, mesh, batch_list, steps):
       group = batch_list[i * k:(i + 1) * k]
       state, metrics = session.step(state, session.frozen, session.put_batch(group))
       losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state["params"])
+  return losses, jax.device_get(state.params)
 
 
 def test_accumulating_k_microbatches_equals_one_batch_of_k_rows(model):

@@ -1,4 +1,5 @@
-"""optax AdamW for SFT: warmup + cosine/linear decay, global-norm clipping, a weight-decay mask."""
+"""SFT's optimizer settings: warmup + cosine/linear decay and a weight-decay mask, as one parameter
+group of training.make_optimizer (global-norm clipping, then AdamW)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from persyn_jax.sft.config import SFTConfig
+from persyn_jax.training.optim import ParamGroup
 
 # Leaf names (last path element) of parameters that are never decayed: norm scales and biases.
 NO_DECAY_LEAVES = ("scale", "b")
@@ -54,13 +56,9 @@ def decay_mask(params: dict[str, jax.Array]) -> dict[str, bool]:
           for k, v in params.items()}
 
 
-def make_optimizer(config: SFTConfig, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                   optax.Schedule]:
-  """(clip -> AdamW) over a flat {path: array} parameter dict, and its learning-rate schedule."""
-  sched = lr_schedule(config, total_steps)
-  parts = []
-  if config.grad_clip:
-    parts.append(optax.clip_by_global_norm(config.grad_clip))
-  parts.append(optax.adamw(sched, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), sched
+def param_group(config: SFTConfig, schedule: optax.Schedule) -> ParamGroup:
+  """SFT's one parameter group: AdamW at `schedule` over a flat {path: array} parameter dict,
+  decayed as decay_mask says (training.make_optimizer adds the clipping)."""
+  return ParamGroup("params", schedule, weight_decay=config.weight_decay, decay_mask=decay_mask,
+                    b1=config.b1, b2=config.b2, eps=config.eps)
+

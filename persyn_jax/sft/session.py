@@ -12,13 +12,16 @@ import optax
 from flax import nnx
 
 from persyn_jax import sharding as shd
+from persyn_jax.checkpoints import abstract
 from persyn_jax.models import CausalLM, as_dtype, build_model
+from persyn_jax.models.lora import LoRAParam, apply_lora, has_lora
 from persyn_jax.sft.config import SFTConfig
-from persyn_jax.sft.lora import LoRAParam, apply_lora, has_lora
 from persyn_jax.sft.loss import BATCH_KEYS
-from persyn_jax.sft.optim import make_optimizer
-from persyn_jax.sft.step import (ParamTree, batch_shardings, flat_shardings, make_eval_step,
-                                 make_loss, make_train_step, opt_shardings)
+from persyn_jax.sft.optim import lr_schedule, param_group
+from persyn_jax.sft.step import (ParamTree, batch_shardings, flat_shardings, make_loss,
+                                 opt_shardings)
+from persyn_jax.training import (TrainState, make_eval_step, make_optimizer, make_train_step,
+                                 state_shapes)
 
 
 def recast(model: CausalLM, compute_dtype, param_dtype=None) -> CausalLM:
@@ -75,7 +78,7 @@ class Session:
   frozen_tree: ParamTree
   frozen: dict[str, jax.Array]
   init_params: dict[str, jax.Array] | None  # handed to (and donated by) the first state only
-  state_shardings: dict[str, Any]
+  state_shardings: TrainState  # of NamedShardings
   compiled: dict[str, Any]  # tx, schedule, loss and the jitted step/eval, shared via _COMPILED
   param_shapes: dict[str, jax.ShapeDtypeStruct]
 
@@ -91,21 +94,18 @@ class Session:
   def loss(self) -> Callable:
     return self.compiled["loss"]
 
-  def init_state(self) -> dict[str, Any]:
+  def init_state(self) -> TrainState:
     """The state at step 0; it takes over `init_params` (the first step donates them)."""
     if self.init_params is None:
       raise RuntimeError("init_state() was already called, or the run was restored")
     params, self.init_params = self.init_params, None
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
-    return {"params": params, "opt_state": opt_state,
-            "step": jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(self.mesh))}
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
 
-  def abstract_state(self) -> dict[str, Any]:
+  def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state: the target of a checkpoint restore."""
-    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
-                                       "step": jnp.zeros((), jnp.int32)}, self.param_shapes)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        self.state_shardings)
+    return abstract(state_shapes(self.param_shapes, self.tx), self.state_shardings)
 
   def put_batch(self, micro: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     """k global microbatches [batch_size, seq] (the same on every process) -> [k, rows, seq]
@@ -123,7 +123,7 @@ class Session:
   def step(self) -> Callable:
     """step(state, frozen, batch) -> (state, metrics); the state is donated."""
     if self.compiled["step"] is None:
-      fn = make_train_step(self.loss, self.tx, self.schedule)
+      fn = make_train_step(self.loss, self.tx, normalize_by="tokens", schedule=self.schedule)
       self.compiled["step"] = jax.jit(fn, donate_argnums=(0,),
                                       out_shardings=(self.state_shardings, shd.replicated(self.mesh)))
     return self.compiled["step"]
@@ -131,7 +131,7 @@ class Session:
   @property
   def evaluate(self) -> Callable:
     if self.compiled["eval"] is None:
-      self.compiled["eval"] = jax.jit(make_eval_step(self.loss))
+      self.compiled["eval"] = jax.jit(make_eval_step(self.loss, normalize_by="tokens"))
     return self.compiled["eval"]
 
   def model(self, params: dict[str, jax.Array]) -> CausalLM:
@@ -159,7 +159,8 @@ def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> 
            total_steps, mesh)
     compiled = _COMPILED.pop(key, None)
     if compiled is None:
-      tx, schedule = make_optimizer(config, total_steps)
+      schedule = lr_schedule(config, total_steps)
+      tx = make_optimizer([param_group(config, schedule)], grad_clip=config.grad_clip)
       loss = make_loss(graphdef, ttree, ftree, z_loss=config.z_loss, chunk=config.loss_chunk,
                        remat=config.remat)
       compiled = {"tx": tx, "schedule": schedule, "loss": loss, "step": None, "eval": None}
@@ -168,7 +169,7 @@ def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> 
       _COMPILED.pop(next(iter(_COMPILED)))
     tx = compiled["tx"]
     o_shard = opt_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
-    state_shardings = {"params": p_shard, "opt_state": o_shard, "step": shd.replicated(mesh)}
+    state_shardings = TrainState(step=shd.replicated(mesh), params=p_shard, opt_state=o_shard)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
   return Session(config, model.config, mesh, graphdef, ttree, ftree, frozen, params,
                  state_shardings, compiled, shapes)

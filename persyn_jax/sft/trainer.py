@@ -1,5 +1,6 @@
-"""`train()`: the SFT loop — data in order from a resumable source, one jitted step per
-optimizer step, checkpoints, eval, metrics, NaN stop, export of the student in HF layout."""
+"""`train()`: the SFT run read top to bottom — data in order from a resumable source, the
+training core's loop with hooks (step log and NaN stop, checkpoints, eval), export of the student
+in HF layout."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,39 +9,31 @@ import logging
 import math
 import os
 import shutil
-import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
 from persyn_jax import sharding as shd
+from persyn_jax.checkpoints import CheckpointManager
 from persyn_jax.config import to_dict
 from persyn_jax.metrics import MetricsWriter
 from persyn_jax.models import CausalLM, save_pretrained
-from persyn_jax.sft.checkpoint import Checkpoints
+from persyn_jax.models.lora import merge_lora
 from persyn_jax.sft.config import SFTConfig
-from persyn_jax.sft.lora import merge_lora
+from persyn_jax.sft.log import StepLog
 from persyn_jax.sft.loss import BATCH_KEYS
 from persyn_jax.sft.session import Session, make_session
+from persyn_jax.training import TrainLoop, checkpoint_hook
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 BatchesFn = Callable[[int], Iterator[Batch]]
 
-# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (for MFU).
-PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12,
-             "NVIDIA A100": 312e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
-             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-             "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 # Keys of the config that fix the data position and the parameter structure of a checkpoint.
 RESUME_KEYS = ("batch_size", "grad_accum", "seq_len", "lora")
-
-
-class NonFiniteError(FloatingPointError):
-  """A step produced a NaN/Inf loss or gradient; the run stopped without saving that state."""
 
 
 @dataclasses.dataclass
@@ -55,18 +48,6 @@ class TrainResult:
   checkpoint_dir: str
   metrics_path: str
   export_dir: str | None
-
-
-def peak_flops(config: SFTConfig) -> float | None:
-  if config.peak_tflops:
-    return config.peak_tflops * 1e12
-  if config.compute_dtype not in ("bfloat16", "bf16"):
-    return None
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in PEAK_BF16.items():
-    if kind.startswith(prefix):
-      return flops
-  return None
 
 
 def as_source(batches: BatchesFn | Sequence[Batch] | Iterable[Batch]) -> tuple[BatchesFn, int | None]:
@@ -164,8 +145,8 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
   source, per_epoch = as_source(batches_fn)
   total = total_steps(config, num_batches or per_epoch)
   session = make_session(model, config, mesh, total)
-  ckpts = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints,
-                      async_save=config.async_checkpoint)
+  ckpts = CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints,
+                            async_save=config.async_checkpoint)
   resumed = ckpts.latest_step()
   with jax.set_mesh(mesh):
     if resumed is not None:
@@ -177,121 +158,61 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
       state, start, position = session.init_state(), 0, 0
     metrics = MetricsWriter(out_dir, tensorboard=config.tensorboard, resume_step=start)
     try:
-      losses, evals, state, last = _loop(session, state, source, position, start, total, config,
+      steplog, evals, state, last = _run(session, state, source, position, start, total, config,
                                          ckpts, metrics, eval_batches)
     finally:
       ckpts.close()
       metrics.close()
-    final = merge_lora(session.model(state["params"]))
+    final = merge_lora(session.model(state.params))
   export_dir = None
   if config.export:
     export_dir = os.path.join(out_dir, "student")
     export(final, tokenizer, export_dir, dtype=config.export_dtype)
-  return TrainResult(final, losses, evals, last, total, resumed, out_dir, ckpts.directory,
+  return TrainResult(final, steplog.losses, evals, last, total, resumed, out_dir, ckpts.directory,
                      metrics.path, export_dir)
 
 
-def _loop(session: Session, state, source: BatchesFn, position: int, start: int, total: int,
-          config: SFTConfig, ckpts: Checkpoints, metrics: MetricsWriter, eval_batches):
-  from tqdm.auto import tqdm
-
+def _run(session: Session, state, source: BatchesFn, position: int, start: int, total: int,
+         config: SFTConfig, ckpts: CheckpointManager, metrics: MetricsWriter, eval_batches):
+  """The loop and its hooks: the step log (every step, one step late), checkpoints every
+  checkpoint_every steps and at the end, eval every eval_every steps and at the end."""
   k = config.grad_accum
+  step = lambda state, group: session.step(state, session.frozen, session.put_batch(group))
+  loop = TrainLoop(step, total)
+
+  def last_checkpoint() -> str:
+    last = ckpts.latest_step()
+    return f"step {last} in {ckpts.directory}" if last is not None else "none"
+
   fpt = session.model_config.flops_per_token(config.seq_len) * (2 if config.lora.enabled else 3)
-  peak = peak_flops(config)
-  n_dev = session.mesh.size
-  losses: dict[int, float] = {}
+  steplog = StepLog(config, total=total, start=start, flops_per_token=fpt,
+                    devices=session.mesh.size, metrics=metrics, last_checkpoint=last_checkpoint)
+  loop.add_hook(steplog, every=1)
+  # the data position of step n: microbatches are consumed k per step from `position` on
+  meta = lambda n: {"step": n, "position": position + (n - start) * k, "total_steps": total,
+                    "config": to_dict(config)}
+  # never save a state whose step has not been checked
+  loop.add_hook(checkpoint_hook(ckpts, meta, before=steplog.flush), every=config.checkpoint_every,
+                at_end=True)
   evals: dict[int, float] = {}
-  saved = start
-  window = {"t": None, "tokens": 0, "real": 0, "steps": 0, "timed": 0, "loss": 0.0}
-  pending: list[tuple[int, Any, int, int]] = []
-  bar = tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True,
-             disable=not config.progress or jax.process_index() != 0)
-
-  def settle_one(n, m, positions, real):
-    m = jax.device_get(m)
-    if not (m["loss_finite"] and m["grad_finite"]):
-      bad = [w for w, ok in (("loss", m["loss_finite"]), ("gradient norm", m["grad_finite"])) if not ok]
-      which = " and ".join(bad) + (" are" if len(bad) > 1 else " is")
-      last = ckpts.latest_step()
-      raise NonFiniteError(
-          f"step {n}: the {which} not finite (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-          f"the run stopped without saving that state; the last good checkpoint is "
-          f"{'step ' + str(last) + ' in ' + ckpts.directory if last is not None else 'none'}")
-    losses[n] = float(m["loss"])
-    now = time.perf_counter()
-    if window["t"] is None:  # the first step includes compilation: time from its end
-      window["t"] = now
-    else:
-      window["tokens"] += positions
-      window["real"] += real
-      window["timed"] += 1
-    window["steps"] += 1
-    window["loss"] += float(m["loss"])
-    bar.update(1)
-    if n % config.log_every == 0 or n == total:
-      dt = now - window["t"]
-      row = {"loss": float(m["loss"]), "loss_avg": window["loss"] / window["steps"],
-             "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-             "response_tokens": float(m["tokens"])}
-      if config.z_loss:
-        row["z_loss"] = float(m["z_loss"])
-      if window["timed"] and dt > 0:
-        tps = window["tokens"] / dt
-        row.update(tokens_per_s=tps, real_tokens_per_s=window["real"] / dt,
-                   step_time_s=dt / window["timed"])
-        if peak:
-          row["mfu"] = fpt * tps / (peak * n_dev)
-      metrics.write(n, row, prefix="train")
-      bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-      window.update(t=now, tokens=0, real=0, steps=0, timed=0, loss=0.0)
-
-  def settle(keep: int = 0):
-    """Checks and logs dispatched steps, all but the newest `keep` (NaN/Inf stops the run)."""
-    while len(pending) > keep:
-      settle_one(*pending.pop(0))
-
-  def save(n):
-    nonlocal saved
-    settle()  # never save a state whose step has not been checked
-    ckpts.save(n, state, {"step": n, "position": position, "total_steps": total,
-                          "config": to_dict(config)})
-    saved = n
-
-  def run_eval(n):
-    settle()
-    loss = evaluate_loss(session, state["params"], eval_batches)
-    evals[n] = loss
-    metrics.write(n, {"loss": loss}, prefix="eval")
-    bar.write(f"step {n}: eval loss {loss:.4f}")
-
-  n = start
+  if eval_batches is not None:
+    def run_eval(info):
+      steplog.flush()
+      loss = evaluate_loss(session, info.state.params, eval_batches)
+      evals[info.step] = loss
+      metrics.write(info.step, {"loss": loss}, prefix="eval")
+      steplog.bar.write(f"step {info.step}: eval loss {loss:.4f}")
+    # eval_every = 0: only at the end
+    loop.add_hook(run_eval, every=config.eval_every or total + 1, at_end=True)
   try:
     groups = _groups(iter(source(position)), k, config, position) if start < total else iter(())
-    for group in groups:
-      if n >= total:
-        break
-      batch = session.put_batch(group)
-      state, m = session.step(state, session.frozen, batch)
-      n += 1
-      position += k
-      positions = k * config.batch_size * config.seq_len
-      real = int(sum(int(np.count_nonzero(np.asarray(b["segment_ids"]))) for b in group))
-      pending.append((n, m, positions, real))
-      settle(keep=1)  # one step of lag: the host does not wait for the step it just queued
-      if n % config.checkpoint_every == 0 or n == total:
-        save(n)
-      if eval_batches is not None and config.eval_every and n % config.eval_every == 0:
-        run_eval(n)
-    settle()
+    state, n = loop.run(state, groups, start=start)
+    steplog.flush()
     if n < total:
       log.warning("the data ran out after step %d of %d", n, total)
-    if saved != n:
-      save(n)
-    if eval_batches is not None and n not in evals and n > start:
-      run_eval(n)
   finally:
-    bar.close()
-  return losses, evals, state, n
+    steplog.close()
+  return steplog, evals, state, n
 
 
 def export(model: nnx.Module, tokenizer, path: str, *, dtype: str | None = "bfloat16") -> str:

@@ -11,14 +11,43 @@ original structure, which `save_pretrained` writes like any other.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from persyn_jax.models.transformer import CausalLM, Einsum
-from persyn_jax.sft.config import ATTN_TARGETS, LoRAConfig
 
 RANK = "R"  # the rank axis' letter in the einsum strings (unused by the model's strings)
+# Projections of one decoder block that LoRA can wrap (attribute names in models/transformer.py).
+ATTN_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on the attention and MLP projections; rank 0 means full fine-tuning."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ATTN_TARGETS + MLP_TARGETS
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 = full fine-tuning)")
+    bad = sorted(set(self.targets) - set(ATTN_TARGETS + MLP_TARGETS))
+    if bad:
+      raise ValueError(f"lora.targets: unknown projection(s) {bad}; known: "
+                       f"{list(ATTN_TARGETS + MLP_TARGETS)}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
 
 
 class LoRAParam(nnx.Param):

@@ -1,0 +1,93 @@
+"""Orbax checkpoints, in one place: a manager for train states and plain parameter trees.
+
+    ckpts = CheckpointManager("run/sft/checkpoints", keep=2)      # train states, every K steps
+    ckpts.save(step, state, {"position": p})                     # async: returns once copied
+    state, meta, step = ckpts.restore(abstract_state)             # placed by its shardings
+    save_tree("run/router/state", params)                         # one parameter tree
+    params = restore_tree("run/router/state", abstract(params_shapes, shardings))
+
+A low layer: it knows orbax, jax and sharding, nothing about models or stages. A state is any
+pytree (training.TrainState included: orbax stores its fields by name, so a {"step", "params",
+"opt_state"} dict and a TrainState of the same leaves read each other's checkpoints).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract(shapes, shardings):
+  """The restore target of a tree: ShapeDtypeStructs of `shapes` placed by `shardings` (a tree of
+  the same structure). Orbax reads each device's chunks straight into place, casting to the
+  target's dtype while it reads."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      shardings)
+
+
+class CheckpointManager:
+  """Train states saved every K steps (asynchronously) with a JSON meta, keeping the newest N."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete step; a save that died midway (an orbax tmp dir) is not a step."""
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    """Starts saving; device buffers are copied before this returns, so the next (donating)
+    step may run while the files are written."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, int]:
+    """(state placed as `abstract_state`'s shardings say, meta, step) of `step` or the latest.
+
+    A checkpoint whose tree differs from `abstract_state` (another optimizer, another version's
+    state layout) is refused with the step directory and orbax's account of the difference."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "do not match" not in str(e):
+        raise
+      raise ValueError(
+          f"{os.path.join(self.directory, str(step))}: the saved train state is laid out "
+          f"differently from this run's (another persyn_jax version, optimizer or LoRA setup); "
+          f"start from a new directory. orbax: {e}") from None
+    return out["state"], out["meta"], step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_tree(path: str, tree) -> None:
+  """Writes a parameter tree (nested dicts of arrays) to `path`, replacing it; collective over
+  processes (each writes its own shards), and finished when this returns."""
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), tree, force=True)
+  ckpt.wait_until_finished()
+
+
+def restore_tree(path: str, abstract_tree):
+  """The tree saved at `path`, each leaf placed and typed as `abstract_tree` says (see abstract)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no saved tree (expected an orbax checkpoint directory)")
+  return ocp.StandardCheckpointer().restore(path, abstract_tree)

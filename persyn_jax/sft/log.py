@@ -1,0 +1,106 @@
+"""The SFT loop's per-step hook: checks every step for NaN/Inf, keeps its loss, and logs throughput
+(tokens/s, MFU), one step late so that the host never waits for the step it just queued."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from persyn_jax.metrics import MetricsWriter
+from persyn_jax.sft.config import SFTConfig
+from persyn_jax.training import StepInfo
+
+# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (for MFU).
+PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12,
+             "NVIDIA A100": 312e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+             "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a NaN/Inf loss or gradient; the run stopped without saving that state."""
+
+
+def peak_flops(config: SFTConfig) -> float | None:
+  if config.peak_tflops:
+    return config.peak_tflops * 1e12
+  if config.compute_dtype not in ("bfloat16", "bf16"):
+    return None
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in PEAK_BF16.items():
+    if kind.startswith(prefix):
+      return flops
+  return None
+
+
+class StepLog:
+  """A hook for every step (add_hook(log, every=1)); `flush()` settles the steps still pending
+  (before a checkpoint or an eval, and at the end). `losses` holds every settled step's loss."""
+
+  def __init__(self, config: SFTConfig, *, total: int, start: int, flops_per_token: float,
+               devices: int, metrics: MetricsWriter, last_checkpoint: Callable[[], str]):
+    from tqdm.auto import tqdm
+    self.config, self.total, self.metrics = config, total, metrics
+    self.last_checkpoint = last_checkpoint
+    self.fpt, self.peak, self.devices = flops_per_token, peak_flops(config), devices
+    self.losses: dict[int, float] = {}
+    self.pending: list[tuple[int, Any, int, int]] = []
+    self.window = {"t": None, "tokens": 0, "real": 0, "steps": 0, "timed": 0, "loss": 0.0}
+    self.bar = tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True,
+                    disable=not config.progress or jax.process_index() != 0)
+
+  def __call__(self, info: StepInfo) -> None:
+    group = info.batch
+    positions = len(group) * self.config.batch_size * self.config.seq_len
+    real = int(sum(int(np.count_nonzero(np.asarray(b["segment_ids"]))) for b in group))
+    self.pending.append((info.step, info.metrics, positions, real))
+    self.flush(keep=1)
+
+  def flush(self, keep: int = 0) -> None:
+    """Checks and logs dispatched steps, all but the newest `keep` (NaN/Inf stops the run)."""
+    while len(self.pending) > keep:
+      self._settle(*self.pending.pop(0))
+
+  def _settle(self, n: int, m, positions: int, real: int) -> None:
+    m = jax.device_get(m)
+    if not (m["loss_finite"] and m["grad_finite"]):
+      bad = [w for w, ok in (("loss", m["loss_finite"]), ("gradient norm", m["grad_finite"])) if not ok]
+      which = " and ".join(bad) + (" are" if len(bad) > 1 else " is")
+      raise NonFiniteError(
+          f"step {n}: the {which} not finite (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+          f"the run stopped without saving that state; the last good checkpoint is "
+          f"{self.last_checkpoint()}")
+    self.losses[n] = float(m["loss"])
+    w, now = self.window, time.perf_counter()
+    if w["t"] is None:  # the first step includes compilation: time from its end
+      w["t"] = now
+    else:
+      w["tokens"] += positions
+      w["real"] += real
+      w["timed"] += 1
+    w["steps"] += 1
+    w["loss"] += float(m["loss"])
+    self.bar.update(1)
+    if n % self.config.log_every == 0 or n == self.total:
+      self._write(n, m, now)
+
+  def _write(self, n: int, m, now: float) -> None:
+    w = self.window
+    dt = now - w["t"]
+    row = {"loss": float(m["loss"]), "loss_avg": w["loss"] / w["steps"], "lr": float(m["lr"]),
+           "grad_norm": float(m["grad_norm"]), "response_tokens": float(m["tokens"])}
+    if self.config.z_loss:
+      row["z_loss"] = float(m["z_loss"])
+    if w["timed"] and dt > 0:
+      tps = w["tokens"] / dt
+      row.update(tokens_per_s=tps, real_tokens_per_s=w["real"] / dt, step_time_s=dt / w["timed"])
+      if self.peak:
+        row["mfu"] = self.fpt * tps / (self.peak * self.devices)
+    self.metrics.write(n, row, prefix="train")
+    self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+    w.update(t=now, tokens=0, real=0, steps=0, timed=0, loss=0.0)
+
+  def close(self) -> None:
+    self.bar.close()
