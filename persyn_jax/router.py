@@ -285,10 +285,10 @@ class Router:
                           source=os.path.join(path, "backbone_config.json"))
     mesh = mesh if mesh is not None else shd.single_device_mesh()
     dtype, pdtype = models.as_dtype(config.dtype), models.as_dtype(config.param_dtype)
-    abstract = nnx.eval_shape(lambda: RouterModel(
+    shapes = nnx.eval_shape(lambda: RouterModel(
         Transformer(bcfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pdtype),
         len(meta["teachers"]), rngs=nnx.Rngs(0), param_dtype=pdtype))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(shapes)
     shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh))
     restored = restore_tree(os.path.join(path, "state"), abstract(nnx.to_pure_dict(state), shardings))
     nnx.replace_by_pure_dict(state, restored)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from persyn_jax.models.lora import ATTN_TARGETS, MLP_TARGETS, LoRAConfig  # noqa: F401 (re-exported)
+from persyn_jax.models.lora import LoRAConfig
 from persyn_jax.sharding import MeshConfig
 
 
