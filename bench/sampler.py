@@ -90,7 +90,7 @@ def bench_ours(model, cfg, B, L, new, sampling, repeats, dtype):
   import jax
   from persyn_jax.sampling import engine
   st = engine.Static(new, sampling["temperature"], sampling["top_k"], sampling["top_p"], dtype, 0)
-  runner = engine.Runner(model, st, engine.model_mesh(model))
+  runner = engine.Engine(model, st)
   rng = np.random.default_rng(B)
   ids = rng.integers(10, cfg.vocab_size, (B, L), dtype=np.int32)
   mask = np.ones((B, L), np.int32)
