@@ -139,7 +139,8 @@ class _PairScorer:
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
     head = "lm" if cls is LogProbScorer else "classifier"
-    model, tok = models.from_pretrained(path, dtype=config.dtype, mesh=mesh, head=head)
+    model, tok = models.load_model(path, dtype=config.dtype, mesh=mesh, head=head,
+                                   rules=shd.TRAINING)
     return cls(model, tok, config, mesh)
 
 
