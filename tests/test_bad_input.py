@@ -262,7 +262,6 @@ def test_a_batch_size_that_does_not_divide_the_mesh_still_gives_the_same_results
   """The batch axis is kept whole on the mesh axes it does not divide (less data parallelism,
   the same numbers): sampling 3 rows on 8 devices equals 1 device. (SFT and scoring place their
   batches with the same rule, sharding.batch_sharding.)"""
-  import jax
   from persyn_jax import sharding as shd
   from persyn_jax.sampling import SamplingConfig, generate
   path = model_dir("llama")[0]
