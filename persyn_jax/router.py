@@ -25,11 +25,11 @@ from flax import nnx
 from persyn_jax import config as cfglib
 from persyn_jax import models
 from persyn_jax import sharding as shd
-from persyn_jax.runtime.buckets import bucket_lengths, pad_rows, plan_batches
-from persyn_jax.runtime.runner import Runner
 from persyn_jax.data import chat
 from persyn_jax.models.hf import config_from_hf, config_to_hf, read_json
 from persyn_jax.models.transformer import Transformer, pool_last, positions_from_segments
+from persyn_jax.runtime.buckets import bucket_lengths, pad_rows, plan_batches
+from persyn_jax.runtime.runner import Runner
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from persyn_jax import sharding as shd
 from persyn_jax.models import ModelConfig, build_model
 from persyn_jax.runtime.buckets import bucket_lengths, plan_batches
 from persyn_jax.runtime.runner import Runner
+from persyn_jax.sampling import engine
 from persyn_jax.scoring import response_logprobs
 from persyn_jax.sft.loss import chunked_nll
 
@@ -75,6 +76,20 @@ def test_runner_defaults_to_the_models_mesh_and_shards_batches(model):
   assert runner.mesh == mesh and runner.shards == 4 and runner.rules == shd.TRAINING
   assert runner.put(np.zeros((8, 3), np.int32)).sharding.spec == shd.P(("data", "fsdp"), None)
   assert Runner(model).mesh.devices.size == 1  # unsharded arrays: the single-device mesh
+
+
+def test_sampler_engine_serves_and_consumes_its_kv_cache(model):
+  st = engine.Static(max_new_tokens=3, temperature=0.0, top_k=0, top_p=1.0, cache_dtype="float32",
+                     pad_id=0)
+  eng = engine.Engine(model, st)
+  assert eng.runner.rules == shd.SERVING
+  ids, mask = np.ones((2, 8), np.int32), np.ones((2, 8), np.int32)
+  cache, logits = eng.run_prefill(ids, mask)
+  out = eng.run_decode(cache, logits, mask, 0, np.arange(2), np.zeros(2), ())
+  jax.block_until_ready(out)
+  # donated: the decode loop updated the cache's buffers in place instead of copying them
+  assert all(x.is_deleted() for x in jax.tree.leaves(cache["layers"]))
+  assert np.asarray(out[1]).tolist() == [3, 3]
 
 
 # ---------------------------------------------------------------------------------------------
