@@ -90,7 +90,7 @@ def bench_ours(model, cfg, B, L, new, sampling, repeats, dtype):
   import jax
   from persyn_jax.sampling import engine
   st = engine.Static(new, sampling["temperature"], sampling["top_k"], sampling["top_p"], dtype, 0)
-  runner = engine.Runner(model, st, engine.model_mesh(model))
+  eng = engine.Engine(model, st)
   rng = np.random.default_rng(B)
   ids = rng.integers(10, cfg.vocab_size, (B, L), dtype=np.int32)
   mask = np.ones((B, L), np.int32)
@@ -98,11 +98,11 @@ def bench_ours(model, cfg, B, L, new, sampling, repeats, dtype):
   state = {}
 
   def prefill():
-    state["cache"], state["logits"] = runner.run_prefill(ids, mask)
+    state["cache"], state["logits"] = eng.run_prefill(ids, mask)
     jax.block_until_ready(state["logits"])
 
   def decode():
-    out = runner.run_decode(state["cache"], state["logits"], mask, 0, idx, idx * 0, ())
+    out = eng.run_decode(state["cache"], state["logits"], mask, 0, idx, idx * 0, ())
     state["out"] = jax.block_until_ready(out[:3])
 
   t = time.perf_counter()

@@ -117,7 +117,7 @@ def run_torch(path, prompts, responses, preset, scorer):
   import torch
   import transformers as T
   from persyn_jax import scoring
-  from persyn_jax.buckets import plan_batches, bucket_lengths
+  from persyn_jax.runtime.buckets import plan_batches, bucket_lengths
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = getattr(torch, preset["dtype"])
   model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")

@@ -58,7 +58,7 @@ def bench_jax(p, batch):
   model = build_model(cfg, dtype=p["dtype"], param_dtype="float32")
   sft = SFTConfig(lr=1e-5, batch_size=p["batch"], seq_len=p["seq"], max_steps=1000,
                   compute_dtype=p["dtype"], param_dtype="float32", loss_chunk=p["loss_chunk"])
-  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  mesh = shd.single_device_mesh()
   session = make_session(model, sft, mesh, 1000)
   del model
   with jax.set_mesh(mesh):

@@ -10,8 +10,9 @@ slicing HF safetensors (`models.from_pretrained`) reads a strided window of ever
 stored transposed. Restoring on another mesh also works (orbax reshards); it only reads more.
 
 OUT_DIR holds config.json, generation_config.json and the tokenizer files of HF_DIR, `params/`
-(the orbax checkpoint) and `persyn_orbax.json` (layout, dtype, source). `from_orbax(OUT_DIR)`
-loads it like `models.from_pretrained` loads an HF directory, and `load_model(path)` takes either.
+(the orbax checkpoint) and `persyn_orbax.json` (layout, dtype, source). `models.from_orbax(OUT_DIR)`
+loads it like `models.from_pretrained` loads an HF directory, and `models.load_model(path)` takes
+either. This module is the command line and the writer only.
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ import shutil
 import sys
 import time
 
-MARKER = "persyn_orbax.json"
-FORMAT = 1
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
@@ -46,10 +45,6 @@ def mesh_size(mesh_config) -> int | None:
   return None if -1 in sizes else math.prod(sizes)
 
 
-def is_orbax_checkpoint(path: str) -> bool:
-  return os.path.exists(os.path.join(path, MARKER))
-
-
 def _hf_dtype(hf: dict) -> str:
   d = hf.get("torch_dtype") or hf.get("dtype") or "float32"
   return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(d, d)
@@ -62,12 +57,12 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
   dtype: the stored dtype (default: config.json's torch_dtype, else float32). Returns the
   metadata written to persyn_orbax.json."""
   import jax
-  import orbax.checkpoint as ocp
+  from persyn_jax.checkpoints import save_tree
   from flax import nnx
 
   from persyn_jax import distributed as dist
   from persyn_jax import sharding as shd
-  from persyn_jax.models import from_pretrained, load_config
+  from persyn_jax.models import FORMAT, MARKER, from_pretrained, load_config
 
   mesh_config = mesh_config or shd.MeshConfig()
   _, hf = load_config(hf_dir)
@@ -98,9 +93,7 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
         shutil.copy2(src, os.path.join(tmp, name))
   dist.barrier("convert:tmp")
   state = nnx.state(model)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))  # collective
-  ckpt.wait_until_finished()
+  save_tree(os.path.join(tmp, "params"), nnx.to_pure_dict(state))  # collective
   leaves = jax.tree.leaves(state)
   meta = {"format": FORMAT, "source": os.path.abspath(hf_dir), "dtype": str(dtype),
           "head": type(model).__name__, "model_type": model.config.model_type,
@@ -115,67 +108,6 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
     os.replace(tmp, out_dir)
   dist.barrier("convert:done")
   return meta
-
-
-def from_orbax(path: str, *, dtype="bfloat16", mesh=None, param_dtype=None, head: str = "auto",
-               tokenizer: bool = True):
-  """(model, tokenizer) from a `convert` output directory, the parameters restored straight onto
-  `mesh` (each process reads only the chunks its devices hold; other meshes are resharded).
-  Arguments as `models.from_pretrained`."""
-  import jax
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
-  from persyn_jax import models
-  from persyn_jax import sharding as shd
-  from persyn_jax.models import CheckpointError
-
-  marker = os.path.join(path, MARKER)
-  if not os.path.exists(marker):
-    raise CheckpointError(f"{path}: no {MARKER}; not a persyn_jax.convert output")
-  with open(marker) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointError(f"{marker}: format {meta.get('format')!r}, this version reads {FORMAT}")
-  if head not in ("auto", "lm", "classifier"):
-    raise ValueError(f"head={head!r}: expected auto, lm or classifier")
-  cfg, hf = models.load_config(path)
-  classifier = (meta.get("head") == "SequenceClassifier") if head == "auto" else head == "classifier"
-  if classifier and cfg.num_labels < 1:
-    cfg = cfg.replace(num_labels=1)
-  gen_eos = hf.get("_generation_config", {}).get("eos_token_id")
-  if gen_eos is not None:
-    ids = [cfg.eos_token_id, gen_eos]
-    flat = [int(i) for x in ids for i in (x if isinstance(x, (list, tuple)) else [x]) if i is not None]
-    cfg = cfg.replace(eos_token_id=tuple(dict.fromkeys(flat)) or None)
-  dtype = models.as_dtype(dtype)
-  pdtype = models.as_dtype(param_dtype) if param_dtype is not None else dtype
-  mesh = mesh if mesh is not None else shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
-  abstract = models.build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype,
-                                abstract=True)
-  graphdef, state = nnx.split(abstract)
-  shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh))
-  # the target's dtype: orbax casts while reading, so a bf16 run never holds an fp32 copy
-  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                        nnx.to_pure_dict(state), shardings)
-  try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f"{path}/params does not match the model of {path}/config.json "
-                          f"({type(e).__name__}: {e})") from None
-  nnx.replace_by_pure_dict(state, restored)
-  model = nnx.merge(graphdef, state)
-  tok = models.load_tokenizer(path) if tokenizer else None
-  return model, tok
-
-
-def load_model(path: str, **kw):
-  """`from_orbax` for a convert output, else `models.from_pretrained` (an HF directory)."""
-  if is_orbax_checkpoint(path):
-    kw.pop("allow_pickle", None)
-    return from_orbax(path, **kw)
-  from persyn_jax.models import from_pretrained
-  return from_pretrained(path, **kw)
 
 
 def main(argv=None) -> int:

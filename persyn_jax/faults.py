@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 # in well under a second. None of them may start a JAX backend at import time (checked).
 PRELOAD = ("numpy", "jax", "torch", "transformers", "orbax.checkpoint", "grain", "tensorboardX",
            "array_record.python.array_record_module", "persyn_jax.train", "persyn_jax.pipeline",
-           "persyn_jax.toyworld", "persyn_jax.sampler", "persyn_jax.sampling.records",
+           "persyn_jax.toyworld", "persyn_jax.sampling", "persyn_jax.sampling.records",
            "persyn_jax.scoring", "persyn_jax.router", "persyn_jax.router_train", "persyn_jax.sft",
            "persyn_jax.data.pipeline", "persyn_jax.evaluate", "persyn_jax.report")
 

@@ -161,11 +161,11 @@ class Run:
 
   # -- models ---------------------------------------------------------------------------------
   def load(self, ref: ModelRef, **kw):
-    from persyn_jax.convert import load_model  # an HF directory or a persyn_jax.convert output
+    from persyn_jax.models import load_model  # an HF directory or a persyn_jax.convert output
     return load_model(ref.path, dtype=ref.dtype, mesh=self.mesh, **kw)
 
   def _generate(self, ref: ModelRef, items: list[dict], stage_dir: str, stage: str, sampling) -> dict:
-    from persyn_jax.sampler import generate_to_records
+    from persyn_jax.sampling import generate_to_records
     model, tok = self.load(ref)
     t0 = time.time()
     man = generate_to_records(model, tok, items, sampling, stage_dir, stage, teacher=ref.name,
@@ -356,7 +356,7 @@ class Run:
 
   def stage_eval(self) -> dict:
     """Every student (and the base student) answers the held-out prompts."""
-    from persyn_jax.sampler import generate
+    from persyn_jax.sampling import generate
     c = self.cfg.eval
     prompts = self.prompts()["eval"]
     if not prompts:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +24,13 @@ from flax import nnx
 from persyn_jax import config as cfglib
 from persyn_jax import models
 from persyn_jax import sharding as shd
-from persyn_jax.buckets import bucket_lengths, pad_rows, plan_batches
 from persyn_jax.checkpoints import abstract, restore_tree, save_tree
 from persyn_jax.data import chat
 from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models.hf import config_from_hf, config_to_hf, read_json
 from persyn_jax.models.transformer import Transformer, pool_last, positions_from_segments
+from persyn_jax.runtime.buckets import bucket_lengths, pad_rows, plan_batches
+from persyn_jax.runtime.runner import Runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,10 @@ class RouterModel(nnx.Module):
     h, _ = self.backbone(input_ids, positions=positions_from_segments(segment_ids),
                          segment_ids=segment_ids)
     return self.head(pool_last(h, segment_ids).astype(jnp.float32))
+
+
+def router_forward(model: RouterModel, input_ids, segment_ids):
+  return model(input_ids, segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +189,8 @@ class Router:
     self.teachers = list(teachers)
     self.route_token_id = route_token_id
     self.mesh = mesh if mesh is not None else shd.single_device_mesh()
-    self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.shards = shd.batch_shards(self.mesh)
     self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    self._forward = None
 
   @classmethod
   def from_backbone(cls, path: str, teachers: Sequence[str], config: RouterConfig, *,
@@ -229,26 +233,26 @@ class Router:
       out.append(ids + ([self.route_token_id] if self.route_token_id is not None else []))
     return out, truncated
 
-  def forward_fn(self):
-    if self._forward is None:
-      graphdef = nnx.graphdef(self.model)
-      self._forward = jax.jit(lambda state, ids, seg: nnx.merge(graphdef, state)(ids, seg))
-    return self._forward
+  def forward_fn(self) -> tuple[Runner, Callable]:
+    """(runner, forward) over the router's current parameters: forward(input_ids, segment_ids),
+    both placed with `runner.put`, -> [B, k] fp32 coefficients. Compiled once per model graph and
+    mesh (the runtime's cache), whatever the parameters' values."""
+    runner = Runner(self.model, mesh=self.mesh, rules=shd.TRAINING)
+    return runner, runner.jit(router_forward)
 
   def scores(self, prompts: Sequence) -> np.ndarray:
     """[n, k] coefficients pi(x) (fp32), batched by length bucket, batches sharded on the mesh."""
     cfg = self.config
     ids, _ = self.encode(prompts)
+    runner, forward = self.forward_fn()
     plan = plan_batches([len(x) for x in ids], bucket_lengths(cfg.max_len, cfg.min_bucket),
                         batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
-                        multiple=self.shards)
-    fwd, state = self.forward_fn(), nnx.state(self.model)
+                        multiple=runner.shards)
     pending = []
-    with jax.set_mesh(self.mesh):
-      for b in plan:
-        arr = pad_rows([ids[i] for i in b.indices], b.rows, b.length, self.pad_id)
-        put = lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.shape))
-        pending.append((b.indices, fwd(state, put(arr["input_ids"]), put(arr["segment_ids"]))))
+    for b in plan:
+      arr = pad_rows([ids[i] for i in b.indices], b.rows, b.length, self.pad_id)
+      pending.append((b.indices, forward(runner.put(arr["input_ids"]),
+                                         runner.put(arr["segment_ids"]))))
     from persyn_jax.distributed import to_host  # sharded over other hosts' devices too
     out = np.zeros((len(ids), len(self.teachers)), np.float32)
     for idx, s in pending:

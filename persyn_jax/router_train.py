@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from persyn_jax import sharding as shd
-from persyn_jax.buckets import bucket_lengths, pad_rows
+from persyn_jax.runtime.buckets import bucket_lengths, pad_rows
 from persyn_jax.router import (Router, RouterConfig, bt_loss, bt_loss_np, build_pairs,
                                router_metrics)
 from persyn_jax.training import (EarlyStopping, ParamGroup, TrainLoop, TrainState, label_by_path,

@@ -14,7 +14,7 @@ from persyn_jax.data.sources import PromptSourceConfig
 from persyn_jax.io_utils import safe_name
 from persyn_jax.policies import POLICIES, PolicyConfig
 from persyn_jax.router import RouterConfig
-from persyn_jax.sampler import SamplingConfig
+from persyn_jax.sampling.config import SamplingConfig
 from persyn_jax.scoring import ScoringConfig
 from persyn_jax.sft import SFTConfig
 from persyn_jax.sharding import MeshConfig

@@ -8,25 +8,26 @@
     scored, stats = score_records(records, config, student=student, reward_model=rm)
 
 Each model tokenizes the (prompt, response) text itself with its own chat template
-(`data.chat.pair_ids`). Pairs are sorted into length buckets (`buckets.py`) so that each batch
-shape compiles once; batches are sharded over the mesh's (data, fsdp) axes.
+(`data.chat.pair_ids`). Pairs are sorted into length buckets (`runtime.buckets`) so that each
+batch shape compiles once; batches are sharded over the mesh's (data, fsdp) axes, and both models
+run on the device runtime (`runtime.runner`) under the training rule set.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from persyn_jax import models
 from persyn_jax import sharding as shd
-from persyn_jax.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
 from persyn_jax.data import chat
 from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
+from persyn_jax.runtime import logprob
+from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
+from persyn_jax.runtime.runner import Runner
 from persyn_jax.verify import get_verifier
 
 
@@ -72,59 +73,17 @@ class ScoringConfig:
 
 def response_logprobs(model: models.CausalLM, batch: Mapping[str, jax.Array], chunk: int
                       ) -> tuple[jax.Array, jax.Array]:
-  """(sum of log p(target) over loss_mask, number of masked tokens), per row.
-
-  The fp32 log-softmax runs over sequence chunks so that only [B, chunk, vocab] logits are live
-  (a 128K vocabulary at 4K tokens would otherwise need 2 GB per row).
-  """
+  """(sum of log p(target) over loss_mask, number of masked tokens), per row, the fp32
+  log-softmax run over sequence chunks (`runtime.logprob`)."""
   hidden, _ = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])
-  tgt, mask = batch["targets"], batch["loss_mask"]
-  B, T, D = hidden.shape
-  c = min(chunk, T)
-  n = -(-T // c)
-  if n * c != T:
-    pad = n * c - T
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    tgt, mask = jnp.pad(tgt, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-  split = lambda x: jnp.swapaxes(x.reshape((B, n, c) + x.shape[2:]), 0, 1)
-
-  def one_chunk(args):
-    h, t, m = args
-    logits = shd.constrain(model.logits(h), ("batch", "seq", "act_vocab"))  # fp32
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)
-
-  sums = jax.lax.map(one_chunk, (split(hidden), split(tgt), split(mask))).sum(0)
-  return sums, mask.sum(-1)
+  logits_fn = lambda h: shd.constrain(model.logits(h), ("batch", "seq", "act_vocab"))  # fp32
+  return logprob.masked_logprob_sums(logits_fn, hidden, batch["targets"], batch["loss_mask"],
+                                     chunk)
 
 
 def reward_forward(model: models.SequenceClassifier, batch: Mapping[str, jax.Array]) -> jax.Array:
   """The reward model's scalar score [B] (its score head at the last token)."""
   return model(batch["input_ids"], batch["segment_ids"])[:, 0]
-
-
-class _Runner:
-  """One model, one pure batch function, jitted once; batches placed on the mesh's batch axes."""
-
-  def __init__(self, model: nnx.Module, fn: Callable, mesh: jax.sharding.Mesh | None):
-    self.graphdef, self.state = nnx.split(model)
-    self.mesh = mesh if mesh is not None else _mesh_of(self.state)
-    self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    graphdef = self.graphdef
-    self._jit = jax.jit(lambda state, batch: fn(nnx.merge(graphdef, state), batch))
-
-  def __call__(self, batch: Mapping[str, np.ndarray]):
-    with jax.set_mesh(self.mesh):
-      arrays = {k: jax.device_put(v, shd.batch_sharding(self.mesh, v.shape)) for k, v in batch.items()}
-      return self._jit(self.state, arrays)
-
-
-def _mesh_of(state) -> jax.sharding.Mesh:
-  for leaf in jax.tree.leaves(state):
-    s = getattr(leaf, "sharding", None)
-    if isinstance(s, jax.sharding.NamedSharding):
-      return s.mesh
-  return shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
 
 
 def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config: ScoringConfig):
@@ -151,7 +110,9 @@ class _PairScorer:
 
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     self.model, self.tokenizer, self.config = model, tokenizer, config
-    self.runner = _Runner(model, self._batch_fn(), mesh)
+    self.runner = Runner(model, mesh=mesh, rules=shd.TRAINING)
+    fn, static = self._batch_fn()
+    self._forward = self.runner.jit(fn, static=static)
     self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
   def _run(self, prompts, responses) -> tuple[list, list, dict]:
@@ -166,7 +127,8 @@ class _PairScorer:
     for b in plan:
       seqs = [pairs[kept[i]] for i in b.indices]
       arrays = pad_rows([s[0] for s in seqs], b.rows, b.length, self.pad_id, [s[1] for s in seqs])
-      results.append(([kept[i] for i in b.indices], self.runner(self._inputs(arrays))))
+      inputs = self.runner.put_batch(self._inputs(arrays))
+      results.append(([kept[i] for i in b.indices], self._forward(inputs)))
       padded += b.rows * b.length
     tokens = sum(len(pairs[i][0]) for i in kept)
     stats.update(pairs=len(pairs), scored=len(kept), batches=len(plan), tokens=tokens,
@@ -177,7 +139,8 @@ class _PairScorer:
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
     head = "lm" if cls is LogProbScorer else "classifier"
-    model, tok = models.from_pretrained(path, dtype=config.dtype, mesh=mesh, head=head)
+    model, tok = models.load_model(path, dtype=config.dtype, mesh=mesh, head=head,
+                                   rules=shd.TRAINING)
     return cls(model, tok, config, mesh)
 
 
@@ -186,8 +149,7 @@ class LogProbScorer(_PairScorer):
   excluded, with the student's tokenizer and chat template."""
 
   def _batch_fn(self):
-    chunk = self.config.logits_chunk
-    return lambda model, batch: response_logprobs(model, batch, chunk)
+    return response_logprobs, {"chunk": self.config.logits_chunk}
 
   def _inputs(self, arrays):
     return arrays
@@ -219,7 +181,7 @@ class RewardScorer(_PairScorer):
     super().__init__(model, tokenizer, config, mesh)
 
   def _batch_fn(self):
-    return reward_forward
+    return reward_forward, None
 
   def _inputs(self, arrays):
     return {"input_ids": arrays["input_ids"], "segment_ids": arrays["segment_ids"]}

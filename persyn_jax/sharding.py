@@ -1,13 +1,18 @@
-"""One mesh, one set of logical-axis rules.
+"""Meshes and logical-axis rule sets.
 
-Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`, ...); `RULES` maps
-them to the mesh axes (`data`, `fsdp`, `tensor`). Nothing else in the code names a mesh axis.
+Parameters and activations carry logical axis names (`embed`, `mlp`, `heads`, ...); a `Rules` set
+maps them to the mesh axes (`data`, `fsdp`, `tensor`). Nothing else in the code names a mesh axis.
+Two rule sets: `TRAINING` (weights over fsdp x tensor) and `SERVING` (weights over tensor only, so
+a decode loop never gathers FSDP shards). The active set (`use_rules`, default TRAINING) is what
+every function here uses unless it is given `rules=`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -16,9 +21,44 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes (in order of preference). Activations use their own names so that a
-# weight dimension sharded over `fsdp` (embed) is gathered, not kept sharded, in the activations.
-RULES: dict[str, tuple[str, ...]] = {
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """A named rule set: logical axis -> mesh axes, in order of preference. Frozen and hashable, so
+  that compiled functions can be cached per rule set."""
+
+  name: str
+  table: tuple[tuple[str, tuple[str, ...]], ...]
+
+  @classmethod
+  def of(cls, name: str, table: Mapping[str, Sequence[str]]) -> "Rules":
+    for logical, axes in table.items():
+      bad = [a for a in axes if a not in AXES]
+      if bad:
+        raise ValueError(f"rules {name!r}: {logical!r} -> {bad}: mesh axes are {AXES}")
+    return cls(name, tuple((k, tuple(v)) for k, v in table.items()))
+
+  def replace(self, name: str, **axes: Sequence[str]) -> "Rules":
+    """A new rule set: this one with the given logical axes remapped (or added)."""
+    return Rules.of(name, {**dict(self.table), **axes})
+
+  def __getitem__(self, logical: str) -> tuple[str, ...]:
+    for k, v in self.table:
+      if k == logical:
+        return v
+    raise KeyError(f"logical axis {logical!r} has no sharding rule in rule set {self.name!r}; "
+                   f"known: {sorted(self)}")
+
+  def __contains__(self, logical: str) -> bool:
+    return any(k == logical for k, _ in self.table)
+
+  def __iter__(self) -> Iterator[str]:
+    return (k for k, _ in self.table)
+
+
+# Activations use their own names so that a weight dimension sharded over `fsdp` (embed) is
+# gathered, not kept sharded, in the activations.
+TRAINING = Rules.of("training", {
     # parameters
     "vocab": ("tensor",),
     "embed": ("fsdp",),
@@ -37,7 +77,31 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_kv_heads": ("tensor",),
     "act_vocab": ("tensor",),
     "cache_seq": (),
-}
+})
+# Serving replicates weights over data and fsdp (more memory per device) so that a decode step
+# reads its weights locally instead of all-gathering every layer's FSDP shards once per token.
+SERVING = TRAINING.replace("serving", embed=())
+
+_ACTIVE: contextvars.ContextVar[Rules] = contextvars.ContextVar("persyn_jax_rules", default=TRAINING)
+
+
+def active_rules() -> Rules:
+  return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules | None):
+  """Makes `rules` the active rule set inside the block (None: leave the active set)."""
+  if rules is None:
+    yield active_rules()
+    return
+  if not isinstance(rules, Rules):
+    raise TypeError(f"rules={rules!r}: expected a sharding.Rules (TRAINING or SERVING)")
+  token = _ACTIVE.set(rules)
+  try:
+    yield rules
+  finally:
+    _ACTIVE.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,19 +161,20 @@ def mesh_of(tree) -> Mesh:
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> P:
-  """PartitionSpec for `logical_axes`. A mesh axis is used at most once, and only where it divides
-  the dimension (a 1-kv-head model on tensor=2 keeps its kv heads whole)."""
+                    mesh: Mesh | jax.sharding.AbstractMesh | None = None, *,
+                    rules: Rules | None = None) -> P:
+  """PartitionSpec for `logical_axes` under `rules` (default: the active set). A mesh axis is used
+  at most once, and only where it divides the dimension (a 1-kv-head model on tensor=2 keeps its
+  kv heads whole)."""
+  rules = rules if rules is not None else active_rules()
   used: set[str] = set()
   spec = []
   for i, name in enumerate(logical_axes):
     if name is None:
       spec.append(None)
       continue
-    if name not in RULES:
-      raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(RULES)}")
     chosen, prod = [], 1
-    for ax in RULES[name]:
+    for ax in rules[name]:
       if ax in used:
         continue
       size = mesh.shape[ax] if mesh is not None else 1
@@ -122,28 +187,30 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   return P(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int], *,
+                   rules: Rules | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules=rules))
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+def variable_sharding(var: nnx.Variable, mesh: Mesh, *, rules: Rules | None = None) -> NamedSharding:
   axes = getattr(var, "logical_axes", None)
   shape = var.get_value().shape
   if axes is None:
     axes = (None,) * len(shape)
-  return named_sharding(mesh, axes, shape)
+  return named_sharding(mesh, axes, shape, rules=rules)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh):
+def state_shardings(state: nnx.State, mesh: Mesh, *, rules: Rules | None = None):
   """NamedSharding for every variable of an nnx state (a pytree of the same structure)."""
-  return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+  rules = rules if rules is not None else active_rules()
+  return jax.tree.map(lambda v: variable_sharding(v, mesh, rules=rules), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, *, rules: Rules | None = None) -> nnx.Module:
   """Places every variable of `model` on its sharding over `mesh` (in place; returns the model)."""
   state = nnx.state(model)
-  shardings = state_shardings(state, mesh)
+  shardings = state_shardings(state, mesh, rules=rules)
   flat_s = dict(nnx.to_flat_state(shardings))
   for path, var in nnx.to_flat_state(state):
     var.set_value(jax.device_put(var.get_value(), flat_s[path].get_value()
@@ -152,17 +219,24 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   return model
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], *,
+              rules: Rules | None = None) -> jax.Array:
   """Sharding constraint on an activation, when a mesh is in context (`jax.set_mesh`)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh,
+                                                             rules=rules))
 
 
-def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+def batch_sharding(mesh: Mesh, shape: Sequence[int], *, rules: Rules | None = None) -> NamedSharding:
   """Sharding of a [batch, ...] input array: batch over (data, fsdp), the rest replicated."""
-  return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+  return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules=rules)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """The number of batch shards of `mesh` (data x fsdp): batch rows are padded to a multiple."""
+  return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def put_global(x, sharding: NamedSharding) -> jax.Array:

@@ -189,7 +189,7 @@ def test_a_record_with_a_lone_surrogate_is_refused_naming_the_field():
 
 
 def test_bad_prompts_given_to_the_sampler_are_named_before_any_jax(model_dir):
-  from persyn_jax.sampler import SamplingConfig, generate
+  from persyn_jax.sampling import SamplingConfig, generate
   model, tok = from_pretrained(model_dir("llama")[0], dtype="float32")
   cfg = SamplingConfig(max_new_tokens=2)
   with pytest.raises(ValueError, match=r"prompt is not valid Unicode text \(a lone surrogate at character 4\)"):
@@ -262,14 +262,13 @@ def test_a_batch_size_that_does_not_divide_the_mesh_still_gives_the_same_results
   """The batch axis is kept whole on the mesh axes it does not divide (less data parallelism,
   the same numbers): sampling 3 rows on 8 devices equals 1 device. (SFT and scoring place their
   batches with the same rule, sharding.batch_sharding.)"""
-  import jax
   from persyn_jax import sharding as shd
-  from persyn_jax.sampler import SamplingConfig, generate
+  from persyn_jax.sampling import SamplingConfig, generate
   path = model_dir("llama")[0]
   prompts = ["hello", "tell me a story about a cat", "2 + 2?"]
   out = []
   for mesh in (shd.make_mesh(shd.MeshConfig(1, -1, 1)),
-               shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])):
+               shd.single_device_mesh()):
     model, tok = from_pretrained(path, dtype="float32", mesh=mesh)
     cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, batch_size=3, seed=3)
     out.append([r.token_ids for r in generate(model, tok, prompts, cfg, mesh=mesh)])

@@ -109,8 +109,8 @@ def load_check(args) -> None:
   import jax
   import numpy as np
 
-  from persyn_jax import convert
   from persyn_jax import distributed as dist
+  from persyn_jax import models
   from persyn_jax import sharding as shd
   from persyn_jax.models import from_pretrained, hf
 
@@ -133,7 +133,7 @@ def load_check(args) -> None:
     total += x.size * x.dtype.itemsize
     held += [(tuple(x.shape), _block(sh.index, x.shape), sh.data.nbytes)
              for sh in x.addressable_shards]
-  restored, _ = convert.from_orbax(args.orbax, dtype="float32", mesh=mesh, tokenizer=False)
+  restored, _ = models.from_orbax(args.orbax, dtype="float32", mesh=mesh, tokenizer=False)
   same = all(np.array_equal(dist.to_host(a), dist.to_host(b)) for a, b in
              zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(restored))))
   logits = dist.to_host(_forward(model, mesh, tok, PROMPTS))

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from persyn_jax import convert
+from persyn_jax import convert, models
 from persyn_jax import sharding as shd
 from persyn_jax.models import CheckpointError, from_pretrained
 
@@ -38,7 +38,7 @@ def test_restores_the_same_weights_on_any_mesh(converted):
   want = params(ref)
   for mc in (shd.MeshConfig(1, 4, 2), shd.MeshConfig(2, 2, 2), shd.MeshConfig(1, 1, 1)):
     mesh = shd.make_mesh(mc, jax.devices()[:mc.data * mc.fsdp * mc.tensor])
-    model, tok = convert.from_orbax(out, dtype="float32", mesh=mesh)
+    model, tok = models.from_orbax(out, dtype="float32", mesh=mesh)
     got = params(model)
     assert got.keys() == want.keys()
     for k in want:
@@ -56,7 +56,7 @@ def test_chunks_are_the_shards_of_the_target_mesh(converted):
   assert meta["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
   tree = ocp.StandardCheckpointer().metadata(os.path.join(out, "params")).item_metadata.tree
   mesh = shd.make_mesh(shd.MeshConfig(1, 4, 2), jax.devices()[:8])
-  abstract, _ = convert.from_orbax(out, dtype="float32", mesh=mesh, tokenizer=False)
+  abstract, _ = models.from_orbax(out, dtype="float32", mesh=mesh, tokenizer=False)
   flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
   sharded = 0
   for path, var in flat.items():
@@ -75,7 +75,7 @@ def test_dtype_is_cast_while_restoring(model_dir, tmp_path):
   out = str(tmp_path / "bf16")
   meta = convert.convert(path, out, shd.MeshConfig(1, 2, 1), dtype="bfloat16")
   assert meta["dtype"] == "bfloat16"
-  model, _ = convert.from_orbax(out, dtype="float32", tokenizer=False)
+  model, _ = models.from_orbax(out, dtype="float32", tokenizer=False)
   ref, _ = from_pretrained(path, dtype="bfloat16", tokenizer=False)
   got, want = params(model), params(ref)
   for k in want:
@@ -86,8 +86,8 @@ def test_dtype_is_cast_while_restoring(model_dir, tmp_path):
 def test_load_model_takes_either_format_and_gives_the_same_logits(converted):
   path, out, _ = converted
   mesh = shd.make_mesh(shd.MeshConfig(1, 4, 2), jax.devices()[:8])
-  a, tok = convert.load_model(path, dtype="float32", mesh=mesh)
-  b, _ = convert.load_model(out, dtype="float32", mesh=mesh)
+  a, tok = models.load_model(path, dtype="float32", mesh=mesh)
+  b, _ = models.load_model(out, dtype="float32", mesh=mesh)
   assert a.config == b.config
   ids = np.asarray([tok("12 + 30 = 42")["input_ids"]] * 4, np.int32)
   with jax.set_mesh(mesh):
@@ -98,7 +98,7 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
   path, _ = model_dir("qwen3")
   out = str(tmp_path / "cli")
   assert convert.main([path, out, "--mesh", "fsdp=2,tensor=2"]) == 0
-  meta = json.load(open(os.path.join(out, convert.MARKER)))
+  meta = json.load(open(os.path.join(out, models.MARKER)))
   assert meta["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and meta["dtype"] == "float32"
   assert os.path.exists(os.path.join(out, "config.json"))
   assert not any(n.endswith(".safetensors") for n in os.listdir(out))
@@ -107,7 +107,7 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
   assert convert.main([path, out, "--mesh", "fsdp=64"]) == 2
   assert "needs 64 devices" in capsys.readouterr().err
   with pytest.raises(CheckpointError, match="not a persyn_jax.convert output"):
-    convert.from_orbax(path)
+    models.from_orbax(path)
   other, _ = model_dir("llama")  # orbax weights of one model under the config of another
   bad = str(tmp_path / "mismatch")
   convert.convert(path, bad, shd.MeshConfig(1, 2, 1))
@@ -116,4 +116,4 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
   with open(os.path.join(bad, "config.json"), "w") as f:
     f.write(cfg)
   with pytest.raises(CheckpointError, match="does not match"):
-    convert.from_orbax(bad, tokenizer=False)
+    models.from_orbax(bad, tokenizer=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny
-from persyn_jax import models, sampler
+from persyn_jax import models, sampling
 from persyn_jax import sharding as shd
 from persyn_jax.data import chat
 from persyn_jax.sampling import engine
@@ -17,8 +17,8 @@ PROMPTS = ["hi",
            "Tom has 12 apples and gives 5 to Ann. How many are left?",
            [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "def f(x): return"}]]
-GREEDY = sampler.SamplingConfig(max_new_tokens=32, temperature=0.0, stop_token_ids=(), batch_size=4,
-                                min_bucket=64)
+GREEDY = sampling.SamplingConfig(max_new_tokens=32, temperature=0.0, stop_token_ids=(),
+                                 batch_size=4, min_bucket=64)
 SAMPLED = GREEDY.replace(temperature=1.0, top_k=40, top_p=0.9, seed=11)
 
 
@@ -48,7 +48,7 @@ def test_greedy_equals_transformers(model_dir, arch):
   model, tok = models.from_pretrained(path, dtype="float32")
   lengths = {len(chat.prompt_ids(tok, p)) for p in PROMPTS}
   assert len(lengths) == 3, "the batch must mix prompt lengths (left padding)"
-  results = sampler.generate(model, tok, PROMPTS, GREEDY)
+  results = sampling.generate(model, tok, PROMPTS, GREEDY)
   ref = hf_greedy(hf, tok, PROMPTS, GREEDY.max_new_tokens)
   for r, want in zip(results, ref):
     assert len(want) == 32
@@ -63,16 +63,16 @@ def test_sharded_mesh_equals_single_device(llama, model_dir):
   sharded, _ = models.from_pretrained(path, dtype="float32", mesh=mesh)
   prompts = PROMPTS + ["hello world"]
   for cfg in (GREEDY, SAMPLED):
-    one = sampler.generate(model, tok, prompts, cfg)
-    eight = sampler.generate(sharded, tok, prompts, cfg, mesh=mesh)
+    one = sampling.generate(model, tok, prompts, cfg)
+    eight = sampling.generate(sharded, tok, prompts, cfg, mesh=mesh)
     assert [r.token_ids for r in eight] == [r.token_ids for r in one]
 
 
 def test_top_k_1_equals_greedy(llama):
   model, tok, _, _ = llama
-  greedy = sampler.generate(model, tok, PROMPTS, GREEDY)
+  greedy = sampling.generate(model, tok, PROMPTS, GREEDY)
   # through the sampling path: top-k keeps one token, the draw must pick it
-  top1 = sampler.generate(model, tok, PROMPTS, SAMPLED.replace(top_k=1, top_p=1.0, seed=5))
+  top1 = sampling.generate(model, tok, PROMPTS, SAMPLED.replace(top_k=1, top_p=1.0, seed=5))
   assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
 
 
@@ -80,34 +80,34 @@ def test_seeds_samples_and_batching(llama):
   model, tok, _, _ = llama
   prompts = PROMPTS[:2]
   cfg = SAMPLED.replace(num_samples=2)
-  a = sampler.generate(model, tok, prompts, cfg)
+  a = sampling.generate(model, tok, prompts, cfg)
   assert [(r.index, r.sample) for r in a] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-  again = sampler.generate(model, tok, prompts, cfg)
+  again = sampling.generate(model, tok, prompts, cfg)
   assert [r.token_ids for r in again] == [r.token_ids for r in a]
-  other = sampler.generate(model, tok, prompts, cfg.replace(seed=12))
+  other = sampling.generate(model, tok, prompts, cfg.replace(seed=12))
   assert all(x.token_ids != y.token_ids for x, y in zip(a, other))
   assert a[0].token_ids != a[1].token_ids and a[2].token_ids != a[3].token_ids
   # a prompt's samples depend on (seed, its index, sample), not on its batch neighbours or row
-  moved = sampler.generate(model, tok, [PROMPTS[2], prompts[1]], cfg, indices=[7, 1])
+  moved = sampling.generate(model, tok, [PROMPTS[2], prompts[1]], cfg, indices=[7, 1])
   assert [r.token_ids for r in moved[2:]] == [a[2].token_ids, a[3].token_ids]
   assert [r.index for r in moved] == [7, 7, 1, 1]
 
 
 def test_compiled_functions_are_reused(llama):
   model, tok, _, _ = llama
-  sampler.generate(model, tok, PROMPTS, SAMPLED)
+  sampling.generate(model, tok, PROMPTS, SAMPLED)
   before = dict(engine.TRACES)
-  out = sampler.generate(model, tok, ["what is 3 + 4?", "count to ten", "x"],
-                         SAMPLED.replace(seed=3, stop_token_ids=(5, 6)))
+  out = sampling.generate(model, tok, ["what is 3 + 4?", "count to ten", "x"],
+                          SAMPLED.replace(seed=3, stop_token_ids=(5, 6)))
   assert engine.TRACES == before, "same (bucket, batch) shape and constants must not recompile"
   assert len(out) == 3
 
 
 def test_stop_token_ends_each_row_and_is_included(llama):
   model, tok, _, _ = llama
-  full = [list(r.token_ids) for r in sampler.generate(model, tok, PROMPTS, GREEDY)]
+  full = [list(r.token_ids) for r in sampling.generate(model, tok, PROMPTS, GREEDY)]
   stop = next(t for t in full[1][4:] if t not in full[1][:4])  # first seen at step >= 4 in row 1
-  res = sampler.generate(model, tok, PROMPTS, GREEDY.replace(stop_token_ids=(stop,)))
+  res = sampling.generate(model, tok, PROMPTS, GREEDY.replace(stop_token_ids=(stop,)))
   for r, ids in zip(res, full):
     if stop in ids:
       cut = ids.index(stop) + 1
@@ -119,17 +119,17 @@ def test_stop_token_ends_each_row_and_is_included(llama):
 
 def test_default_stop_ids_are_the_eos_of_tokenizer_and_model(llama):
   model, tok, _, _ = llama
-  cfg = sampler.SamplingConfig()
-  assert tok.eos_token_id in sampler.stop_ids(model, tok, cfg)
+  cfg = sampling.SamplingConfig()
+  assert tok.eos_token_id in sampling.stop_ids(model, tok, cfg)
   merged = model.config.replace(eos_token_id=(7, tok.eos_token_id))
   fake = type("M", (), {"config": merged})()
-  assert sampler.stop_ids(fake, tok, cfg) == (tok.eos_token_id, 7)
-  assert sampler.stop_ids(model, tok, cfg.replace(stop_token_ids=[])) == ()
+  assert sampling.stop_ids(fake, tok, cfg) == (tok.eos_token_id, 7)
+  assert sampling.stop_ids(model, tok, cfg.replace(stop_token_ids=[])) == ()
 
 
 def test_eos_is_in_token_ids_but_not_in_text(llama):
   model, tok, _, _ = llama
-  full = list(sampler.generate(model, tok, PROMPTS, GREEDY)[0].token_ids)
+  full = list(sampling.generate(model, tok, PROMPTS, GREEDY)[0].token_ids)
   eos = tok.eos_token_id
   # the host side of a row that ended with the EOS after three tokens
   text, kept, reason, stop = finish(tok, full[:3] + [eos], True, ())
@@ -139,11 +139,11 @@ def test_eos_is_in_token_ids_but_not_in_text(llama):
 
 def test_stop_string_cuts_text_and_tokens(llama):
   model, tok, _, _ = llama
-  full = sampler.generate(model, tok, PROMPTS, GREEDY)
+  full = sampling.generate(model, tok, PROMPTS, GREEDY)
   text = full[1].text
   needle = text[len(text) // 2: len(text) // 2 + 2]
   cut = text.index(needle)
-  res = sampler.generate(model, tok, PROMPTS, GREEDY.replace(stop_strings=(needle,)))[1]
+  res = sampling.generate(model, tok, PROMPTS, GREEDY.replace(stop_strings=(needle,)))[1]
   assert res.finish_reason == "stop" and res.stop == needle
   assert res.text == text[:cut] and needle not in res.text
   assert list(res.token_ids) == list(full[1].token_ids[:len(res.token_ids)])
@@ -157,23 +157,23 @@ def test_overlong_prompts_truncated_or_skipped(llama):
   n = len(chat.prompt_ids(tok, long))
   cfg = GREEDY.replace(max_prompt_len=64)
   others = ["hi", "ho", "hey"]  # four rows: the batch shape of the other tests
-  res = sampler.generate(model, tok, [long] + others, cfg)
+  res = sampling.generate(model, tok, [long] + others, cfg)
   assert n > 64 and res[0].truncated and res[0].prompt_tokens == 64
   assert res[0].finish_reason == "length" and not res[1].truncated
-  res = sampler.generate(model, tok, [long] + others, cfg.replace(overlong="skip"))
+  res = sampling.generate(model, tok, [long] + others, cfg.replace(overlong="skip"))
   assert res[0].finish_reason == "skipped" and res[0].token_ids == () and res[0].prompt_tokens == n
   assert res[1].finish_reason == "length" and len(res[1].token_ids) == 32
-  counts = sampler.summarize(res)
+  counts = sampling.summarize(res)
   assert counts["skipped"] == 1 and counts["length"] == 3
 
 
 def test_bucket_lengths():
-  assert [sampler.bucket_len(n, 1000) for n in (1, 16, 17, 25, 33, 49, 97, 700, 999)] == \
+  assert [sampling.bucket_len(n, 1000) for n in (1, 16, 17, 25, 33, 49, 97, 700, 999)] == \
       [16, 16, 24, 32, 48, 64, 128, 768, 1000]
 
 
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="sampling.top_p"):
-    sampler.SamplingConfig(top_p=0.0)
+    sampling.SamplingConfig(top_p=0.0)
   with pytest.raises(ValueError, match="sampling.overlong"):
-    sampler.SamplingConfig(overlong="wrap")
+    sampling.SamplingConfig(overlong="wrap")

@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from persyn_jax import models, sampler
+from persyn_jax import models, sampling
 from persyn_jax.data import shards
 from persyn_jax.sampling import records as srec
 
 # the batch shape and constants of test_sampler.py's SAMPLED config: no new compile (12 prompts,
 # 3 per shard and batches of 4 rows)
-CFG = sampler.SamplingConfig(max_new_tokens=32, temperature=1.0, top_k=40, top_p=0.9, seed=11,
-                             stop_token_ids=(), batch_size=4, min_bucket=64)
+CFG = sampling.SamplingConfig(max_new_tokens=32, temperature=1.0, top_k=40, top_p=0.9, seed=11,
+                              stop_token_ids=(), batch_size=4, min_bucket=64)
 ITEMS = [{"schema": 1, "id": f"q{i}", "prompt": text, "reference": str(i)}
          for i, text in enumerate(["hi", "what is 3 + 4?", "count to ten", "name a color",
                                    "hello world", "def f(x):", "2 + 2 =", "tell me a joke",
@@ -29,8 +29,8 @@ def llama(model_dir):
 
 def run(llama, out, **kw):
   model, tok = llama
-  return sampler.generate_to_records(model, tok, ITEMS, CFG, str(out), "probe", teacher="t1",
-                                     records_per_shard=3, progress=False, **kw)
+  return sampling.generate_to_records(model, tok, ITEMS, CFG, str(out), "probe", teacher="t1",
+                                      records_per_shard=3, progress=False, **kw)
 
 
 def test_records_are_the_generations_in_input_order(llama, tmp_path):
@@ -39,7 +39,7 @@ def test_records_are_the_generations_in_input_order(llama, tmp_path):
   recs = list(shards.read_records(str(tmp_path), "probe"))
   assert manifest["records"] == len(recs) == len(ITEMS) and len(manifest["shards"]) == 4
   assert [r["id"] for r in recs] == [it["id"] for it in ITEMS]
-  direct = sampler.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], CFG)
+  direct = sampling.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], CFG)
   assert [r["response"] for r in recs] == [d.text for d in direct]
   assert recs[3]["messages"][0]["role"] == "system" and recs[5]["reference"] == "5"
   assert all(r["teacher"] == "t1" and r["provenance"]["stage"] == "probe" for r in recs)
@@ -80,27 +80,27 @@ def test_resume_with_other_inputs_is_refused(llama, tmp_path):
   model, tok = llama
   run(llama, tmp_path)
   with pytest.raises(shards.ShardError, match="config_hash"):
-    sampler.generate_to_records(model, tok, ITEMS, CFG.replace(seed=3), str(tmp_path), "probe",
-                                teacher="t1", records_per_shard=3, progress=False)
+    sampling.generate_to_records(model, tok, ITEMS, CFG.replace(seed=3), str(tmp_path), "probe",
+                                 teacher="t1", records_per_shard=3, progress=False)
   # a resume on another number of processes would lay the prompts out over hosts differently
   plan_path = tmp_path / "probe-0.plan.json"
   plan = json.loads(plan_path.read_text())
   plan_path.write_text(json.dumps(dict(plan, hosts=2, host_prompts=[0, 3])))
   with pytest.raises(shards.ShardError, match=r"other host_prompts, hosts.*rerun with 2 processes"):
-    sampler.generate_to_records(model, tok, ITEMS, CFG, str(tmp_path), "probe", teacher="t1",
-                                records_per_shard=3, progress=False)
+    sampling.generate_to_records(model, tok, ITEMS, CFG, str(tmp_path), "probe", teacher="t1",
+                                 records_per_shard=3, progress=False)
   plan_path.write_text(json.dumps(plan))
   # batch size changes no result: a job that ran out of memory may resume with a smaller one
-  run_small = sampler.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),
-                                          str(tmp_path), "probe", teacher="t1",
-                                          records_per_shard=3, progress=False)
+  run_small = sampling.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),
+                                           str(tmp_path), "probe", teacher="t1",
+                                           records_per_shard=3, progress=False)
   assert run_small["records"] == len(ITEMS)
 
 
 def test_skipped_prompts_are_counted_not_written(llama, tmp_path):
   model, tok = llama
   items = ITEMS[:3] + [{"schema": 1, "id": "long", "prompt": "Once upon a time " * 20}]
-  manifest = sampler.generate_to_records(
+  manifest = sampling.generate_to_records(
       model, tok, items, CFG.replace(max_prompt_len=64, overlong="skip"), str(tmp_path), "probe",
       teacher="t1", records_per_shard=4, progress=False)
   assert manifest["records"] == 3

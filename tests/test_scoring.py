@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 import tiny
 from persyn_jax import models, scoring
 from persyn_jax import sharding as shd
-from persyn_jax.buckets import bucket_lengths, fit_prompt_response, plan_batches
+from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, plan_batches
 from persyn_jax.tokenizer import train_tokenizer
 
 PROMPTS = [

@@ -6,22 +6,22 @@ tensor), handed to the decode loop and donated there, so it is updated in place,
 The decode loop is a `lax.while_loop` that stops when every row has produced a stop token or
 max_new_tokens tokens: the host waits once per batch, not once per token.
 
-Compiled functions are cached per (model graph, sampling constants, mesh); jax.jit then keeps one
-executable per (batch, bucket) shape, so a job compiles once per shape it meets. Seed, prompt
-indices and stop ids are runtime arrays: changing them never recompiles.
+Both run on the device runtime (`runtime.runner`) under the serving rule set: compiled once per
+(model graph, sampling constants, mesh); jax.jit then keeps one executable per (batch, bucket)
+shape, so a job compiles once per shape it meets. Seed, prompt indices and stop ids are runtime
+arrays: changing them never recompiles.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from persyn_jax import sharding as shd
 from persyn_jax.models import CACHE_KV_AXES, init_cache
+from persyn_jax.runtime.runner import Runner
 from persyn_jax.sampling import logits as L
 
 Array = jax.Array
@@ -57,111 +57,74 @@ def stop_array(stop_ids: tuple[int, ...]) -> np.ndarray:
   return out
 
 
-def _make_prefill(graphdef, max_new_tokens: int, cache_dtype: str):
-  def prefill(state, input_ids, mask):
-    """input_ids, mask [B, L] (left-padded, mask 1 on tokens) -> (cache, logits of the last prompt
-    token [B, V] fp32). The cache has L + max_new_tokens slots."""
-    TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    B, T = input_ids.shape
-    cache = init_cache(model.config, B, T + max_new_tokens, jnp.dtype(cache_dtype))
-    cache = _constrain_cache(cache)
-    mask = mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    hidden, cache = model.hidden_states(input_ids, segment_ids=mask, positions=positions,
-                                        cache=cache)
-    # left padding: the last slot holds every row's last prompt token
-    return _constrain_cache(cache), model.logits(hidden[:, -1])
-  return prefill
+def prefill(model, input_ids, mask, *, max_new_tokens: int, cache_dtype: str):
+  """input_ids, mask [B, L] (left-padded, mask 1 on tokens) -> (cache, logits of the last prompt
+  token [B, V] fp32). The cache has L + max_new_tokens slots. Depends only on the cache's length
+  and dtype, so greedy and sampled jobs share its compiled code."""
+  TRACES["prefill"] += 1
+  B, T = input_ids.shape
+  cache = init_cache(model.config, B, T + max_new_tokens, jnp.dtype(cache_dtype))
+  cache = _constrain_cache(cache)
+  mask = mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  hidden, cache = model.hidden_states(input_ids, segment_ids=mask, positions=positions, cache=cache)
+  # left padding: the last slot holds every row's last prompt token
+  return _constrain_cache(cache), model.logits(hidden[:, -1])
 
 
-def _make_decode(graphdef, st: Static):
-  def decode(state, cache, logits, mask, seed, prompt_index, sample_index, stop_ids):
-    """Samples up to max_new_tokens tokens per row from the prefill's cache and logits.
+def decode(model, cache, logits, mask, seed, prompt_index, sample_index, stop_ids, *, st: Static):
+  """Samples up to max_new_tokens tokens per row from the prefill's cache and logits.
 
-    Step i samples token i from the carried logits, then feeds it to get the logits of step i+1
-    (the feed of the last step is wasted work: one step in max_new_tokens). Rows whose mask is all
-    0 are batch padding and start out finished. Returns (tokens [B, max_new] (pad after a row's
-    end), length [B] (tokens up to and including the stop token), stopped [B], cache); the cache
-    is returned only so that XLA aliases it with the donated input and updates it in place.
-    """
-    TRACES["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    B = mask.shape[0]
-    prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
-    keys = L.row_keys(seed, prompt_index, sample_index)
-    is_stop = lambda tok: jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
-    s = {"tokens": shd.constrain(jnp.full((B, st.max_new_tokens), st.pad_id, jnp.int32),
-                                 ("batch", None)),
-         "logits": logits, "length": jnp.zeros((B,), jnp.int32), "done": prompt_len == 0,
-         "stopped": jnp.zeros((B,), bool), "step": jnp.zeros((), jnp.int32)}
-
-    def cond(c):
-      return (c[1]["step"] < st.max_new_tokens) & ~jnp.all(c[1]["done"])
-
-    def body(c):
-      cache, s = c
-      i = s["step"]
-      tok = L.sample(s["logits"], L.step_keys(keys, i), st.temperature, st.top_k, st.top_p)
-      tok = jnp.where(s["done"], st.pad_id, tok)
-      hit = ~s["done"] & is_stop(tok)
-      # token i of the response sits at position prompt_len + i
-      hidden, cache = model.hidden_states(tok[:, None], segment_ids=jnp.ones((B, 1), jnp.int32),
-                                          positions=(prompt_len + i)[:, None], cache=cache)
-      s = {"tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, i)),
-           "logits": model.logits(hidden[:, 0]),
-           "length": s["length"] + (~s["done"]).astype(jnp.int32),
-           "done": s["done"] | hit, "stopped": s["stopped"] | hit, "step": i + 1}
-      return _constrain_cache(cache), s
-
-    cache, s = jax.lax.while_loop(cond, body, (cache, s))
-    return s["tokens"], s["length"], s["stopped"], cache
-  return decode
-
-
-_FNS: dict[Any, Any] = {}
-
-
-def compiled(graphdef, st: Static, mesh) -> tuple:
-  """(prefill, decode) jitted functions for this model graph, sampling constants and mesh.
-
-  The prefill depends only on the cache's length and dtype, so greedy and sampled jobs share it.
+  Step i samples token i from the carried logits, then feeds it to get the logits of step i+1
+  (the feed of the last step is wasted work: one step in max_new_tokens). Rows whose mask is all
+  0 are batch padding and start out finished. Returns (tokens [B, max_new] (pad after a row's
+  end), length [B] (tokens up to and including the stop token), stopped [B], cache); the cache
+  is returned only so that XLA aliases it with the donated input and updates it in place.
   """
-  pkey = ("prefill", graphdef, st.max_new_tokens, st.cache_dtype, mesh)
-  if pkey not in _FNS:
-    _FNS[pkey] = jax.jit(_make_prefill(graphdef, st.max_new_tokens, st.cache_dtype))
-  dkey = ("decode", graphdef, st, mesh)
-  if dkey not in _FNS:
-    # the cache (arg 1) is consumed: XLA updates its buffer in place
-    _FNS[dkey] = jax.jit(_make_decode(graphdef, st), donate_argnums=(1,))
-  return _FNS[pkey], _FNS[dkey]
+  TRACES["decode"] += 1
+  B = mask.shape[0]
+  prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  keys = L.row_keys(seed, prompt_index, sample_index)
+  is_stop = lambda tok: jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+  s = {"tokens": shd.constrain(jnp.full((B, st.max_new_tokens), st.pad_id, jnp.int32),
+                               ("batch", None)),
+       "logits": logits, "length": jnp.zeros((B,), jnp.int32), "done": prompt_len == 0,
+       "stopped": jnp.zeros((B,), bool), "step": jnp.zeros((), jnp.int32)}
+
+  def cond(c):
+    return (c[1]["step"] < st.max_new_tokens) & ~jnp.all(c[1]["done"])
+
+  def body(c):
+    cache, s = c
+    i = s["step"]
+    tok = L.sample(s["logits"], L.step_keys(keys, i), st.temperature, st.top_k, st.top_p)
+    tok = jnp.where(s["done"], st.pad_id, tok)
+    hit = ~s["done"] & is_stop(tok)
+    # token i of the response sits at position prompt_len + i
+    hidden, cache = model.hidden_states(tok[:, None], segment_ids=jnp.ones((B, 1), jnp.int32),
+                                        positions=(prompt_len + i)[:, None], cache=cache)
+    s = {"tokens": jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, i)),
+         "logits": model.logits(hidden[:, 0]),
+         "length": s["length"] + (~s["done"]).astype(jnp.int32),
+         "done": s["done"] | hit, "stopped": s["stopped"] | hit, "step": i + 1}
+    return _constrain_cache(cache), s
+
+  cache, s = jax.lax.while_loop(cond, body, (cache, s))
+  return s["tokens"], s["length"], s["stopped"], cache
 
 
-def model_mesh(model) -> jax.sharding.Mesh:
-  """The mesh the model's parameters live on (a 1-device mesh for unsharded parameters)."""
-  for leaf in jax.tree.leaves(nnx.state(model)):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      return sharding.mesh
-    break
-  return shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+class Engine:
+  """The compiled prefill and decode of one (model, sampling constants, mesh), on a runtime
+  Runner under the serving rule set."""
 
-
-def batch_multiple(mesh) -> int:
-  """Batch sizes are padded to a multiple of this, so the batch shards over (data, fsdp)."""
-  return int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
-class Runner:
-  """Runs batches through the compiled prefill and decode of one (model, sampling config, mesh)."""
-
-  def __init__(self, model, st: Static, mesh):
-    self.graphdef, self.state = nnx.split(model)
-    self.st, self.mesh = st, mesh
-    self.prefill, self.decode = compiled(self.graphdef, st, mesh)
-
-  def _put(self, x: np.ndarray) -> Array:
-    return jax.device_put(x, shd.batch_sharding(self.mesh, x.shape))
+  def __init__(self, model, st: Static, mesh=None):
+    self.st = st
+    self.runner = Runner(model, mesh=mesh, rules=shd.SERVING)
+    self.mesh = self.runner.mesh
+    self._prefill = self.runner.jit(prefill, static={"max_new_tokens": st.max_new_tokens,
+                                                     "cache_dtype": st.cache_dtype})
+    # the cache (decode's first argument) is consumed: XLA updates its buffer in place
+    self._decode = self.runner.jit(decode, static={"st": st}, donate=(0,))
 
   def start(self, input_ids: np.ndarray, mask: np.ndarray, seed: int, prompt_index: np.ndarray,
             sample_index: np.ndarray, stop_ids: tuple[int, ...]):
@@ -170,15 +133,12 @@ class Runner:
     return self.run_decode(cache, logits, mask, seed, prompt_index, sample_index, stop_ids)[:3]
 
   def run_prefill(self, input_ids, mask):
-    with jax.set_mesh(self.mesh):
-      return self.prefill(self.state, self._put(np.asarray(input_ids, np.int32)),
-                          self._put(np.asarray(mask, np.int32)))
+    put = self.runner.put
+    return self._prefill(put(np.asarray(input_ids, np.int32)), put(np.asarray(mask, np.int32)))
 
   def run_decode(self, cache, logits, mask, seed, prompt_index, sample_index, stop_ids):
-    with jax.set_mesh(self.mesh):
-      rep = shd.replicated(self.mesh)
-      return self.decode(self.state, cache, logits, self._put(np.asarray(mask, np.int32)),
-                         jax.device_put(np.uint32(seed), rep),
-                         self._put(np.asarray(prompt_index, np.uint32)),
-                         self._put(np.asarray(sample_index, np.uint32)),
-                         jax.device_put(stop_array(stop_ids), rep))
+    r = self.runner
+    return self._decode(cache, logits, r.put(np.asarray(mask, np.int32)),
+                        r.replicate(np.uint32(seed)), r.put(np.asarray(prompt_index, np.uint32)),
+                        r.put(np.asarray(sample_index, np.uint32)),
+                        r.replicate(stop_array(stop_ids)))

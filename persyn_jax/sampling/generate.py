@@ -1,12 +1,12 @@
 """`generate`: prompts in, responses out, in input order.
 
-Host side only: chat template and tokenization, bucketing by prompt length, batching, and turning
-the token arrays that come back into text (stop strings are applied here, after decoding).
+Host side only: chat template and tokenization, bucketing by prompt length (`runtime.buckets`, in
+input order within a bucket), batching, and turning the token arrays that come back into text
+(stop strings are applied here, after decoding).
 While the device decodes batch n, the host finishes batch n-1 (jax dispatch is asynchronous).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Sequence
 
@@ -14,28 +14,22 @@ import numpy as np
 
 from persyn_jax.data import chat
 from persyn_jax.distributed import to_host  # multi-host: every process gets the whole batch
+from persyn_jax.runtime.buckets import bucket_lengths, bucket_of, plan_batches
 from persyn_jax.sampling.config import GenerationResult, SamplingConfig
-from persyn_jax.sampling.engine import Runner, Static, batch_multiple, model_mesh
+from persyn_jax.sampling.engine import Engine, Static
 
 Prompt = chat.Prompt
 
 
 def bucket_len(n: int, max_len: int, min_bucket: int = 16) -> int:
   """The padded prompt length for a prompt of n <= max_len tokens: the smallest of min_bucket *
-  {1, 1.5, 2, 3, 4, 6, 8, ...} that holds n, capped at max_len, so padding wastes < 1/3 of a
-  batch and a job meets few shapes."""
-  b, j = min_bucket, 0
-  while b < n:
-    b = min_bucket << (j // 2 + 1) if j % 2 else math.ceil(1.5 * (min_bucket << (j // 2)))
-    j += 1
-  return min(b, max_len)
+  {1, 1.5, 2, 3, 4, 6, 8, ...} (1.5x rounded up) that holds n, capped at max_len, so padding
+  wastes < 1/3 of a batch and a job meets few shapes."""
+  return bucket_of(n, prompt_buckets(max_len, min_bucket))
 
 
-def batch_rows(n: int, batch_size: int, multiple: int) -> int:
-  """Rows of a compiled batch holding n rows: batch_size, or the next power of two for a smaller
-  tail; rounded up to `multiple` (the mesh's batch shards)."""
-  rows = batch_size if n >= batch_size else min(batch_size, 1 << max(n - 1, 0).bit_length())
-  return math.ceil(rows / multiple) * multiple
+def prompt_buckets(max_len: int, min_bucket: int = 16) -> list[int]:
+  return bucket_lengths(max_len, min_bucket, round_up=True)
 
 
 def stop_ids(model, tokenizer, config: SamplingConfig) -> tuple[int, ...]:
@@ -119,7 +113,6 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
   indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
   if len(indices) != len(prompts):
     raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts")
-  mesh = mesh if mesh is not None else model_mesh(model)
   stops = stop_ids(model, tokenizer, config)
   cache_dtype = str(np.dtype(model.dtype)) if config.cache_dtype == "auto" else config.cache_dtype
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -129,26 +122,28 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
   n = config.num_samples
   results: list[GenerationResult | None] = [None] * (len(prompts) * n)
 
-  buckets: dict[int, list[tuple[int, int]]] = {}  # bucket length -> rows (prompt, sample)
+  rows_all: list[tuple[int, int]] = []  # (prompt, sample) of every row to generate
   for i, (ids, _, plen) in enumerate(tokenized):
     if ids is None:
       for s in range(n):
         results[i * n + s] = GenerationResult(indices[i], s, "", (), "skipped", plen, 0)
       continue
-    b = bucket_len(len(ids), config.max_prompt_len, config.min_bucket)
-    buckets.setdefault(b, []).extend((i, s) for s in range(n))
-  if progress is not None and len(prompts) * n > sum(map(len, buckets.values())):
-    progress(len(prompts) * n - sum(map(len, buckets.values())), 0)
-  if not buckets:
+    rows_all.extend((i, s) for s in range(n))
+  if progress is not None and len(prompts) * n > len(rows_all):
+    progress(len(prompts) * n - len(rows_all), 0)
+  if not rows_all:
     return results  # type: ignore[return-value]
 
-  runner = Runner(model, st, mesh)
-  multiple = batch_multiple(mesh)
-  per_batch = math.ceil(config.batch_size / multiple) * multiple
-  longest = max(buckets) + config.max_new_tokens
+  engine = Engine(model, st, mesh)
+  buckets = prompt_buckets(config.max_prompt_len, config.min_bucket)
+  # rows keep input order within a bucket: a prompt's batch (hence its result) does not depend on
+  # how long the other prompts are
+  plan = plan_batches([len(tokenized[i][0]) for i, _ in rows_all], buckets,
+                      batch_size=config.batch_size, multiple=engine.runner.shards, order="input")
+  longest = max(b.length for b in plan) + config.max_new_tokens
   if longest > getattr(model.config, "max_position_embeddings", longest):
-    warnings.warn(f"prompts of {max(buckets)} tokens + max_new_tokens={config.max_new_tokens} go "
-                  "past the model's max_position_embeddings="
+    warnings.warn(f"prompts of {longest - config.max_new_tokens} tokens + max_new_tokens="
+                  f"{config.max_new_tokens} go past the model's max_position_embeddings="
                   f"{model.config.max_position_embeddings}")
 
   def collect(rows, out):
@@ -165,23 +160,20 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
       progress(len(rows), done_tokens)
 
   pending = None
-  for blen in sorted(buckets):
-    rows_all = buckets[blen]
-    for start in range(0, len(rows_all), per_batch):
-      rows = rows_all[start:start + per_batch]
-      B = batch_rows(len(rows), per_batch, multiple)
-      ids = np.full((B, blen), pad, np.int32)
-      mask = np.zeros((B, blen), np.int32)
-      pidx = np.zeros((B,), np.uint32)
-      sidx = np.zeros((B,), np.uint32)
-      for r, (i, s) in enumerate(rows):
-        p = tokenized[i][0]
-        ids[r, blen - len(p):] = p
-        mask[r, blen - len(p):] = 1
-        pidx[r], sidx[r] = indices[i], s
-      out = runner.start(ids, mask, config.seed, pidx, sidx, stops)
-      if pending is not None:
-        collect(*pending)
-      pending = (rows, out)
+  for b in plan:
+    rows = [rows_all[j] for j in b.indices]
+    ids = np.full((b.rows, b.length), pad, np.int32)
+    mask = np.zeros((b.rows, b.length), np.int32)
+    pidx = np.zeros((b.rows,), np.uint32)
+    sidx = np.zeros((b.rows,), np.uint32)
+    for r, (i, s) in enumerate(rows):
+      p = tokenized[i][0]
+      ids[r, b.length - len(p):] = p
+      mask[r, b.length - len(p):] = 1
+      pidx[r], sidx[r] = indices[i], s
+    out = engine.start(ids, mask, config.seed, pidx, sidx, stops)
+    if pending is not None:
+      collect(*pending)
+    pending = (rows, out)
   collect(*pending)
   return results  # type: ignore[return-value]

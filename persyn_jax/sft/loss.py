@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from persyn_jax.runtime import logprob
+
 Array = jax.Array
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
@@ -26,19 +28,11 @@ def token_nll(logits: Array, targets: Array) -> tuple[Array, Array]:
 
 def chunked_nll(logits_fn: Callable[[Array], Array], hidden: Array, targets: Array,
                 chunk: int) -> tuple[Array, Array]:
-  """token_nll over the sequence `chunk` tokens at a time; each chunk's logits are recomputed in
-  the backward pass, so [B, T, V] logits never exist at once (vocabularies of 128k+)."""
-  B, T, D = hidden.shape
-  n = T // chunk
-  h = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
-  t = targets.reshape(B, n, chunk).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def one(h_c, t_c):
-    return token_nll(logits_fn(h_c), t_c)
-
-  nll, lse = jax.lax.map(lambda xs: one(*xs), (h, t))
-  return nll.swapaxes(0, 1).reshape(B, T), lse.swapaxes(0, 1).reshape(B, T)
+  """token_nll over the sequence `chunk` tokens at a time (`runtime.logprob`, shared with
+  scoring); each chunk's logits are recomputed in the backward pass, so [B, T, V] logits never
+  exist at once (vocabularies of 128k+)."""
+  logp, lse = logprob.token_logprobs(logits_fn, hidden, targets, chunk)
+  return -logp, lse
 
 
 def loss_sums(model, batch: dict[str, Array], *, z_loss: float = 0.0, chunk: int = 0

@@ -1,0 +1,209 @@
+"""Loading and saving models: a Hugging Face directory (config.json + safetensors) or a
+`persyn_jax.convert` output (an orbax checkpoint laid out for a mesh), placed by a rule set.
+
+    model, tok = load_model(path, dtype="bfloat16", mesh=mesh, rules=sharding.SERVING)
+    save_pretrained(model, tok, "out_dir")             # HF layout, loads in transformers
+
+`rules` is the sharding rule set the parameters are placed by: TRAINING (the default active set;
+weights over fsdp x tensor) for models that train or score, SERVING (weights over tensor only)
+for teachers that sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persyn_jax import sharding as shd
+from persyn_jax.models.config import ModelConfig
+from persyn_jax.models.hf import (CheckpointError, config_from_hf, config_to_hf, load_params,
+                                  read_json, save_params, _atomic_json)
+from persyn_jax.models.transformer import CausalLM, SequenceClassifier
+
+MARKER = "persyn_orbax.json"  # the file that marks (and describes) a convert output
+FORMAT = 1
+
+
+def as_dtype(dtype) -> jnp.dtype:
+  if isinstance(dtype, str):
+    names = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
+    try:
+      return jnp.dtype(names.get(dtype, dtype))
+    except TypeError:
+      raise ValueError(f"unknown dtype {dtype!r}") from None
+  return jnp.dtype(dtype)
+
+
+def load_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+  """Our ModelConfig and the raw dict of `path/config.json` (plus generation_config.json eos ids)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory (a local Hugging Face model directory is expected)")
+  hf = read_json(cfg_path)
+  if hf.get("auto_map"):
+    raise CheckpointError(f"{cfg_path}: auto_map asks for remote code, which is never run")
+  cfg = config_from_hf(hf, source=cfg_path)
+  gen_path = os.path.join(path, "generation_config.json")
+  if os.path.exists(gen_path):
+    hf["_generation_config"] = read_json(gen_path)
+  return cfg, hf
+
+
+def is_classifier(hf: dict) -> bool:
+  return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
+def build_model(cfg: ModelConfig, *, classifier: bool = False, dtype="float32", param_dtype=None,
+                seed: int = 0, abstract: bool = False) -> nnx.Module:
+  """A randomly initialised model (or its abstract shape, for loading into)."""
+  dtype = as_dtype(dtype)
+  param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+  cls = SequenceClassifier if classifier else CausalLM
+  make = lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def load_tokenizer(path: str):
+  from transformers import AutoTokenizer
+  files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+  if not any(os.path.exists(os.path.join(path, f)) for f in files):
+    raise CheckpointError(f"{path}: no tokenizer files ({', '.join(files)})")
+  # Exactly transformers' choice of tokenizer class, so ids match every HF tool. (For a model_type
+  # such as qwen2, transformers picks Qwen2Tokenizer even for a generic tokenizer.json.)
+  try:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  except Exception as e:  # transformers raises many kinds; name the directory
+    raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+
+
+def _head(hf: dict, head: str, path: str) -> bool:
+  if head not in ("auto", "lm", "classifier"):
+    raise ValueError(f"{path}: head={head!r}: expected auto, lm or classifier")
+  return is_classifier(hf) if head == "auto" else head == "classifier"
+
+
+def _runtime_config(cfg: ModelConfig, hf: dict, classifier: bool) -> ModelConfig:
+  """The config as loaded: a classifier has at least one label; generation_config.json's eos ids
+  join config.json's (transformers stops on either)."""
+  if classifier and cfg.num_labels < 1:
+    cfg = cfg.replace(num_labels=1)
+  gen_eos = hf.get("_generation_config", {}).get("eos_token_id")
+  if gen_eos is not None:
+    cfg = cfg.replace(eos_token_id=_merge_ids(cfg.eos_token_id, gen_eos))
+  return cfg
+
+
+def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
+                    param_dtype=None, head: str = "auto", tokenizer: bool = True,
+                    allow_pickle: bool = False, rules: shd.Rules | None = None):
+  """Loads a local HF directory; returns (model, tokenizer) (tokenizer None if `tokenizer=False`).
+
+  `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype.
+  `head`: "lm" (CausalLM), "classifier" (SequenceClassifier) or "auto" (from `architectures`).
+  mesh: default the single-device mesh; rules: the rule set that places the parameters on it
+  (default: the active set). Never runs remote code; pickle checkpoints only with
+  `allow_pickle=True` (weights_only).
+  """
+  cfg, hf = load_config(path)
+  classifier = _head(hf, head, path)
+  cfg = _runtime_config(cfg, hf, classifier)
+  dtype = as_dtype(dtype)
+  pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
+  abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
+  with shd.use_rules(rules):
+    model = load_params(abstract, path, mesh, pdtype, allow_pickle=allow_pickle)
+  tok = load_tokenizer(path) if tokenizer else None
+  return model, tok
+
+
+def _merge_ids(a, b) -> tuple[int, ...] | None:
+  out: list[int] = []
+  for x in (a, b):
+    for i in (x if isinstance(x, (list, tuple)) else [x]):
+      if i is not None and int(i) not in out:
+        out.append(int(i))
+  return tuple(out) if out else None
+
+
+def save_pretrained(model: nnx.Module, tokenizer, path: str, *, dtype=None) -> None:
+  """Writes `model` (and `tokenizer`, if given) in HF layout: config.json, safetensors, tokenizer.
+
+  `dtype` casts the saved weights (default: as stored).
+  """
+  os.makedirs(path, exist_ok=True)
+  classifier = isinstance(model, SequenceClassifier)
+  hf = config_to_hf(model.config, classifier=classifier)
+  if dtype is not None:
+    hf["torch_dtype"] = str(as_dtype(dtype))
+  else:
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    hf["torch_dtype"] = str(leaf.dtype)
+  save_params(model, path, dtype=as_dtype(dtype) if dtype is not None else None)
+  _atomic_json(hf, os.path.join(path, "config.json"))
+  eos = model.config.eos_token_id
+  gen = {"eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+         "bos_token_id": model.config.bos_token_id, "pad_token_id": model.config.pad_token_id}
+  _atomic_json({k: v for k, v in gen.items() if v is not None},
+               os.path.join(path, "generation_config.json"))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+
+def is_orbax_checkpoint(path: str) -> bool:
+  return os.path.exists(os.path.join(path, MARKER))
+
+
+def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
+               param_dtype=None, head: str = "auto", tokenizer: bool = True,
+               rules: shd.Rules | None = None):
+  """(model, tokenizer) from a `persyn_jax.convert` output directory, the parameters restored
+  straight onto `mesh` by `rules` (each process reads only the chunks its devices hold; another
+  layout than the stored one is resharded while reading). Arguments as `from_pretrained`."""
+  from persyn_jax.checkpoints import abstract as abstract_tree, restore_tree
+
+  marker = os.path.join(path, MARKER)
+  if not os.path.exists(marker):
+    raise CheckpointError(f"{path}: no {MARKER}; not a persyn_jax.convert output")
+  with open(marker) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointError(f"{marker}: format {meta.get('format')!r}, this version reads {FORMAT}")
+  cfg, hf = load_config(path)
+  if head == "auto":  # the head the checkpoint was written with, not config.json's architectures
+    head = "classifier" if meta.get("head") == "SequenceClassifier" else "lm"
+  classifier = _head(hf, head, path)
+  cfg = _runtime_config(cfg, hf, classifier)
+  dtype = as_dtype(dtype)
+  pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
+  abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
+  graphdef, state = nnx.split(abstract)
+  shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh, rules=rules))
+  # the target's dtype: orbax casts while reading, so a bf16 run never holds an fp32 copy
+  target = abstract_tree(nnx.to_pure_dict(state), shardings)
+  try:
+    restored = restore_tree(os.path.join(path, "params"), target)
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}/params does not match the model of {path}/config.json "
+                          f"({type(e).__name__}: {e})") from None
+  nnx.replace_by_pure_dict(state, restored)
+  model = nnx.merge(graphdef, state)
+  tok = load_tokenizer(path) if tokenizer else None
+  return model, tok
+
+
+def load_model(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
+               param_dtype=None, head: str = "auto", tokenizer: bool = True,
+               allow_pickle: bool = False, rules: shd.Rules | None = None):
+  """(model, tokenizer) from a `persyn_jax.convert` (orbax) output or else an HF directory,
+  placed on `mesh` by `rules` (e.g. SERVING for a teacher that samples); arguments as
+  `from_pretrained` (allow_pickle concerns HF directories only)."""
+  kw = dict(dtype=dtype, mesh=mesh, param_dtype=param_dtype, head=head, tokenizer=tokenizer,
+            rules=rules)
+  if is_orbax_checkpoint(path):
+    return from_orbax(path, **kw)
+  return from_pretrained(path, allow_pickle=allow_pickle, **kw)
