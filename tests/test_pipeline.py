@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from persyn_jax import config as C
 from persyn_jax import policies as pol
-from persyn_jax.pipeline import Run
+from persyn_jax.stages import Run
 from persyn_jax.run_config import STAGES, RunConfig, load_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
