@@ -43,7 +43,8 @@ def stage_key(stage: Stage, cfg, keys: Mapping[str, str]) -> str:
   return C.config_hash([stage.name, {s: keys[s] for s in stage.reads}, sections])
 
 
-def check_graph(stages: Sequence[Stage], order: Sequence[str], config_fields: Sequence[str]) -> None:
+def check_graph(stages: Sequence[Stage], order: Sequence[str],
+                config_fields: Sequence[str]) -> None:
   """The declarations are in `order`, read only earlier stages and name real config fields."""
   names = [s.name for s in stages]
   if tuple(names) != tuple(order):

@@ -1,4 +1,4 @@
-"""The embedded default world's builder: PerSyn end to end on a laptop CPU, built offline in minutes.
+"""The embedded world's builder: PerSyn end to end on a laptop CPU, built offline in minutes.
 
 A task with checkable answers (arithmetic word problems of four kinds, tasks.py), a
 tokenizer trained here, four teachers of different sizes and families each trained by our own SFT
