@@ -18,5 +18,5 @@ def run(ctx: Context) -> dict:
   return {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
 
 
-STAGE = Stage("router", run, reads=("probe", "score"),
+STAGE = Stage("router", run, reads=("score",),
               config=("teachers", "prompts", "router"), doc=__doc__)
