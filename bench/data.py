@@ -57,7 +57,7 @@ def main(argv=None):
 
   import jax
 
-  from persyn_jax.data import chat, pipeline, shards
+  from persyn_jax.data import batches, chat, shards
   from persyn_jax.sharding import MeshConfig, make_mesh
   from persyn_jax.tokenizer import train_tokenizer
 
@@ -78,7 +78,7 @@ def main(argv=None):
       back, t = timed(lambda: sum(1 for _ in shards.read_records(out, "gen")))
       assert back == args.records
       rows.append((f"read_records {fmt} (sha256 + validate)", args.records / t, "records/s", ""))
-      ds = pipeline.host_records(out, seed=0, epoch=0, host=0, num_hosts=1)
+      ds = batches.host_records(out, seed=0, epoch=0, host=0, num_hosts=1)
       n, t = timed(lambda: sum(1 for i in range(len(ds)) if ds[i]))
       rows.append((f"grain shuffled read {fmt} (decode + validate)", n / t, "records/s", ""))
 
@@ -87,9 +87,9 @@ def main(argv=None):
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
     for packing in (True, False):
       def run():
-        it = pipeline.sft_batches(sft, tok, seq_len=args.seq_len, batch_size=args.batch_size,
+        it = batches.sft_batches(sft, tok, seq_len=args.seq_len, batch_size=args.batch_size,
                                   seed=0, packing=packing)
-        for b in pipeline.device_batches(it, mesh):
+        for b in batches.device_batches(it, mesh):
           jax.block_until_ready(b)
         return it.stats
       stats, t = timed(run)
@@ -101,8 +101,8 @@ def main(argv=None):
                 for r in sft]
     def pack_only():
       n = 0
-      for b in pipeline.pack(examples, args.batch_size, args.seq_len):
-        d = pipeline.to_device(b, mesh)
+      for b in batches.pack(examples, args.batch_size, args.seq_len):
+        d = batches.to_device(b, mesh)
         jax.block_until_ready(d)
         n += int((b["segment_ids"] > 0).sum())
       return n

@@ -68,7 +68,7 @@ class PlanConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ToyWorldConfig:
-  """The embedded default world (persyn_jax/toyworld.py)."""
+  """The embedded default world (persyn_jax/toyworld/), resolved by the CLI before the run."""
 
   scale: Literal["default", "small", "tiny"] = "default"
   seed: int = 0

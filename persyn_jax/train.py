@@ -51,21 +51,26 @@ def main(argv=None) -> int:
   if bad:
     print(f"--stages: unknown {bad}; stages: {','.join(STAGES)}", file=sys.stderr)
     return 2
-  if args.dry_run:
+  if args.dry_run:  # imports neither the stages nor the world's builder
     from persyn_jax import plan as planlib
-    from persyn_jax import toyworld
+    architectures = {}
     if cfg.world is not None:
+      from persyn_jax import toyworld
       cfg = toyworld.plan_config(cfg)
+      architectures = toyworld.architectures(cfg.world.scale)
     n = args.num_prompts if args.num_prompts is not None else _count_prompts(cfg)
     try:
-      p = planlib.plan(cfg, num_prompts=n)
+      p = planlib.plan(cfg, num_prompts=n, architectures=architectures)
     except (planlib.PlanError, KeyError) as e:
       print(f"--dry-run: {e}", file=sys.stderr)
       return 2
     print(planlib.format_plan(p))
     return 0 if p["fits"] else 3
-  from persyn_jax.pipeline import Run, enable_compilation_cache
   enable_compilation_cache()
+  from persyn_jax import toyworld
+  from persyn_jax.stages import Run
+  from persyn_jax.stages.context import log_to_stdout
+  cfg = toyworld.resolve(cfg, log=log_to_stdout)  # `world:` -> teachers, student, prompts
   report = Run(cfg).run(stages)
   if report:
     out = os.path.join(report["run_dir"], "report")
@@ -73,6 +78,17 @@ def main(argv=None) -> int:
           + ", ".join(os.path.basename(v) for v in report["plots"].values()) + ")")
     print(report.get("summary", ""))
   return 0
+
+
+def enable_compilation_cache(path: str = "") -> str:
+  """JAX's persistent compilation cache, so a rerun (or the next run) skips XLA compiles."""
+  import jax
+  path = path or os.environ.get("PERSYN_JAX_XLA_CACHE") or os.path.join(
+      os.environ.get("PERSYN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "persyn_jax"),
+      "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return path
 
 
 def _count_prompts(cfg) -> int:

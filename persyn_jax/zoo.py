@@ -75,9 +75,6 @@ ZOO: dict[str, dict] = {
 
 def architecture(path_or_id: str) -> ModelConfig:
   """The ModelConfig of a local HF directory (its config.json), else of a known hub id."""
-  if path_or_id.startswith("toyworld:"):
-    from persyn_jax.toyworld import spec_config
-    return spec_config(path_or_id)
   cfg_path = os.path.join(path_or_id, "config.json")
   if os.path.exists(cfg_path):
     return config_from_hf(read_json(cfg_path), source=cfg_path)

@@ -47,12 +47,12 @@ def build_world(scale: str):
   """The toy world at `scale` (seed 0), built by the first worker that asks, then cached."""
   import fcntl
 
-  from persyn_jax import toyworld
+  from persyn_jax.toyworld.build import build
   root = os.environ["PERSYN_JAX_TEST_WORLDS"]
   with open(os.path.join(root, f".lock-{scale}"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      return toyworld.build(scale, 0, root, log=lambda m: None)
+      return build(scale, 0, root, log=lambda m: None)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 

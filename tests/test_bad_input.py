@@ -216,7 +216,7 @@ def explicit_config(model_dir, tmp_path, prompts_path, **over):
 
 @pytest.mark.parametrize("content", ["", "\n\n", '{"id": "a", "prompt": ""}\n{"id": "b", "prompt": 7}\n'])
 def test_an_empty_dataset_is_a_clear_error(model_dir, tmp_path, content):
-  from persyn_jax.pipeline import Run
+  from persyn_jax.stages import Run
   p = tmp_path / "prompts.jsonl"
   p.write_text(content)
   run = Run(explicit_config(model_dir, tmp_path, p), log=lambda m: None)
@@ -247,7 +247,7 @@ def test_teacher_names_that_share_a_file_name_are_a_config_error(tmp_path):
 
 
 def test_a_mesh_that_does_not_divide_the_devices_is_named(model_dir, tmp_path):
-  from persyn_jax.pipeline import Run
+  from persyn_jax.stages import Run
   p = tmp_path / "prompts.jsonl"
   p.write_text('{"id": "a", "prompt": "hi"}\n')
   cfg = explicit_config(model_dir, tmp_path, p, mesh={"data": 3, "fsdp": -1, "tensor": 1})
@@ -281,7 +281,7 @@ def test_an_sft_dataset_with_nothing_to_train_on_is_named(tok, tmp_path):
   """Every example longer than seq_len with overlong=skip: the pipeline names the data directory
   and the counts, not a planning detail; an empty list of batches says so too."""
   from persyn_jax.data import shards
-  from persyn_jax.pipeline import epoch_batches
+  from persyn_jax.data.batches import epoch_batches
   from persyn_jax.sft import SFTConfig
   from persyn_jax.sft.trainer import total_steps
   recs = [R.make(f"r{i}", "a long prompt " * 20, response="an answer " * 10, teacher="t",

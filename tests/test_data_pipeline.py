@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from persyn_jax.data import chat, pipeline as P, records as R, shards
+from persyn_jax.data import batches as P, chat, records as R, shards
 
 SEQ = 128
 

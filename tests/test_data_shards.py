@@ -10,7 +10,7 @@ import time
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from persyn_jax.data import pipeline, records as R, shards
+from persyn_jax.data import batches, records as R, shards
 
 N = 10_000
 
@@ -47,7 +47,7 @@ def ids(ds):
 def test_four_hosts_see_every_record_once_per_epoch(ten_k):
   out, _ = ten_k
   for epoch in (0, 1):
-    seen = [ids(pipeline.host_records(out, seed=3, epoch=epoch, host=h, num_hosts=4))
+    seen = [ids(batches.host_records(out, seed=3, epoch=epoch, host=h, num_hosts=4))
             for h in range(4)]
     assert all(len(s) == N // 4 for s in seen)
     flat = [i for s in seen for i in s]
@@ -55,7 +55,7 @@ def test_four_hosts_see_every_record_once_per_epoch(ten_k):
     if epoch == 0:
       first = seen[0]
   assert seen[0] != first  # reshuffled per epoch
-  again = ids(pipeline.host_records(out, seed=3, epoch=0, host=0, num_hosts=4))
+  again = ids(batches.host_records(out, seed=3, epoch=0, host=0, num_hosts=4))
   assert again == first  # and deterministic
 
 

@@ -13,11 +13,17 @@ import textwrap
 import numpy as np
 import pytest
 
-from persyn_jax import faults
+import faults  # tests/faults.py (conftest puts tests/ on sys.path)
 from persyn_jax.data import records as R
 from persyn_jax.data import shards
 
 N_RECORDS, N_SHARDS = 40, 5
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def python_c(code: str) -> list[str]:
+  """A fresh interpreter running `code`, with tests/ importable (for `import faults`)."""
+  return [sys.executable, "-c", f"import sys; sys.path.insert(0, {TESTS!r})\n" + code]
 
 
 def make_records(n=N_RECORDS):
@@ -47,7 +53,7 @@ def clean(tmp_path_factory):
 # installs faults.kill_at and writes the stage; the parent then resumes (reruns) in its own process.
 KILLER = textwrap.dedent("""
     import json, os, sys
-    from persyn_jax import faults
+    import faults
     from persyn_jax.data import records as R, shards
     root, n_records, n_shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     recs = [R.make(f"r{i}", f"prompt {i} " + "x" * 400, teacher="t", sample=0,
@@ -78,7 +84,7 @@ def test_shard_writer_killed_at_every_commit_point_resumes_exactly(clean, tmp_pa
   manifest): the rerun keeps the complete shards, rewrites the rest, removes the dead writer's
   temp files, and the stage is identical to an uninterrupted write."""
   ref_dir, ref = clean
-  proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), str(N_RECORDS), str(N_SHARDS)],
+  proc = subprocess.run(python_c(KILLER) + [str(tmp_path), str(N_RECORDS), str(N_SHARDS)],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   points = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,14 +107,14 @@ def test_a_full_disk_fails_the_shard_clearly_and_leaves_nothing(clean, tmp_path)
   ref_dir, ref = clean
   out = str(tmp_path / "gen")
   script = textwrap.dedent(f"""
-      from persyn_jax import faults
+      import faults
       from persyn_jax.data import records as R, shards
       recs = [R.make(f"r{{i}}", f"prompt {{i}} " + "x" * 400, teacher="t", sample=0,
                      response=f"answer {{i}}") for i in range({N_RECORDS})]
       faults.limit_file_size(8 << 10)  # the disk fills up at 8 KiB
       shards.write_records({out!r}, "gen", recs, num_shards={N_SHARDS}, host=0)
   """)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(python_c(script), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   # the error names the cause and the file being written

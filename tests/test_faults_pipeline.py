@@ -5,7 +5,7 @@ by file: the same records, no duplicate, no gap, the same manifests, the same SF
 One clean reference run and one chain of launches on the tiny toy world. Each launch of the chain
 resumes what the previous one left and is itself killed (or made to fail a write) at the next
 point of a seeded plan; the last launch is a plain `python -m persyn_jax.train` to the end. The
-chain's launches are forked from a warm process (persyn_jax.faults.Launcher) so that 25 launches
+chain's launches are forked from a warm process (tests/faults.py: Launcher) so that 25 launches
 cost seconds each rather than a Python + JAX + transformers start-up each.
 """
 import glob
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from persyn_jax import faults
+import faults  # tests/faults.py
 from persyn_jax.data import shards
 
 SEED = 1234
@@ -202,7 +202,7 @@ def assert_same_run(clean: str, resumed: str) -> None:
     other = done.replace(clean, resumed, 1)
     x, y = strip_volatile(json.load(open(done)), clean), strip_volatile(json.load(open(other)), resumed)
     if os.path.relpath(done, clean) == os.path.join("sft", "DONE.json"):
-      for pol, summary in y["counts"].items():  # pipeline.py patch in docs/FAILURES.md
+      for pol, summary in y["counts"].items():  # stages/sft.py: final_loss, docs/FAILURES.md
         assert summary["final_loss"] is not None, (
             f"sft/DONE.json: {pol} resumed after its last step reports final_loss None")
     assert x == y, os.path.relpath(done, clean)

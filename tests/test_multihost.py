@@ -42,10 +42,10 @@ RUN_SETS = ["sampling.max_new_tokens=16", "sampling.batch_size=4", "sampling.min
 def run_config(run_dir: str):
   """The tiny world (already built: PERSYN_JAX_CACHE) as an explicit config (world: null)."""
   from persyn_jax import config as C
-  from persyn_jax import toyworld
   from persyn_jax.run_config import RunConfig
+  from persyn_jax.toyworld.build import build
   from persyn_jax.train import DEFAULT_CONFIG
-  w = toyworld.build("tiny", 0, log=lambda m: None)
+  w = build("tiny", 0, log=lambda m: None)
   data = C.load_yaml(DEFAULT_CONFIG)
   data.update(world=None, run_dir=run_dir, compare=list(POLICIES),
               teachers=[{"name": n, "path": p, "family": f, "dtype": "float32"}
@@ -94,9 +94,11 @@ def worker(argv=None) -> int:
   if args.model:
     load_check(args)
   if args.stages:
-    from persyn_jax.pipeline import Run
+    from persyn_jax import toyworld
+    from persyn_jax.stages import Run
     cfg = (world_config(args.run_dir, args.world_cache) if args.world_cache
            else run_config(args.run_dir))
+    cfg = toyworld.resolve(cfg, log=lambda m: None)  # as the CLI does
     Run(cfg, log=lambda m: None).run(args.stages.split(","))
   dist.barrier("worker:end")
   return 0
@@ -247,9 +249,10 @@ def world_cache(tiny_world):
 @pytest.fixture(scope="module")
 def orbax_teacher(world_cache, tmp_path_factory):
   """A teacher of the tiny world, converted for the 4-device mesh of the 4-process run."""
-  from persyn_jax import convert, toyworld
+  from persyn_jax import convert
+  from persyn_jax.toyworld.build import build
   from persyn_jax import sharding as shd
-  teachers = toyworld.build("tiny", 0, world_cache, log=lambda m: None).teachers
+  teachers = build("tiny", 0, world_cache, log=lambda m: None).teachers
   path = {n: p for n, p, _ in teachers}[TEACHERS[0]]
   out = str(tmp_path_factory.mktemp("orbax") / TEACHERS[0])
   convert.convert(path, out, shd.MeshConfig(1, 4, 1))
@@ -332,11 +335,11 @@ def test_several_processes_run_the_pipeline_like_one(runs, n):
 def test_the_sft_steps_see_only_part_of_the_data(runs):
   """The loss check above is only as strong as the packing is decisive: each step's global batch
   holds a fraction of the dataset, so hosts packing on their own would change the losses."""
-  from persyn_jax import toyworld
-  from persyn_jax.data.pipeline import sft_batches
+  from persyn_jax.data.batches import sft_batches
   from persyn_jax.models import load_tokenizer
+  from persyn_jax.toyworld.build import build
   c = run_config(runs[1]).sft
-  tok = load_tokenizer(toyworld.build("tiny", 0, log=lambda m: None).student[1])
+  tok = load_tokenizer(build("tiny", 0, log=lambda m: None).student[1])
   it = sft_batches(os.path.join(runs[1], "data", "persyn"), tok, seq_len=c.seq_len,
                    batch_size=c.batch_size, seed=c.seed, stage="data")
   per_batch = [sum(len(set(row[row > 0].tolist())) for row in b["segment_ids"]) for b in it]
@@ -391,12 +394,12 @@ def test_a_multi_process_run_builds_the_toy_world_once(runs, tiny_world):
   """The default config's `world:` on 2 processes with an empty cache: one process builds the
   world (in a one-process subprocess, holding the lock), the other waits and loads it, and the
   probe runs. The world is the one a one-process build makes (its checkpoints' sha256)."""
-  from persyn_jax import toyworld
+  from persyn_jax.toyworld.build import build, cache_root
   run_dir, cache = runs["world"]
   built = [out.count("[toyworld] building the tiny world") for out in runs["world_output"]]
   assert sorted(built) == [0, 1], built
-  assert len(glob.glob(os.path.join(toyworld.cache_root(cache), "*", "world.json"))) == 1
-  world = toyworld.build("tiny", 0, cache, log=lambda m: None)
+  assert len(glob.glob(os.path.join(cache_root(cache), "*", "world.json"))) == 1
+  world = build("tiny", 0, cache, log=lambda m: None)
   assert world.info["hashes"] == tiny_world.info["hashes"]
   from persyn_jax.data import shards
   for name, _, _ in world.teachers:

@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from persyn_jax import config as C
 from persyn_jax import policies as pol
-from persyn_jax.pipeline import Run
+from persyn_jax.stages import Run
 from persyn_jax.run_config import STAGES, RunConfig, load_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +145,8 @@ def test_dry_run_of_every_config(config):
 def test_dry_run_refuses_a_plan_that_does_not_fit():
   out = subprocess.run([sys.executable, "-m", "persyn_jax.train", "--config",
                         os.path.join(ROOT, "configs", "instruct.yaml"), "--dry-run",
-                        "--set", "mesh.data=64", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=1"],
+                        "--set", "mesh.data=64", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=1",
+                        "--set", "sampling.mesh=null"],  # sampling on the run's mesh
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 3
   assert "DOES NOT FIT" in out.stdout and "llama3.1-405b" in out.stdout

@@ -8,19 +8,21 @@ import torch
 import transformers as T
 
 from persyn_jax import toyworld
-from persyn_jax import toyworld_tasks as tasks
+from persyn_jax.io_utils import sha256_file
+from persyn_jax.toyworld import tasks
+from persyn_jax.toyworld.build import build
 from persyn_jax.verify import verify_math
 
 
 def test_build_is_deterministic(tmp_path):
   quiet = lambda m: None  # noqa: E731
-  a = toyworld.build("tiny", 0, str(tmp_path / "a"), log=quiet)
-  b = toyworld.build("tiny", 0, str(tmp_path / "b"), log=quiet)
+  a = build("tiny", 0, str(tmp_path / "a"), log=quiet)
+  b = build("tiny", 0, str(tmp_path / "b"), log=quiet)
   assert a.info["hashes"] == b.info["hashes"]
   assert len(a.info["hashes"]) == 5
   for name, path, _ in a.teachers:
-    assert toyworld.sha256_file(os.path.join(path, "model.safetensors")) == a.info["hashes"][name]
-  c = toyworld.build("tiny", 1, str(tmp_path / "c"), log=quiet)
+    assert sha256_file(os.path.join(path, "model.safetensors")) == a.info["hashes"][name]
+  c = build("tiny", 1, str(tmp_path / "c"), log=quiet)
   assert c.info["hashes"] != a.info["hashes"]  # another seed, another world
 
 

@@ -125,7 +125,7 @@ def test_yaml_with_python_tags_is_refused_by_the_command_line(tmp_path, capsys):
 def test_a_hostile_teacher_name_or_record_id_cannot_write_outside_the_run(model_dir, tmp_path):
   """Teachers named '../../evil' and '/abs/evil', prompt ids with '../': every file stays inside
   the run directory, under sanitized names; the records keep the names as data."""
-  from persyn_jax.pipeline import Run
+  from persyn_jax.stages import Run
   from persyn_jax.run_config import RunConfig
   from persyn_jax.data import shards
   root = tmp_path / "a" / "b"

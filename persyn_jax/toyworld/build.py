@@ -1,6 +1,6 @@
-"""The embedded default world: PerSyn end to end on a laptop CPU, built offline in minutes.
+"""The embedded world's builder: PerSyn end to end on a laptop CPU, built offline in minutes.
 
-A task with checkable answers (arithmetic word problems of four kinds, toyworld_tasks.py), a
+A task with checkable answers (arithmetic word problems of four kinds, tasks.py), a
 tokenizer trained here, four teachers of different sizes and families each trained by our own SFT
 on one answer style, and a student smaller than every teacher whose prior ("pretraining") favours
 some styles over others. Everything is saved as HF-layout checkpoints, so the run uses the real
@@ -24,61 +24,12 @@ import jax
 import numpy as np
 
 from persyn_jax import sharding as shd
-from persyn_jax import toyworld_tasks as tasks
 from persyn_jax.io_utils import atomic_write_json, atomic_write_text, sha256_file
-from persyn_jax.models import ModelConfig, RopeConfig, build_model, save_pretrained
+from persyn_jax.models import build_model, save_pretrained
 from persyn_jax.tokenizer import train_tokenizer
-
-WORLD_VERSION = 4  # bump whenever the task, the styles or the training change
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """One model of the world: its name, answer style, family (HF model_type) and size."""
-
-  name: str
-  style: str
-  model_type: str
-  hidden: int
-  layers: int
-  heads: int
-  kv_heads: int
-  steps: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-  prompts: int           # run prompts (train + eval)
-  probe: int
-  eval: int
-  train_problems: int    # problems each teacher (and the student's prior) is trained on
-  batch: int
-  seq_len: int
-  lr: float
-  teachers: tuple[Spec, ...]
-  student: Spec
-
-
-def _teachers(f: float, steps: int) -> tuple[Spec, ...]:
-  s = lambda n: max(16, int(n * f) // 16 * 16)  # noqa: E731
-  return (Spec("terse-L", "terse", "llama", s(96), 2, 4, 2, steps),
-          Spec("stepwise-Q", "stepwise", "qwen3", s(80), 2, 4, 2, steps),
-          Spec("verbose-L", "verbose", "llama", s(64), 2, 4, 2, steps),
-          Spec("sloppy-Q", "sloppy", "qwen3", s(64), 2, 4, 2, steps))
-
-
-SCALES = {
-    "default": Scale(prompts=1400, probe=300, eval=200, train_problems=3000, batch=16, seq_len=192,
-                     lr=5e-3, teachers=_teachers(1.0, 240),
-                     student=Spec("student-Q", "prior", "qwen3", 48, 2, 4, 2, 200)),
-    "small": Scale(prompts=240, probe=64, eval=48, train_problems=1500, batch=16, seq_len=192,
-                   lr=5e-3, teachers=_teachers(0.67, 120),
-                   student=Spec("student-Q", "prior", "qwen3", 16, 2, 2, 1, 60)),
-    "tiny": Scale(prompts=64, probe=16, eval=16, train_problems=120, batch=4, seq_len=128,
-                  lr=3e-3, teachers=_teachers(0.25, 6),
-                  student=Spec("student-Q", "prior", "qwen3", 16, 1, 2, 1, 4)),
-}
-
+from persyn_jax.toyworld import tasks
+from persyn_jax.toyworld.specs import (SCALES, TOKENIZER_VOCAB, WORLD_VERSION, Scale, Spec,
+                                       model_config)
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -102,20 +53,11 @@ def world_key(scale: str, seed: int) -> str:
   return f"{scale}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def model_config(spec: Spec, vocab: int, tok) -> ModelConfig:
-  return ModelConfig(
-      model_type=spec.model_type, vocab_size=vocab, hidden_size=spec.hidden,
-      intermediate_size=spec.hidden * 2, num_layers=spec.layers, num_heads=spec.heads,
-      num_kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads, rms_norm_eps=1e-6,
-      rope=RopeConfig(theta=10000.0), tie_embeddings=True, qk_norm=spec.model_type == "qwen3",
-      max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-
-
 def _train(spec: Spec, style, scale: Scale, tok, problems, out_dir: str, seed: int, mesh, log) -> str:
   """Trains one model of the world with our SFT and saves it in HF layout; returns its path."""
   from persyn_jax import sft
   from persyn_jax.data.chat import pair_ids_batch
-  from persyn_jax.data.pipeline import pack
+  from persyn_jax.data.batches import pack
 
   rng = random.Random(seed)
   records = [{"id": p["id"], "prompt": p["prompt"], "response": style(p, rng)} for p in problems]
@@ -205,8 +147,8 @@ def _build_in_subprocess(scale: str, seed: int, cache_dir: str, force: bool, roo
   log(f"[toyworld] process {jax.process_index()}: building the {scale} world at {root} in a "
       "one-process CPU subprocess (the other processes wait for it)")
   env = dict(os.environ, PERSYN_JAX_DISTRIBUTED="0", JAX_PLATFORMS="cpu", **{LOCK_HELD: root})
-  code = ("import sys; from persyn_jax import toyworld; "
-          "toyworld.build(sys.argv[1], int(sys.argv[2]), sys.argv[3], force=sys.argv[4] == '1')")
+  code = ("import sys; from persyn_jax.toyworld.build import build; "
+          "build(sys.argv[1], int(sys.argv[2]), sys.argv[3], force=sys.argv[4] == '1')")
   proc = subprocess.run([sys.executable, "-c", code, scale, str(seed), cache_dir,
                          "1" if force else "0"], env=env)
   if proc.returncode != 0:
@@ -231,7 +173,8 @@ def _build(scale: str, seed: int, root: str, log) -> World:
   atomic_write_text(prompts_path, "\n".join(lines) + "\n")
 
   tok_dir = os.path.join(root, "tokenizer")
-  tok = train_tokenizer(tasks.corpus_texts(train_problems + run_problems, seed), vocab_size=384)
+  tok = train_tokenizer(tasks.corpus_texts(train_problems + run_problems, seed),
+                        vocab_size=TOKENIZER_VOCAB)
   tok.save_pretrained(tok_dir)
   # One device, whatever this machine has: the checkpoints do not depend on the device count.
   mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
@@ -261,30 +204,3 @@ def _world(root: str, info: dict) -> World:
                teachers=tuple((t["name"], t["path"], t["family"]) for t in info["teachers"]),
                student=(info["student"]["name"], info["student"]["path"], info["student"]["family"]),
                probe=info["probe"], eval=info["eval"], info=info)
-
-
-def plan_config(cfg):
-  """The run config with the world's models and sizes filled in from its specs, without building
-  it (for --dry-run): model paths are `toyworld:<scale>/<name>` pseudo-paths."""
-  from persyn_jax.data.sources import PromptSourceConfig
-  from persyn_jax.run_config import ModelRef
-  sc = SCALES[cfg.world.scale]
-  teachers = tuple(ModelRef(s.name, f"toyworld:{cfg.world.scale}/{s.name}", s.model_type, "float32")
-                   for s in sc.teachers)
-  st = ModelRef(sc.student.name, f"toyworld:{cfg.world.scale}/{sc.student.name}",
-                sc.student.model_type, "float32")
-  prompts = dataclasses.replace(cfg.prompts, probe=float(sc.probe), eval=float(sc.eval),
-                                source=PromptSourceConfig(path="", max_prompts=sc.prompts))
-  router = dataclasses.replace(cfg.router, backbone=cfg.router.backbone or st.path)
-  return dataclasses.replace(cfg, teachers=teachers, student=st, prompts=prompts, router=router)
-
-
-def spec_config(pseudo_path: str) -> ModelConfig:
-  """ModelConfig of a `toyworld:<scale>/<name>` pseudo-path."""
-  scale, name = pseudo_path.split(":", 1)[1].split("/", 1)
-  sc = SCALES[scale]
-  spec = next(s for s in sc.teachers + (sc.student,) if s.name == name)
-
-  class _Tok:  # the world's tokenizer ids (pad first, then the other specials)
-    pad_token_id, eos_token_id = 0, 3
-  return model_config(spec, 384, _Tok)

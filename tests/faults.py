@@ -26,13 +26,17 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # Modules the launcher imports before forking: everything a pipeline run needs, so a child starts
 # in well under a second. None of them may start a JAX backend at import time (checked).
 PRELOAD = ("numpy", "jax", "torch", "transformers", "orbax.checkpoint", "grain", "tensorboardX",
-           "array_record.python.array_record_module", "persyn_jax.train", "persyn_jax.pipeline",
-           "persyn_jax.toyworld", "persyn_jax.sampling", "persyn_jax.sampling.records",
-           "persyn_jax.scoring", "persyn_jax.router", "persyn_jax.router_train", "persyn_jax.sft",
-           "persyn_jax.data.pipeline", "persyn_jax.evaluate", "persyn_jax.report")
+           "array_record.python.array_record_module", "persyn_jax.train", "persyn_jax.stages",
+           "persyn_jax.toyworld", "persyn_jax.toyworld.build", "persyn_jax.sampling",
+           "persyn_jax.sampling.records", "persyn_jax.scoring", "persyn_jax.router",
+           "persyn_jax.router_train", "persyn_jax.sft", "persyn_jax.sft.trainer",
+           "persyn_jax.training", "persyn_jax.data.batches", "persyn_jax.evaluate",
+           "persyn_jax.report", "persyn_jax.report.assemble")
 
 
 def _resolve(target: str) -> tuple[Any, str]:
@@ -226,7 +230,9 @@ class Launcher:
   def __init__(self, env: Mapping[str, str] | None = None, *, python: str = sys.executable,
                timeout: float = 300.0):
     self.env = dict(os.environ if env is None else env)
-    self.proc = subprocess.Popen([python, "-c", "from persyn_jax.faults import serve; serve()"],
+    # This file is imported as `faults` (tests/ on sys.path): so is the launcher's copy.
+    code = f"import sys; sys.path.insert(0, {HERE!r}); from faults import serve; serve()"
+    self.proc = subprocess.Popen([python, "-c", code],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
                                  text=True, bufsize=1)
     self.timeout = timeout

@@ -1,4 +1,4 @@
-"""SFT input pipeline: records -> tokenized examples -> packed (or padded) [B, T] batches.
+"""SFT batches: records -> tokenized examples -> packed (or padded) [B, T] batches.
 
 A grain `MapDataset` over our shards (or an in-memory record list) is shuffled with a seed derived
 from (seed, epoch), and each record is tokenized with the student's own chat template
@@ -329,3 +329,24 @@ def to_device(batch: Mapping[str, np.ndarray], mesh) -> dict:
 def device_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh) -> Iterator[dict]:
   for batch in batches:
     yield to_device(batch, mesh)
+
+
+def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
+  """(start -> microbatches from index `start` on, across epochs; microbatches per epoch) of the
+  records in `data_dir`, for the SFT config `c` (seq_len, batch_size, seed). The records are
+  tokenized once, for the count and every epoch."""
+  tokenized = TokenizedRecords(data_dir, tokenizer, seq_len=c.seq_len, stage="data")
+  kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, tokenized=tokenized)
+  first = sft_batches(data_dir, tokenizer, epoch=0, **kw)
+  per_epoch = sum(1 for _ in first)
+  if per_epoch == 0:
+    raise ValueError(f"{data_dir}: no SFT examples to train on ({len(tokenized)} records; "
+                     f"{dict(first.stats) or 'none tokenized'}); check sft.seq_len and the data")
+
+  def batches(start: int):
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+      yield from sft_batches(data_dir, tokenizer, epoch=epoch, start_step=skip, **kw)
+      epoch, skip = epoch + 1, 0
+
+  return batches, per_epoch

@@ -1,0 +1,110 @@
+"""The runner: executes the declared stages in order, each into run_dir/<stage>/, skipping those
+already done.
+
+When a stage finishes, a `DONE.json` manifest records its key (graph.stage_key: its name, the
+keys of the stages it reads, the config it reads) and its counts. A rerun skips a stage whose
+key matches; a stage whose inputs or config changed is moved aside (never deleted) and run
+again; a stopped stage resumes from its completed shards (and SFT from its last checkpoint).
+With several processes each host writes its own shards; only process 0 writes manifests and
+the report, and every process takes process 0's decision.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from typing import Sequence
+
+from persyn_jax import config as C
+from persyn_jax import distributed as dist
+from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.run_config import STAGES, RunConfig
+from persyn_jax.stages import eval as eval_stage
+from persyn_jax.stages import generate, probe, route, router, score, sft
+from persyn_jax.stages.context import Context, Log, log_to_stdout
+from persyn_jax.stages.graph import Stage, check_graph, stage_key
+
+GRAPH: tuple[Stage, ...] = tuple(m.STAGE for m in (probe, score, router, route, generate, sft,
+                                                   eval_stage))
+check_graph(GRAPH, STAGES, [f.name for f in dataclasses.fields(RunConfig)])
+
+# The manifest layout: 2 since stage keys are derived from the stage declarations (graph.py).
+FORMAT = 2
+
+
+class RunDirError(ValueError):
+  """A run directory this version cannot continue."""
+
+
+class Run:
+  """One run directory. `run(stages)` executes the stages in order, skipping finished ones."""
+
+  def __init__(self, cfg: RunConfig, *, log: Log = log_to_stdout):
+    self.ctx = Context(cfg, log=log)
+    self.cfg, self.log, self.dir = cfg, log, self.ctx.dir
+    self.keys: dict[str, str] = {}
+
+  def path(self, *parts: str) -> str:
+    return self.ctx.path(*parts)
+
+  def manifest(self, stage: str) -> dict | None:
+    p = self.path(stage, "DONE.json")
+    if not os.path.exists(p):
+      return None
+    with open(p) as f:
+      return json.load(f)
+
+  def _check_format(self) -> None:
+    """Refuses a run directory whose manifests predate FORMAT: their keys cannot be compared."""
+    old = [s for s in STAGES if (m := self.manifest(s)) is not None and m.get("format") != FORMAT]
+    old = dist.broadcast_json(old)  # process 0's view: all refuse alike
+    if old:
+      found = self.manifest(old[0]) or {}
+      raise RunDirError(
+          f"{self.path(old[0], 'DONE.json')}: a manifest of format {found.get('format', 1)}, "
+          f"not {FORMAT} (stages {old}). The stage keys changed in this version of persyn_jax, so "
+          f"its finished stages cannot be matched to a config: use a new --run-dir (or remove "
+          f"{self.dir}).")
+
+  def done(self, stage: str, counts: dict, seconds: float) -> None:
+    if dist.is_writer():
+      atomic_write_json(self.path(stage, "DONE.json"), {
+          "format": FORMAT, "stage": stage, "key": self.keys[stage], "counts": counts,
+          "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+  def run(self, stages: Sequence[str] = STAGES) -> dict | None:
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+      raise ValueError(f"unknown stages {bad}; stages: {', '.join(STAGES)}")
+    self._check_format()
+    os.makedirs(self.dir, exist_ok=True)
+    if dist.is_writer():
+      atomic_write_json(self.path("config.json"), C.to_dict(self.cfg))
+    for st in GRAPH:
+      stage = st.name
+      self.keys[stage] = stage_key(st, self.cfg, self.keys)
+      m = dist.broadcast_json(self.manifest(stage))  # process 0's view: all run or skip alike
+      if stage not in stages:
+        continue
+      if m is not None and m.get("key") == self.keys[stage]:
+        self.log(f"[{stage}] done earlier ({m['seconds']} s); skipped")
+        continue
+      if m is not None:  # inputs or config changed: keep the old outputs aside, never delete them
+        stale = self.path(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.log(f"[{stage}] config or inputs changed since it ran; moving it to {stale}")
+        if dist.is_writer():
+          os.replace(self.path(stage), stale)
+        dist.barrier(f"{stage}:stale")
+      self.log(f"[{stage}] running")
+      t0 = time.time()
+      counts = st.run(self.ctx)
+      self.done(stage, counts, time.time() - t0)
+      dist.barrier(f"{stage}:done")  # its files exist before the next stage reads them
+      self.log(f"[{stage}] done in {time.time() - t0:.1f} s")
+      gc.collect()
+    if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
+      from persyn_jax.report import write_run_report
+      return write_run_report(self.ctx, {s: self.manifest(s) for s in STAGES})
+    return None

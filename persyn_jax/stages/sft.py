@@ -1,0 +1,47 @@
+"""sft: one student per compared policy, trained on that policy's dataset (data/<policy>/)."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+
+from persyn_jax import sft
+from persyn_jax.data.batches import epoch_batches
+from persyn_jax.io_utils import safe_name
+from persyn_jax.report.assemble import loss_curve
+from persyn_jax.stages.context import Context
+from persyn_jax.stages.graph import Stage
+
+
+def run(ctx: Context) -> dict:
+  cfg = ctx.cfg
+  c = cfg.sft
+  mesh = ctx.mesh_for(c.mesh)
+  out = {}
+  for policy in cfg.compare:
+    d = ctx.path("sft", safe_name(policy))
+    done = os.path.join(d, "DONE.json")
+    if os.path.exists(done):
+      out[policy] = json.load(open(done))
+      ctx.log(f"[sft] {policy}: done earlier")
+      continue
+    # The student in sft.param_dtype (the master weights the optimizer updates; float32 by
+    # default), not student.dtype, which is how it is stored and served.
+    model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
+    batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
+    ctx.log(f"[sft] {policy}: {per_epoch} batches per epoch")
+    res = sft.train(model, tok, batches, c, out_dir=d, mesh=mesh, num_batches=per_epoch)
+    final_loss = res.losses.get(res.step)
+    if final_loss is None:  # resumed after the last step (killed while exporting): from the log
+      final_loss = dict(loss_curve(res.metrics_path)).get(res.step)
+    summary = {"steps": res.step, "final_loss": final_loss,
+               "export_dir": res.export_dir, "metrics": res.metrics_path}
+    ctx.write_json(summary, "sft", safe_name(policy), "DONE.json")
+    out[policy] = summary
+    del model, res
+    gc.collect()
+  return out
+
+
+STAGE = Stage("sft", run, reads=("generate",), config=("student", "compare", "sft"), doc=__doc__)
