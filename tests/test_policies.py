@@ -129,6 +129,13 @@ def test_teachers_are_compared_on_the_prompts_every_candidate_answered():
   assert only(choose("car", t)) == "steady"
 
 
+def test_teachers_with_no_shared_prompt_cannot_be_compared():
+  t = table([[0.9, NAN], [NAN, 0.5]], teachers=("a", "b"))
+  with pytest.raises(ValueError, match="no probe prompt was answered by every one of"):
+    choose("strong", t)
+  assert only(choose("strong", t, pol.PolicyConfig(strong="b"))) == "b"
+
+
 # -- 3. ties broken by a seeded hash, and counted ---------------------------------------------
 
 def all_correct(n=300, k=3):
@@ -207,6 +214,7 @@ def test_a_prompt_with_no_scored_response_goes_to_a_usable_teacher():
   t = table(q, teachers=("a", "dead", "c"))
   best = t.best()
   assert best["p0"] == "c" and best["p1"] in {"a", "c"}
+  assert pol.best_teachers(t.ids, t.teachers, t.reward).unscored == 1
 
 
 # -- 4. mix: strong plus the teacher ranked right below it ------------------------------------
@@ -265,6 +273,13 @@ def test_best_sample_breaks_ties_by_the_seeded_hash_not_the_sample_order():
   assert min(counts) > 40, counts  # Binomial(200, 1/3): mean 67, sd 6.7
   assert kept == pol.best_sample(records[::-1], seed=0)[::-1]
   assert pol.best_sample(records, seed=0) == kept
+
+
+def test_best_sample_never_prefers_an_unscored_sample():
+  # a sample whose reward is missing (None) or NaN loses to any scored one, whatever the hash
+  records = [r for i in range(100) for r in (rec(f"p{i}", "a", 0, None), rec(f"p{i}", "a", 1, -3.0),
+                                             rec(f"p{i}", "a", 2, float("nan")))]
+  assert {r["sample"] for r in pol.best_sample(records)} == {1}
 
 
 def test_best_sample_of_single_samples_is_the_identity():
