@@ -35,7 +35,7 @@ class PolicyConfig:
   quality (the one right above if strong ranks last): a weaker-but-reasonable teacher as in Mix
   Distillation, not the worst one. `seed` drives random, mix and every tie-break."""
 
-  strong: str | None = None         # None: the teacher with the highest mean quality on the probe set
+  strong: str | None = None         # None: the highest mean quality on the probe set
   family_strong: str | None = None  # None: the strongest teacher of the student's family
   weak: str | None = None           # mix's partner; None: the teacher ranked right below strong
   mix_ratio: float = 0.5            # share of prompts that mix gives to the strong teacher (1:1)
