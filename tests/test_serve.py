@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from persyn_jax import models
-from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig
+from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig, wait_ready
 from persyn_jax.sampling.config import SamplingConfig
 from persyn_jax.sampling.generate import generate
 
@@ -87,6 +87,7 @@ AUTH = {"Authorization": "Bearer sk-serve-test-0123"}
 
 
 def test_health_and_models(server):
+  wait_ready(server.url, timeout_s=60)
   with urllib.request.urlopen(server.url.replace("/v1", "/health"), timeout=60) as r:
     assert r.status == 200
   req = urllib.request.Request(server.url + "/models", headers=AUTH)
