@@ -90,7 +90,8 @@ def sampling_config(body: dict, base: SamplingConfig, eos_ids: tuple[int, ...]) 
     return base.replace(max_new_tokens=max_tokens,
                         temperature=float(_number(body, "temperature", 1.0)),
                         top_p=float(_number(body, "top_p", 1.0)),
-                        top_k=_number(body, "top_k", 0, True), num_samples=_number(body, "n", 1, True),
+                        top_k=_number(body, "top_k", 0, True),
+                        num_samples=_number(body, "n", 1, True),
                         stop_strings=tuple(stop), stop_token_ids=stop_ids)
   except ValueError as e:
     raise RequestError(400, str(e).replace("sampling.", "")) from None

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 
 from persyn_jax.config import config_hash, to_dict
 from persyn_jax.data import shards
-from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig, public_url, request_seed
+from persyn_jax.engines.openai import (Client, EngineError, OpenAIEngineConfig, public_url,
+                                       request_seed)
 from persyn_jax.engines.progress import ProgressLog
 from persyn_jax.sampling.config import FINISH_REASONS, GenerationResult, SamplingConfig
 from persyn_jax.sampling.records import default_record, prompt_of
