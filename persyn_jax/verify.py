@@ -299,8 +299,8 @@ def reference_answer(reference: str) -> str | None:
 def verify_math(response: str, reference: str, *, timeout_s: float | None = None) -> float:
   """1.0 if the final answer of `response` matches `reference`, else 0.0 (PAPER.md, math quality);
   a symbolic comparison that runs past `timeout_s` is 0.0."""
-  matched = answers_match(extract_answer(response), reference_answer(reference), timeout_s=timeout_s)
-  return 1.0 if matched else 0.0
+  pred, ref = extract_answer(response), reference_answer(reference)
+  return 1.0 if answers_match(pred, ref, timeout_s=timeout_s) else 0.0
 
 
 def verify_exact(response: str, reference: str) -> float:

@@ -180,8 +180,9 @@ def dataset_folder(tmp_path):
   root = tmp_path / "gsm_like"
   for config, split, n in [("main", "train", 3), ("main", "test", 2), ("socratic", "train", 4)]:
     (root / config).mkdir(parents=True, exist_ok=True)
-    write(root / config, "jsonl", [{"id": f"{config}-{split}-{i}", "question": f"{config} {split} {i}",
-                                    "answer": str(i)} for i in range(n)], name=split)
+    rows = [{"id": f"{config}-{split}-{i}", "question": f"{config} {split} {i}", "answer": str(i)}
+            for i in range(n)]
+    write(root / config, "jsonl", rows, name=split)
   (root / "README.md").write_text(README)
   return str(root)
 
@@ -203,7 +204,8 @@ def test_a_config_name_and_split_select_one_part_of_a_dataset(tmp_path, streamin
 def test_a_dataset_with_configs_needs_a_name_and_a_known_split(tmp_path):
   root = dataset_folder(tmp_path)
   with pytest.raises(S.PromptFileError,
-                     match=r"(?s)gsm_like \(name=None, split='train'\): cannot read as hub.*'main', 'socratic'"):
+                     match=r"(?s)gsm_like \(name=None, split='train'\): cannot read as hub"
+                           r".*'main', 'socratic'"):
     S.load_prompts(S.PromptSourceConfig(path=root, **CFG))
   with pytest.raises(S.PromptFileError, match=r"name='main', split='dev'"):
     S.load_prompts(S.PromptSourceConfig(path=root, name="main", split="dev", **CFG))
@@ -243,7 +245,8 @@ def test_streaming_stops_reading_at_max_prompts(tmp_path):
     f.write("x,y,z,w\n")
   prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(path), streaming=True,
                                                        max_prompts=5))
-  assert [p["prompt"] for p in prompts] == [f"question {i}" for i in range(5)] and stats["rows"] == 5
+  assert [p["prompt"] for p in prompts] == [f"question {i}" for i in range(5)]
+  assert stats["rows"] == 5
   with pytest.raises(S.PromptFileError, match=r"big\.csv: cannot read as csv"):
     S.load_prompts(S.PromptSourceConfig(path=str(path), max_prompts=5))
   with pytest.raises(S.PromptFileError, match=r"big\.csv row 20000: cannot read as csv"):

@@ -151,7 +151,7 @@ def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str
 
 
 def _is_dataset_repo(path: str) -> bool:
-  """A local dataset folder laid out like a hub repository: README.md front matter with `configs:`."""
+  """A local dataset folder laid out as a hub repository: README.md front matter with `configs:`."""
   readme = os.path.join(path, "README.md")
   if not os.path.isfile(readme):
     return False
