@@ -115,7 +115,8 @@ def test_the_printed_command_is_one_the_hf_cli_accepts(tmp_path):
 def test_an_incomplete_snapshot_is_not_a_model(offline):
   _, snaps, got = offline
   assert hub.missing_files(snaps["partial"]) == ["model-00002-of-00003.safetensors"]
-  assert "'org/partial' is not a local directory nor in the hub cache" in got["org/partial"]["error"]
+  error = got["org/partial"]["error"]
+  assert "'org/partial' is not a local directory nor in the hub cache" in error
 
 
 def test_the_allow_list_fetches_weights_configs_and_tokenizers_never_pickles():
