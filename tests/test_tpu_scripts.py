@@ -3,7 +3,10 @@
 The remote commands (`--command ...`) are then run through bash -n to be sure they parse."""
 import json
 import os
+import platform
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +100,83 @@ def test_logs_stop_and_delete(tpu):
   assert calls[1][:5] == ["compute", "tpus", "tpu-vm", "delete", "pj"] and "--quiet" in calls[1]
   calls = [c for c in tpu("delete.sh", QUEUED="1") if c[0] == "compute"]
   assert calls[1][:5] == ["compute", "tpus", "queued-resources", "delete", "pj-qr"]
+
+
+# -- the workers' Python: uv brings 3.11+, whatever the image's python3 is --------------------------
+
+def test_setup_makes_the_venv_with_uv_not_the_system_python3(tpu):
+  calls = [c for c in tpu("setup.sh", REPO_URL="https://example.org/persyn_jax.git")
+           if c[0] == "compute"]
+  cmd = remote(calls[-1])
+  assert "PYTHON_VERSION=3.11 bash tpu/remote_venv.sh && . .venv/bin/activate" in cmd
+  assert "python3 -m venv" not in cmd and "uv pip install -q -e '.[tpu]'" in cmd
+  calls = [c for c in tpu("setup.sh", REPO_URL="u", PYTHON_VERSION="3.12") if c[0] == "compute"]
+  assert "PYTHON_VERSION=3.12 bash tpu/remote_venv.sh" in remote(calls[-1])
+  script = open(os.path.join(ROOT, "tpu", "remote_venv.sh")).read()
+  assert 'uv venv --python "${PYTHON_VERSION}" --python-preference "${PYTHON_PREFERENCE}" .venv' \
+      in script and ': "${PYTHON_PREFERENCE:=only-managed}"' in script
+
+
+PYTHON3_310 = """#!/bin/sh
+echo "$*" >> "$PYTHON3_CALLS"
+if [ "$1" = "--version" ]; then echo "Python 3.10.12"; exit 0; fi
+echo "python3 3.10 stand-in: not used for the venv" >&2; exit 1
+"""
+# Records every uv call; `uv pip install` (jax[tpu] from the network) is recorded, not run.
+UV_WRAPPER = """#!/bin/sh
+echo "$*" >> "$UV_CALLS"
+if [ "$1" = pip ]; then echo "VIRTUAL_ENV=$VIRTUAL_ENV" >> "$UV_CALLS"; exit 0; fi
+exec {uv} "$@"
+"""
+
+
+def managed_python(folder):
+  """uv's own Python install as uv lays it out (cpython-X.Y.Z-<os>-<arch>-gnu/bin), made from this
+  interpreter: a stand-in for the download uv makes on a TPU VM, as this machine has no network."""
+  v = sys.version_info
+  name = f"cpython-{v.major}.{v.minor}.{v.micro}-linux-{platform.machine()}-gnu"
+  bin_dir = folder / name / "bin"
+  bin_dir.mkdir(parents=True)
+  real = os.path.realpath(os.path.join(sys.base_prefix, "bin", f"python{v.major}.{v.minor}"))
+  (bin_dir / f"python{v.major}.{v.minor}").symlink_to(real)
+  (bin_dir / "python3").symlink_to(f"python{v.major}.{v.minor}")
+  return folder / name
+
+
+def test_the_remote_setup_ignores_a_python3_of_3_10(tpu, tmp_path):
+  assert sys.version_info >= (3, 11)
+  (call,) = [c for c in tpu("setup.sh", REPO_URL="u") if c[0] == "compute"][-1:]
+  cmd = remote(call)
+  worker = tmp_path / "worker"  # the VM's home directory, with the checkout in persyn_jax/
+  (worker / "persyn_jax" / "tpu").mkdir(parents=True)
+  shutil.copy(os.path.join(ROOT, "tpu", "remote_venv.sh"), worker / "persyn_jax" / "tpu")
+  stubs = tmp_path / "stubs"
+  stubs.mkdir()
+  uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
+  for name, text in [("python3", PYTHON3_310), ("uv", UV_WRAPPER.format(uv=uv))]:
+    (stubs / name).write_text(text)
+    (stubs / name).chmod(0o755)
+  managed = managed_python(tmp_path / "uv_pythons")
+  env = {"HOME": str(worker), "PATH": f"{stubs}:/usr/bin:/bin",
+         "PYTHON3_CALLS": str(tmp_path / "python3.log"), "UV_CALLS": str(tmp_path / "uv.log"),
+         "UV_PYTHON_INSTALL_DIR": str(tmp_path / "uv_pythons"), "UV_PYTHON_DOWNLOADS": "never",
+         "UV_CACHE_DIR": str(tmp_path / "uv_cache")}
+  proc = subprocess.run(["bash", "-c", cmd], cwd=worker, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  venv = worker / "persyn_jax" / ".venv"
+  version = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import sys; print(*sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True).stdout
+  assert tuple(map(int, version.split())) >= (3, 11)
+  home = [l.split("=", 1)[1].strip() for l in (venv / "pyvenv.cfg").read_text().splitlines()
+          if l.startswith("home")][0]
+  assert home == str(managed / "bin")  # uv's own Python, not /usr/bin's
+  uv_calls = (tmp_path / "uv.log").read_text().splitlines()
+  assert uv_calls == ["venv --python 3.11 --python-preference only-managed .venv",
+                      "pip install -q -e .[tpu]", f"VIRTUAL_ENV={venv}"]
+  assert not (tmp_path / "python3.log").exists()  # the 3.10 python3 was never asked
+  env["PYTHON_VERSION"] = "3.10"
+  proc = subprocess.run(["bash", "tpu/remote_venv.sh"], cwd=worker / "persyn_jax", env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and "PYTHON_VERSION=3.10: persyn_jax needs Python 3.11" in proc.stderr
