@@ -102,7 +102,7 @@ def test_logs_stop_and_delete(tpu):
   assert calls[1][:5] == ["compute", "tpus", "queued-resources", "delete", "pj-qr"]
 
 
-# -- the workers' Python: uv brings 3.11+, whatever the image's python3 is --------------------------
+# -- the workers' Python: uv brings 3.11+, whatever the image's python3 is  -------------------------
 
 def test_setup_makes_the_venv_with_uv_not_the_system_python3(tpu):
   calls = [c for c in tpu("setup.sh", REPO_URL="https://example.org/persyn_jax.git")
@@ -213,6 +213,8 @@ elif "describe" in args:
                                            or s["preempted"] == 0):
       s.update(state=lost, preempted=s["preempted"] + 1)
     print(s["state"])
+elif args[:2] == ["storage", "ls"]:
+  code = 0 if s["launches"] >= 2 and os.environ.get("PREEMPT") != "always" else 1
 elif "ssh" in args:
   cmd = args[args.index("--command") + 1]
   if not s["exists"] or s["state"] not in ("READY", "ACTIVE"):
@@ -285,6 +287,15 @@ def test_run_loop_gives_up_after_max_attempts(tmp_path):
   assert proc.returncode == 1
   assert "gave up after 3 attempts; the run dir /mnt/shared/runs/r1 keeps" in proc.stderr
   assert len([c for c in commands(calls) if "persyn_jax.train --config" in c]) == 3
+
+
+def test_run_loop_on_a_gs_run_dir_asks_the_bucket_for_the_report(tmp_path):
+  proc, calls = run_loop(tmp_path, RUN_DIR="gs://bucket/runs/r1/")
+  assert proc.returncode == 0, proc.stderr
+  lookups = [c for c in calls if c[:2] == ["storage", "ls"]]
+  assert lookups and all(c == ["storage", "ls", "gs://bucket/runs/r1/report/report.json"]
+                         for c in lookups)
+  assert not [c for c in calls if "--worker=0" in c]
 
 
 def test_run_loop_needs_a_run_dir(tmp_path):

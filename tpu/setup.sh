@@ -9,7 +9,8 @@ if [[ -n "${REPO_URL}" ]]; then
 else
   root="$(cd "$(dirname "$0")/.." && pwd)"
   tarball="$(mktemp -t persyn_jax.XXXXXX.tar.gz)"
-  tar -C "${root}" --exclude=.git --exclude=runs --exclude=.ci --exclude=__pycache__ --exclude=.venv -czf "${tarball}" .
+  tar -C "${root}" --exclude=.git --exclude=runs --exclude=.ci --exclude=__pycache__ \
+    --exclude=.venv -czf "${tarball}" .
   gcloud compute tpus tpu-vm scp "${tarball}" "${TPU_NAME}:persyn_jax.tar.gz" --zone "${ZONE}" \
     --project "${PROJECT}" --worker=all
   rm -f "${tarball}"
