@@ -197,7 +197,7 @@ def _serve() -> None:
   from math_verify import LatexExtractionConfig, parse, verify
   logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # the parent owns the timeout
   config = [LatexExtractionConfig()]
-  out = sys.stdout
+  out, sys.stdout = sys.stdout, sys.stderr  # a stray print in sympy must not become an answer
   out.write("ready\n")
   out.flush()
   for line in sys.stdin:

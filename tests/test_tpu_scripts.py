@@ -102,7 +102,7 @@ def test_logs_stop_and_delete(tpu):
   assert calls[1][:5] == ["compute", "tpus", "queued-resources", "delete", "pj-qr"]
 
 
-# -- the workers' Python: uv brings 3.11+, whatever the image's python3 is  -------------------------
+# -- the workers' Python: uv brings 3.11+, whatever the image's python3 is  ------------------------
 
 def test_setup_makes_the_venv_with_uv_not_the_system_python3(tpu):
   calls = [c for c in tpu("setup.sh", REPO_URL="https://example.org/persyn_jax.git")
@@ -250,8 +250,11 @@ def commands(calls):
   return [c[c.index("--command") + 1] for c in calls if "ssh" in c and "--worker=all" in c]
 
 
+MOUNT = "sudo mkdir -p /mnt/shared && sudo mount -t nfs 10.0.0.2:/vol1 /mnt/shared"
+
+
 def test_run_loop_recreates_a_preempted_slice_and_resumes_the_same_run(tmp_path):
-  proc, calls = run_loop(tmp_path)
+  proc, calls = run_loop(tmp_path, PREPARE=MOUNT)
   assert proc.returncode == 0, proc.stderr
   assert "attempt 1: the slice is PREEMPTED" in proc.stdout
   assert "run finished: /mnt/shared/runs/r1/report/report.json (2 launch(es))" in proc.stdout
@@ -266,7 +269,8 @@ def test_run_loop_recreates_a_preempted_slice_and_resumes_the_same_run(tmp_path)
       "--config run_config.yaml --run-dir /mnt/shared/runs/r1 --set mesh.fsdp=8" in c
       for c in launches)  # the same run dir: the second launch resumes the first
   setups = [c for c in commands(calls) if "remote_venv.sh" in c]
-  assert len(setups) == 2  # a recreated slice is a fresh VM
+  assert len(setups) == 2  # a recreated slice is a fresh VM: installed and mounted again
+  assert [c for c in commands(calls) if c == MOUNT] == [MOUNT, MOUNT]
   checks = [c for c in calls if "--worker=0" in c]
   assert checks and all(c[c.index("--command") + 1] ==
                         "test -f /mnt/shared/runs/r1/report/report.json" for c in checks)

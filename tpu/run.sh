@@ -5,7 +5,9 @@
 # resumes: finished stages are skipped, a stopped stage continues from its shards and its last SFT
 # checkpoint. It stops when RUN_DIR/report/report.json exists, or after MAX_ATTEMPTS launches.
 #   RUN_DIR=/mnt/shared/runs/math SPOT=1 tpu/run.sh configs/math.yaml [train.py flags]
-# RUN_DIR must outlive the slice: a filesystem every worker mounts, or gs://.
+# RUN_DIR must outlive the slice: a filesystem every worker mounts, or gs://. A recreated slice is
+# a fresh VM: PREPARE is a command every worker runs after each setup, e.g. mounting that share:
+#   PREPARE="sudo mkdir -p /mnt/shared && sudo mount -t nfs 10.0.0.2:/vol1 /mnt/shared"
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=SCRIPTDIR/common.sh
@@ -16,6 +18,7 @@ shift
 : "${MAX_ATTEMPTS:=10}"
 : "${POLL_S:=300}"                 # seconds between checks of the slice and the run
 : "${SETUP:=1}"                    # 0: the slice that exists at the start is already set up
+: "${PREPARE:=}"
 # the scripts this one calls read the same settings
 export TPU_NAME ZONE ACCELERATOR RUNTIME PROJECT QUEUED SPOT REPO_URL REMOTE_DIR PYTHON_VERSION
 
@@ -51,6 +54,11 @@ report_exists() {
 
 running() { tpu_ssh "pgrep -f persyn_jax.train >/dev/null" >/dev/null 2>&1; }
 
+set_up() {
+  bash "${here}/setup.sh"
+  if [[ -n "${PREPARE}" ]]; then tpu_ssh "${PREPARE}"; fi
+}
+
 wait_usable() {
   local s
   while true; do
@@ -77,7 +85,7 @@ while true; do
   attempt=$((attempt + 1))
   state="$(slice_state)"
   if usable "${state}"; then
-    if ((attempt == 1)) && [[ "${SETUP}" == "1" ]]; then bash "${here}/setup.sh"; fi
+    if ((attempt == 1)) && [[ "${SETUP}" == "1" ]]; then set_up; fi
     if ((attempt > 1)); then bash "${here}/stop.sh" || true; fi  # a crashed run's survivors
   else
     if ! pending "${state}"; then
@@ -86,7 +94,7 @@ while true; do
       bash "${here}/create.sh"
     fi
     wait_usable || continue
-    bash "${here}/setup.sh"
+    set_up
   fi
   echo "attempt ${attempt}: launching with --run-dir ${RUN_DIR}"
   bash "${here}/launch.sh" "${config}" --run-dir "${RUN_DIR}" "$@"
