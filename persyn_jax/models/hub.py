@@ -13,6 +13,7 @@ download` fills it ahead of time for machines that cannot reach the hub (`HF_HUB
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -102,10 +103,19 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
                            ignore_patterns=list(IGNORE_PATTERNS))
 
 
-def _lock_path(repo_id: str, cache_dir: str) -> str:
+@contextlib.contextmanager
+def _machine_lock(repo_id: str, cache_dir: str):
+  """Held by one process of the machine at a time (fcntl: released when the process dies, too)."""
   folder = os.path.join(cache_dir, ".locks", "persyn_jax")
-  os.makedirs(folder, exist_ok=True)
-  return os.path.join(folder, "models--" + repo_id.replace("/", "--") + ".lock")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, "models--" + repo_id.replace("/", "--") + ".lock"), "a")
+  except OSError:  # a read-only cache, filled ahead of time: nobody downloads into it
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
 
 
 def resolve(path_or_id: str, *, cache_dir: str | None = None) -> str:
@@ -125,8 +135,7 @@ def resolve(path_or_id: str, *, cache_dir: str | None = None) -> str:
 
   cache = os.fspath(cache_dir) if cache_dir else constants.HF_HUB_CACHE
   command = download_command(repo_id, revision, os.fspath(cache_dir) if cache_dir else None)
-  with open(_lock_path(repo_id, cache), "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+  with _machine_lock(repo_id, cache):
     snapshot = _cached(repo_id, revision, cache)
     if snapshot is not None:
       return snapshot
