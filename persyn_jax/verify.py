@@ -8,11 +8,26 @@ The final answer of a response is, in order of precedence: the last `\\boxed{...
 the text after the last GSM8K `####`, the text after the last "the (final) answer is", and else
 the last number in the text. Answers are compared as exact rationals where both sides read as
 numbers (commas, fractions, `\\frac`, decimals, percentages, currency and unit words, negative
-numbers), else as normalized strings (LaTeX spacing and wrappers removed).
+numbers) - that fast path is final and never calls sympy. Otherwise they match if their normalized
+strings (LaTeX spacing and wrappers removed) are equal, else if math-verify (LaTeX to sympy) finds
+them equivalent: `2\\sqrt2` = `\\sqrt8`, `x^2+2x` = `2x+x^2`, `3, 5` = `5, 3` (a set).
+
+The symbolic check runs in a child process (`_SymbolicWorker`) with a deadline (`set_math_timeout`,
+2 s by default): sympy can spend hours on `10^{10^{10}}` inside C code that no signal interrupts,
+and math-verify's own timeout is `signal.alarm`, which only works in the main thread. A comparison
+that runs past the deadline scores 0 and the child is replaced; `symbolic_stats()` counts them.
 """
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import re
+import selectors
+import subprocess
+import sys
+import threading
+import time
 from fractions import Fraction
 from typing import Callable
 
@@ -136,8 +151,10 @@ def _close(a: Fraction, b: Fraction, rel: float = 1e-6) -> bool:
   return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
 
 
-def answers_match(pred: str | None, ref: str | None) -> bool:
-  """True if the extracted answer `pred` equals the reference answer `ref`."""
+def answers_match(pred: str | None, ref: str | None, *, timeout_s: float | None = None) -> bool:
+  """True if the extracted answer `pred` equals the reference answer `ref`: as numbers when both
+  are numbers, else as normalized strings or sympy-equivalent expressions (`timeout_s` bounds the
+  latter; None = `set_math_timeout`'s value)."""
   if pred is None or ref is None:
     return False
   a, b = parse_number(pred), parse_number(ref)
@@ -148,7 +165,126 @@ def answers_match(pred: str | None, ref: str | None) -> bool:
     # "50%" answers "what percentage" (ref 50) and "what fraction" (ref 0.5) alike.
     return (pa and _close(va / 100, vb)) or (pb and _close(va, vb / 100))
   na, nb = normalize_answer(pred), normalize_answer(ref)
-  return bool(na) and na == nb
+  if not na or not nb:
+    return False
+  if na == nb:
+    return True
+  return symbolic_equal(pred, ref, timeout_s=timeout_s)
+
+
+# -- the symbolic check, in a child process with a deadline --------------------------------------
+
+_TIMEOUT_S = 2.0
+_STARTUP_S = 120.0  # importing sympy on a loaded host; not part of any comparison's budget
+
+
+def set_math_timeout(seconds: float) -> None:
+  """The wall-clock budget of one symbolic comparison (parsing both sides and comparing)."""
+  global _TIMEOUT_S
+  if not seconds > 0:
+    raise ValueError(f"math timeout {seconds!r}: must be a positive number of seconds")
+  _TIMEOUT_S = float(seconds)
+
+
+def _latex(answer: str) -> str:
+  return "$" + answer.strip().strip("$").strip() + "$"
+
+
+def _serve() -> None:
+  """The child's loop: one JSON [pred, ref] per stdin line -> one JSON bool per stdout line."""
+  import logging
+
+  from math_verify import LatexExtractionConfig, parse, verify
+  logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # the parent owns the timeout
+  config = [LatexExtractionConfig()]
+  out, sys.stdout = sys.stdout, sys.stderr  # a stray print in sympy must not become an answer
+  out.write("ready\n")
+  out.flush()
+  for line in sys.stdin:
+    pred, ref = json.loads(line)
+    try:
+      parsed = [parse(_latex(x), extraction_config=config, fallback_mode="no_fallback",
+                      extraction_mode="first_match", parsing_timeout=None) for x in (pred, ref)]
+      ok = bool(parsed[0] and parsed[1] and verify(parsed[1], parsed[0], timeout_seconds=None))
+    except Exception:  # an expression sympy cannot handle is not a match
+      ok = False
+    out.write(json.dumps(ok) + "\n")
+    out.flush()
+
+
+class _SymbolicWorker:
+  """One child process per parent process, shared by its threads (one comparison at a time)."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.proc: subprocess.Popen | None = None
+    self.owner = -1
+    self.stats = {"symbolic": 0, "timeouts": 0, "errors": 0}
+
+  def _start(self) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    self.proc = subprocess.Popen(
+        [sys.executable, "-c", "from persyn_jax.verify import _serve; _serve()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.owner = os.getpid()
+    if self._read(_STARTUP_S) != "ready":
+      self._stop()
+      raise RuntimeError("persyn_jax.verify: the math-verify child did not start (is the "
+                         "`math-verify` package installed?)")
+
+  def _read(self, seconds: float) -> str | None:
+    """The child's next line, or None if it has none within `seconds` (or exited)."""
+    with selectors.DefaultSelector() as sel:
+      sel.register(self.proc.stdout, selectors.EVENT_READ)
+      if not sel.select(seconds):
+        return None
+    line = self.proc.stdout.readline()
+    return line.strip() if line else None
+
+  def _stop(self) -> None:
+    if self.proc is not None and self.owner == os.getpid():
+      self.proc.kill()
+      self.proc.wait()
+    self.proc = None
+
+  def equal(self, pred: str, ref: str, timeout_s: float) -> bool:
+    with self.lock:
+      if self.proc is None or self.owner != os.getpid() or self.proc.poll() is not None:
+        self.proc = None  # a forked copy's child belongs to the parent
+        self._start()
+      self.stats["symbolic"] += 1
+      try:
+        self.proc.stdin.write(json.dumps([pred, ref]) + "\n")
+        self.proc.stdin.flush()
+      except (BrokenPipeError, OSError):
+        self.stats["errors"] += 1
+        self._stop()
+        return False
+      start = time.monotonic()
+      answer = self._read(timeout_s)
+      if answer is None:
+        # past the deadline (or the child died): a failure, and a fresh child for the next one
+        self.stats["timeouts" if time.monotonic() - start >= timeout_s else "errors"] += 1
+        self._stop()
+        return False
+      return answer == "true"
+
+
+_WORKER = _SymbolicWorker()
+atexit.register(lambda: _WORKER._stop())
+
+
+def symbolic_equal(pred: str, ref: str, *, timeout_s: float | None = None) -> bool:
+  """True if math-verify finds the LaTeX answers `pred` and `ref` equivalent within `timeout_s`
+  seconds (None = `set_math_timeout`'s value); a timeout is False. Safe from any thread."""
+  return _WORKER.equal(pred, ref, _TIMEOUT_S if timeout_s is None else timeout_s)
+
+
+def symbolic_stats() -> dict[str, int]:
+  """Counts of this process's symbolic comparisons, the timeouts among them, and child errors."""
+  return dict(_WORKER.stats)
 
 
 def reference_answer(reference: str) -> str | None:
@@ -160,9 +296,11 @@ def reference_answer(reference: str) -> str | None:
   return reference.strip()
 
 
-def verify_math(response: str, reference: str) -> float:
-  """1.0 if the final answer of `response` matches `reference`, else 0.0 (PAPER.md, math quality)."""
-  return 1.0 if answers_match(extract_answer(response), reference_answer(reference)) else 0.0
+def verify_math(response: str, reference: str, *, timeout_s: float | None = None) -> float:
+  """1.0 if the final answer of `response` matches `reference`, else 0.0 (PAPER.md, math quality);
+  a symbolic comparison that runs past `timeout_s` is 0.0."""
+  pred, ref = extract_answer(response), reference_answer(reference)
+  return 1.0 if answers_match(pred, ref, timeout_s=timeout_s) else 0.0
 
 
 def verify_exact(response: str, reference: str) -> float:

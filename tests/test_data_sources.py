@@ -154,3 +154,100 @@ def test_split_fraction_and_errors():
     S.split_prompts(prompts_n(10), probe=11)
   with pytest.raises(ValueError, match="duplicate prompt id 'p0'"):
     S.split_prompts(prompts_n(3) + prompts_n(1), probe=1)
+
+
+# -- hub-style datasets: a config name and a split; streaming ------------------------------------
+
+README = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train.jsonl
+  - split: test
+    path: main/test.jsonl
+- config_name: socratic
+  data_files:
+  - split: train
+    path: socratic/train.jsonl
+---
+# Two configs of one dataset, as gsm8k has ("main", "socratic")
+"""
+
+
+def dataset_folder(tmp_path):
+  """A local dataset laid out as a hub repository; `datasets` reads its README's `configs:`."""
+  root = tmp_path / "gsm_like"
+  for config, split, n in [("main", "train", 3), ("main", "test", 2), ("socratic", "train", 4)]:
+    (root / config).mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"{config}-{split}-{i}", "question": f"{config} {split} {i}", "answer": str(i)}
+            for i in range(n)]
+    write(root / config, "jsonl", rows, name=split)
+  (root / "README.md").write_text(README)
+  return str(root)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_config_name_and_split_select_one_part_of_a_dataset(tmp_path, streaming):
+  root = dataset_folder(tmp_path)
+  for name, split, expect in [("main", "test", ["main-test-0", "main-test-1"]),
+                              ("main", "train", [f"main-train-{i}" for i in range(3)]),
+                              ("socratic", "train", [f"socratic-train-{i}" for i in range(4)])]:
+    for fmt in ("hub", "auto"):  # auto: the README's configs make the folder a dataset, not files
+      prompts, stats = S.load_prompts(S.PromptSourceConfig(
+          path=root, format=fmt, name=name, split=split, streaming=streaming, **CFG))
+      assert [p["id"] for p in prompts] == expect
+      assert [p["reference"] for p in prompts] == [str(i) for i in range(len(expect))]
+      assert stats["files"] == [root]
+
+
+def test_a_dataset_with_configs_needs_a_name_and_a_known_split(tmp_path):
+  root = dataset_folder(tmp_path)
+  with pytest.raises(S.PromptFileError,
+                     match=r"(?s)gsm_like \(name=None, split='train'\): cannot read as hub"
+                           r".*'main', 'socratic'"):
+    S.load_prompts(S.PromptSourceConfig(path=root, **CFG))
+  with pytest.raises(S.PromptFileError, match=r"name='main', split='dev'"):
+    S.load_prompts(S.PromptSourceConfig(path=root, name="main", split="dev", **CFG))
+
+
+def test_a_name_on_plain_files_is_an_error(tmp_path):
+  path = write(tmp_path, "jsonl")
+  with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl: name='main' selects a config"):
+    S.load_prompts(S.PromptSourceConfig(path=path, name="main", **CFG))
+  with pytest.raises(ValueError, match=r"split='train\[:10\]': a streamed source cannot be sliced"):
+    S.PromptSourceConfig(path=path, split="train[:10]", streaming=True)
+
+
+def arrow_files(folder):
+  return [f for _, _, files in os.walk(folder) for f in files if f.endswith(".arrow")]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+def test_streaming_gives_the_same_records_without_converting(tmp_path, fmt, monkeypatch):
+  path = write(tmp_path, fmt)
+  cache = tmp_path / "datasets_cache"
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+  streamed = S.load_prompts(S.PromptSourceConfig(path=path, streaming=True, **CFG))
+  assert arrow_files(cache) == []  # nothing converted into the Arrow cache
+  assert streamed == S.load_prompts(S.PromptSourceConfig(path=path, **CFG))
+  if fmt != "jsonl":  # the reference path does convert: the check above can fail
+    assert arrow_files(cache)
+
+
+def test_streaming_stops_reading_at_max_prompts(tmp_path):
+  # a bad line past the first chunk of a large CSV: streaming never reads that far, while the
+  # converting path reads the whole file first
+  path = tmp_path / "big.csv"
+  with open(path, "w") as f:
+    f.write("id,prompt\n")
+    f.writelines(f"{i},question {i}\n" for i in range(20_000))
+    f.write("x,y,z,w\n")
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(path), streaming=True,
+                                                       max_prompts=5))
+  assert [p["prompt"] for p in prompts] == [f"question {i}" for i in range(5)]
+  assert stats["rows"] == 5
+  with pytest.raises(S.PromptFileError, match=r"big\.csv: cannot read as csv"):
+    S.load_prompts(S.PromptSourceConfig(path=str(path), max_prompts=5))
+  with pytest.raises(S.PromptFileError, match=r"big\.csv row 20000: cannot read as csv"):
+    S.load_prompts(S.PromptSourceConfig(path=str(path), streaming=True))  # all of it: the row

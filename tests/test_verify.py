@@ -1,4 +1,7 @@
 """The math verifier on tricky final answers, right and wrong (PAPER.md: math quality is 0/1)."""
+import threading
+import time
+
 import pytest
 
 from persyn_jax import verify
@@ -100,3 +103,89 @@ def test_registry_names_and_errors():
   assert "always_test" in verify.verifier_names()
   with pytest.raises(ValueError, match="already registered"):
     verify.register_verifier("math", lambda r, a: 0.0)
+
+
+# Equivalent LaTeX answers that string comparison misses (issue 17); sympy (math-verify) decides.
+EQUIVALENT = [
+    (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}"),
+    (r"2\sqrt2", r"\sqrt8"),
+    (r"x^2+2x", r"2x+x^2"),
+    (r"\pi/2", r"\frac{\pi}{2}"),
+    (r"10^{3}", "1000"),
+    ("3, 5", "5, 3"),
+    (r"1/\sqrt2", r"\sqrt2/2"),
+]
+NOT_EQUIVALENT = [
+    (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt2}{2}"),
+    (r"x^2+2x", r"x^2+2"),
+    (r"10^{3}", "100"),
+    ("3, 5", "3, 6"),
+    (r"\pi/2", r"\pi/3"),
+]
+
+
+@pytest.mark.parametrize("answer,reference", EQUIVALENT)
+def test_equivalent_latex_scores_one_boxed_and_plain(answer, reference):
+  assert verify.verify_math(rf"So we get \boxed{{{answer}}}.", reference) == 1.0
+  assert verify.verify_math(f"Simplifying, the answer is ${answer}$", reference) == 1.0
+  assert verify.verify_math(rf"\boxed{{{reference}}}", answer) == 1.0  # either side as reference
+
+
+@pytest.mark.parametrize("answer,reference", NOT_EQUIVALENT)
+def test_different_latex_scores_zero(answer, reference):
+  assert verify.verify_math(rf"\boxed{{{answer}}}", reference) == 0.0
+
+
+def test_plain_numbers_never_reach_sympy():
+  before = verify.symbolic_stats()["symbolic"]
+  for response, reference, expected in CASES:
+    pred, ref = verify.extract_answer(response), verify.reference_answer(reference)
+    if pred is not None and verify.parse_number(pred) and verify.parse_number(ref):
+      assert verify.verify_math(response, reference) == expected
+  assert verify.verify_math("#### 1,234", "1234") == 1.0
+  assert verify.symbolic_stats()["symbolic"] == before
+
+
+# sympy evaluates 10**(10**10) in C (hours); only the deadline ends it
+PATHOLOGICAL = (r"\boxed{10^{10^{10}}}", "1")
+
+
+def _timed(fn):
+  start = time.monotonic()
+  score = fn()
+  return score, time.monotonic() - start
+
+
+def test_a_pathological_expression_times_out_as_a_failure():
+  verify.verify_math(r"\boxed{\sqrt8}", r"2\sqrt2")  # the child is up: time only the comparison
+  timeouts = verify.symbolic_stats()["timeouts"]
+  score, took = _timed(lambda: verify.verify_math(*PATHOLOGICAL, timeout_s=1.0))
+  assert score == 0.0 and 1.0 <= took < 1.0 + 5  # +5: killing the child on a loaded host
+  assert verify.symbolic_stats()["timeouts"] == timeouts + 1
+  assert verify.verify_math(r"\boxed{\sqrt8}", r"2\sqrt2") == 1.0  # a fresh child takes over
+
+
+def test_the_timeout_holds_outside_the_main_thread():
+  # math-verify's own timeout is signal.alarm, which raises outside the main thread
+  verify.verify_math(r"\boxed{\sqrt8}", r"2\sqrt2")
+  results = []
+  worker = threading.Thread(target=lambda: results.append(
+      (_timed(lambda: verify.verify_math(*PATHOLOGICAL, timeout_s=1.0)),
+       verify.verify_math(r"\boxed{x^2+2x}", "2x+x^2"))))
+  worker.start()
+  worker.join(timeout=150)  # generous: a child start imports sympy
+  assert not worker.is_alive()
+  ((score, took), equivalent), = results
+  assert score == 0.0 and 1.0 <= took < 1.0 + 5 and equivalent == 1.0
+
+
+def test_the_default_timeout_is_configurable():
+  with pytest.raises(ValueError, match="math timeout 0"):
+    verify.set_math_timeout(0)
+  verify.verify_math(r"\boxed{\sqrt8}", r"2\sqrt2")
+  verify.set_math_timeout(1.0)
+  try:
+    score, took = _timed(lambda: verify.verify_math(*PATHOLOGICAL))
+    assert score == 0.0 and 1.0 <= took < 1.0 + 5
+  finally:
+    verify.set_math_timeout(2.0)

@@ -11,6 +11,7 @@ set -euo pipefail
 : "${SPOT:=0}"                     # 1: spot capacity
 : "${REPO_URL:=}"                  # git URL to install from; default: copy this checkout
 : "${REMOTE_DIR:=persyn_jax}"
+: "${PYTHON_VERSION:=3.11}"        # the workers' venv (uv fetches it; 3.11 or later)
 
 if [[ -z "${RUNTIME}" ]]; then
   case "${ACCELERATOR}" in

@@ -2,9 +2,15 @@
 
 Formats: JSON Lines (`.jsonl`), JSON (`.json`, a list of objects), Parquet, CSV, Arrow (`.arrow`
 files or a `save_to_disk` folder), a directory of these (read in sorted path order), or a Hugging
-Face hub name. Parquet/CSV/Arrow/hub go through `datasets`; JSON and JSON Lines are parsed here
-line by line so a malformed line is reported with its file and line number, and so a row whose
-prompt is not text is skipped (and counted) instead of failing Arrow's column typing.
+Face dataset: a hub name (`format: hub`) or a local dataset folder whose README.md declares
+`configs:`, with a config `name` (gsm8k's "main") and a `split`. Parquet/CSV/Arrow/hub go through
+`datasets`; JSON and JSON Lines are parsed here line by line so a malformed line is reported with
+its file and line number, and so a row whose prompt is not text is skipped (and counted) instead of
+failing Arrow's column typing.
+
+`streaming: true` iterates Parquet/CSV/hub sources row by row instead of first converting them into
+the `datasets` Arrow cache, so a large source costs no disk or memory up front and `max_prompts`
+stops the reading early. JSON Lines and `save_to_disk` folders are read lazily either way.
 
 Each kept prompt becomes a record (records.make): `id` (the id field, else a stable content hash),
 `prompt` (the text, or the last user turn of a chat), `messages` (chat prompts), `reference` (the
@@ -43,7 +49,9 @@ class PromptSourceConfig:
   messages_field: str | None = None     # chat prompts: a list of {"role", "content"}
   reference_field: str | None = None    # reference answer (for verifiers and evaluation)
   id_field: str | None = "id"           # missing or empty -> a stable content hash
+  name: str | None = None               # hub dataset config / subset (gsm8k: "main")
   split: str = "train"                  # hub split / save_to_disk DatasetDict split
+  streaming: bool = False               # iterate the source instead of converting it first
   max_prompt_chars: int = 8192          # longer prompts are skipped ("too_long")
   dedup: bool = True                    # drop prompts whose normalized text was seen before
   max_prompts: int | None = None        # keep at most this many (after filtering), in file order
@@ -54,6 +62,8 @@ class PromptSourceConfig:
       raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
     if self.max_prompt_chars < 1:
       raise ValueError(f"max_prompt_chars={self.max_prompt_chars}: must be positive")
+    if self.streaming and "[" in self.split:
+      raise ValueError(f"split={self.split!r}: a streamed source cannot be sliced; use max_prompts")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -111,22 +121,44 @@ def _read_json(path: str) -> Iterator[tuple[str, dict]]:
     yield f"{path}[{i}]", row
 
 
-def _read_hf(path: str, fmt: str, split: str) -> Iterator[tuple[str, dict]]:
+def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
   import datasets  # heavy import, only when needed
 
+  what = f"{path}" + (f" (name={cfg.name!r}, split={cfg.split!r})" if fmt == "hub" else "")
   try:
     if fmt == "hub":
-      ds = datasets.load_dataset(path, split=split)
+      ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
     elif fmt == "arrow" and os.path.isdir(path):
-      ds = datasets.load_from_disk(path)
+      ds = datasets.load_from_disk(path)  # memory-mapped: nothing to stream
       if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split]
+        ds = ds[cfg.split]
     else:
-      ds = datasets.load_dataset(fmt, data_files=[path], split="train")
+      ds = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=cfg.streaming)
+    rows = iter(ds)
   except Exception as e:  # datasets/pyarrow raise many types; name the file
-    raise PromptFileError(f"{path}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
-  for i, row in enumerate(ds):
+    raise PromptFileError(f"{what}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
+  i = 0
+  while True:
+    try:  # a streamed source reads (and fails) row by row
+      row = next(rows)
+    except StopIteration:
+      return
+    except Exception as e:
+      raise PromptFileError(f"{what} row {i}: cannot read as {fmt}: {type(e).__name__}: {e}") \
+          from None
     yield f"{path} row {i}", row
+    i += 1
+
+
+def _is_dataset_repo(path: str) -> bool:
+  """A local dataset folder laid out as a hub repository: README.md front matter with `configs:`."""
+  readme = os.path.join(path, "README.md")
+  if not os.path.isfile(readme):
+    return False
+  with open(readme, encoding="utf-8", errors="replace") as f:
+    text = f.read(1 << 20)
+  m = re.match(r"---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.DOTALL)
+  return bool(m and re.search(r"^configs:", m.group(1), re.MULTILINE))
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -143,6 +175,11 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
     raise PromptFileError("prompt source: no path given")
   if _is_saved_dataset(path):
     return [(path, "arrow")]
+  if os.path.isdir(path) and _is_dataset_repo(path):
+    return [(path, "hub")]
+  if cfg.name is not None:
+    raise PromptFileError(f"{path}: name={cfg.name!r} selects a config of a hub dataset (format: "
+                          f"hub) or of a dataset folder whose README.md declares `configs:`")
   if os.path.isdir(path):
     found = []
     for root, dirs, files in os.walk(path):
@@ -174,7 +211,7 @@ def iter_rows(cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
     elif fmt == "json":
       yield from _read_json(path)
     else:
-      yield from _read_hf(path, fmt, cfg.split)
+      yield from _read_hf(path, fmt, cfg)
 
 
 # -- rows to prompt records ----------------------------------------------------------------------
