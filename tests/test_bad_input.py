@@ -227,6 +227,32 @@ def test_an_empty_dataset_is_a_clear_error(model_dir, tmp_path, content):
     S.load_prompts(S.PromptSourceConfig(path=str(tmp_path / "empty")))  # a folder without prompts
 
 
+RUN_YAML = "world: null\nstudent: {name: s, path: /m}\nteachers: [{name: a, path: /a}]\n"
+
+
+def test_numbers_that_yaml_reads_as_strings_are_taken_by_numeric_fields(tmp_path):
+  """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a float field takes it, an int
+  field takes an integer string, and any other string is still an error naming the key and file."""
+  import yaml
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML + "sft: {lr: 1e-3, min_lr_ratio: 5E-2, batch_size: '16'}\n"
+               "router: {lr: -2.5e-5}\nsampling: {stop: '42'}\n")
+  assert yaml.safe_load(y.read_text())["sft"]["lr"] == "1e-3"  # the YAML quirk itself
+  cfg = load_run_config(str(y), ["sft.weight_decay=1e-2"])
+  assert (cfg.sft.lr, cfg.sft.min_lr_ratio, cfg.sft.batch_size) == (1e-3, 5e-2, 16)
+  assert (cfg.router.lr, cfg.sft.weight_decay) == (-2.5e-5, 1e-2)
+  assert isinstance(cfg.sft.batch_size, int)
+  assert cfg.sampling.stop == "42"  # `int | str`: a string stays a string (a stop string)
+  for bad, match in [("sft: {lr: fast}", r"run.yaml.sft.lr: expected a number, got 'fast'"),
+                     ("sft: {lr: 1e-3x}", r"run.yaml.sft.lr: expected a number, got '1e-3x'"),
+                     ("sft: {batch_size: 1e3}", r"run.yaml.sft.batch_size: expected an integer, "
+                                                r"got '1e3'")]:
+    y.write_text(RUN_YAML + bad + "\n")
+    with pytest.raises(C.ConfigError, match=match):
+      load_run_config(str(y))
+
+
 def test_duplicated_teacher_names_are_a_config_error(tmp_path):
   from persyn_jax.run_config import load_run_config
   y = tmp_path / "run.yaml"
