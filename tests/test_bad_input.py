@@ -85,6 +85,56 @@ def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
     from_pretrained(path)
 
 
+BAD_ENTRIES = {  # field of the header entry of 'model.norm.weight' (32 F32 values) -> bad value
+    "string_shape": ("shape", "32", "has a shape that is not a list of non-negative integers"),
+    "string_dim": ("shape", ["32"], "has a shape that is not a list of non-negative integers"),
+    "negative_dims": ("shape", [-4, -8], "has a shape that is not a list of non-negative integers"),
+    "fractional_dim": ("shape", [32.5], "has a shape that is not a list of non-negative integers"),
+    "boolean_dim": ("shape", [True], "has a shape that is not a list of non-negative integers"),
+    # 2**64 * 2**64 elements: wraps to 0 in int64; as a Python integer it is plainly too big
+    "huge_shape": ("shape", [2**64, 2**64], r"\(shape \[18446744073709551616, .*needs bytes"),
+    "list_dtype": ("dtype", ["F32"], r"has unsupported dtype \['F32'\]"),
+    "null_dtype": ("dtype", None, "has unsupported dtype None"),
+    "negative_offsets": ("data_offsets", [-128, 0], "has data_offsets that are not two"),
+    "string_offsets": ("data_offsets", ["0", "128"], "has data_offsets that are not two"),
+    "reversed_offsets": ("data_offsets", [128, 0], "has data_offsets that are not two"),
+    "offsets_past_the_end": ("data_offsets", [10**15, 10**15 + 128], r"needs bytes \[10+, "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_a_bad_shape_dtype_or_offset_in_a_header_is_named(model_dir, tmp_path, case):
+  """Each value is checked before it reaches numpy: no raw TypeError or ValueError from a shape
+  computation, the same CheckpointError (naming the file and the tensor) as the other faults."""
+  path = copy_model(model_dir, tmp_path)
+  field, value, problem = BAD_ENTRIES[case]
+
+  def edit(h):
+    h["model.norm.weight"][field] = value
+    return h
+  edit_header(path, edit)
+  with pytest.raises(CheckpointError, match=r"/model.safetensors: tensor 'model.norm.weight' .*"
+                                            + problem):
+    from_pretrained(path)
+
+
+def test_a_header_number_too_long_to_convert_is_named(model_dir, tmp_path):
+  path = copy_model(model_dir, tmp_path)
+
+  def edit(h):
+    h["model.norm.weight"]["shape"] = [0]
+    return h
+  edit_header(path, edit)
+  p = os.path.join(path, "model.safetensors")
+  data = open(p, "rb").read()
+  (n,) = struct.unpack("<Q", data[:8])
+  header = data[8:8 + n].replace(b'"shape": [0]', b'"shape": [' + b"9" * 5000 + b"]")
+  header += b" " * (-len(header) % 8)
+  open(p, "wb").write(struct.pack("<Q", len(header)) + header + data[8 + n:])
+  with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable safetensors header"):
+    from_pretrained(path)
+
+
 def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
   """A float weight stored as I32 (a mis-typed export) would load as garbage numbers."""
   path = copy_model(model_dir, tmp_path)
