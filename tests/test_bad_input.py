@@ -185,6 +185,37 @@ def test_a_corrupt_tokenizer_is_named(model_dir, tmp_path):
     from_pretrained(path)
 
 
+@pytest.mark.parametrize("where,template,error", [
+    ("chat_template.jinja", "{{ raise_exception('system turns are not supported') }}",
+     r"TemplateError: system turns are not supported"),
+    ("chat_template.jinja", "{% for m in messages %}{{ m.content }", r"TemplateSyntaxError: "),
+    ("tokenizer_config.json", "{{ (messages | length) // 0 }}", r"ZeroDivisionError: "),
+])
+def test_a_chat_template_that_fails_names_the_model_and_the_template(model_dir, tmp_path, where,
+                                                                      template, error):
+  """Wherever the template lives (transformers 5 writes chat_template.jinja; older models keep it
+  in tokenizer_config.json), its failure names the model directory and the template's file."""
+  import re
+  from persyn_jax.data import chat
+  from persyn_jax.models import load_tokenizer
+  path = copy_model(model_dir, tmp_path)
+  jinja, tc = os.path.join(path, "chat_template.jinja"), os.path.join(path, "tokenizer_config.json")
+  if where == "chat_template.jinja":
+    open(jinja, "w").write(template)
+    source = jinja
+  else:
+    os.remove(jinja)
+    json.dump({**json.load(open(tc)), "chat_template": template}, open(tc, "w"))
+    source = tc + " (its chat_template)"
+  tok = load_tokenizer(path)
+  assert tok.chat_template == template
+  match = re.escape(source) + f": the chat template of model {re.escape(path)} fails \\({error}"
+  for call in (lambda: chat.prompt_ids(tok, "hi"), lambda: chat.pair_ids(tok, "hi", "ho"),
+               lambda: chat.pair_ids_batch(tok, ["hi"], ["ho"])):
+    with pytest.raises(chat.ChatTemplateError, match=match):
+      call()
+
+
 def test_a_missing_model_directory_is_named(tmp_path):
   with pytest.raises(CheckpointError, match=r"nope: not a directory"):
     from_pretrained(str(tmp_path / "nope"))
