@@ -151,8 +151,8 @@ def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
      r"rope type 'yarn' is not supported"),
     ("partial_rotary_factor", 0.5, r"config.json: partial_rotary_factor=0.5 is not supported"),
     ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-    ("head_dim", 7, r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(16, 32\), "
-                    r"expected \(14, 32\)"),
+    ("head_dim", 7, r"config.json: num_attention_heads \* head_dim = 4 \* 7 = 28, but tensor "
+                    r"'model.layers.0.self_attn.q_proj.weight' has shape \(32, 32\)"),
 ])
 def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, match):
   path = copy_model(model_dir, tmp_path)

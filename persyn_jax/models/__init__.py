@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persyn_jax import sharding as shd
+from persyn_jax.models import checks
 from persyn_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
 from persyn_jax.models.hf import (CheckpointError, config_from_hf, config_to_hf, load_params,
                                   read_json, save_params, _atomic_json)
@@ -65,17 +66,22 @@ def build_model(cfg: ModelConfig, *, classifier: bool = False, dtype="float32", 
   return nnx.eval_shape(make) if abstract else make()
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, allow_external_links: bool | None = None):
+  """The tokenizer of directory `path`; its files are size-checked, and read only from inside it
+  unless `allow_external_links` (default: env PERSYN_JAX_ALLOW_EXTERNAL_LINKS)."""
   from transformers import AutoTokenizer
   files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
   if not any(os.path.exists(os.path.join(path, f)) for f in files):
     raise CheckpointError(f"{path}: no tokenizer files ({', '.join(files)})")
+  checks.check_tokenizer_dir(path, allow_external_links)
   # Exactly transformers' choice of tokenizer class, so ids match every HF tool. (For a model_type
   # such as qwen2, transformers picks Qwen2Tokenizer even for a generic tokenizer.json.)
   try:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   except Exception as e:  # transformers raises many kinds; name the directory
     raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+  checks.check_chat_template(tok, path)
+  return tok
 
 
 def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,

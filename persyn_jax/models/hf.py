@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: config.json -> ModelConfig, safetensors -> sharded params, and back.
+"""Hugging Face checkpoints: safetensors -> sharded params, and back (config.json <-> ModelConfig:
+`models/config.py`).
 
 Weights are read tensor by tensor, each device's slice straight from a memmap onto its device
 (`jax.make_array_from_callback`), so a host never holds a full second copy of the model.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,175 +17,12 @@ import numpy as np
 from flax import nnx
 
 from persyn_jax import sharding as shd
-from persyn_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
+from persyn_jax.models import checks
+from persyn_jax.models.checks import CheckpointError
+# config_from_hf and config_to_hf moved to models/config.py; still importable from here.
+from persyn_jax.models.config import ModelConfig, config_from_hf, config_to_hf  # noqa: F401
 from persyn_jax.models.safetensors_io import SafeFile, SafetensorsError, save_file
 from persyn_jax.models.transformer import CausalLM, SequenceClassifier
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
-
-
-GEMMA = ("gemma2", "gemma3_text")
-
-
-def _rope_from(params: dict | None, fallback_theta: float) -> RopeConfig:
-  params = dict(params or {})
-  rtype = params.get("rope_type", params.get("type", "default"))
-  if rtype not in ("default", "linear", "llama3"):
-    raise CheckpointError(f"rope type {rtype!r} is not supported (default, linear, llama3)")
-  return RopeConfig(
-      theta=float(params.get("rope_theta", fallback_theta)), rope_type=rtype,
-      factor=float(params.get("factor", 1.0)),
-      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-      original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)))
-
-
-def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-  """Our ModelConfig from the dict of an HF config.json (transformers v4 or v5 keys)."""
-  mt = hf.get("model_type")
-  if mt == "gemma3" and "text_config" in hf:
-    raise CheckpointError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3; use its text "
-                          "model (model_type 'gemma3_text', Gemma3ForCausalLM)")
-  if mt not in SUPPORTED_MODEL_TYPES or mt == "gemma3":
-    raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: "
-                          f"{', '.join(t for t in SUPPORTED_MODEL_TYPES if t != 'gemma3')}")
-  def count(key: str, default: int | None = None) -> int:
-    """A positive integer field (a value of another type is named, not passed to int())."""
-    v = hf.get(key)
-    v = default if v is None else v
-    if v is None:
-      raise CheckpointError(f"{source}: required field {key!r} is missing")
-    if isinstance(v, float) and v.is_integer():
-      v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise CheckpointError(f"{source}: field {key!r} = {v!r}: expected a positive integer")
-    return v
-
-  D, L, N = count("hidden_size"), count("num_hidden_layers"), count("num_attention_heads")
-  vocab, F = count("vocab_size"), count("intermediate_size")
-  K = count("num_key_value_heads", N)
-  H = count("head_dim", D // N)
-  gemma = mt in GEMMA
-  act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-  acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-  if act not in acts:
-    raise CheckpointError(f"{source}: hidden activation {act!r} is not supported ({', '.join(acts)})")
-  if hf.get("partial_rotary_factor", 1.0) != 1.0:
-    raise CheckpointError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
-
-  # RoPE: v5 `rope_parameters` (for Gemma 3: one dict per layer type), else v4 keys.
-  rp = hf.get("rope_parameters")
-  theta = float(hf.get("rope_theta", 1_000_000.0 if mt == "gemma3_text" else 10000.0))
-  rope_local = None
-  if isinstance(rp, dict) and "full_attention" in rp:
-    rope = _rope_from(rp["full_attention"], theta)
-    rope_local = _rope_from(rp.get("sliding_attention"), float(hf.get("rope_local_base_freq", 10000.0)))
-  elif rp:
-    rope = _rope_from(rp, theta)
-  else:
-    rope = _rope_from(hf.get("rope_scaling"), theta)
-  if mt == "gemma3_text" and rope_local is None:
-    rope_local = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
-
-  window = hf.get("sliding_window")
-  if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-    window = None
-  layer_types = hf.get("layer_types")
-  if window and layer_types:
-    sliding = tuple(t == "sliding_attention" for t in layer_types)
-  elif window and mt == "gemma2":
-    sliding = tuple(i % 2 == 0 for i in range(L))
-  elif window and mt == "gemma3_text":
-    pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
-    sliding = tuple((i + 1) % pattern != 0 for i in range(L))
-  elif window:
-    sliding = (True,) * L
-  else:
-    sliding = ()
-  attn_bias = bool(hf.get("attention_bias", False))
-  num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 0) or 0)
-  return ModelConfig(
-      model_type=mt, vocab_size=vocab, hidden_size=D, intermediate_size=F, num_layers=L,
-      num_heads=N, num_kv_heads=K, head_dim=H, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      rope=rope, rope_local=rope_local,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-      qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias and mt != "qwen2",
-      mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
-      activation=acts[act], gemma_norm=gemma, embed_scale=gemma, post_norms=gemma,
-      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma and hf.get("query_pre_attn_scalar") else None,
-      attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
-      final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
-      sliding_window=int(window) if window else None, sliding_layers=sliding,
-      max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-      pad_token_id=hf.get("pad_token_id"), bos_token_id=_tupled(hf.get("bos_token_id")),
-      eos_token_id=_tupled(hf.get("eos_token_id")), num_labels=num_labels)
-
-
-def _tupled(x):
-  return tuple(x) if isinstance(x, list) else x
-
-
-HF_ARCH = {"phi3": "Phi3", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-           "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
-
-
-def config_to_hf(cfg: ModelConfig, *, classifier: bool = False) -> dict[str, Any]:
-  """config.json contents (transformers v5 keys) that transformers reads back as the same model."""
-  def rope_dict(r: RopeConfig):
-    d = {"rope_type": r.rope_type, "rope_theta": r.theta}
-    if r.rope_type == "linear":
-      d["factor"] = r.factor
-    if r.rope_type == "llama3":
-      d.update(factor=r.factor, low_freq_factor=r.low_freq_factor,
-               high_freq_factor=r.high_freq_factor,
-               original_max_position_embeddings=r.original_max_position_embeddings)
-    return d
-
-  mt = cfg.model_type
-  name = HF_ARCH[mt] + ("ForSequenceClassification" if classifier else "ForCausalLM")
-  hf: dict[str, Any] = {
-      "architectures": [name], "model_type": mt, "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-      "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-      "max_position_embeddings": cfg.max_position_embeddings, "pad_token_id": cfg.pad_token_id,
-      "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-      "torch_dtype": "float32",
-  }
-  act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
-  if cfg.gemma_norm:
-    hf["hidden_activation"] = act
-    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    hf["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
-    hf["attn_logit_softcapping"] = cfg.attn_logit_softcap
-    hf["final_logit_softcapping"] = cfg.final_logit_softcap
-  else:
-    hf["hidden_act"] = act
-  if mt == "llama":
-    hf["attention_bias"] = cfg.qkv_bias
-    hf["mlp_bias"] = cfg.mlp_bias
-  if mt == "qwen3":
-    hf["attention_bias"] = cfg.qkv_bias
-  if cfg.rope_local is not None:
-    hf["rope_parameters"] = {"full_attention": rope_dict(cfg.rope),
-                             "sliding_attention": rope_dict(cfg.rope_local)}
-  else:
-    hf["rope_parameters"] = rope_dict(cfg.rope)
-  hf["sliding_window"] = cfg.sliding_window
-  if mt in ("qwen2", "qwen3"):
-    hf["use_sliding_window"] = bool(cfg.sliding_window)
-    hf["max_window_layers"] = 0
-  if cfg.sliding_window or mt in GEMMA:
-    hf["layer_types"] = ["sliding_attention" if cfg.layer_is_sliding(i) else "full_attention"
-                         for i in range(cfg.num_layers)]
-  if classifier:
-    hf["num_labels"] = cfg.num_labels
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
-  return hf
 
 
 # ---- weight names and layouts -----------------------------------------------------------------
@@ -305,16 +143,17 @@ def to_hf_layout(arr: np.ndarray, layout: str) -> np.ndarray:
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.ndarray]]:
+def _open_weights(path: str, allow_pickle: bool, allow_external_links: bool | None = None
+                  ) -> dict[str, Callable[[], np.ndarray]]:
   """Tensor name -> a function returning an indexable array (memmap), for every weight file."""
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
+  inside = lambda p: checks.check_inside(path, p, allow_external_links)
   if os.path.exists(index):
-    with open(index) as f:
-      try:
-        wmap = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    wmap = read_json(inside(index), max_bytes="MAX_INDEX_BYTES").get("weight_map")
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+      raise CheckpointError(f"{index}: not a safetensors index (needs a weight_map of tensor name "
+                            "-> file name)")
     files = {}
     for fname in sorted(set(wmap.values())):
       if os.path.basename(fname) != fname:
@@ -322,11 +161,11 @@ def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.nd
       fpath = os.path.join(path, fname)
       if not os.path.exists(fpath):
         raise CheckpointError(f"{index} lists {fname}, which is missing")
-      files[fname] = _safe(fpath)
+      files[fname] = _safe(inside(fpath))
     return {name: (lambda f=files[fname], n=name: f.array(n)) for name, fname in wmap.items()
             if _has(files[fname], name, index)}
   if os.path.exists(single):
-    f = _safe(single)
+    f = _safe(inside(single))
     return {name: (lambda n=name: f.array(n)) for name in f.names()}
   pickles = [n for n in ("pytorch_model.bin", "model.pt", "model.pth") if os.path.exists(os.path.join(path, n))]
   if pickles:
@@ -337,7 +176,7 @@ def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.nd
           "model.save_pretrained(dir, safe_serialization=True)), or pass allow_pickle=True to "
           "load it with torch.load(weights_only=True)")
     import torch  # optional, only for this explicit opt-in
-    sd = torch.load(os.path.join(path, pickles[0]), map_location="cpu", weights_only=True)
+    sd = torch.load(inside(os.path.join(path, pickles[0])), map_location="cpu", weights_only=True)
     return {k: (lambda t=v: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()) for k, v in sd.items()}
   raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -355,22 +194,35 @@ def _has(f: SafeFile, name: str, index: str) -> bool:
   return True
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, *, max_bytes: str = "MAX_CONFIG_BYTES",
+              allow_external_links: bool | None = None) -> dict:
+  """The JSON object in file `path`, read only if it lies inside its directory (see
+  `checks.check_inside`) and is no larger than the limit `checks.<max_bytes>`."""
   try:
+    checks.check_inside(os.path.dirname(path) or ".", path, allow_external_links)
+    checks.check_size(path, max_bytes)
     with open(path) as f:
       data = json.load(f)
   except FileNotFoundError:
     raise CheckpointError(f"{path} is missing") from None
-  except json.JSONDecodeError as e:
+  except (ValueError, RecursionError) as e:  # also bad UTF-8 and integers too long to convert
     raise CheckpointError(f"{path}: invalid JSON ({e})") from None
   if not isinstance(data, dict):
     raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
   return data
 
 
-def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False) -> nnx.Module:
-  """Fills an abstract model (from nnx.eval_shape) with the weights of `path`, sharded on `mesh`."""
-  tensors = _open_weights(path, allow_pickle)
+def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False,
+                allow_external_links: bool | None = None) -> nnx.Module:
+  """Fills an abstract model (from nnx.eval_shape) with the weights of `path`, sharded on `mesh`.
+
+  Weight files are read only from inside `path` unless `allow_external_links` (default: the
+  environment variable PERSYN_JAX_ALLOW_EXTERNAL_LINKS); config.json's sizes are checked against
+  the weights' shapes before anything is allocated."""
+  tensors = _open_weights(path, allow_pickle, allow_external_links)
+  checks.check_config_against_weights(
+      model.config, lambda n: tuple(tensors[n]().shape) if n in tensors else None, list(tensors),
+      os.path.join(path, "config.json"))
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
   expected = {entry[0] for entry in wmap.values()}
