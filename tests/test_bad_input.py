@@ -221,6 +221,76 @@ def test_a_missing_model_directory_is_named(tmp_path):
     from_pretrained(str(tmp_path / "nope"))
 
 
+# -- sizes and absurd values -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,limit", [
+    ("config.json", "MAX_CONFIG_BYTES"), ("generation_config.json", "MAX_CONFIG_BYTES"),
+    ("tokenizer_config.json", "MAX_TOKENIZER_CONFIG_BYTES"),
+    ("chat_template.jinja", "MAX_CHAT_TEMPLATE_BYTES"),
+])
+def test_an_oversized_config_or_template_is_refused_before_it_is_parsed(model_dir, tmp_path, name,
+                                                                         limit):
+  """The file stays valid (JSON padded with whitespace, a template with a long comment): it is
+  refused for its size alone, before a parser spends memory or time on it."""
+  from persyn_jax.models import checks
+  path = copy_model(model_dir, tmp_path)
+  p = os.path.join(path, name)
+  text = open(p).read()
+  size = getattr(checks, limit) + 1
+  pad = size - len(text.encode()) - (len("{#  #}") if name.endswith(".jinja") else 0)
+  text = text + "{# " + "x" * pad + " #}" if name.endswith(".jinja") else text + " " * pad
+  open(p, "w").write(text)
+  assert os.path.getsize(p) == size
+  with pytest.raises(CheckpointError, match=rf"m/{name}: {size} bytes, over the limit of "
+                                            rf"{getattr(checks, limit)} bytes .*checks\.{limit}"):
+    from_pretrained(path)
+
+
+def test_a_chat_template_too_long_inside_tokenizer_config_is_refused(model_dir, tmp_path):
+  from persyn_jax.models import checks, load_tokenizer
+  path = copy_model(model_dir, tmp_path)
+  os.remove(os.path.join(path, "chat_template.jinja"))
+  tc = os.path.join(path, "tokenizer_config.json")
+  n = checks.MAX_CHAT_TEMPLATE_BYTES + 1
+  json.dump({**json.load(open(tc)), "chat_template": "{{ 'x' }}" + " " * (n - 9)}, open(tc, "w"))
+  with pytest.raises(CheckpointError, match=rf"m: its chat template has {n} characters, over the "
+                                            r"limit of \d+ \(persyn_jax.models.checks.MAX_CHAT"):
+    load_tokenizer(path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 10**9, r"field 'num_hidden_layers' = 1000000000 is over the limit of "
+                                 r"1024 \(persyn_jax.models.checks.MAX_LAYERS\)"),
+    ("vocab_size", 10**12, r"field 'vocab_size' = 1000000000000 is over the limit of \d+ "
+                           r"\(persyn_jax.models.checks.MAX_VOCAB\)"),
+    ("hidden_size", 2**40, r"field 'hidden_size' = 1099511627776 is over the limit"),
+    ("num_hidden_layers", 64, r"num_hidden_layers = 64, but the weights hold 2 layers "
+                              r"\(model.layers.0 to model.layers.1\)"),
+    ("vocab_size", 10007, r"vocab_size = 10007, but tensor 'model.embed_tokens.weight' has shape "
+                          r"\(\d+, 32\)"),
+    ("hidden_size", 64, r"hidden_size = 64, but tensor 'model.embed_tokens.weight' has shape "
+                        r"\(\d+, 32\)"),
+    ("num_attention_heads", 8, r"num_attention_heads \* head_dim = 8 \* 8 = 64, but tensor "
+                               r"'model.layers.0.self_attn.q_proj.weight' has shape \(32, 32\)"),
+    ("intermediate_size", 4096, r"intermediate_size = 4096, but tensor "
+                                r"'model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\)"),
+    ("max_position_embeddings", "lots", r"field 'max_position_embeddings' = 'lots': expected a "
+                                        r"positive integer"),
+    ("rms_norm_eps", "tiny", r"could not convert string to float: 'tiny'"),
+])
+def test_absurd_config_values_are_named_before_a_model_is_built(model_dir, tmp_path, field, value,
+                                                                 match):
+  """Caught by load_config (before any model, even an abstract one, is built), by an upper bound
+  or against the safetensors shapes: no OOM, no hang, the key and the file named."""
+  from persyn_jax.models import load_config
+  path = copy_model(model_dir, tmp_path)
+  tiny.edit_config(path, **{field: value})
+  with pytest.raises(CheckpointError, match=r"m/config.json: " + match):
+    load_config(path)
+  with pytest.raises(CheckpointError, match=r"m/config.json: " + match):
+    from_pretrained(path)
+
+
 # -- reward models ---------------------------------------------------------------------------------
 
 def test_a_reward_model_with_a_wide_head_is_refused(model_dir, tmp_path):

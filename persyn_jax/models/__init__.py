@@ -17,8 +17,8 @@ from flax import nnx
 from persyn_jax import sharding as shd
 from persyn_jax.models import checks
 from persyn_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
-from persyn_jax.models.hf import (CheckpointError, config_from_hf, config_to_hf, load_params,
-                                  read_json, save_params, _atomic_json)
+from persyn_jax.models.hf import (CheckpointError, check_config, config_from_hf, config_to_hf,
+                                  load_params, read_json, save_params, _atomic_json)
 from persyn_jax.models.transformer import (CausalLM, SequenceClassifier, Transformer, init_cache,
                                            pool_last, last_token_index, CACHE_KV_AXES)
 
@@ -46,6 +46,7 @@ def load_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
   if hf.get("auto_map"):
     raise CheckpointError(f"{cfg_path}: auto_map asks for remote code, which is never run")
   cfg = config_from_hf(hf, source=cfg_path)
+  check_config(cfg, path)  # before a model of these sizes is built
   gen_path = os.path.join(path, "generation_config.json")
   if os.path.exists(gen_path):
     hf["_generation_config"] = read_json(gen_path)

@@ -212,6 +212,21 @@ def read_json(path: str, *, max_bytes: str = "MAX_CONFIG_BYTES",
   return data
 
 
+def check_config(cfg: ModelConfig, path: str, allow_external_links: bool | None = None) -> None:
+  """config.json's sizes (vocabulary, width, layers, heads) against the safetensors headers of
+  `path`, before a model is built (no weight is read); a directory without safetensors files has
+  nothing to check here."""
+  if any(os.path.exists(os.path.join(path, n))
+         for n in ("model.safetensors", "model.safetensors.index.json")):
+    _check_sizes(cfg, _open_weights(path, False, allow_external_links), path)
+
+
+def _check_sizes(cfg: ModelConfig, tensors: dict, path: str) -> None:
+  checks.check_config_against_weights(
+      cfg, lambda n: tuple(tensors[n]().shape) if n in tensors else None, list(tensors),
+      os.path.join(path, "config.json"))
+
+
 def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False,
                 allow_external_links: bool | None = None) -> nnx.Module:
   """Fills an abstract model (from nnx.eval_shape) with the weights of `path`, sharded on `mesh`.
@@ -220,9 +235,7 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
   environment variable PERSYN_JAX_ALLOW_EXTERNAL_LINKS); config.json's sizes are checked against
   the weights' shapes before anything is allocated."""
   tensors = _open_weights(path, allow_pickle, allow_external_links)
-  checks.check_config_against_weights(
-      model.config, lambda n: tuple(tensors[n]().shape) if n in tensors else None, list(tensors),
-      os.path.join(path, "config.json"))
+  _check_sizes(model.config, tensors, path)
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
   expected = {entry[0] for entry in wmap.values()}
