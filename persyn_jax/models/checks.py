@@ -33,13 +33,14 @@ MAX_VOCAB = 1 << 24
 MAX_HEADS = 1 << 12
 MAX_WIDTH = 1 << 20
 
+# Each file a tokenizer load may read -> its limit.
 TOKENIZER_FILES = {
-    "tokenizer_config.json": "MAX_TOKENIZER_CONFIG_BYTES", "added_tokens.json": "MAX_TOKENIZER_BYTES",
-    "special_tokens_map.json": "MAX_CONFIG_BYTES", "config.json": "MAX_CONFIG_BYTES",
-    "chat_template.jinja": "MAX_CHAT_TEMPLATE_BYTES", "chat_template.json": "MAX_CHAT_TEMPLATE_BYTES",
-    "tokenizer.json": "MAX_TOKENIZER_BYTES", "tokenizer.model": "MAX_TOKENIZER_BYTES",
-    "vocab.json": "MAX_TOKENIZER_BYTES", "vocab.txt": "MAX_TOKENIZER_BYTES",
-    "merges.txt": "MAX_TOKENIZER_BYTES",
+    "config.json": "MAX_CONFIG_BYTES", "special_tokens_map.json": "MAX_CONFIG_BYTES",
+    "tokenizer_config.json": "MAX_TOKENIZER_CONFIG_BYTES",
+    "chat_template.jinja": "MAX_CHAT_TEMPLATE_BYTES",
+    "chat_template.json": "MAX_CHAT_TEMPLATE_BYTES",
+    **{name: "MAX_TOKENIZER_BYTES" for name in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                                "vocab.txt", "merges.txt", "added_tokens.json")},
 }
 
 ALLOW_LINKS_ENV = "PERSYN_JAX_ALLOW_EXTERNAL_LINKS"
@@ -110,7 +111,7 @@ def check_tree(model_dir: str, allow: bool | None = None) -> None:
     for name in dirs + files:
       p = os.path.join(top, name)
       if os.path.islink(p):
-        check_inside(model_dir, p)
+        check_inside(model_dir, p, allow)
 
 
 def check_tokenizer_dir(path: str, allow: bool | None = None) -> None:
