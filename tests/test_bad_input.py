@@ -276,7 +276,9 @@ def test_a_chat_template_too_long_inside_tokenizer_config_is_refused(model_dir, 
                                 r"'model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\)"),
     ("max_position_embeddings", "lots", r"field 'max_position_embeddings' = 'lots': expected a "
                                         r"positive integer"),
-    ("rms_norm_eps", "tiny", r"could not convert string to float: 'tiny'"),
+    ("rms_norm_eps", "tiny", r"field 'rms_norm_eps' = 'tiny': expected a positive number"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 0, "rope_theta": 1e4},
+     r"field 'rope_parameters.factor' = 0: expected a positive number"),
 ])
 def test_absurd_config_values_are_named_before_a_model_is_built(model_dir, tmp_path, field, value,
                                                                  match):

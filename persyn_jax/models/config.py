@@ -8,6 +8,7 @@ over or allocated before the weights are seen are bounded (`checks.MAX_*`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from persyn_jax.models import checks
@@ -108,17 +109,24 @@ class ModelConfig:
 GEMMA = ("gemma2", "gemma3_text")
 
 
-def _rope_from(params: dict | None, fallback_theta: float) -> RopeConfig:
+def _real(source: str, key: str, value: Any) -> float:
+  """A positive finite number field (a string, null or 0 named here, not in a rotary table)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+      not math.isfinite(value) or value <= 0:
+    raise CheckpointError(f"{source}: field {key!r} = {value!r}: expected a positive number")
+  return float(value)
+
+
+def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str) -> RopeConfig:
   params = dict(params or {})
   rtype = params.get("rope_type", params.get("type", "default"))
   if rtype not in ("default", "linear", "llama3"):
     raise CheckpointError(f"rope type {rtype!r} is not supported (default, linear, llama3)")
+  real = lambda k, default: _real(source, f"{key}.{k}", params.get(k, default))
   return RopeConfig(
-      theta=float(params.get("rope_theta", fallback_theta)), rope_type=rtype,
-      factor=float(params.get("factor", 1.0)),
-      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-      original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)))
+      theta=real("rope_theta", fallback_theta), rope_type=rtype, factor=real("factor", 1.0),
+      low_freq_factor=real("low_freq_factor", 1.0), high_freq_factor=real("high_freq_factor", 4.0),
+      original_max_position_embeddings=int(real("original_max_position_embeddings", 8192)))
 
 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
@@ -167,17 +175,19 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
   # RoPE: v5 `rope_parameters` (for Gemma 3: one dict per layer type), else v4 keys.
   rp = hf.get("rope_parameters")
-  theta = float(hf.get("rope_theta", 1_000_000.0 if mt == "gemma3_text" else 10000.0))
+  real = lambda key, default: _real(source, key, hf.get(key, default))
+  theta = real("rope_theta", 1_000_000.0 if mt == "gemma3_text" else 10000.0)
   rope_local = None
   if isinstance(rp, dict) and "full_attention" in rp:
-    rope = _rope_from(rp["full_attention"], theta)
-    rope_local = _rope_from(rp.get("sliding_attention"), float(hf.get("rope_local_base_freq", 10000.0)))
+    rope = _rope_from(rp["full_attention"], theta, source, "rope_parameters.full_attention")
+    rope_local = _rope_from(rp.get("sliding_attention"), real("rope_local_base_freq", 10000.0),
+                            source, "rope_parameters.sliding_attention")
   elif rp:
-    rope = _rope_from(rp, theta)
+    rope = _rope_from(rp, theta, source, "rope_parameters")
   else:
-    rope = _rope_from(hf.get("rope_scaling"), theta)
+    rope = _rope_from(hf.get("rope_scaling"), theta, source, "rope_scaling")
   if mt == "gemma3_text" and rope_local is None:
-    rope_local = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+    rope_local = RopeConfig(theta=real("rope_local_base_freq", 10000.0))
 
   window = hf.get("sliding_window")
   if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
@@ -198,7 +208,7 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 0) or 0)
   return ModelConfig(
       model_type=mt, vocab_size=vocab, hidden_size=D, intermediate_size=F, num_layers=L,
-      num_heads=N, num_kv_heads=K, head_dim=H, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      num_heads=N, num_kv_heads=K, head_dim=H, rms_norm_eps=real("rms_norm_eps", 1e-6),
       rope=rope, rope_local=rope_local,
       tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias and mt != "qwen2",
