@@ -151,8 +151,8 @@ def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
      r"rope type 'yarn' is not supported"),
     ("partial_rotary_factor", 0.5, r"config.json: partial_rotary_factor=0.5 is not supported"),
     ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-    ("head_dim", 7, r"config.json: num_attention_heads \* head_dim = 4 \* 7 = 28, but tensor "
-                    r"'model.layers.0.self_attn.q_proj.weight' has shape \(32, 32\)"),
+    ("head_dim", 7, r"config.json: tensor 'model.layers.0.self_attn.q_proj.weight' has shape "
+                    r"\(32, 32\), expected \(28, 32\) from num_attention_heads \* head_dim = 4 \* 7"),
 ])
 def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, match):
   path = copy_model(model_dir, tmp_path)
@@ -266,14 +266,15 @@ def test_a_chat_template_too_long_inside_tokenizer_config_is_refused(model_dir, 
     ("hidden_size", 2**40, r"field 'hidden_size' = 1099511627776 is over the limit"),
     ("num_hidden_layers", 64, r"num_hidden_layers = 64, but the weights hold 2 layers "
                               r"\(model.layers.0 to model.layers.1\)"),
-    ("vocab_size", 10007, r"vocab_size = 10007, but tensor 'model.embed_tokens.weight' has shape "
-                          r"\(\d+, 32\)"),
-    ("hidden_size", 64, r"hidden_size = 64, but tensor 'model.embed_tokens.weight' has shape "
-                        r"\(\d+, 32\)"),
-    ("num_attention_heads", 8, r"num_attention_heads \* head_dim = 8 \* 8 = 64, but tensor "
-                               r"'model.layers.0.self_attn.q_proj.weight' has shape \(32, 32\)"),
-    ("intermediate_size", 4096, r"intermediate_size = 4096, but tensor "
-                                r"'model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\)"),
+    ("vocab_size", 10007, r"tensor 'model.embed_tokens.weight' has shape \(\d+, 32\), expected "
+                          r"\(10007, 32\) from vocab_size = 10007, hidden_size = 32"),
+    ("hidden_size", 64, r"tensor 'model.embed_tokens.weight' has shape \((\d+), 32\), expected "
+                        r"\(\1, 64\) from vocab_size = \1, hidden_size = 64"),
+    ("num_attention_heads", 8, r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape "
+                               r"\(32, 32\), expected \(64, 32\) from num_attention_heads \* "
+                               r"head_dim = 8 \* 8"),
+    ("intermediate_size", 4096, r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+                                r"\(64, 32\), expected \(4096, 32\) from intermediate_size"),
     ("max_position_embeddings", "lots", r"field 'max_position_embeddings' = 'lots': expected a "
                                         r"positive integer"),
     ("rms_norm_eps", "tiny", r"field 'rms_norm_eps' = 'tiny': expected a positive number"),

@@ -144,28 +144,27 @@ def check_config_against_weights(cfg, shape: Callable[[str], tuple[int, ...] | N
   """The sizes of ModelConfig `cfg` (read from `source`) against the weights' shapes, before any
   weight is read: `shape(name)` is a tensor's shape (None if absent), `names` all tensor names.
   Each disagreement names the config.json keys, the tensor and its shape."""
-  def expect(name: str, axis: int, want: int, keys: str) -> None:
-    s = shape(name)
-    if s is not None and (len(s) <= axis or s[axis] != want):
-      raise CheckpointError(f"{source}: {keys} = {want}, but tensor {name!r} has shape "
-                            f"{tuple(s)}")
+  D = cfg.hidden_size
 
-  expect("model.embed_tokens.weight", 0, cfg.vocab_size, "vocab_size")
-  expect("model.embed_tokens.weight", 1, cfg.hidden_size, "hidden_size")
+  def expect(name: str, rows: int, keys: str) -> None:
+    s = shape(name)
+    if s is not None and tuple(s) != (rows, D):
+      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(s)}, expected "
+                            f"{(rows, D)} from {keys}, hidden_size = {D}")
+
+  expect("model.embed_tokens.weight", cfg.vocab_size, f"vocab_size = {cfg.vocab_size}")
   layers = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
   if layers and layers != set(range(cfg.num_layers)):
     raise CheckpointError(f"{source}: num_hidden_layers = {cfg.num_layers}, but the weights hold "
                           f"{len(layers)} layers (model.layers.{min(layers)} to "
                           f"model.layers.{max(layers)})")
   N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-  heads = "num_attention_heads * head_dim"
-  kv = "num_key_value_heads * head_dim"
   p = "model.layers.0."
   if cfg.model_type == "phi3":
-    expect(p + "self_attn.qkv_proj.weight", 0, (N + 2 * K) * H,
-           f"({heads}) + 2 * ({kv}) = ({N} * {H}) + 2 * ({K} * {H})")
-    expect(p + "mlp.gate_up_proj.weight", 0, 2 * F, "2 * intermediate_size")
+    expect(p + "self_attn.qkv_proj.weight", (N + 2 * K) * H,
+           f"(num_attention_heads + 2 * num_key_value_heads) * head_dim = ({N} + 2 * {K}) * {H}")
+    expect(p + "mlp.gate_up_proj.weight", 2 * F, f"2 * intermediate_size = 2 * {F}")
     return
-  expect(p + "self_attn.q_proj.weight", 0, N * H, f"{heads} = {N} * {H}")
-  expect(p + "self_attn.k_proj.weight", 0, K * H, f"{kv} = {K} * {H}")
-  expect(p + "mlp.gate_proj.weight", 0, F, "intermediate_size")
+  expect(p + "self_attn.q_proj.weight", N * H, f"num_attention_heads * head_dim = {N} * {H}")
+  expect(p + "self_attn.k_proj.weight", K * H, f"num_key_value_heads * head_dim = {K} * {H}")
+  expect(p + "mlp.gate_proj.weight", F, f"intermediate_size = {F}")
