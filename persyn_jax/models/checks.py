@@ -2,9 +2,9 @@
 
 A model directory is untrusted input. Its files are read only from inside it: a link that leads
 out of it is refused unless allowed. Each small file has a size limit, checked before it is
-parsed. The sizes in config.json must agree with the shapes of the weights before anything is
-allocated. Each error names the file and the key, so a bad download never turns into an OOM kill
-or a hang.
+parsed. The sizes in config.json must agree with the shapes of the weights before a model is
+built. Each error names the file and the key, where a corrupt or hostile file would otherwise end
+in an OOM kill or a hang.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def check_size(path: str, limit_name: str) -> None:
 
 
 def check_value(source: str, key: str, value: int, limit_name: str) -> int:
+  """`value` of config field `key` if it is at most the named limit of this module."""
   limit = globals()[limit_name]
   if value > limit:
     raise CheckpointError(f"{source}: field {key!r} = {value} is over the limit of {limit} "
