@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -25,8 +26,15 @@ def _type_name(tp) -> str:
   return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# PyYAML follows YAML 1.1, where a float needs a dot: `1e-3` and `5E4` load as strings. A numeric
+# string is taken for a float field (and an integer string for an int field); nothing else is.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-  """`value` checked (and gently converted: int -> float, list -> tuple) against annotation `tp`."""
+  """`value` checked (and gently converted: int -> float, list -> tuple, a numeric string -> a
+  number) against annotation `tp`."""
   origin = typing.get_origin(tp)
   if tp is Any:
     return value
@@ -37,6 +45,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return None
       raise ConfigError(f"{where}: null is not allowed (expected {_type_name(tp)})")
     errors = []
+    # A member of exactly the value's type first: `stop: int | str` keeps the string "42".
+    args = sorted(args, key=lambda a: a is not type(value))
     for a in args:
       if a is type(None):
         continue
@@ -74,10 +84,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     vt = args[1] if len(args) == 2 else Any
     return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
   if tp is float:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+      return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)
   if tp is int:
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+      return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
       raise ConfigError(f"{where}: expected an integer, got {value!r}")
     return value

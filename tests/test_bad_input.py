@@ -2,6 +2,7 @@
 a traceback from deep inside JAX or transformers. docs/FAILURES.md lists every case with the test
 that backs it (some live in test_models.py, test_data_*.py, test_sampler.py, test_scoring.py).
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -84,6 +85,56 @@ def test_a_malformed_safetensors_header_is_named(model_dir, tmp_path, edit):
     from_pretrained(path)
 
 
+BAD_ENTRIES = {  # field of the header entry of 'model.norm.weight' (32 F32 values) -> bad value
+    "string_shape": ("shape", "32", "has a shape that is not a list of non-negative integers"),
+    "string_dim": ("shape", ["32"], "has a shape that is not a list of non-negative integers"),
+    "negative_dims": ("shape", [-4, -8], "has a shape that is not a list of non-negative integers"),
+    "fractional_dim": ("shape", [32.5], "has a shape that is not a list of non-negative integers"),
+    "boolean_dim": ("shape", [True], "has a shape that is not a list of non-negative integers"),
+    # 2**64 * 2**64 elements: wraps to 0 in int64; as a Python integer it is plainly too big
+    "huge_shape": ("shape", [2**64, 2**64], r"\(shape \[18446744073709551616, .*needs bytes"),
+    "list_dtype": ("dtype", ["F32"], r"has unsupported dtype \['F32'\]"),
+    "null_dtype": ("dtype", None, "has unsupported dtype None"),
+    "negative_offsets": ("data_offsets", [-128, 0], "has data_offsets that are not two"),
+    "string_offsets": ("data_offsets", ["0", "128"], "has data_offsets that are not two"),
+    "reversed_offsets": ("data_offsets", [128, 0], "has data_offsets that are not two"),
+    "offsets_past_the_end": ("data_offsets", [10**15, 10**15 + 128], r"needs bytes \[10+, "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_a_bad_shape_dtype_or_offset_in_a_header_is_named(model_dir, tmp_path, case):
+  """Each value is checked before it reaches numpy: no raw TypeError or ValueError from a shape
+  computation, the same CheckpointError (naming the file and the tensor) as the other faults."""
+  path = copy_model(model_dir, tmp_path)
+  field, value, problem = BAD_ENTRIES[case]
+
+  def edit(h):
+    h["model.norm.weight"][field] = value
+    return h
+  edit_header(path, edit)
+  with pytest.raises(CheckpointError, match=r"/model.safetensors: tensor 'model.norm.weight' .*"
+                                            + problem):
+    from_pretrained(path)
+
+
+def test_a_header_number_too_long_to_convert_is_named(model_dir, tmp_path):
+  path = copy_model(model_dir, tmp_path)
+
+  def edit(h):
+    h["model.norm.weight"]["shape"] = [0]
+    return h
+  edit_header(path, edit)
+  p = os.path.join(path, "model.safetensors")
+  data = open(p, "rb").read()
+  (n,) = struct.unpack("<Q", data[:8])
+  header = data[8:8 + n].replace(b'"shape": [0]', b'"shape": [' + b"9" * 5000 + b"]")
+  header += b" " * (-len(header) % 8)
+  open(p, "wb").write(struct.pack("<Q", len(header)) + header + data[8 + n:])
+  with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable safetensors header"):
+    from_pretrained(path)
+
+
 def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
   """A float weight stored as I32 (a mis-typed export) would load as garbage numbers."""
   path = copy_model(model_dir, tmp_path)
@@ -100,8 +151,8 @@ def test_integer_weights_are_refused_not_cast(model_dir, tmp_path):
      r"rope type 'yarn' is not supported"),
     ("partial_rotary_factor", 0.5, r"config.json: partial_rotary_factor=0.5 is not supported"),
     ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-    ("head_dim", 7, r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(16, 32\), "
-                    r"expected \(14, 32\)"),
+    ("head_dim", 7, r"config.json: tensor 'model.layers.0.self_attn.q_proj.weight' has shape "
+                    r"\(32, 32\), expected \(28, 32\) from num_attention_heads \* head_dim = 4 \* 7"),
 ])
 def test_unsupported_config_fields_are_named(model_dir, tmp_path, field, value, match):
   path = copy_model(model_dir, tmp_path)
@@ -134,9 +185,113 @@ def test_a_corrupt_tokenizer_is_named(model_dir, tmp_path):
     from_pretrained(path)
 
 
+@pytest.mark.parametrize("where,template,error", [
+    ("chat_template.jinja", "{{ raise_exception('system turns are not supported') }}",
+     r"TemplateError: system turns are not supported"),
+    ("chat_template.jinja", "{% for m in messages %}{{ m.content }", r"TemplateSyntaxError: "),
+    ("tokenizer_config.json", "{{ (messages | length) // 0 }}", r"ZeroDivisionError: "),
+])
+def test_a_chat_template_that_fails_names_the_model_and_the_template(model_dir, tmp_path, where,
+                                                                      template, error):
+  """Wherever the template lives (transformers 5 writes chat_template.jinja; older models keep it
+  in tokenizer_config.json), its failure names the model directory and the template's file."""
+  import re
+  from persyn_jax.data import chat
+  from persyn_jax.models import load_tokenizer
+  path = copy_model(model_dir, tmp_path)
+  jinja, tc = os.path.join(path, "chat_template.jinja"), os.path.join(path, "tokenizer_config.json")
+  if where == "chat_template.jinja":
+    open(jinja, "w").write(template)
+    source = jinja
+  else:
+    os.remove(jinja)
+    json.dump({**json.load(open(tc)), "chat_template": template}, open(tc, "w"))
+    source = tc + " (its chat_template)"
+  tok = load_tokenizer(path)
+  assert tok.chat_template == template
+  match = re.escape(source) + f": the chat template of model {re.escape(path)} fails \\({error}"
+  for call in (lambda: chat.prompt_ids(tok, "hi"), lambda: chat.pair_ids(tok, "hi", "ho"),
+               lambda: chat.pair_ids_batch(tok, ["hi"], ["ho"])):
+    with pytest.raises(chat.ChatTemplateError, match=match):
+      call()
+
+
 def test_a_missing_model_directory_is_named(tmp_path):
   with pytest.raises(CheckpointError, match=r"nope: not a directory"):
     from_pretrained(str(tmp_path / "nope"))
+
+
+# -- sizes and absurd values -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,limit", [
+    ("config.json", "MAX_CONFIG_BYTES"), ("generation_config.json", "MAX_CONFIG_BYTES"),
+    ("tokenizer_config.json", "MAX_TOKENIZER_CONFIG_BYTES"),
+    ("chat_template.jinja", "MAX_CHAT_TEMPLATE_BYTES"),
+])
+def test_an_oversized_config_or_template_is_refused_before_it_is_parsed(model_dir, tmp_path, name,
+                                                                         limit):
+  """The file stays valid (JSON padded with whitespace, a template with a long comment): it is
+  refused for its size alone, before a parser spends memory or time on it."""
+  from persyn_jax.models import checks
+  path = copy_model(model_dir, tmp_path)
+  p = os.path.join(path, name)
+  text = open(p).read()
+  size = getattr(checks, limit) + 1
+  pad = size - len(text.encode()) - (len("{#  #}") if name.endswith(".jinja") else 0)
+  text = text + "{# " + "x" * pad + " #}" if name.endswith(".jinja") else text + " " * pad
+  open(p, "w").write(text)
+  assert os.path.getsize(p) == size
+  with pytest.raises(CheckpointError, match=rf"m/{name}: {size} bytes, over the limit of "
+                                            rf"{getattr(checks, limit)} bytes .*checks\.{limit}"):
+    from_pretrained(path)
+
+
+def test_a_chat_template_too_long_inside_tokenizer_config_is_refused(model_dir, tmp_path):
+  from persyn_jax.models import checks, load_tokenizer
+  path = copy_model(model_dir, tmp_path)
+  os.remove(os.path.join(path, "chat_template.jinja"))
+  tc = os.path.join(path, "tokenizer_config.json")
+  n = checks.MAX_CHAT_TEMPLATE_BYTES + 1
+  json.dump({**json.load(open(tc)), "chat_template": "{{ 'x' }}" + " " * (n - 9)}, open(tc, "w"))
+  with pytest.raises(CheckpointError, match=rf"m: its chat template has {n} characters, over the "
+                                            r"limit of \d+ \(persyn_jax.models.checks.MAX_CHAT"):
+    load_tokenizer(path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 10**9, r"field 'num_hidden_layers' = 1000000000 is over the limit of "
+                                 r"1024 \(persyn_jax.models.checks.MAX_LAYERS\)"),
+    ("vocab_size", 10**12, r"field 'vocab_size' = 1000000000000 is over the limit of \d+ "
+                           r"\(persyn_jax.models.checks.MAX_VOCAB\)"),
+    ("hidden_size", 2**40, r"field 'hidden_size' = 1099511627776 is over the limit"),
+    ("num_hidden_layers", 64, r"num_hidden_layers = 64, but the weights hold 2 layers "
+                              r"\(model.layers.0 to model.layers.1\)"),
+    ("vocab_size", 10007, r"tensor 'model.embed_tokens.weight' has shape \(\d+, 32\), expected "
+                          r"\(10007, 32\) from vocab_size = 10007, hidden_size = 32"),
+    ("hidden_size", 64, r"tensor 'model.embed_tokens.weight' has shape \((\d+), 32\), expected "
+                        r"\(\1, 64\) from vocab_size = \1, hidden_size = 64"),
+    ("num_attention_heads", 8, r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape "
+                               r"\(32, 32\), expected \(64, 32\) from num_attention_heads \* "
+                               r"head_dim = 8 \* 8"),
+    ("intermediate_size", 4096, r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+                                r"\(64, 32\), expected \(4096, 32\) from intermediate_size"),
+    ("max_position_embeddings", "lots", r"field 'max_position_embeddings' = 'lots': expected a "
+                                        r"positive integer"),
+    ("rms_norm_eps", "tiny", r"field 'rms_norm_eps' = 'tiny': expected a positive number"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 0, "rope_theta": 1e4},
+     r"field 'rope_parameters.factor' = 0: expected a positive number"),
+])
+def test_absurd_config_values_are_named_before_a_model_is_built(model_dir, tmp_path, field, value,
+                                                                 match):
+  """Caught by load_config (before any model, even an abstract one, is built), by an upper bound
+  or against the safetensors shapes: no OOM, no hang, the key and the file named."""
+  from persyn_jax.models import load_config
+  path = copy_model(model_dir, tmp_path)
+  tiny.edit_config(path, **{field: value})
+  with pytest.raises(CheckpointError, match=r"m/config.json: " + match):
+    load_config(path)
+  with pytest.raises(CheckpointError, match=r"m/config.json: " + match):
+    from_pretrained(path)
 
 
 # -- reward models ---------------------------------------------------------------------------------
@@ -225,6 +380,33 @@ def test_an_empty_dataset_is_a_clear_error(model_dir, tmp_path, content):
   (tmp_path / "empty").mkdir()
   with pytest.raises(S.PromptFileError, match="empty: no prompt files"):
     S.load_prompts(S.PromptSourceConfig(path=str(tmp_path / "empty")))  # a folder without prompts
+
+
+RUN_YAML = "world: null\nstudent: {name: s, path: /m}\nteachers: [{name: a, path: /a}]\n"
+
+
+def test_numbers_that_yaml_reads_as_strings_are_taken_by_numeric_fields(tmp_path):
+  """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a float field takes it, an int
+  field takes an integer string, and any other string is still an error naming the key and file."""
+  import yaml
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML + "sft: {lr: 1e-3, min_lr_ratio: 5E-2, batch_size: '16'}\n"
+               "router: {lr: -2.5e-5}\n")
+  assert yaml.safe_load(y.read_text())["sft"]["lr"] == "1e-3"  # the YAML quirk itself
+  cfg = load_run_config(str(y), ["sft.weight_decay=1e-2"])
+  assert (cfg.sft.lr, cfg.sft.min_lr_ratio, cfg.sft.batch_size) == (1e-3, 5e-2, 16)
+  assert (cfg.router.lr, cfg.sft.weight_decay) == (-2.5e-5, 1e-2)
+  assert isinstance(cfg.sft.batch_size, int)
+  Stop = dataclasses.make_dataclass("Stop", [("stop", int | str | None, None)])
+  assert C.from_dict(Stop, {"stop": "42"}).stop == "42"  # a union with str keeps the string
+  for bad, match in [("sft: {lr: fast}", r"run.yaml.sft.lr: expected a number, got 'fast'"),
+                     ("sft: {lr: 1e-3x}", r"run.yaml.sft.lr: expected a number, got '1e-3x'"),
+                     ("sft: {batch_size: 1e3}", r"run.yaml.sft.batch_size: expected an integer, "
+                                                r"got '1e3'")]:
+    y.write_text(RUN_YAML + bad + "\n")
+    with pytest.raises(C.ConfigError, match=match):
+      load_run_config(str(y))
 
 
 def test_duplicated_teacher_names_are_a_config_error(tmp_path):

@@ -1,6 +1,7 @@
 """Untrusted files: weights from safetensors only (pickle refused unless asked for, then loaded with
 weights_only=True), no remote code ever, records never pickled, file names never built from
-unsanitized names or ids, YAML only through safe_load. A hostile file must not run code: each
+unsanitized names or ids, YAML only through safe_load, model files read only from inside the model
+directory (links out of it refused unless allowed). A hostile file must not run code: each
 test plants a payload that would leave a marker file, and checks the marker never appears."""
 import glob
 import json
@@ -170,3 +171,95 @@ def test_safe_name_examples(name, want):
       safe_name(name, "teacher name")
   else:
     assert safe_name(name) == want
+
+
+# -- links out of a model directory ----------------------------------------------------------------
+
+LINKED = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+          "chat_template.jinja"]
+
+
+@pytest.mark.parametrize("name", LINKED)
+def test_a_link_out_of_the_model_directory_is_refused_unless_allowed(model_dir, tmp_path, name,
+                                                                     monkeypatch):
+  """A model file that is a link to elsewhere (a private file, another model's weights) is refused,
+  naming the link and its target, unless PERSYN_JAX_ALLOW_EXTERNAL_LINKS=1 says to follow links."""
+  from persyn_jax.models import checks
+  monkeypatch.delenv(checks.ALLOW_LINKS_ENV, raising=False)
+  path = copy_model(model_dir, tmp_path)
+  outside = tmp_path / "elsewhere" / name
+  outside.parent.mkdir()
+  shutil.move(os.path.join(path, name), outside)
+  os.symlink(outside, os.path.join(path, name))
+  with pytest.raises(CheckpointError, match=rf"m/{name}: a link to {os.path.realpath(outside)}, "
+                                            r"outside the model directory .*"
+                                            r"PERSYN_JAX_ALLOW_EXTERNAL_LINKS=1"):
+    from_pretrained(path, dtype="float32")
+  monkeypatch.setenv(checks.ALLOW_LINKS_ENV, "1")
+  model, tok = from_pretrained(path, dtype="float32")
+  ref, ref_tok = from_pretrained(model_dir("llama")[0], dtype="float32")
+  np.testing.assert_array_equal(logits(model), logits(ref))
+  assert tok.chat_template == ref_tok.chat_template
+  assert tok("hi")["input_ids"] == ref_tok("hi")["input_ids"]
+
+
+def test_the_argument_allows_links_where_the_environment_does_not(model_dir, tmp_path, monkeypatch):
+  from persyn_jax.models import checks, load_tokenizer
+  monkeypatch.delenv(checks.ALLOW_LINKS_ENV, raising=False)
+  path = copy_model(model_dir, tmp_path)
+  shutil.move(os.path.join(path, "tokenizer.json"), tmp_path / "tokenizer.json")
+  os.symlink(tmp_path / "tokenizer.json", os.path.join(path, "tokenizer.json"))
+  with pytest.raises(CheckpointError, match=r"m/tokenizer.json: a link to "):
+    load_tokenizer(path)
+  assert load_tokenizer(path, allow_external_links=True)("hi")["input_ids"]
+  monkeypatch.setenv(checks.ALLOW_LINKS_ENV, "1")
+  with pytest.raises(CheckpointError, match=r"m/tokenizer.json: a link to "):
+    load_tokenizer(path, allow_external_links=False)  # the argument wins over the environment
+
+
+def test_links_that_stay_inside_the_model_directory_are_followed(model_dir, tmp_path, monkeypatch):
+  from persyn_jax.models import checks
+  monkeypatch.delenv(checks.ALLOW_LINKS_ENV, raising=False)
+  path = copy_model(model_dir, tmp_path)
+  os.mkdir(os.path.join(path, "weights"))
+  shutil.move(os.path.join(path, "model.safetensors"),
+              os.path.join(path, "weights", "w.safetensors"))
+  os.symlink(os.path.join("weights", "w.safetensors"), os.path.join(path, "model.safetensors"))
+  os.symlink(path, tmp_path / "alias")  # the directory itself may be reached through a link
+  model, _ = from_pretrained(str(tmp_path / "alias"), dtype="float32")
+  ref, _ = from_pretrained(model_dir("llama")[0], dtype="float32", tokenizer=False)
+  np.testing.assert_array_equal(logits(model), logits(ref))
+
+
+def hub_snapshot(src: str, cache: str, repo: str = "models--org--tiny", rev: str = "0" * 40) -> str:
+  """`src` laid out as huggingface_hub's cache lays out a download: the files under
+  <repo>/blobs/<sha256>, and <repo>/snapshots/<rev>/<file> a relative link to its blob."""
+  import hashlib
+  blobs, snap = os.path.join(cache, repo, "blobs"), os.path.join(cache, repo, "snapshots", rev)
+  os.makedirs(blobs, exist_ok=True)
+  os.makedirs(snap)
+  for name in os.listdir(src):
+    data = open(os.path.join(src, name), "rb").read()
+    blob = hashlib.sha256(data).hexdigest()
+    open(os.path.join(blobs, blob), "wb").write(data)
+    os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
+  return snap
+
+
+def test_a_hub_cache_snapshot_loads_through_its_links_to_blobs(model_dir, tmp_path, monkeypatch):
+  """Links from a snapshot into its own repository's blobs/ are the hub cache's layout, followed;
+  a link out of the repository folder (another repository's blobs included) is not."""
+  from persyn_jax.models import checks
+  monkeypatch.delenv(checks.ALLOW_LINKS_ENV, raising=False)
+  src = model_dir("llama")[0]
+  snap = hub_snapshot(src, str(tmp_path / "hub"))
+  model, tok = from_pretrained(snap, dtype="float32")
+  ref, _ = from_pretrained(src, dtype="float32", tokenizer=False)
+  np.testing.assert_array_equal(logits(model), logits(ref))
+  other = hub_snapshot(src, str(tmp_path / "hub"), repo="models--someone--else")
+  target = os.path.join(other, "config.json")
+  os.remove(os.path.join(snap, "config.json"))
+  os.symlink(os.path.relpath(target, snap), os.path.join(snap, "config.json"))
+  with pytest.raises(CheckpointError, match=r"snapshots/0+/config.json: a link to .*"
+                                            r"models--someone--else/blobs/"):
+    from_pretrained(snap, dtype="float32")

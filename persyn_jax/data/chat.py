@@ -5,6 +5,7 @@ of a (prompt, response) pair is what the template adds after the generation prom
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 Messages = list[dict[str, str]]
@@ -43,15 +44,41 @@ def _text(text: Any, what: str) -> str:
   return text
 
 
+class ChatTemplateError(ValueError):
+  """A chat template that fails to render; the message names the model directory and the
+  template (its chat_template.jinja, or tokenizer_config.json's chat_template)."""
+
+
 def has_chat_template(tokenizer) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
+
+
+def template_source(tokenizer) -> str:
+  """Where the tokenizer's chat template was read from (transformers prefers the .jinja file)."""
+  where = getattr(tokenizer, "name_or_path", "") or ""
+  jinja = os.path.join(where, "chat_template.jinja")
+  if where and os.path.isfile(jinja):
+    return jinja
+  if where and os.path.isdir(where):
+    return f"{os.path.join(where, 'tokenizer_config.json')} (its chat_template)"
+  return f"the chat template of tokenizer {where or type(tokenizer).__name__!r}"
+
+
+def apply_template(tokenizer, messages: Messages, *, add_generation_prompt: bool = False) -> str:
+  """The tokenizer's chat template rendered on `messages` (text, not ids)."""
+  try:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+  except Exception as e:  # jinja2.TemplateError (raise_exception, syntax), or any error in it
+    model = getattr(tokenizer, "name_or_path", "") or "?"
+    raise ChatTemplateError(f"{template_source(tokenizer)}: the chat template of model {model} "
+                            f"fails ({type(e).__name__}: {e})") from None
 
 
 def prompt_text(tokenizer, prompt: Prompt, system: str | None = None) -> str:
   """The text the model sees before it answers (the chat template's generation prompt)."""
   if has_chat_template(tokenizer):
-    return tokenizer.apply_chat_template(to_messages(prompt, system), tokenize=False,
-                                         add_generation_prompt=True)
+    return apply_template(tokenizer, to_messages(prompt, system), add_generation_prompt=True)
   if not isinstance(prompt, str):  # a base model: plain concatenation of the turns
     prompt = "\n".join(m["content"] for m in to_messages(prompt, system))
   elif system:
@@ -85,7 +112,7 @@ def pair_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None
   p_ids = prompt_ids(tokenizer, prompt, system)
   if has_chat_template(tokenizer):
     msgs = to_messages(prompt, system) + [{"role": "assistant", "content": response}]
-    full = encode(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False))
+    full = encode(tokenizer, apply_template(tokenizer, msgs))
     if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
       return full, [0] * len(p_ids) + [1] * (len(full) - len(p_ids))
   r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
@@ -107,9 +134,9 @@ def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str
                     add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
   out: list = [None] * len(prompts)
   if has_chat_template(tokenizer):
-    fulls = [tokenizer.apply_chat_template(
-        to_messages(p, system) + [{"role": "assistant", "content": r}], tokenize=False)
-        for p, r in zip(prompts, responses)]
+    turns = [to_messages(p, system) + [{"role": "assistant", "content": r}]
+             for p, r in zip(prompts, responses)]
+    fulls = [apply_template(tokenizer, m) for m in turns]
     for i, (p_ids, full) in enumerate(zip(p_all, tokenizer(fulls, add_special_tokens=False)["input_ids"])):
       if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
         out[i] = (list(full), [0] * len(p_ids) + [1] * (len(full) - len(p_ids)))

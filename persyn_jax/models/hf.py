@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints: safetensors -> sharded params, and back (config.json <-> ModelConfig
-is `hf_config.py`, re-exported here).
+"""Hugging Face checkpoints: safetensors -> sharded params, and back (config.json <-> ModelConfig:
+`models/config.py`).
 
 Weights are read tensor by tensor, each device's slice straight from a memmap onto its device
 (`jax.make_array_from_callback`), so a host never holds a full second copy of the model.
@@ -11,16 +11,19 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from persyn_jax import sharding as shd
-from persyn_jax.models.config import ModelConfig
-from persyn_jax.models.hf_config import (GEMMA, HF_ARCH, CheckpointError,  # noqa: F401
-                                         config_from_hf, config_to_hf, read_json)
+from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.models import checks
+from persyn_jax.models.checks import CheckpointError
+# config_from_hf and config_to_hf moved to models/config.py; still importable from here.
+from persyn_jax.models.config import ModelConfig, config_from_hf, config_to_hf  # noqa: F401
 from persyn_jax.models.safetensors_io import SafeFile, SafetensorsError, save_file
-from persyn_jax.models.transformer import SequenceClassifier
+from persyn_jax.models.transformer import CausalLM, SequenceClassifier
 
 
 # ---- weight names and layouts -----------------------------------------------------------------
@@ -141,16 +144,17 @@ def to_hf_layout(arr: np.ndarray, layout: str) -> np.ndarray:
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.ndarray]]:
+def _open_weights(path: str, allow_pickle: bool, allow_external_links: bool | None = None
+                  ) -> dict[str, Callable[[], np.ndarray]]:
   """Tensor name -> a function returning an indexable array (memmap), for every weight file."""
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
+  inside = lambda p: checks.check_inside(path, p, allow_external_links)
   if os.path.exists(index):
-    with open(index) as f:
-      try:
-        wmap = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    wmap = read_json(inside(index), max_bytes="MAX_INDEX_BYTES").get("weight_map")
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+      raise CheckpointError(f"{index}: not a safetensors index (needs a weight_map of tensor name "
+                            "-> file name)")
     files = {}
     for fname in sorted(set(wmap.values())):
       if os.path.basename(fname) != fname:
@@ -158,11 +162,11 @@ def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.nd
       fpath = os.path.join(path, fname)
       if not os.path.exists(fpath):
         raise CheckpointError(f"{index} lists {fname}, which is missing")
-      files[fname] = _safe(fpath)
+      files[fname] = _safe(inside(fpath))
     return {name: (lambda f=files[fname], n=name: f.array(n)) for name, fname in wmap.items()
             if _has(files[fname], name, index)}
   if os.path.exists(single):
-    f = _safe(single)
+    f = _safe(inside(single))
     return {name: (lambda n=name: f.array(n)) for name in f.names()}
   pickles = [n for n in ("pytorch_model.bin", "model.pt", "model.pth") if os.path.exists(os.path.join(path, n))]
   if pickles:
@@ -173,7 +177,7 @@ def _open_weights(path: str, allow_pickle: bool) -> dict[str, Callable[[], np.nd
           "model.save_pretrained(dir, safe_serialization=True)), or pass allow_pickle=True to "
           "load it with torch.load(weights_only=True)")
     import torch  # optional, only for this explicit opt-in
-    sd = torch.load(os.path.join(path, pickles[0]), map_location="cpu", weights_only=True)
+    sd = torch.load(inside(os.path.join(path, pickles[0])), map_location="cpu", weights_only=True)
     return {k: (lambda t=v: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()) for k, v in sd.items()}
   raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -191,9 +195,48 @@ def _has(f: SafeFile, name: str, index: str) -> bool:
   return True
 
 
-def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False) -> nnx.Module:
-  """Fills an abstract model (from nnx.eval_shape) with the weights of `path`, sharded on `mesh`."""
-  tensors = _open_weights(path, allow_pickle)
+def read_json(path: str, *, max_bytes: str = "MAX_CONFIG_BYTES",
+              allow_external_links: bool | None = None) -> dict:
+  """The JSON object in file `path`, read only if it lies inside its directory (see
+  `checks.check_inside`) and is no larger than the limit `checks.<max_bytes>`."""
+  try:
+    checks.check_inside(os.path.dirname(path) or ".", path, allow_external_links)
+    checks.check_size(path, max_bytes)
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} is missing") from None
+  except (ValueError, RecursionError) as e:  # also bad UTF-8 and integers too long to convert
+    raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def check_config(cfg: ModelConfig, path: str, allow_external_links: bool | None = None) -> None:
+  """config.json's sizes (vocabulary, width, layers, heads) against the safetensors headers of
+  `path`, before a model is built (no weight is read); a directory without safetensors files has
+  nothing to check here."""
+  if any(os.path.exists(os.path.join(path, n))
+         for n in ("model.safetensors", "model.safetensors.index.json")):
+    _check_sizes(cfg, _open_weights(path, False, allow_external_links), path)
+
+
+def _check_sizes(cfg: ModelConfig, tensors: dict, path: str) -> None:
+  checks.check_config_against_weights(
+      cfg, lambda n: tuple(tensors[n]().shape) if n in tensors else None, list(tensors),
+      os.path.join(path, "config.json"))
+
+
+def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool = False,
+                allow_external_links: bool | None = None) -> nnx.Module:
+  """Fills an abstract model (from nnx.eval_shape) with the weights of `path`, sharded on `mesh`.
+
+  Weight files are read only from inside `path` unless `allow_external_links` (default: the
+  environment variable PERSYN_JAX_ALLOW_EXTERNAL_LINKS); config.json's sizes are checked against
+  the weights' shapes before anything is allocated."""
+  tensors = _open_weights(path, allow_pickle, allow_external_links)
+  _check_sizes(model.config, tensors, path)
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
   expected = {entry[0] for entry in wmap.values()}
@@ -264,8 +307,8 @@ def save_params(model: nnx.Module, path: str, *, dtype=None, max_shard_bytes: in
     for name, arr in sh:
       wmap_out[name] = fname
       total += arr.nbytes
-  _atomic_json({"metadata": {"total_size": total}, "weight_map": wmap_out},
-               os.path.join(path, "model.safetensors.index.json"))
+  atomic_write_json(os.path.join(path, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": wmap_out})
 
 
 def _atomic_save(items, fpath):
@@ -273,11 +316,3 @@ def _atomic_save(items, fpath):
   save_file(items, tmp, metadata={"format": "pt"})
   os.replace(tmp, fpath)
 
-
-def _atomic_json(obj, fpath):
-  tmp = fpath + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, fpath)

@@ -20,8 +20,10 @@ from flax import nnx
 
 from persyn_jax import sharding as shd
 from persyn_jax.models.config import ModelConfig
-from persyn_jax.models.hf import (CheckpointError, config_from_hf, config_to_hf, load_params,
-                                  read_json, save_params, _atomic_json)
+from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.models import checks
+from persyn_jax.models.hf import (CheckpointError, check_config, config_from_hf, config_to_hf,
+                                  load_params, read_json, save_params)
 from persyn_jax.models.transformer import CausalLM, SequenceClassifier
 
 MARKER = "persyn_orbax.json"  # the file that marks (and describes) a convert output
@@ -47,6 +49,7 @@ def load_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
   if hf.get("auto_map"):
     raise CheckpointError(f"{cfg_path}: auto_map asks for remote code, which is never run")
   cfg = config_from_hf(hf, source=cfg_path)
+  check_config(cfg, path)  # before a model of these sizes is built
   gen_path = os.path.join(path, "generation_config.json")
   if os.path.exists(gen_path):
     hf["_generation_config"] = read_json(gen_path)
@@ -67,17 +70,22 @@ def build_model(cfg: ModelConfig, *, classifier: bool = False, dtype="float32", 
   return nnx.eval_shape(make) if abstract else make()
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, allow_external_links: bool | None = None):
+  """The tokenizer of directory `path`; its files are size-checked, and read only from inside it
+  unless `allow_external_links` (default: env PERSYN_JAX_ALLOW_EXTERNAL_LINKS)."""
   from transformers import AutoTokenizer
   files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
   if not any(os.path.exists(os.path.join(path, f)) for f in files):
     raise CheckpointError(f"{path}: no tokenizer files ({', '.join(files)})")
+  checks.check_tokenizer_dir(path, allow_external_links)
   # Exactly transformers' choice of tokenizer class, so ids match every HF tool. (For a model_type
   # such as qwen2, transformers picks Qwen2Tokenizer even for a generic tokenizer.json.)
   try:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   except Exception as e:  # transformers raises many kinds; name the directory
     raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+  checks.check_chat_template(tok, path)
+  return tok
 
 
 def _head(hf: dict, head: str, path: str) -> bool:
@@ -144,12 +152,12 @@ def save_pretrained(model: nnx.Module, tokenizer, path: str, *, dtype=None) -> N
     leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
     hf["torch_dtype"] = str(leaf.dtype)
   save_params(model, path, dtype=as_dtype(dtype) if dtype is not None else None)
-  _atomic_json(hf, os.path.join(path, "config.json"))
+  atomic_write_json(os.path.join(path, "config.json"), hf)
   eos = model.config.eos_token_id
   gen = {"eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
          "bos_token_id": model.config.bos_token_id, "pad_token_id": model.config.pad_token_id}
-  _atomic_json({k: v for k, v in gen.items() if v is not None},
-               os.path.join(path, "generation_config.json"))
+  atomic_write_json(os.path.join(path, "generation_config.json"),
+                    {k: v for k, v in gen.items() if v is not None})
   if tokenizer is not None:
     tokenizer.save_pretrained(path)
 

@@ -20,6 +20,8 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+# The reference implementation's limit: a header is a few hundred bytes per tensor.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class SafetensorsError(ValueError):
@@ -37,12 +39,16 @@ class SafeFile:
       if len(head) < 8:
         raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
       (n,) = struct.unpack("<Q", head)
-      if n > size - 8 or n > 100_000_000:
+      if n > size - 8:
         raise SafetensorsError(f"{path}: header size {n} is larger than the file ({size} bytes): "
                                "truncated or not a safetensors file")
+      if n > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"{path}: header size {n} is over the limit of {MAX_HEADER_BYTES} "
+                               "bytes: corrupt or not a safetensors file")
+      # ValueError covers an integer of more digits than Python converts; RecursionError, nesting.
       try:
         header = json.loads(f.read(n))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
     if not isinstance(header, dict):
       raise SafetensorsError(f"{path}: the safetensors header is a {type(header).__name__}, "
@@ -51,20 +57,7 @@ class SafeFile:
     self.base = 8 + n
     self.header = header
     for name, info in header.items():
-      ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and \
-          isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-      if not ok:
-        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry "
-                               f"{json.dumps(info)[:200]} (needs dtype, shape, data_offsets)")
-      dt = info.get("dtype")
-      if dt not in DTYPES:
-        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
-      start, end = info["data_offsets"]
-      want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(DTYPES[dt]).itemsize
-      if end - start != want or self.base + end > size:
-        raise SafetensorsError(
-            f"{path}: tensor {name!r} (shape {info['shape']}, {dt}) needs bytes "
-            f"[{start}, {end}) of a data section of {size - self.base} bytes: truncated or corrupt")
+      _check_entry(path, name, info, size - self.base)
     self._mm = None
 
   def names(self) -> list[str]:
@@ -81,6 +74,38 @@ class SafeFile:
     start, end = info["data_offsets"]
     raw = self._mm[self.base + start:self.base + end]
     return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _check_entry(path: str, name: str, info, data_size: int) -> None:
+  """One header entry, checked before any of it is used: a string, negative, fractional or huge
+  shape, an unknown dtype or offsets outside the data section each name the file and tensor."""
+  def bad(problem: str):
+    raise SafetensorsError(f"{path}: tensor {name!r} {problem} (header entry "
+                           f"{json.dumps(info)[:200]}): corrupt or not a safetensors file")
+
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    bad("has a malformed header entry, which needs dtype, shape and data_offsets")
+  dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(dt, str) or dt not in DTYPES:
+    raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dt!r}")
+  if not isinstance(shape, list) or not all(_count(d) for d in shape):
+    bad("has a shape that is not a list of non-negative integers")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+          and offsets[0] <= offsets[1]):
+    bad("has data_offsets that are not two non-negative integers [start, end]")
+  start, end = offsets
+  # Python integers: a product of absurd dimensions cannot wrap around to a plausible size.
+  want = np.dtype(DTYPES[dt]).itemsize
+  for d in shape:
+    want *= d
+  if end - start != want or end > data_size:
+    raise SafetensorsError(
+        f"{path}: tensor {name!r} (shape {shape}, {dt}) needs bytes "
+        f"[{start}, {end}) of a data section of {data_size} bytes: truncated or corrupt")
+
+
+def _count(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def save_file(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: dict | None = None):

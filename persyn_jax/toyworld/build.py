@@ -177,7 +177,7 @@ def _build(scale: str, seed: int, root: str, log) -> World:
                         vocab_size=TOKENIZER_VOCAB)
   tok.save_pretrained(tok_dir)
   # One device, whatever this machine has: the checkpoints do not depend on the device count.
-  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  mesh = shd.single_device_mesh()
   hashes, teachers = {}, []
   for i, spec in enumerate(sc.teachers):
     path = _train(spec, tasks.STYLES[spec.style], sc, tok, train_problems,
