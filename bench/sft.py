@@ -138,11 +138,16 @@ def cpu_matmul_peak(dtype="float32", n=1024, reps=10):
   return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def _x(ratio):
+  return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   ap.add_argument("--out", default=None)
   ap.add_argument("--threads", type=int, default=None, help="intra-op threads of both sides")
+  ap.add_argument("--no-torch", action="store_true", help="skip torch (e.g. on a TPU host)")
   ap.add_argument("--set", nargs="*", default=[], help="preset overrides, e.g. batch=8 seq=1024")
   args = ap.parse_args(argv)
   p = dict(PRESETS[args.preset])
@@ -156,7 +161,8 @@ def main(argv=None):
 
   batch = make_batch(p)
   runs = {}
-  for name, make in (("jax", bench_jax), ("torch", bench_torch)):
+  makers = (("jax", bench_jax),) + (() if args.no_torch else (("torch", bench_torch),))
+  for name, make in makers:
     run, info = make(p, batch)
     info["warmup_s"], _ = timed(run, p["warmup"])  # compilation / allocator warmup
     runs[name] = (run, info)
@@ -173,7 +179,7 @@ def main(argv=None):
   step_s = C.alternate({n: side(n) for n in runs}, max(p["rounds"], C.MIN_REPEATS))
   for name, (_, info) in runs.items():
     info["step_s"] = step_s[name]
-  jx, th = runs["jax"][1], runs["torch"][1]
+  jx, th = runs["jax"][1], runs["torch"][1] if "torch" in runs else None
   tokens = p["batch"] * p["seq"]
   train_flops = 3 * jx["flops_per_token_fwd"]  # forward + backward (2x)
   dev = jax.devices()[0]
@@ -184,18 +190,20 @@ def main(argv=None):
     peak, peak_note = cpu_matmul_peak() if dev.platform == "cpu" else None, "measured fp32 matmul"
   rows = []
   for name, r in (("persyn_jax (jax.jit)", jx), ("transformers/torch", th)):
+    if r is None:
+      continue
     med = r["step_s"]["median"]
     r["tokens_per_s"] = tokens / med
     r["mfu"] = train_flops * tokens / med / peak if peak else None
     rows.append((name, r["step_s"], r["tokens_per_s"], r["mfu"], r["loss"]))
-  ratio = jx["tokens_per_s"] / th["tokens_per_s"]
+  ratio = jx["tokens_per_s"] / th["tokens_per_s"] if th else None
   print(f"\nSFT step, preset {args.preset}: {jx['params'] / 1e6:.1f}M params, batch {p['batch']} x "
         f"seq {p['seq']}, {p['dtype']}, on {dev.device_kind}, {threads} threads")
   print(f"{'':24s} {'ms/step median [min-max]':>28s} {'tokens/s':>10s} {'MFU':>7s} {'loss':>7s}")
   for name, st, tps, mfu, loss in rows:
     print(f"{name:24s} {C.fmt_spread(st, 1e3):>28s} {tps:10.0f} "
           f"{(f'{100 * mfu:.1f}%' if mfu else 'n/a'):>7s} {loss:7.3f}")
-  print(f"jax / torch tokens/s (medians): {ratio:.2f}x   (MFU denominator: {peak_note}"
+  print(f"jax / torch tokens/s (medians): {_x(ratio)}   (MFU denominator: {peak_note}"
         f"{f', {peak / 1e12:.2f} TFLOP/s' if peak else ''})")
   out = args.out or C.results_path(f"sft_{args.preset}.json")
   result = {
