@@ -9,7 +9,7 @@ response tokens. JAX runs `scoring.LogProbScorer` end to end (tokenization inclu
 its forward on the pre-tokenized batches (tokenization not counted, in its favour). MFU counts
 the model FLOPs of the real (unpadded) tokens, `ModelConfig.flops_per_token`, against the device
 peak (a table for GPUs; on CPU the measured fp32 matmul throughput of this machine).
-    python bench/scoring.py --preset tiny         # a plumbing check in seconds (figures meaningless)
+    python bench/scoring.py --preset tiny         # plumbing check in seconds (figures meaningless)
 The sides alternate over >= 3 repeats with pinned, equal thread counts (bench/common.py); the
 table gives medians with min-max and the machine's load is checked and recorded.
 Prints a table; writes JSON with device, date, versions and the command to bench/results/.
@@ -117,7 +117,8 @@ def run_jax(path, prompts, responses, preset):
     return time.perf_counter() - t
 
   measure()
-  return measure, box, {"load_s": load_s, "first_call_s": first_s, "tokenize_s": tokenize_s}, scorer
+  info = {"load_s": load_s, "first_call_s": first_s, "tokenize_s": tokenize_s}
+  return measure, box, info, scorer
 
 
 def run_torch(path, prompts, responses, preset, scorer):

@@ -11,8 +11,9 @@ Implementations (`impl`):
   "pallas_flash"  blocked online softmax (kernels/flash.py); TPU/GPU prefill, scoring, SFT.
   "pallas_decode" ragged decode (kernels/decode.py): one query per row, reads only the keys in
                   each row's filled range; requires T == 1 and a contiguous visible range.
-  "auto"          xla on CPU; cudnn on GPU where it applies (else xla); on TPU pallas_decode for a
-                  single query token and pallas_flash otherwise.
+  "auto"          xla on CPU; on GPU cudnn for T > 1 where it applies (bf16/fp16, no softcap,
+                  head dim <= 128; a shape cuDNN rejects falls back to xla), else xla; on TPU
+                  pallas_decode for a single query token and pallas_flash otherwise.
 The environment variable PERSYN_ATTENTION_IMPL (one of the names above) replaces "auto" at trace
 time, so a run can force a path without a code change (e.g. PERSYN_ATTENTION_IMPL=xla to compare).
 """
@@ -98,8 +99,8 @@ def choose(impl: str, q: Array, softcap) -> str:
   if impl != "auto":
     return impl
   backend = jax.default_backend()
-  if backend == "gpu":
-    return "cudnn" if _cudnn_applies(q, softcap) else "xla"
+  if backend == "gpu":  # decode (one query) gains little from a masked flash kernel: XLA
+    return "cudnn" if q.shape[1] > 1 and _cudnn_applies(q, softcap) else "xla"
   if backend == "tpu":
     return "pallas_decode" if q.shape[1] == 1 else "pallas_flash"
   return "xla"
@@ -128,7 +129,12 @@ def attention(q: Array, k: Array, v: Array, *, q_idx: Array, q_seg: Array, k_idx
   if which == "xla":
     return xla_attention(q, k, v, **kw)
   if which == "cudnn":
-    return cudnn_attention(q, k, v, **kw)
+    try:
+      return cudnn_attention(q, k, v, **kw)
+    except NotImplementedError:  # a shape cuDNN rejects at trace time (raised when impl="cudnn")
+      if impl != "auto":
+        raise
+      return xla_attention(q, k, v, **kw)
   if which == "pallas_flash":
     from persyn_jax.kernels.flash import flash_attention
     return flash_attention(q, k, v, **kw, interpret=jax.default_backend() == "cpu")

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from persyn_jax.kernels.attention import NEG_INF, attention, attention_mask  # noqa: F401 (re-export)
+# NEG_INF and attention_mask stay importable from here (re-exported)
+from persyn_jax.kernels.attention import NEG_INF, attention, attention_mask  # noqa: F401
 from persyn_jax.models.config import ModelConfig, RopeConfig
 from persyn_jax.sharding import constrain
 
