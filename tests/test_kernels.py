@@ -172,3 +172,62 @@ def test_auto_is_xla_on_cpu_and_the_env_variable_forces_an_impl(monkeypatch):
     choose("auto", q, None)
   with pytest.raises(ValueError, match="splash"):
     choose("splash", q, None)
+
+
+def _gemma_like_model():
+  """GQA, a sliding-window layer, a logit softcap: every switch the kernels take."""
+  from persyn_jax.models import build_model
+  from persyn_jax.models.config import ModelConfig
+  cfg = ModelConfig(model_type="gemma2", vocab_size=97, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3,
+                    sliding_layers=(True, False), attn_logit_softcap=5.0, pad_token_id=0)
+  return build_model(cfg, dtype="float32", seed=3)
+
+
+def test_model_on_the_pallas_kernels_equals_the_model_on_xla(monkeypatch):
+  """The model's attention goes through kernels.attention: forcing the Pallas kernels with the
+  environment switch changes no logit of a packed forward, nor of a prefill + decode step."""
+  from persyn_jax.models import init_cache
+  model = _gemma_like_model()
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1, 97, (2, 10)), jnp.int32)
+  seg = jnp.asarray([[1] * 4 + [2] * 6, [0] * 3 + [1] * 7], jnp.int32)
+
+  def run(impl_prefill, impl_decode):
+    monkeypatch.setenv(ENV_VAR, impl_prefill)
+    packed = model(ids, segment_ids=seg)
+    cache = init_cache(model.config, 2, 14, jnp.float32)
+    mask = (seg != 0).astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    pre, cache = model(ids, segment_ids=mask, positions=pos, cache=cache)
+    monkeypatch.setenv(ENV_VAR, impl_decode)
+    step, _ = model(ids[:, -1:], segment_ids=jnp.ones((2, 1), jnp.int32),
+                    positions=pos[:, -1:] + 1, cache=cache)
+    return packed, pre, step
+
+  ref = run("xla", "xla")
+  got = run("pallas_flash", "pallas_decode")
+  real = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(ref[0])[real], **TOL)
+  np.testing.assert_allclose(np.asarray(got[1])[real], np.asarray(ref[1])[real], **TOL)
+  np.testing.assert_allclose(got[2], ref[2], **TOL)
+
+
+def test_prefill_attends_over_the_prompt_only_and_changes_no_logit():
+  """With an empty cache of many slots the model attends over the T prompt keys only (a lax.cond
+  on the cache's end): the unfilled slots are poisoned with NaN, which any read would spread
+  (0 * NaN in the value sum), and the logits still equal those of the same prompt without a
+  cache, bit for bit."""
+  from persyn_jax.models import init_cache
+  model = _gemma_like_model()
+  ids = jnp.asarray(np.random.default_rng(1).integers(1, 97, (2, 9)), jnp.int32)
+  mask = jnp.asarray([[1] * 9, [0] * 4 + [1] * 5], jnp.int32)
+  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  no_cache = model(ids, segment_ids=mask, positions=pos)
+  cache = init_cache(model.config, 2, 9 + 64, jnp.float32)
+  cache["layers"] = [{n: jnp.full_like(x, jnp.nan) for n, x in kv.items()}
+                     for kv in cache["layers"]]
+  cached, cache = model(ids, segment_ids=mask, positions=pos, cache=cache)
+  real = np.asarray(mask != 0)
+  np.testing.assert_array_equal(np.asarray(cached)[real], np.asarray(no_cache)[real])
+  assert int(cache["end"]) == 9

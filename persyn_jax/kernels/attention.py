@@ -14,8 +14,8 @@ Implementations (`impl`):
   "auto"          xla on CPU; on GPU cudnn for T > 1 where it applies (bf16/fp16, no softcap,
                   head dim <= 128; a shape cuDNN rejects falls back to xla), else xla; on TPU
                   pallas_decode for a single query token and pallas_flash otherwise.
-The environment variable PERSYN_ATTENTION_IMPL (one of the names above) replaces "auto" at trace
-time, so a run can force a path without a code change (e.g. PERSYN_ATTENTION_IMPL=xla to compare).
+The environment variable PERSYN_JAX_ATTENTION (one of the names above) replaces "auto" at trace
+time, so a run can force a path without a code change (e.g. PERSYN_JAX_ATTENTION=xla to compare).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 Array = jax.Array
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax, not NaN
 IMPLS = ("auto", "xla", "cudnn", "pallas_flash", "pallas_decode")
-ENV_VAR = "PERSYN_ATTENTION_IMPL"
+ENV_VAR = "PERSYN_JAX_ATTENTION"
 
 
 def attention_mask(q_idx: Array, q_seg: Array, k_idx: Array, k_seg: Array,
