@@ -6,10 +6,9 @@ that head's kv head through a running max m, normaliser l and accumulator (Milak
 online softmax), so the [T, S] scores never exist in memory. A key block that no query of the tile
 may see (above the causal diagonal, outside the window, another segment) is skipped.
 
-Backward: a custom_vjp whose backward recomputes the attention through the XLA path and
-differentiates that (exact gradients, but O(T * S) memory per head in the backward pass). A
-blocked Pallas backward kernel is not written yet; until then SFT on TPU saves the forward's
-memory only.
+Backward: a custom_vjp; the forward also keeps each query's log-sum-exp, and two Pallas kernels
+(kernels/flash_bwd.py) recompute the probabilities block by block for dq and for dk/dv, so the
+backward never holds [T, S] either.
 On CPU the kernel runs in Pallas interpret mode, which is how the tests check it.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from persyn_jax.kernels.attention import NEG_INF, xla_attention
+from persyn_jax.kernels.attention import NEG_INF
 
 Array = jax.Array
 
@@ -38,8 +37,8 @@ def visible(qi, qs, ki, ks, window):
   return m
 
 
-def _flash_kernel(q_ref, k_ref, v_ref, qi_ref, qs_ref, ki_ref, ks_ref, o_ref, *, block_k: int,
-                  window, softcap, scale):
+def _flash_kernel(q_ref, k_ref, v_ref, qi_ref, qs_ref, ki_ref, ks_ref, o_ref, lse_ref, *,
+                  block_k: int, window, softcap, scale):
   q = q_ref[...]
   q = q * jnp.asarray(scale, q.dtype)  # scaled in q's dtype, as the XLA path does
   qi, qs = qi_ref[...], qs_ref[...]
@@ -75,6 +74,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, qi_ref, qs_ref, ki_ref, ks_ref, o_ref, *,
   m, l, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
   safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(safe)  # the backward's softmax normaliser, log sum exp(s)
 
 
 def _pad_to(x: Array, axis: int, multiple: int, value=0) -> Array:
@@ -87,21 +87,25 @@ def _pad_to(x: Array, axis: int, multiple: int, value=0) -> Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _forward(q, k, v, q_idx, q_seg, k_idx, k_seg, *, window, softcap, scale, block_q, block_k,
-             interpret):
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
+def _padded(q, k, v, q_idx, q_seg, k_idx, k_seg, block_q, block_k):
+  """Inputs padded to whole blocks: padded queries have segment 0 (see nothing) and are cut off
+  at the end; padded keys are never visible."""
+  bq, bk = min(block_q, q.shape[1]), min(block_k, k.shape[1])
+  i32 = lambda x: x.astype(jnp.int32)
+  return (bq, bk, _pad_to(q, 1, bq), _pad_to(k, 1, bk), _pad_to(v, 1, bk),
+          i32(_pad_to(q_idx, 1, bq)), i32(_pad_to(q_seg, 1, bq)), i32(_pad_to(k_idx, 1, bk)),
+          i32(_pad_to(k_seg, 1, bk)))
+
+
+def _forward(padded, *, window, softcap, scale, interpret):
+  """(out [B, Tp, N, H], lse [B, N, Tp] fp32) on padded inputs."""
+  bq, bk, q, k, v, qi, qs, ki, ks = padded
+  B, Tp, N, H = q.shape
+  Sp, K = k.shape[1], k.shape[2]
   G = N // K
-  bq = min(block_q, T)
-  bk = min(block_k, S)
-  # padded queries have segment 0 (see nothing) and are cut off; padded keys are never visible
-  qp, qip, qsp = _pad_to(q, 1, bq), _pad_to(q_idx, 1, bq), _pad_to(q_seg, 1, bq)
-  kp, vp = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
-  kip, ksp = _pad_to(k_idx, 1, bk), _pad_to(k_seg, 1, bk)
-  Tp, Sp = qp.shape[1], kp.shape[1]
   kernel = functools.partial(_flash_kernel, block_k=bk, window=window, softcap=softcap,
                              scale=scale)
-  out = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       grid=(B, N, Tp // bq),
       in_specs=[
@@ -113,36 +117,38 @@ def _forward(q, k, v, q_idx, q_seg, k_idx, k_seg, *, window, softcap, scale, blo
           pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
           pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
       ],
-      out_specs=pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, N, H), v.dtype),
+      out_specs=[pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+                 pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
+      out_shape=[jax.ShapeDtypeStruct((B, Tp, N, H), v.dtype),
+                 jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
       interpret=interpret,
       name="persyn_flash_attention",
-  )(qp, kp, vp, qip.astype(jnp.int32), qsp.astype(jnp.int32), kip.astype(jnp.int32),
-    ksp.astype(jnp.int32))
-  return out[:, :T]
+  )(q, k, v, qi, qs, ki, ks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
 def _flash(q, k, v, q_idx, q_seg, k_idx, k_seg, window, softcap, scale, block_q, block_k,
            interpret):
-  return _forward(q, k, v, q_idx, q_seg, k_idx, k_seg, window=window, softcap=softcap,
-                  scale=scale, block_q=block_q, block_k=block_k, interpret=interpret)
+  padded = _padded(q, k, v, q_idx, q_seg, k_idx, k_seg, block_q, block_k)
+  out, _ = _forward(padded, window=window, softcap=softcap, scale=scale, interpret=interpret)
+  return out[:, :q.shape[1]]
 
 
 def _flash_fwd(q, k, v, q_idx, q_seg, k_idx, k_seg, window, softcap, scale, block_q, block_k,
                interpret):
-  out = _flash(q, k, v, q_idx, q_seg, k_idx, k_seg, window, softcap, scale, block_q, block_k,
-               interpret)
-  return out, (q, k, v, q_idx, q_seg, k_idx, k_seg)
+  padded = _padded(q, k, v, q_idx, q_seg, k_idx, k_seg, block_q, block_k)
+  out, lse = _forward(padded, window=window, softcap=softcap, scale=scale, interpret=interpret)
+  return out[:, :q.shape[1]], ((q, k, v, q_idx, q_seg, k_idx, k_seg), out, lse)
 
 
 def _flash_bwd(window, softcap, scale, block_q, block_k, interpret, res, g):
-  q, k, v, q_idx, q_seg, k_idx, k_seg = res
-  ref = lambda q, k, v: xla_attention(q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx,
-                                      k_seg=k_seg, window=window, softcap=softcap, scale=scale)
-  _, vjp = jax.vjp(ref, q, k, v)
-  dq, dk, dv = vjp(g.astype(v.dtype))
-  return dq, dk, dv, None, None, None, None
+  from persyn_jax.kernels.flash_bwd import flash_backward
+  inputs, out, lse = res
+  T, S = inputs[0].shape[1], inputs[1].shape[1]
+  padded = _padded(*inputs, block_q, block_k)
+  dq, dk, dv = flash_backward(padded, out, lse, _pad_to(g, 1, padded[0]), window=window,
+                              softcap=softcap, scale=scale, interpret=interpret)
+  return dq[:, :T], dk[:, :S], dv[:, :S], None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
