@@ -238,3 +238,13 @@ def test_prefill_attends_over_the_prompt_only_and_changes_no_logit():
   real = np.asarray(mask != 0)
   np.testing.assert_array_equal(np.asarray(cached)[real], np.asarray(no_cache)[real])
   assert int(cache["end"]) == 9
+
+
+def test_a_kernel_that_does_not_compile_here_is_reported_not_selected():
+  """"auto" on a TPU picks a Pallas kernel only after it compiled there. The check itself: on CPU
+  a Pallas kernel compiles in interpret mode and not natively (no Pallas CPU lowering)."""
+  from persyn_jax.kernels.attention import kernel_compiles
+  assert kernel_compiles("pallas_flash", "float32", interpret=True)
+  assert kernel_compiles("pallas_decode", "float32", interpret=True)
+  with pytest.warns(UserWarning, match="does not compile"):
+    assert not kernel_compiles("pallas_decode", "float32", interpret=False)

@@ -13,13 +13,16 @@ Implementations (`impl`):
                   each row's filled range; requires T == 1 and a contiguous visible range.
   "auto"          xla on CPU; on GPU cudnn for T > 1 where it applies (bf16/fp16, no softcap,
                   head dim <= 128; a shape cuDNN rejects falls back to xla), else xla; on TPU
-                  pallas_decode for a single query token and pallas_flash otherwise.
+                  pallas_decode for a single query token and pallas_flash otherwise, each only
+                  once it has compiled there (`kernel_compiles`; else xla, with a warning).
 The environment variable PERSYN_JAX_ATTENTION (one of the names above) replaces "auto" at trace
 time, so a run can force a path without a code change (e.g. PERSYN_JAX_ATTENTION=xla to compare).
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -102,8 +105,41 @@ def choose(impl: str, q: Array, softcap) -> str:
   if backend == "gpu":  # decode (one query) gains little from a masked flash kernel: XLA
     return "cudnn" if q.shape[1] > 1 and _cudnn_applies(q, softcap) else "xla"
   if backend == "tpu":
-    return "pallas_decode" if q.shape[1] == 1 else "pallas_flash"
+    pick = "pallas_decode" if q.shape[1] == 1 else "pallas_flash"
+    return pick if kernel_compiles(pick, str(q.dtype)) else "xla"
   return "xla"
+
+
+@functools.cache
+def kernel_compiles(which: str, dtype: str, interpret: bool = False) -> bool:
+  """Whether a Pallas kernel lowers and compiles on this backend, tried once on a small shape.
+
+  The kernels are checked in interpret mode on CPU only; "auto" must not bet a TPU run on a
+  lowering it has never seen, so a kernel that fails here is replaced by "xla" with a warning.
+  """
+  from persyn_jax.kernels.decode import decode_attention
+  from persyn_jax.kernels.flash import flash_attention
+  if which not in ("pallas_flash", "pallas_decode"):
+    raise ValueError(f"{which!r} is not a Pallas kernel")
+  B, T, N, K, H = 1, 128, 2, 1, 128
+  sds = jax.ShapeDtypeStruct
+  ids = sds((B, T), jnp.int32)
+  try:
+    if which == "pallas_flash":
+      f = lambda q, k, v, i, s: flash_attention(q, k, v, q_idx=i, q_seg=s, k_idx=i, k_seg=s,
+                                                interpret=interpret)
+      args = (sds((B, T, N, H), dtype), sds((B, T, K, H), dtype), sds((B, T, K, H), dtype), ids,
+              ids)
+    elif which == "pallas_decode":
+      f = lambda q, k, v, s, e: decode_attention(q, k, v, s, e, interpret=interpret)
+      args = (sds((B, N, H), dtype), sds((B, T, K, H), dtype), sds((B, T, K, H), dtype),
+              sds((B,), jnp.int32), sds((B,), jnp.int32))
+    jax.jit(f).lower(*args).compile()
+    return True
+  except Exception as e:  # lowering errors have many types (Mosaic, Triton, MLIR)
+    warnings.warn(f"attention kernel {which} does not compile on {jax.default_backend()} "
+                  f"({type(e).__name__}: {str(e)[:300]}); using xla")
+    return False
 
 
 def decode_range(q_idx: Array, k_seg: Array) -> tuple[Array, Array]:
