@@ -248,3 +248,14 @@ def test_a_kernel_that_does_not_compile_here_is_reported_not_selected():
   assert kernel_compiles("pallas_decode", "float32", interpret=True)
   with pytest.warns(UserWarning, match="does not compile"):
     assert not kernel_compiles("pallas_decode", "float32", interpret=False)
+
+
+def test_pallas_kernels_are_chosen_only_on_one_device():
+  """No shard_map wraps the kernels yet, so "auto" keeps XLA under a multi-device mesh."""
+  from persyn_jax.kernels.attention import _one_device
+  devices = jax.devices()
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=devices[:1])):
+    assert _one_device()
+  # conftest gives the CPU 8 devices
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=devices[:2])):
+    assert not _one_device()

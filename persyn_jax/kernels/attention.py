@@ -14,7 +14,8 @@ Implementations (`impl`):
   "auto"          xla on CPU; on GPU cudnn for T > 1 where it applies (bf16/fp16, no softcap,
                   head dim <= 128; a shape cuDNN rejects falls back to xla), else xla; on TPU
                   pallas_decode for a single query token and pallas_flash otherwise, each only
-                  once it has compiled there (`kernel_compiles`; else xla, with a warning).
+                  once it has compiled there (`kernel_compiles`; else xla, with a warning) and
+                  only on one device (no shard_map around the kernels yet; else xla).
 The environment variable PERSYN_JAX_ATTENTION (one of the names above) replaces "auto" at trace
 time, so a run can force a path without a code change (e.g. PERSYN_JAX_ATTENTION=xla to compare).
 """
@@ -104,10 +105,17 @@ def choose(impl: str, q: Array, softcap) -> str:
   backend = jax.default_backend()
   if backend == "gpu":  # decode (one query) gains little from a masked flash kernel: XLA
     return "cudnn" if q.shape[1] > 1 and _cudnn_applies(q, softcap) else "xla"
-  if backend == "tpu":
+  if backend == "tpu" and _one_device():
     pick = "pallas_decode" if q.shape[1] == 1 else "pallas_flash"
     return pick if kernel_compiles(pick, str(q.dtype)) else "xla"
   return "xla"
+
+
+def _one_device() -> bool:
+  """True outside a mesh or on a one-device mesh. The Pallas kernels are not wrapped in a
+  shard_map yet: under a multi-device mesh XLA would gather their inputs onto every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.size == 1 if not mesh.empty else jax.device_count() == 1
 
 
 @functools.cache
