@@ -7,6 +7,11 @@ blocks that intersect [start, end) only, so a row with 40 filled slots of a 4096
 one block, not 32. With a sliding window the range starts at max(start, end - window) (the query
 sits at slot end - 1).
 
+Reads: on a GPU (Triton) the key/value block spec only places a row's cache, and the loads in the
+loop touch the filled blocks alone. On a TPU the block pipeline would copy a row's whole [S, H]
+slice into VMEM before the loop; a TPU version that copies only the filled blocks (manual DMA from
+memory_space=ANY, lengths as scalar prefetch) is not written yet, so there the saving is compute.
+
 Equal to kernels.attention's rule with q_idx = end - 1, k_idx = slot, k_seg = 1 on [start, end)
 and 0 elsewhere. On CPU it runs in Pallas interpret mode, which is how the tests check it.
 """
