@@ -9,20 +9,20 @@ response tokens. JAX runs `scoring.LogProbScorer` end to end (tokenization inclu
 its forward on the pre-tokenized batches (tokenization not counted, in its favour). MFU counts
 the model FLOPs of the real (unpadded) tokens, `ModelConfig.flops_per_token`, against the device
 peak (a table for GPUs; on CPU the measured fp32 matmul throughput of this machine).
+    python bench/scoring.py --preset tiny         # plumbing check in seconds (figures meaningless)
+The sides alternate over >= 3 repeats with pinned, equal thread counts (bench/common.py); the
+table gives medians with min-max and the machine's load is checked and recorded.
 Prints a table; writes JSON with device, date, versions and the command to bench/results/.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+import common as C  # bench/common.py (this directory is on sys.path when run as a script)
 
 PRESETS = {
     # vocab 4096 keeps the LM head comparable to the trunk, as in real models
@@ -31,6 +31,11 @@ PRESETS = {
                            vocab_size=4096),
                 dtype="float32", pairs=96, prompt_words=(20, 80), response_words=(40, 200),
                 max_len=1024, batch_tokens=4096, tokenizer_vocab=2048),
+    "tiny": dict(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            vocab_size=512),
+                 dtype="float32", pairs=8, prompt_words=(5, 10), response_words=(5, 20),
+                 max_len=128, batch_tokens=512, tokenizer_vocab=400),
     # Llama-3.2-1B shapes (1.24B parameters, untied head here)
     "gpu": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -104,13 +109,16 @@ def run_jax(path, prompts, responses, preset):
   t = time.perf_counter()
   scoring.encode_pairs(scorer.tokenizer, prompts, responses, cfg)
   tokenize_s = time.perf_counter() - t
-  times = []
-  for _ in range(2):
+  box = {}
+
+  def measure():
     t = time.perf_counter()
-    values, stats = scorer.learnability(prompts, responses)
-    times.append(time.perf_counter() - t)
-  return values, stats, {"load_s": load_s, "first_call_s": first_s, "tokenize_s": tokenize_s,
-                         "seconds": min(times)}, scorer
+    box["values"], box["stats"] = scorer.learnability(prompts, responses)
+    return time.perf_counter() - t
+
+  measure()
+  info = {"load_s": load_s, "first_call_s": first_s, "tokenize_s": tokenize_s}
+  return measure, box, info, scorer
 
 
 def run_torch(path, prompts, responses, preset, scorer):
@@ -153,27 +161,33 @@ def run_torch(path, prompts, responses, preset, scorer):
     return out
 
   score_all()  # warm-up
-  times = []
-  for _ in range(2):
+  box = {}
+
+  def measure():
     t = time.perf_counter()
-    values = score_all()
-    times.append(time.perf_counter() - t)
-  return values, {"seconds": min(times), "device": dev, "threads": torch.get_num_threads()}
+    box["values"] = score_all()
+    return time.perf_counter() - t
+
+  return measure, box, {"device": dev, "threads": torch.get_num_threads()}
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   ap.add_argument("--pairs", type=int, default=None)
+  ap.add_argument("--repeats", type=int, default=C.MIN_REPEATS)
+  ap.add_argument("--threads", type=int, default=None, help="intra-op threads of both sides")
   ap.add_argument("--out", default=None, help="JSON path (default bench/results/scoring_<preset>.json)")
   ap.add_argument("--no-torch", action="store_true")
   args = ap.parse_args(argv)
   preset = dict(PRESETS[args.preset])
   if args.pairs:
     preset["pairs"] = args.pairs
-  import jax
+  threads = C.pin_threads(args.threads)
+  load_before = C.check_load("before")
+
   from persyn_jax import models, scoring
-  load_before = os.getloadavg()  # shared machines: a busy host slows both sides unevenly
+
   platform_name, kind, ndev, peak = device_info()
   peak_source = "vendor dense peak" if peak else "measured fp32 matmul (JAX)"
   if peak is None:
@@ -183,49 +197,42 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     build_model_dir(preset, tmp)
     cfg, _ = models.load_config(tmp)
-    jv, stats, jt, scorer = run_jax(tmp, prompts, responses, preset)
+    m_jax, box_jax, jt, scorer = run_jax(tmp, prompts, responses, preset)
+    sides = {"jax": m_jax}
+    if not args.no_torch:
+      m_torch, box_torch, tt = run_torch(tmp, prompts, responses, preset, scorer)
+      sides["torch"] = m_torch
+    secs = C.alternate(sides, args.repeats)
+    stats = box_jax["stats"]
     pairs, _ = scoring.encode_pairs(scorer.tokenizer, prompts, responses, scorer.config)
     flops = float(sum(len(p[0]) * cfg.flops_per_token(len(p[0])) for p in pairs))
     tokens = stats["tokens"]
-    rows = [("jax", jt["seconds"], tokens / jt["seconds"], flops / jt["seconds"] / peak)]
-    result = {"jax": {**jt, "tokens_per_s": tokens / jt["seconds"],
-                      "padded_tokens_per_s": stats["padded_tokens"] / jt["seconds"],
-                      "mfu": flops / jt["seconds"] / peak, "stats": stats}}
+    med = {n: s["median"] for n, s in secs.items()}
+    rows = [("jax", secs["jax"], tokens / med["jax"], flops / med["jax"] / peak)]
+    result = {"jax": {**jt, "seconds": secs["jax"], "tokens_per_s": tokens / med["jax"],
+                      "padded_tokens_per_s": stats["padded_tokens"] / med["jax"],
+                      "mfu": flops / med["jax"] / peak, "stats": stats}}
     if not args.no_torch:
-      tv, tt = run_torch(tmp, prompts, responses, preset, scorer)
-      result["torch"] = {**tt, "tokens_per_s": tokens / tt["seconds"],
-                         "mfu": flops / tt["seconds"] / peak,
-                         "max_abs_diff_vs_jax": float(np.nanmax(np.abs(tv - jv)))}
-      rows.append(("torch", tt["seconds"], tokens / tt["seconds"], flops / tt["seconds"] / peak))
-      result["jax_speedup_vs_torch"] = tt["seconds"] / jt["seconds"]
-  import flax
-  import torch
-  import transformers
+      diff = np.abs(box_torch["values"] - box_jax["values"])
+      result["torch"] = {**tt, "seconds": secs["torch"], "tokens_per_s": tokens / med["torch"],
+                         "mfu": flops / med["torch"] / peak,
+                         "max_abs_diff_vs_jax": float(np.nanmax(diff))}
+      rows.append(("torch", secs["torch"], tokens / med["torch"], flops / med["torch"] / peak))
+      result["jax_speedup_vs_torch"] = med["torch"] / med["jax"]
+  env = C.environment(load_before, threads)
+  env["device"].update(peak_flops=peak, peak_source=peak_source)
   report = {
-      "benchmark": "scoring.learnability (forward only)", "preset": args.preset,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-      "device": {"platform": platform_name, "kind": kind, "count": ndev,
-                 "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "peak_flops": peak, "peak_source": peak_source,
-                 "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "flax": flax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__},
+      "benchmark": "scoring.learnability (forward only)", "preset": args.preset, **env,
       "model": {**preset["model"], "dtype": preset["dtype"], "params": cfg.num_params()},
       "pairs": preset["pairs"], "tokens": tokens, "flops": flops, "results": result,
   }
   print(f"\nlearnability scoring, preset {args.preset}: {preset['pairs']} pairs, {tokens} tokens, "
-        f"{cfg.num_params() / 1e6:.1f}M params, {preset['dtype']}, {kind} x{ndev}")
-  print(f"{'impl':<8}{'seconds':>10}{'tokens/s':>12}{'MFU':>8}")
+        f"{cfg.num_params() / 1e6:.1f}M params, {preset['dtype']}, {kind} x{ndev}, "
+        f"{threads} threads")
+  print(f"{'impl':<8}{'seconds median [min-max]':>28}{'tokens/s':>12}{'MFU':>8}")
   for name, s, tps, mfu in rows:
-    print(f"{name:<8}{s:>10.3f}{tps:>12.0f}{mfu:>8.1%}")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"scoring_{args.preset}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=2)
-  print(f"wrote {out}")
+    print(f"{name:<8}{C.fmt_spread(s):>28}{tps:>12.0f}{mfu:>8.1%}")
+  C.write_json(args.out or C.results_path(f"scoring_{args.preset}.json"), report)
   return report
 
 

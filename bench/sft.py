@@ -3,26 +3,28 @@
 Same Llama-shaped model, same batch (every token a response token), AdamW, grad clipping.
     python bench/sft.py --preset cpu      # small shapes, fp32: ratios (runs in minutes on a CPU)
     python bench/sft.py --preset gpu      # ~1.2B Llama-3.2-1B shape, seq 2048, bf16 (one GPU)
-Prints a table and writes bench/results/sft_<preset>.json (device, date, versions, command).
+    python bench/sft.py --preset tiny     # a plumbing check in seconds (figures meaningless)
+The sides alternate over >= 3 rounds of `steps` steps with pinned, equal thread counts
+(bench/common.py); the table gives the median step time with its min-max, and the machine's load
+is checked and recorded. Writes bench/results/sft_<preset>.json (device, date, versions, command).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
-import sys
 import time
 
 import numpy as np
+
+import common as C  # bench/common.py (this directory is on sys.path when run as a script)
 
 PRESETS = {
     # Llama-3.2-1B: 16 layers, d 2048, mlp 8192, 32 heads / 8 kv heads of 64, tied 128k vocab.
     "gpu": dict(vocab=128256, hidden=2048, mlp=8192, layers=16, heads=32, kv_heads=8, head_dim=64,
                 tie=True, seq=2048, batch=4, dtype="bfloat16", warmup=3, steps=10, rounds=3,
                 loss_chunk=0),
+    "tiny": dict(vocab=512, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2, head_dim=16,
+                 tie=True, seq=32, batch=2, dtype="float32", warmup=1, steps=1, rounds=3,
+                 loss_chunk=0),
     "cpu": dict(vocab=4096, hidden=256, mlp=768, layers=4, heads=8, kv_heads=4, head_dim=32,
                 tie=True, seq=256, batch=4, dtype="float32", warmup=2, steps=3, rounds=4,
                 loss_chunk=0),
@@ -136,38 +138,48 @@ def cpu_matmul_peak(dtype="float32", n=1024, reps=10):
   return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def main():
+def _x(ratio):
+  return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--threads", type=int, default=None, help="intra-op threads of both sides")
+  ap.add_argument("--no-torch", action="store_true", help="skip torch (e.g. on a TPU host)")
   ap.add_argument("--set", nargs="*", default=[], help="preset overrides, e.g. batch=8 seq=1024")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   p = dict(PRESETS[args.preset])
   for kv in args.set:
     k, v = kv.split("=", 1)
     p[k] = type(p[k])(v) if not isinstance(p[k], bool) else v.lower() == "true"
+  threads = C.pin_threads(args.threads)
+  load_before = C.check_load("before")
 
   import jax
-  import torch
-  import transformers
-  import flax
-  import optax
 
   batch = make_batch(p)
   runs = {}
-  for name, make in (("jax", bench_jax), ("torch", bench_torch)):
+  makers = (("jax", bench_jax),) + (() if args.no_torch else (("torch", bench_torch),))
+  for name, make in makers:
     run, info = make(p, batch)
     info["warmup_s"], _ = timed(run, p["warmup"])  # compilation / allocator warmup
-    runs[name] = (run, info, [])
-  # Alternate the two in rounds and keep each one's best round: a shared machine's noise then
-  # hits both alike (and the minimum is the least disturbed measurement).
-  for _ in range(p["rounds"]):
-    for name, (run, info, times) in runs.items():
+    runs[name] = (run, info)
+
+  def side(name):
+    run, info = runs[name]
+
+    def measure():
       dt, info["loss"] = timed(run, p["steps"])
-      times.append(dt)
-  for name, (run, info, times) in runs.items():
-    info["step_s"], info["step_s_rounds"] = min(times), times
-  jx, th = runs["jax"][1], runs["torch"][1]
+      return dt
+    return measure
+
+  # the two sides alternate (A B, B A, ...) so that a shared machine's drift hits both alike
+  step_s = C.alternate({n: side(n) for n in runs}, max(p["rounds"], C.MIN_REPEATS))
+  for name, (_, info) in runs.items():
+    info["step_s"] = step_s[name]
+  jx, th = runs["jax"][1], runs["torch"][1] if "torch" in runs else None
   tokens = p["batch"] * p["seq"]
   train_flops = 3 * jx["flops_per_token_fwd"]  # forward + backward (2x)
   dev = jax.devices()[0]
@@ -178,37 +190,30 @@ def main():
     peak, peak_note = cpu_matmul_peak() if dev.platform == "cpu" else None, "measured fp32 matmul"
   rows = []
   for name, r in (("persyn_jax (jax.jit)", jx), ("transformers/torch", th)):
-    tps = tokens / r["step_s"]
-    r["tokens_per_s"] = tps
-    r["mfu"] = train_flops * tps / peak if peak else None
-    rows.append((name, r["step_s"] * 1e3, tps, r["mfu"], r["loss"]))
-  ratio = jx["tokens_per_s"] / th["tokens_per_s"]
+    if r is None:
+      continue
+    med = r["step_s"]["median"]
+    r["tokens_per_s"] = tokens / med
+    r["mfu"] = train_flops * tokens / med / peak if peak else None
+    rows.append((name, r["step_s"], r["tokens_per_s"], r["mfu"], r["loss"]))
+  ratio = jx["tokens_per_s"] / th["tokens_per_s"] if th else None
   print(f"\nSFT step, preset {args.preset}: {jx['params'] / 1e6:.1f}M params, batch {p['batch']} x "
-        f"seq {p['seq']}, {p['dtype']}, on {dev.device_kind}")
-  print(f"{'':24s} {'ms/step':>10s} {'tokens/s':>12s} {'MFU':>8s} {'loss':>8s}")
-  for name, ms, tps, mfu, loss in rows:
-    print(f"{name:24s} {ms:10.1f} {tps:12.0f} {(f'{100 * mfu:.1f}%' if mfu else 'n/a'):>8s} {loss:8.3f}")
-  print(f"jax / torch tokens/s: {ratio:.2f}x   (MFU denominator: {peak_note}"
+        f"seq {p['seq']}, {p['dtype']}, on {dev.device_kind}, {threads} threads")
+  print(f"{'':24s} {'ms/step median [min-max]':>28s} {'tokens/s':>10s} {'MFU':>7s} {'loss':>7s}")
+  for name, st, tps, mfu, loss in rows:
+    print(f"{name:24s} {C.fmt_spread(st, 1e3):>28s} {tps:10.0f} "
+          f"{(f'{100 * mfu:.1f}%' if mfu else 'n/a'):>7s} {loss:7.3f}")
+  print(f"jax / torch tokens/s (medians): {_x(ratio)}   (MFU denominator: {peak_note}"
         f"{f', {peak / 1e12:.2f} TFLOP/s' if peak else ''})")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"sft_{args.preset}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  out = args.out or C.results_path(f"sft_{args.preset}.json")
   result = {
       "benchmark": "sft_step", "preset": args.preset, "shapes": p,
-      "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
-                 "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                 "load_avg_1m_at_end": os.getloadavg()[0]},  # a shared machine: context for noise
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "flax": flax.__version__, "optax": optax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__},
+      **C.environment(load_before, threads),
       "peak_flops": peak, "peak_note": peak_note, "train_flops_per_token": train_flops,
       "jax": jx, "torch": th, "jax_over_torch_tokens_per_s": ratio,
   }
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {out}")
+  C.write_json(out, result)
+  return result
 
 
 if __name__ == "__main__":

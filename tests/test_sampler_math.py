@@ -99,3 +99,47 @@ def test_row_keys_depend_only_on_seed_prompt_and_sample():
   np.testing.assert_array_equal(data(a[0]), data(b[2]))
   np.testing.assert_array_equal(data(a[1]), data(b[0]))
   assert not np.array_equal(data(a[0]), data(L.row_keys(4, jnp.asarray([5]), jnp.asarray([0]))[0]))
+
+
+def _nucleus_ref_rows(x: np.ndarray, p: float) -> np.ndarray:
+  """Kept iff the mass of strictly more likely tokens is < p (float64, per row, no sorting of the
+  code under test)."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1)).astype(np.float64)
+  return np.stack([[row[row > v].sum() < p for v in row] for row in probs])
+
+
+@pytest.mark.parametrize("prefilter", [8, 64, 256])
+def test_top_p_prefilter_keeps_the_full_vocabulary_nucleus(prefilter):
+  """The top-k prefilter changes how the threshold is found, never the kept set: peaked rows
+  (top K covers p), flat rows (it does not: the radix fallback) and a mix in one batch."""
+  rng = np.random.default_rng(prefilter)
+  V = 1000
+  peaked = (rng.standard_normal((6, V)) * 4).astype(np.float32)
+  flat = (rng.standard_normal((3, V)) * 0.05).astype(np.float32)  # top K mass ~ K / V < p
+  flat[0, :] = 0.0  # exactly uniform: every token tied
+  for x in (peaked, flat, np.concatenate([peaked[:3], flat])):
+    for p in (0.05, 0.5, 0.9, 0.99):
+      full = np.asarray(L.top_p_mask(jnp.asarray(x), p, prefilter=0))
+      got = np.asarray(jax.jit(lambda x: L.top_p_mask(x, p, prefilter))(jnp.asarray(x)))
+      np.testing.assert_array_equal(got, full, err_msg=f"K={prefilter} p={p}")
+      np.testing.assert_array_equal(got, _nucleus_ref_rows(x, p), err_msg=f"K={prefilter} p={p}")
+
+
+def test_top_p_prefilter_covers_p_on_peaked_rows_and_not_on_flat_ones():
+  """The two regimes of the test above really occur (the fallback is exercised, not assumed)."""
+  rng = np.random.default_rng(3)
+  K, p = 64, 0.9
+  for scale, covers in ((4.0, True), (0.05, False)):
+    x = jnp.asarray(rng.standard_normal((4, 1000)) * scale, jnp.float32)
+    top_mass = np.asarray(jnp.sum(jax.lax.top_k(jax.nn.softmax(x, axis=-1), K)[0], axis=-1))
+    assert bool(np.all(top_mass >= p)) == covers, top_mass
+
+
+def test_sampling_with_and_without_the_prefilter_draws_the_same_tokens():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(np.concatenate([rng.standard_normal((5, 500)) * 3,
+                                  rng.standard_normal((3, 500)) * 0.1]), jnp.float32)
+  keys = L.row_keys(1, jnp.arange(8), jnp.zeros(8, jnp.int32))
+  a = L.sample(x, keys, 0.8, top_k=0, top_p=0.95, top_p_prefilter=32)
+  b = L.sample(x, keys, 0.8, top_k=0, top_p=0.95, top_p_prefilter=0)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# NEG_INF and attention_mask stay importable from here (re-exported)
+from persyn_jax.kernels.attention import NEG_INF, attention, attention_mask  # noqa: F401
 from persyn_jax.models.config import ModelConfig, RopeConfig
 from persyn_jax.sharding import constrain
 
 Array = jax.Array
 Cache = dict[str, Any]
-NEG_INF = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax, not NaN
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -93,20 +94,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(q_idx: Array, q_seg: Array, k_idx: Array, k_seg: Array,
-                   window: int | None) -> Array:
-  """[B, T, S] bool: causal by slot index, same non-zero segment, optional sliding window.
-
-  Slot indices order tokens in time both for packed rows and for a left-padded KV cache, so the
-  same rule serves training (packing: segments never see each other) and decoding.
-  """
-  m = (k_idx[:, None, :] <= q_idx[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
-  m &= (k_seg != 0)[:, None, :]
-  if window:
-    m &= (q_idx[:, :, None] - k_idx[:, None, :]) < window
-  return m
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -139,23 +126,28 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inv_freq(self._rope, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if kv is not None:
-      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, end, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, end, 0, 0))
-      kv = {"k": k, "v": v}
-      k, v = k.astype(x.dtype), v.astype(x.dtype)
-    B, T, N, H = q.shape
-    K = cfg.num_kv_heads
-    S = k.shape[1]
-    k_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    mask = attention_mask(q_idx, q_seg, k_idx, k_seg, cfg.sliding_window if self.sliding else None)
-    q = (q * jnp.asarray(cfg.attn_scale, q.dtype)).reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap:
-      scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+    attend = lambda q, k, v, k_idx, k_seg: attention(
+        q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
+        window=cfg.sliding_window if self.sliding else None, softcap=cfg.attn_logit_softcap,
+        scale=cfg.attn_scale)
+    slots = lambda S: jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (x.shape[0], S))
+    if kv is None:
+      out = attend(q, k, v, slots(k.shape[1]), k_seg)
+    else:
+      k_new, v_new = k.astype(kv["k"].dtype), v.astype(kv["v"].dtype)
+      kc = jax.lax.dynamic_update_slice(kv["k"], k_new, (0, end, 0, 0))
+      vc = jax.lax.dynamic_update_slice(kv["v"], v_new, (0, end, 0, 0))
+      kv = {"k": kc, "v": vc}
+      S = kc.shape[1]
+      full = lambda: attend(q, kc.astype(x.dtype), vc.astype(x.dtype), slots(S), k_seg)
+      if x.shape[1] == 1:
+        out = full()
+      else:
+        # an empty cache (prefill): the T fresh keys are all there is to see (later slots are in
+        # the future), so attend over T keys instead of T + max_new_tokens; the fresh k/v pass
+        # through the cache dtype so both branches see the same values
+        prompt = lambda: attend(q, k_new.astype(x.dtype), v_new.astype(x.dtype), q_idx, q_seg)
+        out = jax.lax.cond(jnp.asarray(end) == 0, prompt, full)
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = self.o(out)
     if cfg.o_bias:

@@ -1,0 +1,261 @@
+"""The attention kernels against the XLA path (Pallas interpret mode on CPU).
+
+Tolerances: every path computes scores and the softmax in fp32 from fp32 inputs; the kernels only
+reorder the sums (blocked online softmax: a running max rescales partial sums by exp(m - m_new)).
+That reordering costs a few ulps of fp32 per accumulated block, far below 1e-5 on unit-scale
+values. Rows with no visible key (padding queries) are never read by the model; for them the
+kernels only promise finite values.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persyn_jax.kernels.attention import ENV_VAR, attention, choose, cudnn_args, xla_attention
+from persyn_jax.kernels.decode import decode_attention
+from persyn_jax.kernels.flash import flash_attention
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _qkv(rng, B, T, S, N, K, H):
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return f(B, T, N, H), f(B, S, K, H), f(B, S, K, H)
+
+
+def _packed_segments(rng, B, T):
+  """Rows packed with 1-3 segments, some with left padding (segment 0)."""
+  seg = np.zeros((B, T), np.int32)
+  for b in range(B):
+    pad = int(rng.integers(0, T // 4))
+    cuts = np.sort(rng.choice(np.arange(pad + 1, T), size=int(rng.integers(0, 3)), replace=False))
+    seg[b, pad:] = 1 + np.searchsorted(cuts, np.arange(pad, T), side="right")
+  return jnp.asarray(seg)
+
+
+CASES = [  # B, T, N, K, H, window, softcap, block_q, block_k
+    (2, 16, 2, 2, 8, None, None, 8, 8),      # MHA, blocks divide T
+    (2, 21, 4, 2, 16, None, None, 8, 8),     # GQA, ragged tail block on both axes
+    (1, 33, 8, 2, 8, 5, None, 16, 8),        # sliding window, G = 4
+    (3, 24, 4, 1, 8, None, 30.0, 8, 16),     # softcap (Gemma 2), MQA
+    (2, 40, 6, 3, 16, 7, 20.0, 16, 16),      # everything at once
+]
+
+
+@pytest.mark.parametrize("B,T,N,K,H,window,softcap,bq,bk", CASES)
+def test_flash_equals_xla_on_packed_rows(B, T, N, K, H, window, softcap, bq, bk):
+  rng = np.random.default_rng(T * 7 + N)
+  q, k, v = _qkv(rng, B, T, T, N, K, H)
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  seg = _packed_segments(rng, B, T)
+  kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=window, softcap=softcap,
+            scale=H ** -0.5)
+  ref = xla_attention(q, k, v, **kw)
+  got = flash_attention(q, k, v, **kw, block_q=bq, block_k=bk, interpret=True)
+  real = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], **TOL)
+  assert np.isfinite(np.asarray(got)).all()
+
+
+def test_flash_attends_a_left_padded_cache_with_more_slots_than_queries():
+  """Queries [end, end + T) over a cache of S slots, left padded, as in a chunked prefill."""
+  rng = np.random.default_rng(1)
+  B, T, S, N, K, H, end = 2, 8, 24, 4, 2, 8, 6
+  q, k, v = _qkv(rng, B, T, S, N, K, H)
+  q_idx = jnp.broadcast_to(end + jnp.arange(T, dtype=jnp.int32), (B, T))
+  k_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  k_seg = jnp.asarray(np.array([[0, 0] + [1] * 12 + [0] * 10, [1] * 14 + [0] * 10]), jnp.int32)
+  kw = dict(q_idx=q_idx, q_seg=jnp.ones((B, T), jnp.int32), k_idx=k_idx, k_seg=k_seg,
+            window=None, softcap=None, scale=0.3)
+  got = flash_attention(q, k, v, **kw, block_q=8, block_k=8, interpret=True)
+  np.testing.assert_allclose(got, xla_attention(q, k, v, **kw), **TOL)
+
+
+@pytest.mark.parametrize("B,T,N,K,H,window,softcap,packed", [
+    (2, 12, 4, 2, 8, 4, 10.0, False),   # window + softcap, one segment per row
+    (2, 21, 6, 2, 8, None, None, True),  # packed rows with left padding, ragged tail blocks
+])
+def test_flash_gradients_equal_xla_gradients(B, T, N, K, H, window, softcap, packed):
+  """The Pallas backward (dq and dk/dv kernels from the forward's log-sum-exp) against jax.grad
+  of the XLA path. The loss weights padding queries by 0, as the SFT loss mask does: a query
+  with no visible key passes no gradient in the kernels (see kernels/flash_bwd.py)."""
+  rng = np.random.default_rng(T)
+  q, k, v = _qkv(rng, B, T, T, N, K, H)
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  seg = _packed_segments(rng, B, T) if packed else jnp.ones((B, T), jnp.int32)
+  kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=window, softcap=softcap,
+            scale=0.35)
+  w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) * (seg != 0)[:, :, None, None]
+  loss = lambda f: lambda q, k, v: jnp.sum(w * f(q, k, v))
+  ref = jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, **kw)), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, **kw, block_q=8, block_k=8,
+                                                      interpret=True)), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got, ref):
+    np.testing.assert_allclose(g, r, **TOL, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("N,K,window,softcap,block_k", [
+    (4, 4, None, None, 8),   # MHA
+    (8, 2, None, None, 16),  # GQA, S = 45 not a multiple of the block
+    (6, 2, 9, 25.0, 8),      # sliding window + softcap
+])
+def test_decode_reads_each_rows_range_like_xla(N, K, window, softcap, block_k):
+  rng = np.random.default_rng(N + K)
+  B, S, H = 4, 45, 8
+  _, k, v = _qkv(rng, B, 1, S, N, K, H)
+  q = jnp.asarray(rng.standard_normal((B, N, H)), jnp.float32)
+  start = jnp.asarray([0, 5, 17, 30], jnp.int32)  # left padding differs per row
+  end = jnp.asarray([1, 40, 45, 31], jnp.int32)   # and so does the filled length
+  got = decode_attention(q, k, v, start, end, window=window, softcap=softcap, scale=H ** -0.5,
+                         block_k=block_k, interpret=True)
+  slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  k_seg = ((slot >= start[:, None]) & (slot < end[:, None])).astype(jnp.int32)
+  ref = xla_attention(q[:, None], k, v, q_idx=(end - 1)[:, None], q_seg=jnp.ones((B, 1), jnp.int32),
+                        k_idx=slot, k_seg=k_seg, window=window, softcap=softcap,
+                        scale=H ** -0.5)[:, 0]
+  np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_decode_ignores_whatever_lies_outside_the_range():
+  """Slots outside [start, end) may hold anything (stale rows of a slot cache, NaN included)."""
+  rng = np.random.default_rng(5)
+  B, S, N, K, H = 2, 32, 2, 1, 8
+  _, k, v = _qkv(rng, B, 1, S, N, K, H)
+  q = jnp.asarray(rng.standard_normal((B, N, H)), jnp.float32)
+  start, end = jnp.asarray([4, 0], jnp.int32), jnp.asarray([12, 9], jnp.int32)
+  clean = decode_attention(q, k, v, start, end, block_k=8, interpret=True)
+  outside = (jnp.arange(S)[None, :] < start[:, None]) | (jnp.arange(S)[None, :] >= end[:, None])
+  dirty = lambda x: jnp.where(outside[:, :, None, None], 1e4, x)
+  np.testing.assert_allclose(decode_attention(q, dirty(k), dirty(v), start, end, block_k=8,
+                                              interpret=True), clean, **TOL)
+
+
+def test_attention_dispatch_routes_decode_through_the_filled_range():
+  """attention(impl="pallas_decode") derives [start, end) from the cache's segment ids."""
+  rng = np.random.default_rng(6)
+  B, S, N, K, H = 3, 20, 4, 2, 8
+  q, k, v = _qkv(rng, B, 1, S, N, K, H)
+  k_seg = jnp.asarray(np.array([[0] * 3 + [1] * 10 + [0] * 7, [1] * 18 + [0] * 2,
+                                [0] * 9 + [1] * 2 + [0] * 9]), jnp.int32)
+  q_idx = jnp.asarray([[12], [17], [10]], jnp.int32)
+  kw = dict(q_idx=q_idx, q_seg=jnp.ones((B, 1), jnp.int32),
+            k_idx=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)), k_seg=k_seg,
+            window=None, softcap=None, scale=0.4)
+  np.testing.assert_allclose(attention(q, k, v, **kw, impl="pallas_decode"),
+                             attention(q, k, v, **kw, impl="xla"), **TOL)
+
+
+def test_cudnn_arguments_state_the_same_rule():
+  """cuDNN cannot run here; its arguments, given to jax's own XLA implementation of the same
+  API, must reproduce our XLA path (on bf16 inputs, as cuDNN takes)."""
+  rng = np.random.default_rng(7)
+  B, T, N, K, H = 2, 12, 4, 2, 16
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(rng, B, T, T, N, K, H))
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  seg = _packed_segments(rng, B, T)
+  kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=5, softcap=None, scale=0.25)
+  args = cudnn_args(q, k, v, **kw)
+  got = jax.nn.dot_product_attention(**args, implementation="xla")
+  real = np.asarray(seg != 0)
+  # bf16 probabilities times bf16 values: about 3 significant digits
+  np.testing.assert_allclose(np.asarray(got, np.float32)[real],
+                             np.asarray(xla_attention(q, k, v, **kw), np.float32)[real],
+                             rtol=2e-2, atol=2e-2)
+  with pytest.raises(ValueError, match="softcap"):
+    cudnn_args(q, k, v, **{**kw, "softcap": 50.0})
+
+
+def test_auto_is_xla_on_cpu_and_the_env_variable_forces_an_impl(monkeypatch):
+  q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+  monkeypatch.delenv(ENV_VAR, raising=False)
+  assert choose("auto", q, None) == "xla"
+  monkeypatch.setenv(ENV_VAR, "pallas_flash")
+  assert choose("auto", q, None) == "pallas_flash"
+  assert choose("xla", q, None) == "xla"  # an explicit impl wins over the environment
+  monkeypatch.setenv(ENV_VAR, "flashy")
+  with pytest.raises(ValueError, match="flashy"):
+    choose("auto", q, None)
+  with pytest.raises(ValueError, match="splash"):
+    choose("splash", q, None)
+
+
+def _gemma_like_model():
+  """GQA, a sliding-window layer, a logit softcap: every switch the kernels take."""
+  from persyn_jax.models import build_model
+  from persyn_jax.models.config import ModelConfig
+  cfg = ModelConfig(model_type="gemma2", vocab_size=97, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3,
+                    sliding_layers=(True, False), attn_logit_softcap=5.0, pad_token_id=0)
+  return build_model(cfg, dtype="float32", seed=3)
+
+
+def test_model_on_the_pallas_kernels_equals_the_model_on_xla(monkeypatch):
+  """The model's attention goes through kernels.attention: forcing the Pallas kernels with the
+  environment switch changes no logit of a packed forward, nor of a prefill + decode step."""
+  from persyn_jax.models import init_cache
+  model = _gemma_like_model()
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1, 97, (2, 10)), jnp.int32)
+  seg = jnp.asarray([[1] * 4 + [2] * 6, [0] * 3 + [1] * 7], jnp.int32)
+
+  def run(impl_prefill, impl_decode):
+    monkeypatch.setenv(ENV_VAR, impl_prefill)
+    packed = model(ids, segment_ids=seg)
+    cache = init_cache(model.config, 2, 14, jnp.float32)
+    mask = (seg != 0).astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    pre, cache = model(ids, segment_ids=mask, positions=pos, cache=cache)
+    monkeypatch.setenv(ENV_VAR, impl_decode)
+    step, _ = model(ids[:, -1:], segment_ids=jnp.ones((2, 1), jnp.int32),
+                    positions=pos[:, -1:] + 1, cache=cache)
+    return packed, pre, step
+
+  ref = run("xla", "xla")
+  got = run("pallas_flash", "pallas_decode")
+  real = np.asarray(seg != 0)
+  np.testing.assert_allclose(np.asarray(got[0])[real], np.asarray(ref[0])[real], **TOL)
+  np.testing.assert_allclose(np.asarray(got[1])[real], np.asarray(ref[1])[real], **TOL)
+  np.testing.assert_allclose(got[2], ref[2], **TOL)
+
+
+def test_prefill_attends_over_the_prompt_only_and_changes_no_logit():
+  """With an empty cache of many slots the model attends over the T prompt keys only (a lax.cond
+  on the cache's end): the unfilled slots are poisoned with NaN, which any read would spread
+  (0 * NaN in the value sum), and the logits still equal those of the same prompt without a
+  cache, bit for bit."""
+  from persyn_jax.models import init_cache
+  model = _gemma_like_model()
+  ids = jnp.asarray(np.random.default_rng(1).integers(1, 97, (2, 9)), jnp.int32)
+  mask = jnp.asarray([[1] * 9, [0] * 4 + [1] * 5], jnp.int32)
+  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  no_cache = model(ids, segment_ids=mask, positions=pos)
+  cache = init_cache(model.config, 2, 9 + 64, jnp.float32)
+  cache["layers"] = [{n: jnp.full_like(x, jnp.nan) for n, x in kv.items()}
+                     for kv in cache["layers"]]
+  cached, cache = model(ids, segment_ids=mask, positions=pos, cache=cache)
+  real = np.asarray(mask != 0)
+  np.testing.assert_array_equal(np.asarray(cached)[real], np.asarray(no_cache)[real])
+  assert int(cache["end"]) == 9
+
+
+def test_a_kernel_that_does_not_compile_here_is_reported_not_selected():
+  """"auto" on a TPU picks a Pallas kernel only after it compiled there. The check itself: on CPU
+  a Pallas kernel compiles in interpret mode and not natively (no Pallas CPU lowering)."""
+  from persyn_jax.kernels.attention import kernel_compiles
+  assert kernel_compiles("pallas_flash", "float32", interpret=True)
+  assert kernel_compiles("pallas_decode", "float32", interpret=True)
+  with pytest.warns(UserWarning, match="does not compile"):
+    assert not kernel_compiles("pallas_decode", "float32", interpret=False)
+
+
+def test_pallas_kernels_are_chosen_only_on_one_device():
+  """No shard_map wraps the kernels yet, so "auto" keeps XLA under a multi-device mesh."""
+  from persyn_jax.kernels.attention import _one_device
+  devices = jax.devices()
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=devices[:1])):
+    assert _one_device()
+  # conftest gives the CPU 8 devices
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=devices[:2])):
+    assert not _one_device()
