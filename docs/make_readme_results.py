@@ -1,0 +1,105 @@
+"""Writes the default run's results into README.md from docs/toy_run/report.json.
+
+    python docs/make_readme_results.py            # rewrite the block in README.md
+    python docs/make_readme_results.py --check    # exit 1 if the block is out of date
+
+The block sits between `<!-- results:begin -->` and `<!-- results:end -->`. Every number in it
+comes from the committed report, so a new default run (copy its runs/toy/report/ files into
+docs/toy_run/, then run this script) updates the README without a number copied by hand;
+tests/test_docs.py checks that the block equals what this script makes of the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+REPORT = os.path.join(ROOT, "docs", "toy_run", "report.json")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+NAMES = {"base_student": "student before SFT"}
+
+
+def _shares(shares: dict[str, float]) -> str:
+  """The teachers a policy used, largest share first (shares under 0.5% left out)."""
+  used = sorted(((v, t) for t, v in shares.items() if v >= 0.005), key=lambda x: (-x[0], x[1]))
+  return ", ".join(f"{t} {v:.0%}" for v, t in used)
+
+
+def render(report: dict) -> str:
+  """The block's Markdown (without the markers)."""
+  metric = report["eval_metric"]
+  ev = report["eval"]
+  best = max((p for p in ev if p != "base_student"), key=lambda p: ev[p]["score"])
+  n = {e["n"] for e in ev.values()}
+  n_text = f"{n.pop()} held-out prompts" if len(n) == 1 else "held-out prompts"
+  costs = report["costs"]
+  lines = [f"| policy | {metric} ({n_text}) | teachers of its training data | generations | "
+           "teacher seconds |", "| --- | --- | --- | --- | --- |"]
+  for p, e in ev.items():
+    score = f"{e['score']:.3f}"
+    if p == best:
+      score = f"**{score}**"
+    c = costs["policies"].get(p, {})
+    lines.append(f"| {NAMES.get(p, p)} | {score} | {_shares(report['shares'].get(p, {}))} | "
+                 f"{c.get('generations', '')} | {c.get('teacher_seconds', '')} |")
+  r = report.get("router", {})
+  lines.append("")
+  if r:
+    lines.append(f"Router on {r['held_out_prompts']} held-out probe prompts: Hit@1 {r['hit@1']:.2f} "
+                 f"(a random router: {r['random_hit@1']:.2f}), Hit@3 {r['hit@3']:.2f}, pairwise "
+                 f"accuracy {r['pairwise_accuracy']:.2f}.")
+  lines.append(f"Route then Generate needed {costs['route_then_generate']['generations']} "
+               f"generations (probe {costs['probe_generations']} + routed "
+               f"{costs['routed_generations']}); Generate then Select would need "
+               f"{costs['generate_then_select']['generations']}.")
+  oracle = report["shares"].get("oracle best (probe)")
+  if oracle:
+    lines.append(f"Oracle-best teacher per probe prompt: {_shares(oracle)}.")
+  st = report.get("stage_seconds")
+  if st:
+    lines.append("Stage seconds on the machine that made this report: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in st.items()) + ".")
+  return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, where: str = "README.md") -> str:
+  """`text` with the part between the markers replaced by `block`."""
+  i, j = text.find(BEGIN), text.find(END)
+  if i < 0 or j < i:
+    raise ValueError(f"{where}: no {BEGIN} ... {END} block")
+  return text[:i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
+
+
+def current_block(text: str, where: str = "README.md") -> str:
+  i, j = text.find(BEGIN), text.find(END)
+  if i < 0 or j < i:
+    raise ValueError(f"{where}: no {BEGIN} ... {END} block")
+  return text[i + len(BEGIN):j].strip("\n")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--check", action="store_true", help="exit 1 if README.md's block is out of date")
+  ap.add_argument("--report", default=REPORT)
+  args = ap.parse_args(argv)
+  with open(args.report, encoding="utf-8") as f:
+    block = render(json.load(f))
+  with open(README, encoding="utf-8") as f:
+    text = f.read()
+  if args.check:
+    if current_block(text) != block:
+      print("README.md: the results block is out of date: run python docs/make_readme_results.py",
+            file=sys.stderr)
+      return 1
+    return 0
+  with open(README, "w", encoding="utf-8") as f:
+    f.write(replace_block(text, block))
+  print(f"updated {README}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
