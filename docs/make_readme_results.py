@@ -48,19 +48,19 @@ def render(report: dict) -> str:
   r = report.get("router", {})
   lines.append("")
   if r:
-    lines.append(f"Router on {r['held_out_prompts']} held-out probe prompts: Hit@1 {r['hit@1']:.2f} "
+    lines.append(f"- Router on {r['held_out_prompts']} held-out probe prompts: Hit@1 {r['hit@1']:.2f} "
                  f"(a random router: {r['random_hit@1']:.2f}), Hit@3 {r['hit@3']:.2f}, pairwise "
                  f"accuracy {r['pairwise_accuracy']:.2f}.")
-  lines.append(f"Route then Generate needed {costs['route_then_generate']['generations']} "
+  lines.append(f"- Route then Generate needed {costs['route_then_generate']['generations']} "
                f"generations (probe {costs['probe_generations']} + routed "
                f"{costs['routed_generations']}); Generate then Select would need "
                f"{costs['generate_then_select']['generations']}.")
   oracle = report["shares"].get("oracle best (probe)")
   if oracle:
-    lines.append(f"Oracle-best teacher per probe prompt: {_shares(oracle)}.")
+    lines.append(f"- Oracle-best teacher per probe prompt: {_shares(oracle)}.")
   st = report.get("stage_seconds")
   if st:
-    lines.append("Stage seconds on the machine that made this report: "
+    lines.append("- Stage seconds on the machine that made this report: "
                  + ", ".join(f"{k} {v:.0f}" for k, v in st.items()) + ".")
   return "\n".join(lines)
 
