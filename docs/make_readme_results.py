@@ -36,7 +36,8 @@ def render(report: dict) -> str:
   n = {e["n"] for e in ev.values()}
   n_text = f"{n.pop()} held-out prompts" if len(n) == 1 else "held-out prompts"
   costs = report["costs"]
-  lines = [f"| policy | {metric} ({n_text}) | teachers of its training data | generations | "
+  lines = [report["summary"], ""] if report.get("summary") else []
+  lines += [f"| policy | {metric} ({n_text}) | teachers of its training data | generations | "
            "teacher seconds |", "| --- | --- | --- | --- | --- |"]
   for p, e in ev.items():
     score = f"{e['score']:.3f}"
