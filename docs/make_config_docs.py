@@ -53,10 +53,18 @@ def _source_comments(cls) -> dict[str, str]:
     lines = inspect.getsource(cls).splitlines()
   except (OSError, TypeError):
     return out
+  names = {f.name for f in dataclasses.fields(cls)}
+  above = ""  # a comment line right above a field, when it explains (holds a colon)
   for line in lines:
-    m = re.match(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-    if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
-      out[m.group(1)] = m.group(2).strip()
+    if re.match(r"^\s+#", line):
+      text = line.strip().lstrip("#").strip()
+      above = text if ":" in text else ""
+      continue
+    m = re.match(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.+))?$", line)
+    if m and m.group(1) in names:
+      if m.group(2) or above:
+        out[m.group(1)] = (m.group(2) or above).strip()
+    above = ""
   return out
 
 
@@ -82,7 +90,7 @@ def _clean(text: str) -> str:
   # Internal design notes are not part of the repository; the docs say "the paper" instead.
   text = re.sub(r"PAPER\.md('s)?", lambda m: "the paper's" if m.group(1) else "the paper", text)
   text = re.sub(r"\s*\(README: \w+\)", "", text)
-  return text.replace("|", "\\|")
+  return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -93,7 +101,13 @@ def _default(f: dataclasses.Field) -> str:
   else:
     return "(required)"
   if dataclasses.is_dataclass(v):
-    return "(a section)"
+    try:
+      own = type(v)()
+    except TypeError:  # a section with required fields has no defaults of its own
+      return "(a section)"
+    changed = [f"{g.name}={getattr(v, g.name)!r}" for g in dataclasses.fields(v)
+               if getattr(v, g.name) != getattr(own, g.name)]
+    return "(a section" + (", with " + ", ".join(changed).replace("|", "\\|") if changed else "") + ")"
   if isinstance(v, tuple):
     v = list(v)
   return "`" + repr(v).replace("|", "\\|") + "`"
