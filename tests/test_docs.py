@@ -154,3 +154,22 @@ def test_the_readme_keeps_the_two_quick_start_commands_and_its_length():
   with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
     assert test_command in f.read(), ".ci/run no longer runs the README's test command"
   assert len(readme.splitlines()) <= 300
+
+
+def test_every_test_named_in_the_docs_exists():
+  """`test_file.py::test_name` (and a following `::test_other` of the same file) name real tests,
+  so the failure table never cites a test that was renamed or removed."""
+  bad = []
+  for doc in DOCS:
+    current = None
+    for span in re.findall(r"`([^`\n]+)`", _read(doc)):
+      for part in re.split(r"[;,]\s*", span):
+        m = re.match(r"^(?:tests/)?(test_\w+\.py)?::(test_\w+)$", part.strip())
+        if not m:
+          continue
+        current = m.group(1) or current
+        path = os.path.join(ROOT, "tests", current or "")
+        with open(path, encoding="utf-8") as f:
+          if not re.search(rf"def {m.group(2)}\b", f.read()):
+            bad.append(f"{os.path.relpath(doc, ROOT)}: {current}::{m.group(2)}")
+  assert not bad, "tests the docs name that do not exist:\n" + "\n".join(bad)
