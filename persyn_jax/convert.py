@@ -12,19 +12,15 @@ stored transposed. Restoring on another mesh also works (orbax reshards); it onl
 OUT_DIR holds config.json, generation_config.json and the tokenizer files of HF_DIR, `params/`
 (the orbax checkpoint) and `persyn_orbax.json` (layout, dtype, source). `models.from_orbax(OUT_DIR)`
 loads it like `models.from_pretrained` loads an HF directory, and `models.load_model(path)` takes
-either. This module is the command line and the writer only.
+either. This module is the command line only; the writer is `persyn_jax.models.convert`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import shutil
 import sys
-import time
 
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+from persyn_jax.models.convert import convert, mesh_size  # noqa: F401  (the writer; re-exported)
 
 
 def parse_mesh(text: str):
@@ -37,77 +33,6 @@ def parse_mesh(text: str):
       raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {AXES}")
     sizes[name] = int(value)
   return MeshConfig(**sizes)
-
-
-def mesh_size(mesh_config) -> int | None:
-  """Devices the mesh needs, or None when one axis is -1 (the rest of the devices)."""
-  sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
-  return None if -1 in sizes else math.prod(sizes)
-
-
-def _hf_dtype(hf: dict) -> str:
-  d = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-  return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(d, d)
-
-
-def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = None,
-            head: str = "auto", devices=None) -> dict:
-  """Writes the orbax checkpoint of `hf_dir` laid out for `mesh_config` into `out_dir` (replaced
-  whole, through a temporary directory). Every process of a multi-process job must call it.
-  dtype: the stored dtype (default: config.json's torch_dtype, else float32). Returns the
-  metadata written to persyn_orbax.json."""
-  import jax
-  from persyn_jax.checkpoints import save_tree
-  from flax import nnx
-
-  from persyn_jax import distributed as dist
-  from persyn_jax import sharding as shd
-  from persyn_jax.models import FORMAT, MARKER, from_pretrained, load_config
-
-  mesh_config = mesh_config or shd.MeshConfig()
-  _, hf = load_config(hf_dir)
-  dtype = dtype or _hf_dtype(hf)
-  if devices is None:
-    n = mesh_size(mesh_config)
-    devices = jax.devices()
-    if n is not None:
-      if n > len(devices):
-        raise ValueError(f"--mesh {mesh_config} needs {n} devices, this host has {len(devices)} "
-                         f"({devices[0].platform}); `JAX_PLATFORMS=cpu python -m "
-                         "persyn_jax.convert ...` lays it out on that many fake CPU devices")
-      if dist.is_multiprocess() and n != len(devices):
-        raise ValueError(f"--mesh {mesh_config} has {n} devices; a multi-process convert uses "
-                         f"all {len(devices)}")
-      devices = devices[:n]
-  mesh = shd.make_mesh(mesh_config, devices)
-  t0 = time.time()
-  model, _ = from_pretrained(hf_dir, dtype=dtype, mesh=mesh, head=head, tokenizer=False)
-  out_dir = os.path.abspath(out_dir)
-  tmp = out_dir.rstrip("/") + ".tmp"
-  if dist.is_writer():
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in sorted(os.listdir(hf_dir)):  # config, generation config, tokenizer, chat template
-      src = os.path.join(hf_dir, name)
-      if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and not name.endswith(".index.json"):
-        shutil.copy2(src, os.path.join(tmp, name))
-  dist.barrier("convert:tmp")
-  state = nnx.state(model)
-  save_tree(os.path.join(tmp, "params"), nnx.to_pure_dict(state))  # collective
-  leaves = jax.tree.leaves(state)
-  meta = {"format": FORMAT, "source": os.path.abspath(hf_dir), "dtype": str(dtype),
-          "head": type(model).__name__, "model_type": model.config.model_type,
-          "mesh": dict(zip(shd.AXES, mesh.devices.shape)),
-          "parameters": int(sum(x.size for x in leaves)),
-          "bytes": int(sum(x.size * x.dtype.itemsize for x in leaves)),
-          "seconds": round(time.time() - t0, 2)}
-  if dist.is_writer():
-    with open(os.path.join(tmp, MARKER), "w") as f:
-      json.dump(meta, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-  dist.barrier("convert:done")
-  return meta
 
 
 def main(argv=None) -> int:
