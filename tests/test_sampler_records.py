@@ -92,6 +92,10 @@ def test_resume_with_other_inputs_is_refused(llama, tmp_path):
   with pytest.raises(shards.ShardError, match=r"other host_prompts, hosts.*rerun with 2 processes"):
     sampling.generate_to_records(model, tok, ITEMS, CFG, str(tmp_path), "probe", teacher="t1",
                                  records_per_shard=3, progress=False)
+  # shards sampled under the old rule (keys by position in the job) are not resumed
+  plan_path.write_text(json.dumps({k: v for k, v in plan.items() if k != "keys"}))
+  with pytest.raises(shards.ShardError, match="other keys"):
+    run(llama, tmp_path)
   plan_path.write_text(json.dumps(plan))
   # batch size changes no result: a job that ran out of memory may resume with a smaller one
   run_small = sampling.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),

@@ -35,6 +35,11 @@ from persyn_jax.sampling.generate import generate
 GENERATED = ("schema", "teacher", "sample", "response", "finish_reason", "tokens", "provenance")
 
 
+# How a prompt's random keys are derived; in the plan, so that shards sampled under an older rule
+# (keys by position in the job) are never resumed into a job under this one.
+KEYS = "seed/teacher/prompt-id/sample"
+
+
 def prompt_key(teacher: str, prompt_id: Any) -> int:
   """The 32-bit component of a prompt's random keys: a hash of (teacher, prompt id).
 
@@ -148,7 +153,7 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
       {k: v for k, v in to_dict(config).items() if k != "batch_size"}), "seed": config.seed}
   prov.update(provenance or {})
   first, mine, count = parts[host]
-  plan = {"stage": stage, "teacher": teacher, "config_hash": prov["config_hash"],
+  plan = {"stage": stage, "teacher": teacher, "keys": KEYS, "config_hash": prov["config_hash"],
           "prompts": len(prompts), "prompt_ids": _ids_hash(prompts), "prompts_per_shard": per,
           "hosts": hosts, "host_prompts": [first, first + len(mine)], "shards": count}
   _check_plan(out_dir, stage, host, plan)
