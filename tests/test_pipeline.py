@@ -134,6 +134,23 @@ def test_persyn_keeps_the_best_teacher_on_probe_prompts(finished_run):
       assert data[i] == t
 
 
+def test_report_counts_the_probe_and_oracle_ties(finished_run):
+  _, report, _ = finished_run
+  d = report["run_dir"]
+  rewards: dict[str, list[float]] = {}
+  for r in read_array_record(os.path.join(d, "score", "*.array_record")):
+    if r["scores"]["reward"] is not None:
+      rewards.setdefault(r["id"], []).append(r["scores"]["reward"])
+  ties = sum(sum(abs(v - max(vs)) <= pol.TIE_TOL * max(1.0, abs(max(vs))) for v in vs) > 1
+             for vs in rewards.values())
+  assert report["ties"]["probe"] == {"ties": ties, "prompts": report["prompts"]["probe"]}
+  oracle = json.load(open(os.path.join(d, "generate", "DONE.json")))["counts"]["oracle"]
+  assert report["ties"]["oracle"] == {"ties": oracle["ties"], "prompts": report["prompts"]["train"]}
+  md = open(os.path.join(d, "report", "report.md")).read()
+  assert (f"probe {ties} of {report['prompts']['probe']} prompts; oracle {oracle['ties']} of "
+          f"{report['prompts']['train']} prompts") in md
+
+
 @pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_dry_run_of_every_config(config):
   out = subprocess.run([sys.executable, "-m", "persyn_jax.train", "--config", config, "--dry-run"],

@@ -39,7 +39,9 @@ def test_records_are_the_generations_in_input_order(llama, tmp_path):
   recs = list(shards.read_records(str(tmp_path), "probe"))
   assert manifest["records"] == len(recs) == len(ITEMS) and len(manifest["shards"]) == 4
   assert [r["id"] for r in recs] == [it["id"] for it in ITEMS]
-  direct = sampling.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], CFG)
+  # the keys of a record job: (seed, teacher, prompt id, sample), not the prompt's position
+  direct = sampling.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], CFG,
+                             indices=[srec.prompt_key("t1", it["id"]) for it in ITEMS])
   assert [r["response"] for r in recs] == [d.text for d in direct]
   assert recs[3]["messages"][0]["role"] == "system" and recs[5]["reference"] == "5"
   assert all(r["teacher"] == "t1" and r["provenance"]["stage"] == "probe" for r in recs)
@@ -70,7 +72,8 @@ def test_crash_and_resume_gives_the_uninterrupted_records(llama, tmp_path, monke
 
   monkeypatch.setattr(srec, "generate", spy)
   run(llama, crashed)
-  assert calls == [[6, 7, 8], [9, 10, 11]], "finished shards must not be generated again"
+  keys = [[srec.prompt_key("t1", f"q{i}") for i in range(j, j + 3)] for j in (6, 9)]
+  assert calls == keys, "finished shards must not be generated again"
   assert all(os.path.getmtime(crashed / f) == t for f, t in mtimes.items())
   assert list(shards.read_records(str(crashed), "probe")) == \
       list(shards.read_records(str(whole), "probe"))
@@ -89,6 +92,10 @@ def test_resume_with_other_inputs_is_refused(llama, tmp_path):
   with pytest.raises(shards.ShardError, match=r"other host_prompts, hosts.*rerun with 2 processes"):
     sampling.generate_to_records(model, tok, ITEMS, CFG, str(tmp_path), "probe", teacher="t1",
                                  records_per_shard=3, progress=False)
+  # shards sampled under the old rule (keys by position in the job) are not resumed
+  plan_path.write_text(json.dumps({k: v for k, v in plan.items() if k != "keys"}))
+  with pytest.raises(shards.ShardError, match="other keys"):
+    run(llama, tmp_path)
   plan_path.write_text(json.dumps(plan))
   # batch size changes no result: a job that ran out of memory may resume with a smaller one
   run_small = sampling.generate_to_records(model, tok, ITEMS, CFG.replace(batch_size=2),
@@ -108,3 +115,47 @@ def test_skipped_prompts_are_counted_not_written(llama, tmp_path):
   assert manifest["extra"]["skipped_ids"] == ["long"]
   plan = json.loads((tmp_path / "probe-0.plan.json").read_text())
   assert plan["prompts"] == 4 and plan["shards"] == 1
+
+
+# The paper's decoding temperature: a sample is a real draw, not the argmax.
+WARM = CFG.replace(temperature=0.7, top_k=0, top_p=0.95)
+
+
+def responses(llama, out, items, cfg=WARM, teacher="t1", **kw):
+  model, tok = llama
+  sampling.generate_to_records(model, tok, items, cfg, str(out), "probe", teacher=teacher,
+                               records_per_shard=3, progress=False, **kw)
+  return {r["id"]: r["response"] for r in shards.read_records(str(out), "probe")}
+
+
+def test_prompt_key_is_a_stable_hash_of_teacher_and_prompt_id():
+  # pinned: a new key function would silently change every run's samples
+  assert srec.prompt_key("t1", "q0") == 1510722066
+  assert srec.prompt_key("t1", "q0") != srec.prompt_key("t2", "q0")
+  assert srec.prompt_key("t1", "q0") != srec.prompt_key("t1", "q1")
+  assert 0 <= srec.prompt_key("a" * 100, 10**30) < 2**32
+
+
+def test_a_prompt_gets_the_same_sample_whatever_else_the_job_asks(llama, tmp_path):
+  whole = responses(llama, tmp_path / "whole", ITEMS)
+  # another subset, in another order, other shards and batches: the shared prompts keep theirs
+  subset = [ITEMS[i] for i in (11, 2, 7, 0, 5)]
+  part = responses(llama, tmp_path / "part", subset, WARM.replace(batch_size=2))
+  assert part == {i: whole[i] for i in part}
+  # and the draws are real: the job is not greedy
+  greedy = responses(llama, tmp_path / "greedy", ITEMS, WARM.replace(temperature=0.0))
+  assert sum(whole[i] != greedy[i] for i in whole) >= len(ITEMS) // 2
+
+
+def test_teachers_with_the_same_weights_draw_different_samples(llama, tmp_path):
+  one = responses(llama, tmp_path / "one", ITEMS, teacher="t1")
+  two = responses(llama, tmp_path / "two", ITEMS, teacher="t2")
+  assert sum(one[i] != two[i] for i in one) >= len(ITEMS) - 1
+
+
+def test_greedy_records_do_not_depend_on_keys(llama, tmp_path):
+  model, tok = llama
+  greedy = WARM.replace(temperature=0.0)
+  recs = responses(llama, tmp_path, ITEMS, greedy, teacher="t9")
+  direct = sampling.generate(model, tok, [srec.prompt_of(it) for it in ITEMS], greedy)
+  assert [recs[it["id"]] for it in ITEMS] == [d.text for d in direct]

@@ -19,7 +19,8 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
   """(the report, the SFT loss curve of each policy) from the stages' manifests `m`."""
   cfg, teachers = ctx.cfg, ctx.teachers
   table = ctx.score_table()
-  best = table.best()
+  # the seed the policies used: the report's oracle-best teachers are those persyn kept
+  best = table.best(cfg.policies.seed)
   with open(ctx.path("route", "assignments.json")) as f:
     assignments = json.load(f)
   oracle_path = ctx.path("generate", "oracle_assignment.json")
@@ -48,11 +49,17 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
   with open(ctx.path("router", "router_eval.json")) as f:
     router = router_summary(json.load(f))
   curves = {p: loss_curve(ctx.path("sft", safe_name(p), "metrics.jsonl")) for p in cfg.compare}
+  oracle = m["generate"]["counts"].get("oracle", {})
+  # prompts whose top reward several teachers share, broken by the seeded hash (PAPER.md)
+  ties = {"probe": {"ties": table.ties, "prompts": len(table.ids)},
+          "oracle": ({"ties": oracle["ties"], "prompts": oracle["prompts"]} if oracle else None),
+          "seed": cfg.policies.seed}
   report = {"run": cfg.name, "run_dir": ctx.dir, "teachers": teachers,
             "student": cfg.student.name, "policies": list(cfg.compare),
             "eval_metric": metric, "eval": eval_table, "router": router,
             "shares": shares, "probe": {"prompts": P, "teachers": probe_teachers,
                                         "by_kind": by_kind},
+            "ties": ties, "samples": m["generate"]["counts"].get("samples"),
             "costs": costs, "prompts": {"train": N, "probe": P,
                                         "eval": len(ctx.prompts()["eval"])},
             "stage_seconds": {s: m[s]["seconds"] for s in STAGES}}

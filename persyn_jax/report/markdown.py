@@ -11,6 +11,24 @@ def _fmt(x: Any) -> str:
   return str(x)
 
 
+def ties_lines(report: dict) -> list[str]:
+  """How many prompts' best teacher was a tie, on the probe (persyn) and on the full set (the
+  oracle), and which kept sample a prompt's teacher had, when it sampled several."""
+  t = report.get("ties")
+  if not t:
+    return []
+  out = ["", f"Ties on the top reward (broken by a hash seeded with policies.seed={t['seed']}): "
+         f"probe {t['probe']['ties']} of {t['probe']['prompts']} prompts"]
+  out[-1] += (f"; oracle {t['oracle']['ties']} of {t['oracle']['prompts']} prompts."
+              if t.get("oracle") else ".")
+  s = report.get("samples") or {}
+  if s.get("num_samples", 1) > 1:
+    out[-1] += (f" Each prompt's teacher sampled {s['num_samples']} responses; the dataset keeps "
+                f"the best-reward one ({s['unscored']} of {s['pairs']} pairs had no scored "
+                f"sample and kept a hash-chosen one).")
+  return out
+
+
 def markdown(report: dict) -> str:
   lines = [f"# PerSyn run report: {report['run']}", ""]
   if report.get("summary"):
@@ -51,6 +69,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Oracle-best teacher by prompt kind (share of that kind's probe prompts):", ""]
     for kind, d in report["probe"]["by_kind"].items():
       lines.append(f"- {kind}: " + ", ".join(f"{t} {v:.2f}" for t, v in d.items() if v > 0))
+  lines += ties_lines(report)
   c = report["costs"]
   lines += ["", "## Cost", "",
             f"- Route then Generate: {c['route_then_generate']['generations']} generations "

@@ -2,15 +2,19 @@
 
 Shard k holds the responses to prompts [k * P, (k + 1) * P) (P = records_per_shard // num_samples),
 in input order, so which prompts a shard holds does not depend on what ran before. A rerun after a
-crash keeps every complete shard (data.shards.complete_shards) and samples only the others; since
-a prompt's random keys depend on (seed, its global index, sample), the resumed job writes the same
-records as one uninterrupted run. A plan file (`<stage>-<host>.plan.json`) records the config hash,
-teacher, prompt ids and shard layout: a rerun with other inputs refuses to mix them.
+crash keeps every complete shard (data.shards.complete_shards) and samples only the others. A plan
+file (`<stage>-<host>.plan.json`) records the config hash, teacher, prompt ids and shard layout: a
+rerun with other inputs refuses to mix them.
+
+Random keys derive from (seed, teacher, prompt id, sample) (PAPER.md, "Robustness rules"): the
+prompt's key component is `prompt_key(teacher, id)`, a hash, never its position in the job. The
+same prompt therefore gets the same sample whatever else the job asks, in whatever order, batch,
+bucket, shard, host or mesh, and a resumed job writes the same records as an uninterrupted one.
 
 With H processes, host h owns the h-th of H contiguous parts of the prompts and writes its shards
 (`<stage>-<h>-<k>-of-<n>`); reading the shards in (host, index) order gives the input order back.
-Every batch still runs on all devices of all processes, and a prompt's keys depend only on its
-global index, so the records are those of a one-process run. A rerun must use the same H.
+Every batch still runs on all devices of all processes; a prompt's keys do not depend on which
+host writes it, so the records are those of a one-process run. A rerun must use the same H.
 """
 from __future__ import annotations
 
@@ -29,6 +33,23 @@ from persyn_jax.sampling.generate import generate
 
 # fields a generation record sets itself; everything else of the prompt record is carried over
 GENERATED = ("schema", "teacher", "sample", "response", "finish_reason", "tokens", "provenance")
+
+
+# How a prompt's random keys are derived; in the plan, so that shards sampled under an older rule
+# (keys by position in the job) are never resumed into a job under this one.
+KEYS = "seed/teacher/prompt-id/sample"
+
+
+def prompt_key(teacher: str, prompt_id: Any) -> int:
+  """The 32-bit component of a prompt's random keys: a hash of (teacher, prompt id).
+
+  generate() folds it into the seed's key where a prompt number would go, then the sample index:
+  the key is (seed, teacher, prompt id, sample). The teacher is part of it so that two teachers
+  with the same weights draw different samples. Two ids of one teacher share a key with
+  probability 2^-32 per pair; that only makes their (different) prompts' draws use the same noise.
+  """
+  h = hashlib.sha256(f"{teacher}\x1f{prompt_id}".encode("utf-8")).digest()
+  return int.from_bytes(h[:4], "little")
 
 
 def prompt_of(item: Mapping[str, Any]):
@@ -132,14 +153,14 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
       {k: v for k, v in to_dict(config).items() if k != "batch_size"}), "seed": config.seed}
   prov.update(provenance or {})
   first, mine, count = parts[host]
-  plan = {"stage": stage, "teacher": teacher, "config_hash": prov["config_hash"],
+  plan = {"stage": stage, "teacher": teacher, "keys": KEYS, "config_hash": prov["config_hash"],
           "prompts": len(prompts), "prompt_ids": _ids_hash(prompts), "prompts_per_shard": per,
           "hosts": hosts, "host_prompts": [first, first + len(mine)], "shards": count}
   _check_plan(out_dir, stage, host, plan)
   done = _done_shards(out_dir, stage, counts)
   # every process runs every batch, in this order (each batch is sharded over all devices)
-  todo = [(h, k, first_h + k * per, part_h[k * per:(k + 1) * per])
-          for h, (first_h, part_h, count_h) in enumerate(parts) for k in range(count_h)
+  todo = [(h, k, part_h[k * per:(k + 1) * per])
+          for h, (_, part_h, count_h) in enumerate(parts) for k in range(count_h)
           if (h, k) not in done]
 
   bar = None
@@ -160,16 +181,18 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
                       tok_s=f"{tokens / dt:.0f}", refresh=False)
 
   try:
-    for h, k, offset, chunk in todo:
+    for h, k, chunk in todo:
       results = generate(model, tokenizer, [prompt_of(it) for it in chunk], config, mesh=mesh,
-                         indices=range(offset, offset + len(chunk)), progress=tick)
+                         indices=[prompt_key(teacher, it["id"]) for it in chunk], progress=tick)
       if h != host:  # another host's shard: it writes it
         continue
-      out = [make_record(chunk[r.index - offset], r, teacher=teacher, provenance=prov)
-             for r in results if r.finish_reason != "skipped"]
+      # results come prompt-major, num_samples per prompt, in the chunk's order
+      items = [chunk[j // config.num_samples] for j in range(len(results))]
+      out = [make_record(it, r, teacher=teacher, provenance=prov)
+             for it, r in zip(items, results) if r.finish_reason != "skipped"]
       # the stats sidecar goes first: a complete shard always has one
       stats = summarize(results)
-      stats["skipped_ids"] = sorted({str(chunk[r.index - offset]["id"]) for r in results
+      stats["skipped_ids"] = sorted({str(it["id"]) for it, r in zip(items, results)
                                      if r.finish_reason == "skipped"})
       shards.atomic_write_json(_stats_path(out_dir, stage, host, k, count), stats)
       shards.write_shard(out_dir, stage, out, index=k, count=count, host=host, fmt=fmt)
