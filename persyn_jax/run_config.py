@@ -11,6 +11,7 @@ from typing import Literal
 
 from persyn_jax import config as C
 from persyn_jax.data.sources import PromptSourceConfig
+from persyn_jax.export import ExportConfig
 from persyn_jax.io_utils import safe_name
 from persyn_jax.policies import POLICIES, PolicyConfig
 from persyn_jax.router import RouterConfig
@@ -92,6 +93,8 @@ class RunConfig:
   compare: tuple[str, ...] = ("persyn", "strong", "mix", "random")
   sft: SFTConfig = SFTConfig()
   eval: EvalConfig = EvalConfig()
+  # data out: each policy's dataset as jsonl / parquet / hf_dataset (end of the generate stage)
+  export: ExportConfig = ExportConfig()
   plan: PlanConfig = PlanConfig()
   records_per_shard: int = 4096
 

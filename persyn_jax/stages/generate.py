@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from persyn_jax import export
 from persyn_jax import policies as pol
 from persyn_jax.data import shards
 from persyn_jax.io_utils import safe_name
@@ -66,7 +67,14 @@ def run(ctx: Context) -> dict:
     shards.write_stage_records(ctx.path("data", safe_name(policy)), "data", recs,
                                records_per_shard=cfg.records_per_shard)
     datasets[policy] = {"records": len(recs), "teacher_shares": pol.shares(a, ctx.teachers)}
-  return {"teachers": per_teacher, "datasets": datasets}
+  # `export` is not in the stage's config: changing it never reruns generation (rewrite the files
+  # of a finished run with `python -m persyn_jax.export RUN_DIR`).
+  exports = {}
+  if cfg.export.formats and ctx.is_writer():
+    exports = export.export_run(ctx.dir, cfg.compare, cfg.export, name=cfg.name)
+    ctx.log(f"[generate] exported {', '.join(cfg.export.formats)} to "
+            f"{cfg.export.dir or ctx.path('export')}")
+  return {"teachers": per_teacher, "datasets": datasets, "exports": exports}
 
 
 # scoring, student: the oracle scores every teacher's answer with the student, as the score stage
