@@ -79,7 +79,7 @@ def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
   """A tqdm bar (on stderr) on process 0; on the other processes, or when not enabled, one that
   shows nothing (the same calls work on both)."""
   from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+  return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
               disable=not (enabled and jax.process_index() == 0))
 
 
