@@ -159,7 +159,8 @@ def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, n
         info = json.load(f)
     for policy in policies:
       rel = os.path.relpath(out[policy]["jsonl"], out_dir)
-      info[f"{safe_name(name, 'run name')}_{safe_name(policy, 'policy')}"] = llama_factory_entry(rel)
+      key = f"{safe_name(name, 'run name')}_{safe_name(policy, 'policy')}"
+      info[key] = llama_factory_entry(rel)
     atomic_write_json(info_path, info)
   return out
 

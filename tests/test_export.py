@@ -34,7 +34,8 @@ def expected_messages(system=None):
   """The conversations of records(), written out by hand."""
   sys_turn = [{"role": "system", "content": system}] if system else []
   return [
-      sys_turn + [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+      sys_turn + [{"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "content": "4"}],
       sys_turn + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                   {"role": "user", "content": "Name a prime. ünïcode ✓"},
                   {"role": "assistant", "content": "7"}],

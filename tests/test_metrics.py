@@ -1,4 +1,4 @@
-"""Logging: the metrics writer's optional Weights & Biases sink and the long stages' progress bars."""
+"""Logging: the metrics writer's optional Weights & Biases sink; the long stages' progress bars."""
 import importlib.util
 import json
 import os
@@ -63,7 +63,8 @@ def test_scoring_shows_its_progress_per_batch_of_pairs(model_dir, tok, capsys):
   from persyn_jax.scoring import LogProbScorer, ScoringConfig
   path, _ = model_dir("qwen2")
   model, tk = models.load_model(path, dtype="float32")
-  scorer = LogProbScorer(model, tk, ScoringConfig(quality="verifier", max_len=64, min_prompt_tokens=8))
+  scorer = LogProbScorer(model, tk, ScoringConfig(quality="verifier", max_len=64,
+                                                  min_prompt_tokens=8))
   capsys.readouterr()
   scores, stats = scorer.learnability(["hello", "Tom has 12 apples"], ["world", "7 are left"])
   err = capsys.readouterr().err
