@@ -110,12 +110,16 @@ def write_hf_dataset(rows: Sequence[Mapping[str, Any]], path: str) -> str:
   tmp, old = _tmp(path), f"{path}.old-{os.getpid()}"
   for d in (tmp, old):
     shutil.rmtree(d, ignore_errors=True)
+  quiet = datasets.utils.are_progress_bars_disabled()
+  datasets.disable_progress_bars()  # a bar per policy for a sub-second write is noise in the log
   try:
     datasets.Dataset(_arrow_table(rows)).save_to_disk(tmp)
     if os.path.exists(path):
       os.replace(path, old)
     os.replace(tmp, path)
   finally:
+    if not quiet:
+      datasets.enable_progress_bars()
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
   return path
