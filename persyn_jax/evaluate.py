@@ -1,5 +1,6 @@
 """Held-out evaluation of a student: greedy answers scored by a verifier, and exports of the
-generations in the formats judge-based benchmarks read (IFEval, AlpacaEval, Arena-Hard)."""
+generations in the formats judge-based benchmarks read (IFEval, AlpacaEval, Arena-Hard); and the
+prompts of those benchmarks' own files (read_benchmark), whose answers are exported the same way."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,78 @@ def score_generations(prompts: Sequence[Mapping[str, Any]], texts: Sequence[str]
   return out
 
 
+def _jsonl(path: str) -> list[tuple[int, Any]]:
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+  return out
+
+
+def _field(item: Any, key: str, where: str, kind=str):
+  if not isinstance(item, dict) or not isinstance(item.get(key), kind) or item.get(key) == "":
+    raise ValueError(f"{where}: needs a non-empty {key!r} ({kind.__name__}), got "
+                     f"{(item.get(key) if isinstance(item, dict) else item)!r:.80}")
+  return item[key]
+
+
+def _key(item: Any, key: str, where: str) -> int | str:
+  """An item's id field: a non-empty str or an int, as the benchmark's files have it."""
+  v = item.get(key) if isinstance(item, dict) else None
+  if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "":
+    raise ValueError(f"{where}: needs a {key!r} (int or non-empty str), got {v!r:.80}")
+  return v
+
+
+def read_benchmark(fmt: str, path: str) -> list[dict]:
+  """The prompts of a benchmark's own file as eval items {"id", "prompt", "source": the file's
+  item}: AlpacaEval's JSON list of {instruction, ...}; Arena-Hard's question.jsonl of
+  {question_id, turns: [{content}]} (one turn); IFEval's input_data.jsonl of {key, prompt}."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"eval.benchmarks: {path}: no such file (format {fmt})")
+  items = []
+  if fmt == "alpaca_eval":
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+      raise ValueError(f"{path}: AlpacaEval's file is a JSON list of {{instruction, ...}}, got a "
+                       f"{type(data).__name__}")
+    for i, x in enumerate(data):
+      items.append({"id": str(i), "prompt": _field(x, "instruction", f"{path} item {i}"),
+                    "source": x})
+  elif fmt == "arena_hard":
+    for n, x in _jsonl(path):
+      where = f"{path}:{n}"
+      qid = _key(x, "question_id", where)
+      turns = _field(x, "turns", where, list)
+      if len(turns) != 1:  # a later turn needs the model's answer to the first: not supported
+        raise ValueError(f"{where}: question {qid!r} has {len(turns)} turns; only single-turn "
+                         "questions are supported")
+      items.append({"id": str(qid), "prompt": _field(turns[0], "content", f"{where} turns[0]"),
+                    "source": x})
+  elif fmt == "ifeval":
+    for n, x in _jsonl(path):
+      key = _key(x, "key", f"{path}:{n}")
+      items.append({"id": str(key), "prompt": _field(x, "prompt", f"{path}:{n}"), "source": x})
+  else:
+    raise ValueError(f"eval.benchmarks: unknown format {fmt!r}; known: alpaca_eval, arena_hard, "
+                     "ifeval")
+  ids = [x["id"] for x in items]
+  if len(set(ids)) != len(ids):
+    dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+    raise ValueError(f"{path}: duplicated ids {dup}")
+  if not items:
+    raise ValueError(f"{path}: no prompts")
+  return items
+
+
 def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
            formats: Sequence[str]) -> dict[str, str]:
   """Writes the generations in each requested format; returns {format: path}."""
@@ -57,11 +130,14 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
                                       + "\n" for r in rows))
     elif f == "alpaca_eval":  # a JSON list of {instruction, output, generator}
       path = os.path.join(out_dir, "alpaca_eval_outputs.json")
-      atomic_write_json(path, [{"instruction": r["prompt"], "output": r["response"],
-                                "generator": model_name, "dataset": "persyn_jax"} for r in rows])
+      # a benchmark item keeps its own fields (AlpacaEval's `dataset` names its subset)
+      atomic_write_json(path, [{"dataset": "persyn_jax", **r.get("source", {}),
+                                "instruction": r["prompt"], "output": r["response"],
+                                "generator": model_name} for r in rows])
     else:  # arena_hard: model_answer/<model>.jsonl, one answer object per question
       path = os.path.join(out_dir, "arena_hard", f"{safe_name(model_name, 'model name')}.jsonl")
-      lines = [json.dumps({"question_id": r["id"], "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
+      lines = [json.dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
+                           "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
                            f"{model_name}/{r['id']}").hex, "model_id": model_name,
                            "choices": [{"index": 0, "turns": [{"content": r["response"]}]}],
                            "tstamp": time.time()}) for r in rows]

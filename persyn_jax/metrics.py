@@ -1,13 +1,15 @@
-"""Metrics to JSONL (one line per logged step) and TensorBoard, written by process 0 only.
+"""Metrics to JSONL (one line per logged step), TensorBoard and, optionally, Weights & Biases,
+written by process 0 only; and the progress bars of the long stages.
 
-    with MetricsWriter(run_dir) as mw:
+    with MetricsWriter(run_dir, wandb=WandbConfig(project="persyn")) as mw:
       mw.write(step, {"loss": 1.2, "lr": 3e-5}, prefix="train")
 
 A run resumed from step n drops the lines of steps > n first (`resume_step=n`), so the file reads
-as one uninterrupted run.
+as one uninterrupted run; the W&B run it continues is the one whose id `wandb.json` keeps.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,15 +30,72 @@ def _scalar(v: Any):
   return v
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """The run config's `wandb:` section (null: no W&B). Needs the optional extra
+  `pip install "persyn-jax[wandb]"`; the package is imported only when this is set."""
+
+  project: str = "persyn_jax"
+  entity: str | None = None     # None: the logged-in user's default entity
+  mode: str = "online"          # online, offline (sync later with `wandb sync`), disabled
+
+  def __post_init__(self):
+    if self.mode not in WANDB_MODES:
+      raise ValueError(f"wandb.mode={self.mode!r}: one of {list(WANDB_MODES)}")
+    if not self.project:
+      raise ValueError("wandb.project is empty: name the W&B project (or set wandb: null)")
+
+
+def import_wandb():
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("the run config sets `wandb:` but the wandb package is not installed: "
+                      'install the extra with `pip install "persyn-jax[wandb]"` (or set '
+                      "wandb: null)") from None
+  return wandb
+
+
+def _start_wandb(config: WandbConfig, out_dir: str, name: str | None, resume: bool):
+  """A W&B run for out_dir: a resumed writer continues the run whose id out_dir/wandb.json keeps."""
+  wandb = import_wandb()
+  id_path = os.path.join(out_dir, "wandb.json")
+  run_id = None
+  if resume and os.path.exists(id_path):
+    with open(id_path, encoding="utf-8") as f:
+      run_id = json.load(f).get("id")
+  run = wandb.init(project=config.project, entity=config.entity, mode=config.mode, name=name,
+                   dir=out_dir, id=run_id, resume="allow" if run_id else None)
+  if not run_id and getattr(run, "id", None):
+    from persyn_jax.io_utils import atomic_write_json
+    atomic_write_json(id_path, {"id": run.id, "project": config.project})
+  return run
+
+
+def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
+  """A tqdm bar (on stderr) on process 0; on the other processes, or when not enabled, one that
+  shows nothing (the same calls work on both)."""
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+              disable=not (enabled and jax.process_index() == 0))
+
+
 class MetricsWriter:
   def __init__(self, out_dir: str, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
-               resume_step: int | None = None, enabled: bool | None = None):
+               resume_step: int | None = None, enabled: bool | None = None,
+               wandb: WandbConfig | None = None, wandb_name: str | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(out_dir, filename)
     self._tb = None
     self._f = None
+    self._wandb = None
     if not self.enabled:
       return
+    if wandb is not None:
+      import_wandb()  # a missing package fails here, before any file is opened
     os.makedirs(out_dir, exist_ok=True)
     if resume_step is not None and os.path.exists(self.path):
       self._truncate_after(resume_step)
@@ -45,6 +104,8 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=(
           resume_step + 1 if resume_step is not None else None))
+    if wandb is not None:
+      self._wandb = _start_wandb(wandb, out_dir, wandb_name, resume=resume_step is not None)
 
   def _truncate_after(self, step: int) -> None:
     keep = []
@@ -71,6 +132,9 @@ class MetricsWriter:
       for k, v in row.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(f"{prefix}/{k}" if prefix else k, v, int(step))
+    if self._wandb is not None:
+      self._wandb.log({f"{prefix}/{k}" if prefix else k: v for k, v in row.items()
+                       if isinstance(v, (int, float))}, step=int(step))
 
   def flush(self) -> None:
     if self._f:
@@ -85,6 +149,9 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
   def __enter__(self):
     return self

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from persyn_jax import sharding as shd
+from persyn_jax.metrics import progress
 from persyn_jax.runtime.buckets import bucket_lengths, pad_rows
 from persyn_jax.router import (Router, RouterConfig, bt_loss, bt_loss_np, build_pairs,
                                router_metrics)
@@ -117,14 +118,22 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
     entry = {"step": info.step, "epoch": (info.step - 1) // steps_per_epoch,
              "train_loss": train_loss, "held_out_loss": held_loss, "seconds": time.time() - t0}
     history.append(entry)
+    bar.set_postfix(train_loss=f"{train_loss:.4f}", held_out_loss=(
+        "-" if held_loss is None else f"{held_loss:.4f}"), refresh=False)
     if log is not None:
       log(entry)
     if held_loss is not None and early.update(info.step, held_loss, info.state.params):
       info.loop.stop()
 
-  loop.add_hook(lambda info: losses.append(info.metrics["loss"]), every=1)
+  bar = progress(total, "router", unit="step")
+
+  def step_done(info):
+    losses.append(info.metrics["loss"])
+    bar.update(1)
+
+  loop.add_hook(step_done, every=1)
   loop.add_hook(evaluate, every=eval_every, at_end=True)
-  with jax.set_mesh(mesh):
+  with bar, jax.set_mesh(mesh):
     state, done = loop.run(state, batches())
   best = early.best_params
   nnx.update(router.model, best if best is not None else state.params)

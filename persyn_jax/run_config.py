@@ -11,6 +11,8 @@ from typing import Literal
 
 from persyn_jax import config as C
 from persyn_jax.data.sources import PromptSourceConfig
+from persyn_jax.export import ExportConfig
+from persyn_jax.metrics import WandbConfig
 from persyn_jax.io_utils import safe_name
 from persyn_jax.policies import POLICIES, PolicyConfig
 from persyn_jax.router import RouterConfig
@@ -46,6 +48,29 @@ class PromptsConfig:
         raise ValueError(f"prompts.{name}={v}: a count (whole number >= 1) or a fraction in [0, 1)")
 
 
+BENCHMARK_FORMATS = ("alpaca_eval", "arena_hard", "ifeval")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+  """A benchmark's own prompt file, read locally; each student's answers are written in the
+  format the benchmark's tool reads (evaluate.py: read_benchmark, export)."""
+
+  name: str                   # names the output directory: eval/<student>/benchmarks/<name>/
+  format: str                 # alpaca_eval (a JSON list of {instruction, ...}), arena_hard
+                              # (question.jsonl: question_id, turns), ifeval (input_data.jsonl:
+                              # key, prompt)
+  path: str
+
+  def __post_init__(self):
+    safe_name(self.name, "eval.benchmarks name")
+    if self.format not in BENCHMARK_FORMATS:
+      raise ValueError(f"eval.benchmarks {self.name!r}: format={self.format!r}, not one of "
+                       f"{list(BENCHMARK_FORMATS)}")
+    if not self.path:
+      raise ValueError(f"eval.benchmarks {self.name!r}: path is empty")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   sampling: SamplingConfig = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=512)
@@ -54,6 +79,14 @@ class EvalConfig:
   # judge-based benchmarks read these exports: jsonl (prompt/response), alpaca_eval, arena_hard
   exports: tuple[str, ...] = ("jsonl",)
   base_student: bool = True       # also evaluate the student before SFT
+  # the benchmarks' own prompt files: each student answers them too (held-out prompts optional)
+  benchmarks: tuple[BenchmarkConfig, ...] = ()
+
+  def __post_init__(self):
+    names = [b.name for b in self.benchmarks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f"eval.benchmarks: names {dup} are used twice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +125,10 @@ class RunConfig:
   compare: tuple[str, ...] = ("persyn", "strong", "mix", "random")
   sft: SFTConfig = SFTConfig()
   eval: EvalConfig = EvalConfig()
+  # data out: each policy's dataset as jsonl / parquet / hf_dataset (end of the generate stage)
+  export: ExportConfig = ExportConfig()
+  # W&B next to TensorBoard for the SFT metrics (null: off); no stage's key: it changes no output
+  wandb: WandbConfig | None = None
   plan: PlanConfig = PlanConfig()
   records_per_shard: int = 4096
 
@@ -116,6 +153,11 @@ class RunConfig:
       raise ValueError("teachers and student are required when world is null")
     if self.records_per_shard < 1:
       raise ValueError(f"records_per_shard={self.records_per_shard}: must be >= 1")
+    if self.wandb is not None and self.wandb.mode != "disabled":
+      import importlib.util
+      if importlib.util.find_spec("wandb") is None:  # refused now, not when SFT starts
+        from persyn_jax.metrics import import_wandb
+        import_wandb()
 
   @property
   def out_dir(self) -> str:

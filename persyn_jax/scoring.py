@@ -24,6 +24,7 @@ import numpy as np
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.data import chat
+from persyn_jax.metrics import progress
 from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
 from persyn_jax.runtime import logprob
 from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
@@ -134,7 +135,13 @@ class _PairScorer:
     stats.update(pairs=len(pairs), scored=len(kept), batches=len(plan), tokens=tokens,
                  padded_tokens=padded, shapes=len({(b.rows, b.length) for b in plan}))
     from persyn_jax.distributed import tree_to_host  # sharded over other hosts' devices too
-    return pairs, [(idx, tree_to_host(r)) for idx, r in results], stats
+    fetched = []
+    # the bar moves as results come back: dispatching the batches above takes no time
+    with progress(len(kept), f"score/{self.kind}", unit="pair") as bar:
+      for idx, r in results:
+        fetched.append((idx, tree_to_host(r)))
+        bar.update(len(idx))
+    return pairs, fetched, stats
 
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
@@ -147,6 +154,8 @@ class _PairScorer:
 class LogProbScorer(_PairScorer):
   """Learnability (Eq. 1): mean log-probability of the response tokens under the student, prompt
   excluded, with the student's tokenizer and chat template."""
+
+  kind = "learnability"
 
   def _batch_fn(self):
     return response_logprobs, {"chunk": self.config.logits_chunk}
@@ -172,6 +181,8 @@ class LogProbScorer(_PairScorer):
 class RewardScorer(_PairScorer):
   """Quality from a reward model: a sequence-classification model's scalar score of the full
   conversation, formatted with the reward model's own chat template."""
+
+  kind = "quality"
 
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     width = getattr(getattr(model, "config", None), "num_labels", 1)

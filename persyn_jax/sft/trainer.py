@@ -19,7 +19,7 @@ from flax import nnx
 from persyn_jax import sharding as shd
 from persyn_jax.checkpoints import CheckpointManager
 from persyn_jax.config import to_dict
-from persyn_jax.metrics import MetricsWriter
+from persyn_jax.metrics import MetricsWriter, WandbConfig
 from persyn_jax.models import CausalLM, save_pretrained
 from persyn_jax.models.lora import merge_lora
 from persyn_jax.sft.config import SFTConfig
@@ -127,7 +127,8 @@ def evaluate_loss(session: Session, params, batches: Iterable[Batch]) -> float:
 
 def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | Iterable[Batch],
           config: SFTConfig, *, out_dir: str, mesh=None, eval_batches: Iterable[Batch] | None = None,
-          num_batches: int | None = None) -> TrainResult:
+          num_batches: int | None = None, wandb: WandbConfig | None = None,
+          run_name: str | None = None) -> TrainResult:
   """Supervised fine-tuning of `model` on the SFT batches of `batches_fn`; resumes from the latest
   checkpoint in `out_dir/checkpoints` if there is one.
 
@@ -136,7 +137,8 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
   processes, every process yields the same global batches (data.pipeline.sft_batches does: every
   host packs all records the same way), and each process' devices take their rows, so a run's
   losses do not depend on the number of processes. `num_batches`:
-  microbatches per epoch, needed when max_steps = 0 and the source has no len().
+  microbatches per epoch, needed when max_steps = 0 and the source has no len(). `wandb`: also
+  log the metrics to Weights & Biases, as the run `run_name`.
   """
   os.makedirs(out_dir, exist_ok=True)
   if eval_batches is not None and iter(eval_batches) is eval_batches:
@@ -156,7 +158,8 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
       start, position = int(meta["step"]), int(meta["position"])
     else:
       state, start, position = session.init_state(), 0, 0
-    metrics = MetricsWriter(out_dir, tensorboard=config.tensorboard, resume_step=start)
+    metrics = MetricsWriter(out_dir, tensorboard=config.tensorboard, resume_step=start,
+                            wandb=wandb, wandb_name=run_name)
     try:
       steplog, evals, state, last = _run(session, state, source, position, start, total, config,
                                          ckpts, metrics, eval_batches)

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from persyn_jax import export
 from persyn_jax import policies as pol
 from persyn_jax.data import shards
 from persyn_jax.io_utils import safe_name
@@ -85,6 +86,13 @@ def run(ctx: Context) -> dict:
                                records_per_shard=cfg.records_per_shard)
     datasets[policy] = {"records": len(recs), "teacher_shares": pol.shares(a, ctx.teachers)}
   counts["datasets"] = datasets
+  # `export` is not in the stage's config: changing it never reruns generation (rewrite the files
+  # of a finished run with `python -m persyn_jax.export RUN_DIR`).
+  counts["exports"] = {}
+  if cfg.export.formats and ctx.is_writer():
+    counts["exports"] = export.export_run(ctx.dir, cfg.compare, cfg.export, name=cfg.name)
+    ctx.log(f"[generate] exported {', '.join(cfg.export.formats)} to "
+            f"{cfg.export.dir or ctx.path('export')}")
   return counts
 
 

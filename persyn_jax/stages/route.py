@@ -7,9 +7,12 @@ import numpy as np
 from persyn_jax import evaluate as ev
 from persyn_jax import policies as pol
 from persyn_jax.data import shards
+from persyn_jax.metrics import progress
 from persyn_jax.router import Router
 from persyn_jax.stages.context import Context
 from persyn_jax.stages.graph import Stage
+
+ROUTE_CHUNK = 4096
 
 
 def run(ctx: Context) -> dict:
@@ -17,7 +20,16 @@ def run(ctx: Context) -> dict:
   p = ctx.prompts()
   rest = p["rest"]
   router = Router.load(ctx.path("router", "checkpoint"), mesh=ctx.mesh_for(cfg.router.mesh))
-  names, scores = router.route([ev.prompt_of(x) for x in rest]) if rest else ([], np.zeros((0, 0)))
+  names, parts = [], [np.zeros((0, len(ctx.teachers)), np.float32)]
+  # routed a chunk at a time, for the progress bar; each chunk is still batched by length
+  with progress(len(rest), "route", unit="prompt") as bar:
+    for i in range(0, len(rest), ROUTE_CHUNK):
+      chunk = rest[i:i + ROUTE_CHUNK]
+      n, s = router.route([ev.prompt_of(x) for x in chunk])
+      names += n
+      parts.append(s)
+      bar.update(len(chunk))
+  scores = np.concatenate(parts)
   routes = {x["id"]: t for x, t in zip(rest, names)}
   route_records = [{**x, "route": {"teacher": t, "scores": dict(zip(ctx.teachers, map(float, s)))}}
                    for x, t, s in zip(rest, names, scores)]

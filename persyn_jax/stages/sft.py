@@ -31,7 +31,8 @@ def run(ctx: Context) -> dict:
     model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
     batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
     ctx.log(f"[sft] {policy}: {per_epoch} batches per epoch")
-    res = sft.train(model, tok, batches, c, out_dir=d, mesh=mesh, num_batches=per_epoch)
+    res = sft.train(model, tok, batches, c, out_dir=d, mesh=mesh, num_batches=per_epoch,
+                    wandb=cfg.wandb, run_name=f"{cfg.name}-{policy}")
     final_loss = res.losses.get(res.step)
     if final_loss is None:  # resumed after the last step (killed while exporting): from the log
       final_loss = dict(loss_curve(res.metrics_path)).get(res.step)

@@ -1,0 +1,148 @@
+"""Eval on the benchmarks' own prompt files (AlpacaEval, Arena-Hard, IFEval), read locally, and the
+answers written in the files those tools read."""
+import json
+import os
+
+import pytest
+
+from persyn_jax import config as C
+from persyn_jax import evaluate as ev
+from persyn_jax.run_config import BenchmarkConfig, RunConfig
+
+ALPACA = [{"instruction": "Name a colour.", "output": "reference answer", "generator": "gpt4",
+           "dataset": "helpful_base"},
+          {"instruction": "Count to three.", "dataset": "koala"}]
+ARENA = [{"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1",
+          "cluster": "ABC", "turns": [{"content": "Write a haiku about rain."}]},
+         {"question_id": 17, "turns": [{"content": "What is 7 * 6?"}]}]
+IFEVAL = [{"key": 1000, "prompt": "Write a 2 sentence story. Use no commas.",
+           "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+          {"key": 1001, "prompt": "Answer in lowercase: what is the capital of France?",
+           "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}]
+
+
+def write_files(d):
+  paths = {"alpaca_eval": d / "alpaca_eval.json", "arena_hard": d / "question.jsonl",
+           "ifeval": d / "input_data.jsonl"}
+  paths["alpaca_eval"].write_text(json.dumps(ALPACA))
+  paths["arena_hard"].write_text("".join(json.dumps(q) + "\n" for q in ARENA))
+  paths["ifeval"].write_text("".join(json.dumps(q) + "\n" for q in IFEVAL) + "\n")  # a blank line
+  return {k: str(v) for k, v in paths.items()}
+
+
+def test_each_format_reads_its_prompts_in_file_order(tmp_path):
+  paths = write_files(tmp_path)
+  alpaca = ev.read_benchmark("alpaca_eval", paths["alpaca_eval"])
+  assert [(x["id"], x["prompt"]) for x in alpaca] == [("0", "Name a colour."),
+                                                      ("1", "Count to three.")]
+  arena = ev.read_benchmark("arena_hard", paths["arena_hard"])
+  assert [(x["id"], x["prompt"]) for x in arena] == [
+      ("328c149ed45a41c0b9d6f14659e63599", "Write a haiku about rain."), ("17", "What is 7 * 6?")]
+  ifeval = ev.read_benchmark("ifeval", paths["ifeval"])
+  assert [(x["id"], x["prompt"]) for x in ifeval] == [("1000", IFEVAL[0]["prompt"]),
+                                                      ("1001", IFEVAL[1]["prompt"])]
+  assert ifeval[0]["source"] == IFEVAL[0]
+
+
+@pytest.mark.parametrize("fmt, content, match", [
+    ("alpaca_eval", json.dumps({"instruction": "x"}), "a JSON list"),
+    ("alpaca_eval", json.dumps([{"instruction": "x"}, {"input": "y"}]), r"item 1: .*'instruction'"),
+    ("arena_hard", '{"question_id": "a", "turns": [{"content": "x"}, {"content": "y"}]}\n',
+     "question 'a' has 2 turns"),
+    ("arena_hard", '{"question_id": "a", "turns": [{"content": "x"}]}\n{oops\n', r":2: not a JSON"),
+    ("ifeval", '{"prompt": "x"}\n', r":1: needs a 'key'"),
+    ("ifeval", '{"key": 1, "prompt": "x"}\n{"key": 1, "prompt": "y"}\n', r"duplicated ids \['1'\]"),
+])
+def test_a_bad_benchmark_file_is_named_with_the_item(tmp_path, fmt, content, match):
+  path = tmp_path / "bench"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=match) as e:
+    ev.read_benchmark(fmt, str(path))
+  assert str(path) in str(e.value)
+
+
+def test_a_missing_benchmark_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere.json"):
+    ev.read_benchmark("alpaca_eval", str(tmp_path / "nowhere.json"))
+
+
+def test_the_config_refuses_an_unknown_format_and_a_reused_name():
+  with pytest.raises(ValueError, match="format='mmlu'"):
+    BenchmarkConfig("x", "mmlu", "/p")
+  with pytest.raises(ValueError, match=r"names \['a'\] are used twice"):
+    C.from_dict(RunConfig, {"eval": {"benchmarks": [
+        {"name": "a", "format": "ifeval", "path": "/p"},
+        {"name": "a", "format": "alpaca_eval", "path": "/q"}]}})
+
+
+def answered(items, prefix="answer to "):
+  return [{**x, "response": prefix + x["prompt"]} for x in items]
+
+
+def test_answers_are_written_as_each_tool_reads_them(tmp_path):
+  paths = write_files(tmp_path)
+  out = tmp_path / "out"
+  model = "toy-persyn"
+
+  p = ev.export(answered(ev.read_benchmark("alpaca_eval", paths["alpaca_eval"])), model,
+                str(out / "ae"), ["alpaca_eval"])["alpaca_eval"]
+  got = json.load(open(p))
+  # AlpacaEval matches outputs to its set by instruction; dataset is kept, output/generator are ours
+  assert [(g["instruction"], g["dataset"], g["output"], g["generator"]) for g in got] == [
+      ("Name a colour.", "helpful_base", "answer to Name a colour.", model),
+      ("Count to three.", "koala", "answer to Count to three.", model)]
+
+  p = ev.export(answered(ev.read_benchmark("arena_hard", paths["arena_hard"])), model,
+                str(out / "ah"), ["arena_hard"])["arena_hard"]
+  assert os.path.basename(p) == f"{model}.jsonl"
+  lines = [json.loads(x) for x in open(p)]
+  assert [x["question_id"] for x in lines] == [q["question_id"] for q in ARENA]  # types kept
+  assert [x["choices"][0]["turns"][0]["content"] for x in lines] == [
+      "answer to " + q["turns"][0]["content"] for q in ARENA]
+  assert {x["model_id"] for x in lines} == {model}
+  assert len({x["answer_id"] for x in lines}) == 2
+
+  p = ev.export(answered(ev.read_benchmark("ifeval", paths["ifeval"])), model, str(out / "if"),
+                ["ifeval"])["ifeval"]
+  # IFEval's evaluation looks responses up by the exact prompt text
+  assert [json.loads(x) for x in open(p)] == [
+      {"prompt": q["prompt"], "response": "answer to " + q["prompt"]} for q in IFEVAL]
+
+
+def test_the_eval_stage_answers_each_benchmark_with_each_student(tmp_path, model_dir):
+  from persyn_jax import models
+  from persyn_jax.sampling import generate
+  from persyn_jax.stages import eval as eval_stage
+  from persyn_jax.stages.context import Context
+
+  path, _ = model_dir("qwen2")
+  files = write_files(tmp_path)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n"
+                             for i in range(4)))
+  cfg = C.from_dict(RunConfig, {
+      "world": None, "run_dir": str(tmp_path / "run"), "compare": [],
+      "teachers": [{"name": "t", "path": path}],
+      "student": {"name": "s", "path": path, "dtype": "float32"},
+      "prompts": {"source": {"path": str(prompts)}, "probe": 1.0, "eval": 0},
+      "eval": {"verifier": None, "sampling": {"max_new_tokens": 6, "batch_size": 8},
+               "benchmarks": [{"name": n, "format": f, "path": p} for n, f, p in [
+                   ("ae", "alpaca_eval", files["alpaca_eval"]),
+                   ("ah", "arena_hard", files["arena_hard"]),
+                   ("if", "ifeval", files["ifeval"])]]}})
+  ctx = Context(cfg, log=lambda m: None)
+  out = eval_stage.run(ctx)
+  assert set(out) == {"base_student"}
+  bench = out["base_student"]["benchmarks"]
+  assert {k: v["n"] for k, v in bench.items()} == {"ae": 2, "ah": 2, "if": 2}
+
+  # the exported answers are the student's greedy answers to the benchmark prompts
+  model, tok = models.load_model(path, dtype="float32")
+  want = {x["prompt"]: r.text for x, r in zip(IFEVAL, generate(
+      model, tok, [x["prompt"] for x in IFEVAL], cfg.eval.sampling))}
+  got = [json.loads(x) for x in open(bench["if"]["file"])]
+  assert {g["prompt"]: g["response"] for g in got} == want
+  assert bench["if"]["file"] == ctx.path("eval", "base_student", "benchmarks", "if",
+                                         "ifeval_responses.jsonl")
+  assert len(json.load(open(bench["ae"]["file"]))) == 2
+  assert len(open(bench["ah"]["file"]).read().splitlines()) == 2

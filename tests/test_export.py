@@ -1,0 +1,197 @@
+"""Data out: a policy's dataset (ArrayRecord shards) as jsonl / parquet / a `datasets` directory,
+read back with the readers TRL and LLaMA-Factory users use (json, pandas, pyarrow, datasets)."""
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from persyn_jax import export as ex
+from persyn_jax.data import records as rec
+from persyn_jax.data import shards
+
+SYSTEM = "You are a careful tutor."
+
+
+def records(policy="persyn"):
+  return [
+      {"schema": rec.SCHEMA_VERSION, "id": "p0", "prompt": "What is 2+2?", "teacher": "big",
+       "response": "4", "policy": policy, "reference": "4", "tokens": {"prompt": 5, "response": 1}},
+      {"schema": rec.SCHEMA_VERSION, "id": "7", "prompt": "ignored when messages are set",
+       "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Name a prime. ünïcode ✓"}],
+       "teacher": "small", "response": "7", "policy": policy},
+      {"schema": rec.SCHEMA_VERSION, "id": "p2", "prompt": "Say 'quoted' \"text\"\nnewline",
+       "teacher": "big", "response": "'quoted' \"text\"", "policy": policy, "kind": "x"},
+  ]
+
+
+def expected_messages(system=None):
+  """The conversations of records(), written out by hand."""
+  sys_turn = [{"role": "system", "content": system}] if system else []
+  return [
+      sys_turn + [{"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "content": "4"}],
+      sys_turn + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Name a prime. ünïcode ✓"},
+                  {"role": "assistant", "content": "7"}],
+      sys_turn + [{"role": "user", "content": "Say 'quoted' \"text\"\nnewline"},
+                  {"role": "assistant", "content": "'quoted' \"text\""}],
+  ]
+
+
+def make_run(tmp_path, policies=("persyn", "random"), name="toy", export_section=None):
+  run = tmp_path / "run"
+  for p in policies:
+    shards.write_records(str(run / "data" / p), "data", records(p), num_shards=2, host=0)
+  cfg = {"name": name}
+  if export_section is not None:
+    cfg["export"] = export_section
+  (run / "config.json").write_text(json.dumps(cfg))
+  return str(run)
+
+
+def assert_no_temps(d):
+  left = [os.path.join(r, n) for r, ds, fs in os.walk(d) for n in ds + fs
+          if ".tmp-" in n or ".old-" in n]
+  assert left == []
+
+
+def test_jsonl_reads_back_as_chat_messages_in_dataset_order(tmp_path):
+  run = make_run(tmp_path)
+  paths = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("jsonl",)), name="toy")
+  path = paths["persyn"]["jsonl"]
+  assert path == os.path.join(run, "export", "persyn", "messages.jsonl")
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["messages"] for r in rows] == expected_messages()
+  assert [r["id"] for r in rows] == ["p0", "7", "p2"]
+  assert [r["teacher"] for r in rows] == ["big", "small", "big"]
+  assert {r["policy"] for r in rows} == {"persyn"}
+
+
+def test_a_configured_system_prompt_opens_every_conversation(tmp_path):
+  run = make_run(tmp_path)
+  paths = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("jsonl",), system=SYSTEM))
+  with open(paths["persyn"]["jsonl"], encoding="utf-8") as f:
+    assert [json.loads(line)["messages"] for line in f] == expected_messages(SYSTEM)
+
+
+def test_parquet_reads_back_with_pandas_and_pyarrow(tmp_path):
+  run = make_run(tmp_path)
+  path = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("parquet",)))["persyn"]["parquet"]
+  table = pq.read_table(path)
+  assert table.column_names == ["id", "policy", "teacher", "messages", "record"]
+  assert table.column("messages").to_pylist() == expected_messages()
+  df = pd.read_parquet(path)
+  assert list(df["id"]) == ["p0", "7", "p2"]
+  assert [[dict(m) for m in ms] for ms in df["messages"]] == expected_messages()
+  # the whole record, metadata included, survives as JSON text
+  assert [json.loads(r) for r in df["record"]] == records()
+  assert_no_temps(run)
+
+
+def test_hf_dataset_reads_back_with_load_from_disk(tmp_path):
+  run = make_run(tmp_path)
+  path = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("hf_dataset",)))["persyn"][
+      "hf_dataset"]
+  ds = datasets.load_from_disk(path)
+  assert len(ds) == 3
+  assert ds["messages"] == expected_messages()
+  assert [json.loads(r)["reference"] if "reference" in json.loads(r) else None
+          for r in ds["record"]] == ["4", None, None]
+
+
+def test_rewriting_an_export_replaces_it_and_leaves_no_temporaries(tmp_path):
+  run = make_run(tmp_path)
+  config = ex.ExportConfig(formats=ex.FORMATS)
+  ex.export_run(run, ["persyn"], config)
+  paths = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=ex.FORMATS, system=SYSTEM))
+  assert datasets.load_from_disk(paths["persyn"]["hf_dataset"])["messages"] == expected_messages(
+      SYSTEM)
+  assert pq.read_table(paths["persyn"]["parquet"]).column("messages").to_pylist() == \
+      expected_messages(SYSTEM)
+  assert_no_temps(run)
+
+
+def is_conversational(example) -> bool:
+  """What TRL's SFTTrainer checks before applying the chat template (written from its docs): a
+  `messages` list of {role, content} dicts."""
+  msgs = example.get("messages")
+  return (isinstance(msgs, list) and len(msgs) > 0 and all(
+      isinstance(m, dict) and set(m) >= {"role", "content"} for m in msgs))
+
+
+def test_trl_sees_a_conversational_messages_column_ending_with_the_answer(tmp_path):
+  run = make_run(tmp_path)
+  path = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("jsonl",), system=SYSTEM))[
+      "persyn"]["jsonl"]
+  # how a TRL user loads it: the `json` builder of datasets on the file
+  ds = datasets.load_dataset("json", data_files=path, split="train")
+  assert "messages" in ds.column_names
+  for example in ds:
+    assert is_conversational(example)
+    roles = [m["role"] for m in example["messages"]]
+    assert roles[0] == "system" and roles[-1] == "assistant"
+    assert set(roles) <= {"system", "user", "assistant"}
+
+
+def test_llama_factory_entry_names_the_file_and_its_message_tags(tmp_path):
+  run = make_run(tmp_path)
+  out = tmp_path / "lf"
+  out.mkdir()
+  # an entry of another dataset in the same dataset_dir is kept
+  (out / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+  ex.export_run(run, ["persyn", "random"], ex.ExportConfig(formats=("jsonl",), dir=str(out)),
+                name="toy")
+  info = json.loads((out / "dataset_info.json").read_text())
+  assert set(info) == {"mine", "toy_persyn", "toy_random"}
+  entry = info["toy_persyn"]
+  assert entry["formatting"] == "sharegpt"
+  # read as LLaMA-Factory does: file_name relative to the dataset_dir, then columns and tags
+  with open(out / entry["file_name"], encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  tags = entry["tags"]
+  for row, want in zip(rows, expected_messages()):
+    msgs = row[entry["columns"]["messages"]]
+    assert [(m[tags["role_tag"]], m[tags["content_tag"]]) for m in msgs] == \
+        [(m["role"], m["content"]) for m in want]
+    assert msgs[-1][tags["role_tag"]] == tags["assistant_tag"]
+    assert {m[tags["role_tag"]] for m in msgs} <= {tags["user_tag"], tags["assistant_tag"],
+                                                   tags["system_tag"]}
+
+
+def test_the_cli_exports_an_existing_run_with_its_saved_config(tmp_path, capsys):
+  run = make_run(tmp_path, export_section={"formats": ["parquet"], "dir": "", "system": SYSTEM})
+  assert ex.main([run]) == 0
+  exported = os.path.join(run, "export")
+  assert sorted(os.listdir(exported)) == ["persyn", "random"]
+  for p in ("persyn", "random"):
+    assert pq.read_table(os.path.join(exported, p, "data.parquet")).column(
+        "messages").to_pylist() == expected_messages(SYSTEM)
+  assert "data.parquet" in capsys.readouterr().out
+  # --formats overrides the saved section
+  assert ex.main([run, "--formats", "jsonl,hf_dataset", "--policies", "random"]) == 0
+  assert os.path.exists(os.path.join(exported, "random", "messages.jsonl"))
+  assert datasets.load_from_disk(os.path.join(exported, "random", "hf_dataset"))["messages"] == \
+      expected_messages(SYSTEM)
+  assert not os.path.exists(os.path.join(exported, "persyn", "messages.jsonl"))
+
+
+def test_the_cli_names_a_run_without_datasets(tmp_path):
+  with pytest.raises(FileNotFoundError, match="generate stage"):
+    ex.main([str(tmp_path)])
+
+
+def test_an_unknown_format_is_refused_naming_the_known_ones():
+  with pytest.raises(ValueError, match=r"export.formats: unknown formats \['csv'\].*jsonl"):
+    ex.ExportConfig(formats=("csv",))
+
+
+def test_the_default_run_config_exports_jsonl():
+  from persyn_jax.run_config import RunConfig
+  assert RunConfig().export.formats == ("jsonl",)
