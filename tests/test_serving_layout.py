@@ -75,3 +75,86 @@ def test_serving_layout_equals_the_one_device_model(model_dir, heads, kv, data, 
   want = [r.token_ids for r in generate(ref, tok, PROMPTS, cfg)]
   have = [r.token_ids for r in generate(model, tok, PROMPTS, cfg, mesh=mesh)]
   assert have == want
+
+
+# -- the serving plan (--dry-run; architectures from the zoo, no weights) ----------------------
+
+def _plan(path_or_yaml, tmp_path=None, num_prompts=50000):
+  from persyn_jax import plan
+  from persyn_jax.run_config import load_run_config
+  if tmp_path is not None:
+    f = tmp_path / "run.yaml"
+    f.write_text(path_or_yaml)
+    path_or_yaml = str(f)
+  return plan.plan(load_run_config(path_or_yaml), num_prompts=num_prompts)
+
+
+@pytest.mark.parametrize("config", ["configs/instruct.yaml", "configs/math.yaml"])
+def test_the_paper_configs_fit_their_slices_without_gathers_in_decode(config):
+  p = _plan(config)
+  assert p["fits"], p["problems"]
+  assert {v["name"] for v in p["serving"]} == {t["name"] for t in p["teachers"]}
+  for v in p["serving"]:
+    assert v["gathers_in_decode"] == 0
+    assert v["weights"] + v["kv_cache"] + v["activations"] <= p["device_memory_gb"]
+    assert v["rows_per_replica"] <= v["max_rows_per_replica"]
+
+
+def test_the_405b_teacher_has_its_own_layout_with_kv_head_copies():
+  p = _plan("configs/instruct.yaml")
+  v = {v["name"]: v for v in p["serving"]}["llama3.1-405b"]
+  assert v["mesh"] == {"data": 16, "fsdp": 1, "tensor": 16}
+  assert v["kv_head_copies"] == 2   # 8 kv heads over tensor 16: each held by two shards
+  assert v["weights"] < 95
+
+
+V5E_64 = """
+name: l70-v5e-64
+world: null
+plan: {{devices: 64, device_memory_gb: 16, prompt_tokens: 256, response_tokens: 1024}}
+prompts: {{source: {{path: p.jsonl, format: jsonl}}}}
+teachers:
+  - {{name: llama3.1-70b, path: meta-llama/Llama-3.1-70B-Instruct{extra}}}
+student: {{name: qwen2.5-0.5b, path: Qwen/Qwen2.5-0.5B}}
+sampling: {{max_new_tokens: 2048, batch_size: 64, max_prompt_len: 1024, mesh: {mesh}}}
+"""
+
+
+def test_a_70b_teacher_on_v5e_64_needs_int8_at_tensor_8(tmp_path):
+  """Llama-3.1-70B (141 GB in bf16) on 16 GB chips split 8 ways: 17.6 GB of weights per chip do
+  not fit, and the plan says so by name instead of gathering weights in decode; in int8 they
+  take about 9 GB and the plan fits, with room for more rows."""
+  mesh = "{data: 8, fsdp: 1, tensor: 8}"
+  p = _plan(V5E_64.format(extra="", mesh=mesh), tmp_path)
+  assert not p["fits"]
+  assert any("teacher llama3.1-70b" in e and "quantize: int8" in e and "tensor=8" in e
+             for e in p["problems"]), p["problems"]
+  q = _plan(V5E_64.format(extra=", quantize: int8", mesh=mesh), tmp_path)
+  assert q["fits"], q["problems"]
+  v = q["serving"][0]
+  assert v["quantize"] == "int8" and v["kv_head_copies"] == 1 and 8 < v["weights"] < 10
+  assert v["rows_per_replica"] == 8 and v["max_rows_per_replica"] > 8
+
+
+def test_a_70b_teacher_on_v5e_64_at_tensor_16_copies_its_kv_heads(tmp_path):
+  """tensor 16 over 8 kv heads: two copies of each (not a replicated cache), bf16 fits."""
+  p = _plan(V5E_64.format(extra="", mesh="{data: 4, fsdp: 1, tensor: 16}"), tmp_path)
+  assert p["fits"], p["problems"]
+  v = p["serving"][0]
+  assert v["kv_head_copies"] == 2 and v["weights"] < 9.5
+
+
+def test_fsdp_does_not_split_serving_weights_and_the_plan_says_so(tmp_path):
+  p = _plan(V5E_64.format(extra="", mesh="{data: 1, fsdp: 16, tensor: 4}"), tmp_path)
+  assert not p["fits"]
+  msg = " ".join(p["problems"])
+  assert "gather weights inside decode" in msg and "fsdp=16 adds replicas" in msg
+  assert "fits with `mesh: {data: 4, fsdp: 1, tensor: 16}`" in msg
+
+
+def test_a_tensor_size_that_splits_no_head_layout_is_refused_by_teacher(tmp_path):
+  p = _plan(V5E_64.format(extra="", mesh="{data: 2, fsdp: 1, tensor: 32}").replace(
+      "meta-llama/Llama-3.1-70B-Instruct", "Qwen/Qwen2.5-7B-Instruct"), tmp_path)
+  assert not p["fits"]
+  assert any(e.startswith("teacher llama3.1-70b (Qwen/Qwen2.5-7B-Instruct): 28 query heads do "
+                          "not split over tensor=32") for e in p["problems"]), p["problems"]
