@@ -158,3 +158,32 @@ def test_a_tensor_size_that_splits_no_head_layout_is_refused_by_teacher(tmp_path
   assert not p["fits"]
   assert any(e.startswith("teacher llama3.1-70b (Qwen/Qwen2.5-7B-Instruct): 28 query heads do "
                           "not split over tensor=32") for e in p["problems"]), p["problems"]
+
+
+@pytest.mark.parametrize("data,fsdp", [(2, 1), (1, 2)])
+def test_a_decode_step_on_the_serving_layout_gathers_nothing(model_dir, data, fsdp):
+  """One cached decode step (the sampler's: hidden states of one token, then the logits),
+  compiled on tensor 4 with kv-head copies, rows over data (or fsdp, which under SERVING only
+  adds replicas): the program has no all-gather at all, of weights or anything else."""
+  from flax import nnx
+  from persyn_jax.models import init_cache
+  import jax.numpy as jnp
+  path, _ = model_dir("llama")
+  mesh = shd.make_mesh(shd.MeshConfig(data=data, fsdp=fsdp, tensor=4), jax.devices()[:8])
+  model, _ = load_model(path, dtype="float32", mesh=mesh, rules=shd.SERVING, tokenizer=False)
+  graphdef, state = nnx.split(model)
+  B = 4
+
+  def step(state, ids, cache):
+    m = nnx.merge(graphdef, state)
+    layers = [{k: shd.constrain(v, CACHE_KV_AXES) for k, v in kv.items()} for kv in cache["layers"]]
+    h, cache = m.hidden_states(ids, segment_ids=jnp.ones_like(ids), positions=jnp.zeros_like(ids),
+                               cache={**cache, "layers": layers})
+    return m.logits(h[:, 0]), cache
+
+  with jax.set_mesh(mesh), shd.use_rules(shd.SERVING):
+    cache = init_cache(model.config, B, 16, jnp.float32)
+    ids = jax.device_put(np.ones((B, 1), np.int32), shd.batch_sharding(mesh, (B, 1)))
+    hlo = jax.jit(step).lower(state, ids, cache).compile().as_text()
+  assert "all-reduce" in hlo          # the tensor-parallel sums are there: the program is split
+  assert "all-gather" not in hlo
