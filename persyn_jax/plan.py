@@ -91,15 +91,16 @@ def serving_plan(a: ModelConfig, ref: ModelRef, s: SamplingConfig, mesh: dict[st
   out = {"name": ref.name, "quantize": ref.quantize or None, "mesh": mesh, "replicas": replicas,
          "rows_per_replica": rows, "kv_head_copies": copies, "weights": weights,
          "kv_cache": rows * kv_row, "activations": rows * logits_row, "gathers_in_decode": 0,
-         "max_rows_per_replica": int((mem - weights) // (kv_row + logits_row)) if mem else None}
+         "max_rows_per_replica": max(0, int((mem - weights) // (kv_row + logits_row))) if mem else None}
   problems = []
   if mem and weights > mem:
     int8 = "" if ref.quantize else " or set `quantize: int8` on it"
-    fsdp = (f"; sampling.mesh.fsdp={mesh['fsdp']} adds replicas, it does not split weights"
+    fsdp = (f"; fsdp={mesh['fsdp']} adds replicas, it does not split weights"
             if mesh["fsdp"] > 1 else "")
     problems.append(f"{who}: its weights need {weights / GB:.1f} GB per device split over "
                     f"tensor={t}, but a device has {mem / GB:.1f} GB; fitting them otherwise would "
-                    f"gather weights inside decode: raise sampling.mesh.tensor{int8}{fsdp}")
+                    f"gather weights inside decode: raise `tensor` (sampling.mesh or the "
+                    f"teacher's own mesh){int8}{fsdp}")
   return out, problems
 
 

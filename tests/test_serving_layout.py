@@ -148,7 +148,7 @@ def test_fsdp_does_not_split_serving_weights_and_the_plan_says_so(tmp_path):
   p = _plan(V5E_64.format(extra="", mesh="{data: 1, fsdp: 16, tensor: 4}"), tmp_path)
   assert not p["fits"]
   msg = " ".join(p["problems"])
-  assert "gather weights inside decode" in msg and "fsdp=16 adds replicas" in msg
+  assert "gather weights inside decode" in msg and "; fsdp=16 adds replicas" in msg
   assert "fits with `mesh: {data: 4, fsdp: 1, tensor: 16}`" in msg
 
 
