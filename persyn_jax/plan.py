@@ -5,9 +5,13 @@ Stages, teachers, generations per teacher, the mesh, estimated tokens, and memor
 (`<stage>.mesh`, or the run's `mesh`); a plan that does not fit the devices' memory is refused,
 naming the stage and the sizes.
 
-Layouts: the sampling stages use the SERVING layout (weights split over `tensor` only, rows over
-data x fsdp: no FSDP gathers inside a decode loop); the others the TRAINING layout (weights over
-fsdp x tensor, rows over data x fsdp). The planner knows no particular world: architectures of
+Layouts: the sampling stages use the SERVING layout (weights split over `tensor` only, kv heads
+copied where `tensor` exceeds them, rows over data x fsdp: no FSDP gathers inside a decode loop);
+the others the TRAINING layout (weights over fsdp x tensor, rows over data x fsdp). Each teacher
+gets a serving plan (`serving_plan`): weights (int8 where it sets `quantize: int8`), KV cache,
+rows per replica and the most rows a replica could hold; a teacher whose weights do not fit
+split over `tensor` alone, or whose heads do not split over it, is refused by name, since the
+only other way would gather weights inside decode. The planner knows no particular world: architectures of
 models that have no config.json (the toy world's, before it is built) come in `architectures`.
 """
 from __future__ import annotations
@@ -19,8 +23,9 @@ import jax
 from persyn_jax import zoo
 from persyn_jax.models import as_dtype
 from persyn_jax.models.config import ModelConfig
-from persyn_jax.run_config import RunConfig
-from persyn_jax.sharding import AXES, MeshConfig
+from persyn_jax.run_config import ModelRef, RunConfig
+from persyn_jax.sampling.config import SamplingConfig
+from persyn_jax.sharding import AXES, MeshConfig, kv_head_replicas
 
 GB = 1024**3
 
@@ -45,6 +50,72 @@ def _layout(mesh: dict[str, int], layout: str) -> tuple[int, int]:
   """(ways the weights are split, ways the rows are split) of a stage's mesh and layout."""
   weights = mesh["tensor"] if layout == "serving" else mesh["fsdp"] * mesh["tensor"]
   return weights, mesh["data"] * mesh["fsdp"]
+
+
+def _split(n: int, ways: int) -> int:
+  """Ways a dimension of size n is split: the rule sets keep a dimension whole when the mesh
+  axis does not divide it (sharding.logical_to_spec)."""
+  return ways if n % ways == 0 else 1
+
+
+def serving_plan(a: ModelConfig, ref: ModelRef, s: SamplingConfig, mesh: dict[str, int],
+                 mem: float) -> tuple[dict, list[str]]:
+  """One teacher on the sampling mesh under SERVING: bytes per device and rows per replica.
+
+  Allocated sizes, not means: the cache holds max_prompt_len + max_new_tokens slots per row.
+  Returns (plan, problems)."""
+  t, replicas = mesh["tensor"], mesh["data"] * mesh["fsdp"]
+  who = f"teacher {ref.name} ({ref.path})"
+  D, N, K, H, F, V, L = (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                         a.intermediate_size, a.vocab_size, a.num_layers)
+  try:
+    copies = kv_head_replicas(N, K, t, what=who)
+  except ValueError as e:
+    return {"name": ref.name}, [f"{e} (sampling.mesh.tensor={t})"]
+  K2 = K * copies
+  wb = _bytes(ref.dtype)
+  qb = 1 if ref.quantize == "int8" else wb
+  # per layer, per device: q and o, the (copied) k and v, gate/up/down; int8 adds one scale per
+  # output channel in the model's dtype
+  attn = 2 * D * N * H / _split(N, t) + 2 * D * K2 * H / _split(K2, t)
+  mlp = 3 * D * F / _split(F, t)
+  scales = (N * H / _split(N, t) + 2 * K2 * H / _split(K2, t) + 2 * D + 2 * F / _split(F, t)) \
+      if ref.quantize == "int8" else 0
+  table = V * D * wb / _split(V, t) * (1 if a.tie_embeddings else 2)
+  weights = L * ((attn + mlp) * qb + scales * wb + 2 * D * wb) + D * wb + table
+  cb = wb if s.cache_dtype == "auto" else _bytes(s.cache_dtype)
+  slots = s.max_prompt_len + s.max_new_tokens
+  kv_row = 2 * L * slots * K2 / _split(K2, t) * H * cb
+  logits_row = 2 * V * 4  # fp32 logits and the sampler's working copy, whole vocab
+  rows = -(-s.batch_size // replicas)
+  out = {"name": ref.name, "quantize": ref.quantize or None, "mesh": mesh, "replicas": replicas,
+         "rows_per_replica": rows, "kv_head_copies": copies, "weights": weights,
+         "kv_cache": rows * kv_row, "activations": rows * logits_row, "gathers_in_decode": 0,
+         "max_rows_per_replica": max(0, int((mem - weights) // (kv_row + logits_row))) if mem else None}
+  problems = []
+  if mem and weights > mem:
+    int8 = "" if ref.quantize else " or set `quantize: int8` on it"
+    fsdp = (f"; fsdp={mesh['fsdp']} adds replicas, it does not split weights"
+            if mesh["fsdp"] > 1 else "")
+    problems.append(f"{who}: its weights need {weights / GB:.1f} GB per device split over "
+                    f"tensor={t}, but a device has {mem / GB:.1f} GB; fitting them otherwise would "
+                    f"gather weights inside decode: raise `tensor` (sampling.mesh or the "
+                    f"teacher's own mesh){int8}{fsdp}")
+  return out, problems
+
+
+def suggest_tensor(a: ModelConfig, ref: ModelRef, s: SamplingConfig, devices: int,
+                   mem: float) -> int | None:
+  """The smallest `tensor` (a power of two dividing the devices) whose serving plan of `ref`
+  fits, with fsdp 1 and the rest of the devices as data replicas; None if none does."""
+  t = 1
+  while t <= devices:
+    if devices % t == 0:
+      sp, bad = serving_plan(a, ref, s, {"data": devices // t, "fsdp": 1, "tensor": t}, mem)
+      if not bad and sp["weights"] + sp["kv_cache"] + sp["activations"] <= mem:
+        return t
+    t *= 2
+  return None
 
 
 def plan(cfg: RunConfig, *, num_prompts: int | None = None,
@@ -91,20 +162,25 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
                       f"({', '.join(f'{k2} {v / GB:.1f}' for k2, v in m.items())}), "
                       f"but a device has {mem / GB:.1f} GB")
 
-  teachers = []
-  smesh, shard_w, shard_b = stage_mesh("sampling.mesh", s.mesh, "serving")
+  teachers, serving = [], []
+  smesh, _, _ = stage_mesh("sampling.mesh", s.mesh, "serving")
   for t in cfg.teachers:
     a = arch(t.path)
-    b = _bytes(t.dtype)
-    params = a.num_params() * b / shard_w
-    seq = prompt_toks + resp_toks
-    rows = min(s.batch_size, max(1, P))
-    kv = 2 * a.num_layers * rows * seq * a.num_kv_heads * a.head_dim * b / (
-        shard_b * min(smesh["tensor"], a.num_kv_heads))
-    logits = rows * a.vocab_size * 4 / shard_b
-    add("probe/generate", t.name, smesh, params=params, kv_cache=kv, activations=logits)
+    tmesh = smesh if t.mesh is None else _mesh(t.mesh, devices, f"teachers[{t.name}].mesh")
+    sp, bad = serving_plan(a, t, s, tmesh, mem)
+    problems.extend(bad)
+    if bad or (mem and sp["weights"] + sp["kv_cache"] + sp["activations"] > mem):
+      hint = suggest_tensor(a, t, s, devices, mem)
+      if hint:
+        problems.append(f"teacher {t.name}: it fits with `mesh: {{data: {devices // hint}, fsdp: 1, "
+                        f"tensor: {hint}}}` on this teacher")
+    if "weights" in sp:
+      add("probe/generate", t.name, tmesh, params=sp["weights"], kv_cache=sp["kv_cache"],
+          activations=sp["activations"])
+      serving.append({k2: round(v / GB, 3) if k2 in ("weights", "kv_cache", "activations") else v
+                      for k2, v in sp.items()})
     teachers.append({"name": t.name, "path": t.path, "params_b": round(a.num_params() / 1e9, 2),
-                     "probe_generations": P * s.num_samples})
+                     "quantize": t.quantize or None, "probe_generations": P * s.num_samples})
   if cfg.student is not None:
     a = arch(cfg.student.path)
     c = cfg.sft
@@ -150,7 +226,7 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
                                      % (P, max(0, N - P))},
       "tokens": {"teacher_prompt": gens_rtg * prompt_toks, "teacher_response": gens_rtg * resp_toks,
                  "sft_per_policy_epoch": N * (prompt_toks + resp_toks)},
-      "memory_per_device": stages, "fits": not problems, "problems": problems,
+      "serving": serving, "memory_per_device": stages, "fits": not problems, "problems": problems,
   }
   return out
 
@@ -167,6 +243,14 @@ def format_plan(p: dict) -> str:
   lines.append(f"  generations: probe {g['probe']}, routed {g['routed']}: Route then Generate "
                f"{g['route_then_generate']} vs Generate then Select {g['generate_then_select']}")
   lines.append(f"  tokens: {p['tokens']}")
+  if p.get("serving"):
+    lines.append("  sampling (serving layout; GB per device):")
+    for v in p["serving"]:
+      m = "x".join(str(v["mesh"][a]) for a in AXES)
+      lines.append(f"    {v['name']:<28} mesh {m} replicas {v['replicas']} rows/replica "
+                   f"{v['rows_per_replica']} (max {v['max_rows_per_replica']}) weights "
+                   f"{v['weights']}{' int8' if v['quantize'] else ''} kv {v['kv_cache']} "
+                   f"kv copies {v['kv_head_copies']} gathers in decode {v['gathers_in_decode']}")
   lines.append("  memory per device (GB):")
   for r in p["memory_per_device"]:
     parts = ", ".join(f"{k} {v}" for k, v in r.items()

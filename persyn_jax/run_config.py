@@ -32,6 +32,12 @@ class ModelRef:
   path: str
   family: str = ""          # e.g. qwen, llama, gemma: family_strong picks within the student's
   dtype: str = "bfloat16"   # compute and storage dtype when the model is loaded
+  quantize: str = ""        # teachers: "int8" stores the decoder weights in int8 (models/quant.py)
+  mesh: MeshConfig | None = None  # teachers: this teacher's own sampling mesh (else sampling.mesh)
+
+  def __post_init__(self):
+    if self.quantize not in ("", "int8"):
+      raise ValueError(f"model {self.name!r}: quantize={self.quantize!r}: expected int8 or nothing")
 
 
 @dataclasses.dataclass(frozen=True)

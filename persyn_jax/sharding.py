@@ -29,6 +29,9 @@ class Rules:
 
   name: str
   table: tuple[tuple[str, tuple[str, ...]], ...]
+  # serving only: when `tensor` does not divide the kv heads, loading keeps copies of each kv head
+  # (`kv_head_replicas`) so that the k/v projections and the cache split over `tensor` too
+  replicate_kv: bool = False
 
   @classmethod
   def of(cls, name: str, table: Mapping[str, Sequence[str]]) -> "Rules":
@@ -40,7 +43,8 @@ class Rules:
 
   def replace(self, name: str, **axes: Sequence[str]) -> "Rules":
     """A new rule set: this one with the given logical axes remapped (or added)."""
-    return Rules.of(name, {**dict(self.table), **axes})
+    return dataclasses.replace(Rules.of(name, {**dict(self.table), **axes}),
+                               replicate_kv=self.replicate_kv)
 
   def __getitem__(self, logical: str) -> tuple[str, ...]:
     for k, v in self.table:
@@ -80,7 +84,30 @@ TRAINING = Rules.of("training", {
 })
 # Serving replicates weights over data and fsdp (more memory per device) so that a decode step
 # reads its weights locally instead of all-gathering every layer's FSDP shards once per token.
-SERVING = TRAINING.replace("serving", embed=())
+SERVING = dataclasses.replace(TRAINING.replace("serving", embed=()), replicate_kv=True)
+
+
+def kv_head_replicas(num_heads: int, num_kv_heads: int, tensor: int, *, what: str = "model") -> int:
+  """Copies of each kv head the serving layout keeps on a `tensor`-way split (1: none needed).
+
+  With r copies (kept next to each other, so expanded head e is a copy of head e // r), query
+  head n reads expanded head n // (N / (K r)), a copy of its own head n // (N / K); choosing
+  K r = lcm(K, tensor) makes `tensor` divide the expanded heads, so each shard holds exactly the
+  kv heads its query heads read and the cache splits over `tensor` like the query heads
+  (tensor 4, K 2: two copies; tensor 16, K 8: two). Without it a kv axis that `tensor` does not
+  divide is replicated whole, the cache included. Raises when the query heads do not split."""
+  if tensor <= 1 or num_kv_heads % tensor == 0:
+    return 1
+  if num_heads % tensor:
+    raise ValueError(f"{what}: {num_heads} query heads do not split over tensor={tensor}; "
+                     "choose a tensor size that divides them")
+  r = math.lcm(num_kv_heads, tensor) // num_kv_heads
+  if num_heads % (num_kv_heads * r):
+    raise ValueError(f"{what}: {num_kv_heads} kv heads cannot be copied to split over "
+                     f"tensor={tensor} ({num_heads} query heads are not a multiple of "
+                     f"{num_kv_heads * r}); choose a tensor size that divides or is a multiple "
+                     f"of {num_kv_heads}")
+  return r
 
 _ACTIVE: contextvars.ContextVar[Rules] = contextvars.ContextVar("persyn_jax_rules", default=TRAINING)
 

@@ -6,7 +6,9 @@
 
 `rules` is the sharding rule set the parameters are placed by: TRAINING (the default active set;
 weights over fsdp x tensor) for models that train or score, SERVING (weights over tensor only)
-for teachers that sample.
+for teachers that sample. Under SERVING a `tensor` axis that does not divide the kv heads gets
+copies of them (`serving_layout`), and `quantize="int8"` stores the decoder's weights in int8
+(models/quant.py).
 """
 from __future__ import annotations
 
@@ -107,14 +109,15 @@ def _runtime_config(cfg: ModelConfig, hf: dict, classifier: bool) -> ModelConfig
 
 def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
                     param_dtype=None, head: str = "auto", tokenizer: bool = True,
-                    allow_pickle: bool = False, rules: shd.Rules | None = None):
+                    allow_pickle: bool = False, rules: shd.Rules | None = None,
+                    quantize: str | None = None):
   """Loads a local HF directory; returns (model, tokenizer) (tokenizer None if `tokenizer=False`).
 
   `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype.
   `head`: "lm" (CausalLM), "classifier" (SequenceClassifier) or "auto" (from `architectures`).
   mesh: default the single-device mesh; rules: the rule set that places the parameters on it
   (default: the active set). Never runs remote code; pickle checkpoints only with
-  `allow_pickle=True` (weights_only).
+  `allow_pickle=True` (weights_only). quantize: None, or "int8" (weight-only, models/quant.py).
   """
   cfg, hf = load_config(path)
   classifier = _head(hf, head, path)
@@ -125,8 +128,46 @@ def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | No
   abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
   with shd.use_rules(rules):
     model = load_params(abstract, path, mesh, pdtype, allow_pickle=allow_pickle)
+  model = _finish(model, mesh, rules, quantize, path)
   tok = load_tokenizer(path) if tokenizer else None
   return model, tok
+
+
+def serving_layout(model: nnx.Module, mesh: jax.sharding.Mesh, *, rules: shd.Rules | None = None,
+                   what: str = "model") -> nnx.Module:
+  """`model` with each kv head copied `sharding.kv_head_replicas` times (a no-op when `tensor`
+  divides the kv heads or `rules` keeps none), re-placed on `mesh` by `rules`.
+
+  The copies make the k/v projections, their biases and the KV cache split over `tensor` like
+  the query heads, instead of being replicated whole on every shard; the outputs are unchanged
+  (every query head reads a copy of its own kv head). Serving only: training the copies apart
+  would untie them."""
+  rules = rules if rules is not None else shd.active_rules()
+  cfg = model.config
+  r = shd.kv_head_replicas(cfg.num_heads, cfg.num_kv_heads, int(mesh.shape["tensor"]), what=what) \
+      if rules.replicate_kv else 1
+  if r == 1:
+    return model
+  new = cfg.replace(num_kv_heads=cfg.num_kv_heads * r)
+  for _, module in model.iter_modules():
+    for attr in ("cfg", "config"):
+      if getattr(module, attr, None) == cfg:
+        setattr(module, attr, new)
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = getattr(var, "logical_axes", None) or ()
+    if "kv_heads" in axes:
+      var.set_value(jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads")))
+  return shd.shard_model(model, mesh, rules=rules)
+
+
+def _finish(model, mesh, rules, quantize: str | None, path: str):
+  """The serving layout and the optional weight quantization of a loaded model."""
+  model = serving_layout(model, mesh, rules=rules, what=path)
+  if quantize:
+    from persyn_jax.models.quant import quantize_model
+    model = quantize_model(model, quantize, what=path)
+    model = shd.shard_model(model, mesh, rules=rules)
+  return model
 
 
 def _merge_ids(a, b) -> tuple[int, ...] | None:
@@ -167,7 +208,7 @@ def is_orbax_checkpoint(path: str) -> bool:
 
 def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
                param_dtype=None, head: str = "auto", tokenizer: bool = True,
-               rules: shd.Rules | None = None):
+               rules: shd.Rules | None = None, quantize: str | None = None):
   """(model, tokenizer) from a `persyn_jax.convert` output directory, the parameters restored
   straight onto `mesh` by `rules` (each process reads only the chunks its devices hold; another
   layout than the stored one is resharded while reading). Arguments as `from_pretrained`."""
@@ -199,19 +240,20 @@ def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = 
     raise CheckpointError(f"{path}/params does not match the model of {path}/config.json "
                           f"({type(e).__name__}: {e})") from None
   nnx.replace_by_pure_dict(state, restored)
-  model = nnx.merge(graphdef, state)
+  model = _finish(nnx.merge(graphdef, state), mesh, rules, quantize, path)
   tok = load_tokenizer(path) if tokenizer else None
   return model, tok
 
 
 def load_model(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
                param_dtype=None, head: str = "auto", tokenizer: bool = True,
-               allow_pickle: bool = False, rules: shd.Rules | None = None):
+               allow_pickle: bool = False, rules: shd.Rules | None = None,
+               quantize: str | None = None):
   """(model, tokenizer) from a `persyn_jax.convert` (orbax) output or else an HF directory,
   placed on `mesh` by `rules` (e.g. SERVING for a teacher that samples); arguments as
   `from_pretrained` (allow_pickle concerns HF directories only)."""
   kw = dict(dtype=dtype, mesh=mesh, param_dtype=param_dtype, head=head, tokenizer=tokenizer,
-            rules=rules)
+            rules=rules, quantize=quantize)
   if is_orbax_checkpoint(path):
     return from_orbax(path, **kw)
   return from_pretrained(path, allow_pickle=allow_pickle, **kw)

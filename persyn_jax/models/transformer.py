@@ -37,7 +37,10 @@ class Einsum(nnx.Module):
     self.w = nnx.Param(_init(rngs, tuple(shape), param_dtype), logical_axes=tuple(axes))
 
   def __call__(self, x: Array) -> Array:
-    return jnp.einsum(self.eqn, x, self.w[...].astype(self.dtype))
+    w = self.w[...]
+    # a cast only where needed: an int8 weight (models/quant.py) arrives as qwix's quantized
+    # array in the compute dtype, which it dequantizes inside the einsum and cannot cast
+    return jnp.einsum(self.eqn, x, w if w.dtype == self.dtype else w.astype(self.dtype))
 
 
 class Bias(nnx.Module):

@@ -102,7 +102,8 @@ class Context:
   def load(self, ref: ModelRef, mesh: jax.sharding.Mesh, **kw):
     """(model, tokenizer) of `ref` (an HF directory or a convert output) in `ref.dtype`, laid out
     on `mesh`."""
-    return models.load_model(ref.path, dtype=ref.dtype, mesh=mesh, **kw)
+    return models.load_model(ref.path, dtype=ref.dtype, mesh=mesh, quantize=ref.quantize or None,
+                             **kw)
 
   # -- what the score stage measured ----------------------------------------------------------
   def score_table(self) -> pol.ScoreTable:

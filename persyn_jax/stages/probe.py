@@ -15,7 +15,7 @@ def teacher_answers(ctx: Context, ref: ModelRef, items: list[dict], stage: str) 
   the sampling mesh; returns its counts (generations, response tokens, seconds)."""
   cfg = ctx.cfg
   sampling = cfg.sampling
-  mesh = ctx.mesh_for(sampling.mesh)
+  mesh = ctx.mesh_for(ref.mesh or sampling.mesh)  # a teacher's own serving layout, if it has one
   # the serving layout: weights over `tensor` only, so decode never gathers FSDP shards
   model, tok = ctx.load(ref, mesh, rules=shd.SERVING)
   t0 = time.time()
