@@ -24,7 +24,7 @@ from persyn_jax.run_config import STAGES, RunConfig
 from persyn_jax.stages import eval as eval_stage
 from persyn_jax.stages import generate, probe, route, router, score, sft
 from persyn_jax.data.shards import ShardError
-from persyn_jax.stages.context import Context, Log, doing, log_to_stdout
+from persyn_jax.stages.context import ACTIVITY, Context, Log, doing, log_to_stdout
 from persyn_jax.stages.graph import Stage, check_graph, stage_key
 from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError, prepare_run_dir
 
@@ -111,6 +111,7 @@ class Run:
                         f"{self.dir}: the run directory")
     elif error:
       raise error
+    ACTIVITY.clear()  # what an earlier run in this process left when it failed
     try:
       with doing(run_dir=self.dir):
         return self._run(tuple(stages) + tuple(s for s in redo if s not in stages), set(redo))
