@@ -45,16 +45,13 @@ def main(argv=None) -> int:
     return _main(args)
   except Exception as e:  # noqa: BLE001 - sorted below; imported late to keep start-up light
     bad_input, failures = _known_errors()
-    if isinstance(e, bad_input):
-      print(f"error: {_one_line(e)}", file=sys.stderr)
-      return 2
-    if isinstance(e, failures):
+    if isinstance(e, bad_input + failures):
       print(f"error: {_one_line(e)}", file=sys.stderr)
       if getattr(e, "redo", None):
-        cmd = [a for a in (sys.argv[1:] if argv is None else argv)]
+        cmd = list(sys.argv[1:] if argv is None else argv)
         print(f"to regenerate it, run: python -m persyn_jax.train {shlex.join(cmd)} --redo "
               f"{e.redo}", file=sys.stderr)
-      return 1
+      return 2 if isinstance(e, bad_input) else 1
     from persyn_jax.stages.context import activity
     traceback.print_exc()
     print(f"persyn_jax.train failed while running: {activity() or 'start-up'}", file=sys.stderr)

@@ -165,3 +165,58 @@ def test_the_cli_keeps_the_traceback_of_an_unknown_error_and_says_what_it_was_do
   assert "Traceback (most recent call last)" in err and "no usable prompts" in err
   assert err.rstrip().splitlines()[-1] == (
       f"persyn_jax.train failed while running: run_dir {cfg.run_dir}, stage probe")
+
+
+# -- orbax checkpoints replaced by junk ------------------------------------------------------------
+
+def junk(path: str) -> None:
+  """Every file under `path` overwritten with random bytes (a checkpoint replaced by junk)."""
+  for root, _, files in os.walk(path):
+    for f in files:
+      open(os.path.join(root, f), "wb").write(os.urandom(100))
+
+
+def test_a_damaged_sft_checkpoint_step_is_moved_aside_and_the_previous_one_restored(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from persyn_jax.checkpoints import CheckpointManager
+  from persyn_jax.models import CheckpointError
+  d = str(tmp_path / "checkpoints")
+  target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  ckpts = CheckpointManager(d, keep=3)
+  for step in (1, 2):
+    ckpts.save(step, {"w": jnp.full((3,), float(step))}, {"step": step})
+  ckpts.close()
+  junk(os.path.join(d, "2"))
+  ckpts = CheckpointManager(d, keep=3)
+  state, meta, step = ckpts.restore(target)
+  assert (step, meta["step"]) == (1, 1) and state["w"].tolist() == [1.0, 1.0, 1.0]
+  assert [s for s, _ in ckpts.skipped] == [2]
+  assert ckpts.skipped[0][1].startswith(f"{d}/2: not a readable orbax checkpoint, damaged or "
+                                        f"replaced (")
+  assert [n for n in os.listdir(d) if n.startswith("corrupt-2-")] and ckpts.all_steps() == [1]
+  ckpts.save(2, {"w": jnp.full((3,), 5.0)}, {"step": 2})  # training goes on past the bad step
+  ckpts.wait()
+  assert ckpts.restore(target)[2] == 2
+  ckpts.close()
+  junk(os.path.join(d, "1"))
+  junk(os.path.join(d, "2"))
+  with pytest.raises(CheckpointError, match=rf"{d}: no readable checkpoint \(steps \[2, 1\] are "
+                                            rf"damaged"):
+    CheckpointManager(d, keep=3).restore(target)
+
+
+def test_a_checkpoint_dir_or_saved_tree_replaced_by_junk_is_named(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from persyn_jax.checkpoints import CheckpointManager, restore_tree, save_tree
+  from persyn_jax.models import CheckpointError
+  path = str(tmp_path / "router" / "state")
+  save_tree(path, {"w": jnp.ones((3,))})
+  junk(path)
+  with pytest.raises(CheckpointError, match=rf"{path}: not a readable orbax checkpoint, damaged"):
+    restore_tree(path, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+  f = tmp_path / "checkpoints"
+  f.write_bytes(os.urandom(64))
+  with pytest.raises(CheckpointError, match=rf"{f}: a file where the checkpoint directory should be"):
+    CheckpointManager(str(f), keep=1)

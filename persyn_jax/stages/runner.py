@@ -24,6 +24,7 @@ from persyn_jax.run_config import STAGES, RunConfig
 from persyn_jax.stages import eval as eval_stage
 from persyn_jax.stages import generate, probe, route, router, score, sft
 from persyn_jax.data.shards import ShardError
+from persyn_jax.models.checks import CheckpointError
 from persyn_jax.stages.context import ACTIVITY, Context, Log, doing, log_to_stdout
 from persyn_jax.stages.graph import Stage, check_graph, stage_key
 from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError, prepare_run_dir
@@ -158,17 +159,17 @@ class Run:
     return None
 
   def _run_stage(self, st: Stage) -> dict:
-    """Runs `st`; a damaged shard of a stage that finished earlier is named with the way to
-    regenerate it (`--redo <that stage>`)."""
+    """Runs `st`; a damaged shard or checkpoint of a stage that finished earlier is named with
+    the way to regenerate it (`--redo <that stage>`)."""
     try:
       return st.run(self.ctx)
-    except ShardError as e:
+    except (ShardError, CheckpointError) as e:
       msg = str(e)
       damaged = next((s for s in STAGES if s != st.name and msg.startswith(self.path(s) + os.sep)
                       and self.manifest(s) is not None), None)
       if damaged is None:
         raise
-      err = ShardError(f"{msg}. Stage {damaged!r} finished earlier, so this file was damaged "
-                       f"since; to regenerate its damaged shards, rerun with --redo {damaged}")
+      err = type(e)(f"{msg}. Stage {damaged!r} finished earlier, so this file was damaged "
+                       f"since; to regenerate it, rerun with --redo {damaged}")
       err.redo = damaged
       raise err from None
