@@ -220,3 +220,19 @@ def test_a_checkpoint_dir_or_saved_tree_replaced_by_junk_is_named(tmp_path):
   f.write_bytes(os.urandom(64))
   with pytest.raises(CheckpointError, match=rf"{f}: a file where the checkpoint directory should be"):
     CheckpointManager(str(f), keep=1)
+
+
+# -- the planner counts host memory ----------------------------------------------------------------
+
+def test_dry_run_refuses_an_sft_batch_that_does_not_fit_host_memory(capsys):
+  """On CPU no device reports its memory, so only the host check can refuse this plan."""
+  from persyn_jax import plan as planlib
+  from persyn_jax import train
+  assert train.main(["--dry-run", "--set", "sft.batch_size=1000000000"]) == 3
+  out = capsys.readouterr().out
+  gb = planlib.host_memory() / planlib.GB
+  assert f"DOES NOT FIT:\n    sft.batch_size=1000000000 (x sft.seq_len=" in out
+  assert f"needs " in out and f"GB of host memory per process (batches " in out
+  assert f"but a host has {gb:.1f} GB" in out
+  assert train.main(["--dry-run"]) == 0  # the toy run's own batches fit
+  assert "host memory per process" in capsys.readouterr().out
