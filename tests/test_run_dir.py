@@ -236,3 +236,45 @@ def test_dry_run_refuses_an_sft_batch_that_does_not_fit_host_memory(capsys):
   assert f"but a host has {gb:.1f} GB" in out
   assert train.main(["--dry-run"]) == 0  # the toy run's own batches fit
   assert "host memory per process" in capsys.readouterr().out
+
+
+# -- a shard damaged after its stage finished ------------------------------------------------------
+
+def test_a_shard_damaged_after_its_stage_finished_names_the_redo_and_redo_rewrites_only_it(
+    model_dir, tmp_path, capsys):
+  from persyn_jax import train
+  from persyn_jax.data.shards import ShardError
+  prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"count to {i}"}) + "\n" for i in range(3))
+  cfg = explicit_config(model_dir, tmp_path, prompts, records_per_shard=1,
+                        sampling={"max_new_tokens": 4, "batch_size": 4})
+  Run(cfg, log=lambda m: None).run(["probe"])
+  probe = os.path.join(cfg.run_dir, "probe")
+  files = sorted(f for f in os.listdir(probe) if f.endswith(".array_record"))
+  assert len(files) >= 2  # one record per shard, a shard per probe prompt and teacher
+  before = {f: (open(os.path.join(probe, f), "rb").read(), os.stat(os.path.join(probe, f)).st_ino)
+            for f in files}
+  bad = os.path.join(probe, files[-1])
+  data = bytearray(before[files[-1]][0])
+  data[len(data) // 2] ^= 0xFF
+  open(bad, "wb").write(bytes(data))
+
+  with pytest.raises(ShardError, match=rf"{bad}: .*Stage 'probe' finished earlier, so this file "
+                                       rf"was damaged since; to regenerate it, rerun with --redo "
+                                       rf"probe") as e:
+    Run(cfg, log=lambda m: None).run(["score"])
+  assert e.value.redo == "probe"
+  y = write_yaml(cfg, tmp_path)
+  assert train.main(["--config", y, "--stages", "score"]) == 1
+  err = capsys.readouterr().err.splitlines()[-2:]  # after the run's own progress output
+  assert err[0].startswith(f"error: ShardError: {bad}: ")
+  assert err[1] == f"to regenerate it, run: python -m persyn_jax.train --config {y} --stages score " \
+                   f"--redo probe"
+
+  logs = []
+  Run(cfg, log=logs.append).run(["score"][:0], redo=["probe"])
+  assert "[probe] --redo: checking its shards; the missing or corrupt ones are written again" in logs
+  for f in files:  # the damaged shard is written again, as it was; the others are not touched
+    path = os.path.join(probe, f)
+    assert open(path, "rb").read() == before[f][0], f
+    assert (os.stat(path).st_ino == before[f][1]) == (f != files[-1]), f
+  assert json.load(open(os.path.join(probe, "DONE.json")))["key"] == stage_key(GRAPH[0], cfg, {})
