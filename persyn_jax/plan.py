@@ -169,7 +169,7 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
         grads=n * 4 / shard_w,
         activations=cfg.router.batch_size * cfg.router.max_len * a.num_layers * 12 * a.hidden_size
         * _bytes(cfg.router.dtype) / shard_b)
-  host_mem = int(getattr(cfg.plan, "host_memory_gb", 0) * GB) or host_memory()
+  host_mem = int(cfg.plan.host_memory_gb * GB) or host_memory()
   host = []
   for r in _host_rows(cfg, N, prompt_toks, resp_toks):
     total = sum(r["parts"].values())
