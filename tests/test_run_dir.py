@@ -75,10 +75,14 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_logged(model_dir, tmp_pat
     Run(cfg, log=logs.append).run(["probe"])
   assert any(f"taking over the lock of an earlier run (pid {holder.pid} on host "
              f"{socket.gethostname()}" in m and "no longer running" in m for m in logs), logs
-  note = json.load(open(os.path.join(cfg.run_dir, ".lock")))
-  assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
-  with RunLock(cfg.run_dir):  # released when the run ended, even by an error
-    pass
+  assert open(os.path.join(cfg.run_dir, ".lock")).read() == ""  # a run that ended leaves no note
+  with RunLock(cfg.run_dir) as lock:  # released when the run ended, even by an error
+    note = json.load(open(lock.path))
+    assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
+  logs = []
+  with pytest.raises(ValueError, match=NO_PROMPTS):
+    Run(cfg, log=logs.append).run(["probe"])
+  assert not any("taking over" in m for m in logs), logs
 
 
 @pytest.mark.parametrize("content", [b'{"format": 2, "stage": "probe", "ke', b"\x00\xff\xfe junk",

@@ -103,6 +103,8 @@ class RunLock:
 
   def release(self) -> None:
     if self.fd is not None:
+      # the note goes while the lock is held: a note found later is that of a run that died
+      os.ftruncate(self.fd, 0)
       fcntl.flock(self.fd, fcntl.LOCK_UN)
       os.close(self.fd)
       self.fd = None
