@@ -19,12 +19,12 @@ from typing import Sequence
 
 from persyn_jax import config as C
 from persyn_jax import distributed as dist
+from persyn_jax.data.shards import ShardError
 from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.models.checks import CheckpointError
 from persyn_jax.run_config import STAGES, RunConfig
 from persyn_jax.stages import eval as eval_stage
 from persyn_jax.stages import generate, probe, route, router, score, sft
-from persyn_jax.data.shards import ShardError
-from persyn_jax.models.checks import CheckpointError
 from persyn_jax.stages.context import ACTIVITY, Context, Log, doing, log_to_stdout
 from persyn_jax.stages.graph import Stage, check_graph, stage_key
 from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError, prepare_run_dir
@@ -170,6 +170,6 @@ class Run:
       if damaged is None:
         raise
       err = type(e)(f"{msg}. Stage {damaged!r} finished earlier, so this file was damaged "
-                       f"since; to regenerate it, rerun with --redo {damaged}")
+                    f"since; to regenerate it, rerun with --redo {damaged}")
       err.redo = damaged
       raise err from None
