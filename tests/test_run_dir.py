@@ -235,8 +235,8 @@ def test_dry_run_refuses_an_sft_batch_that_does_not_fit_host_memory(capsys):
   assert train.main(["--dry-run", "--set", "sft.batch_size=1000000000"]) == 3
   out = capsys.readouterr().out
   gb = planlib.host_memory() / planlib.GB
-  assert f"DOES NOT FIT:\n    sft.batch_size=1000000000 (x sft.seq_len=" in out
-  assert f"needs " in out and f"GB of host memory per process (batches " in out
+  assert "DOES NOT FIT:\n    sft.batch_size=1000000000 (x sft.seq_len=" in out
+  assert "needs " in out and "GB of host memory per process (batches " in out
   assert f"but a host has {gb:.1f} GB" in out
   assert train.main(["--dry-run"]) == 0  # the toy run's own batches fit
   assert "host memory per process" in capsys.readouterr().out
