@@ -13,10 +13,18 @@ pytree (training.TrainState included: orbax stores its fields by name, so a {"st
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from persyn_jax.models.checks import CheckpointError
+
+
+def _damaged(path: str, e: BaseException) -> str:
+  return (f"{path}: not a readable orbax checkpoint, damaged or replaced "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
 
 
 def abstract(shapes, shardings):
@@ -32,6 +40,11 @@ class CheckpointManager:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory}: a file where the checkpoint directory should be "
+                            f"(damaged or replaced); move it away to train from the start")
+    # (step, why) of each damaged step that restore() skipped and moved aside
+    self.skipped: list[tuple[int, str]] = []
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -52,22 +65,46 @@ class CheckpointManager:
   def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, int]:
     """(state placed as `abstract_state`'s shardings say, meta, step) of `step` or the latest.
 
-    A checkpoint whose tree differs from `abstract_state` (another optimizer, another version's
-    state layout) is refused with the step directory and orbax's account of the difference."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    Without `step`, a damaged step (its files replaced by junk, cut short) is moved aside as
+    `corrupt-<step>-<time>` and the previous step restored instead; `skipped` lists them. Only
+    when no step is readable is it a CheckpointError naming the directory. A checkpoint whose
+    tree differs from `abstract_state` (another optimizer, another version's state layout) is
+    refused with the step directory and orbax's account of the difference."""
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except ValueError as e:
-      if "do not match" not in str(e):
-        raise
-      raise ValueError(
-          f"{os.path.join(self.directory, str(step))}: the saved train state is laid out "
-          f"differently from this run's (another persyn_jax version, optimizer or LoRA setup); "
-          f"start from a new directory. orbax: {e}") from None
-    return out["state"], out["meta"], step
+    for s in steps:
+      path = os.path.join(self.directory, str(s))
+      try:
+        out = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except ValueError as e:
+        if "do not match" in str(e):
+          raise ValueError(
+              f"{path}: the saved train state is laid out differently from this run's (another "
+              f"persyn_jax version, optimizer or LoRA setup); start from a new directory. "
+              f"orbax: {e}") from None
+        error = e
+      except Exception as e:  # noqa: BLE001 - junk in a step dir fails anywhere inside orbax
+        error = e
+      else:
+        if self.skipped:
+          self.manager.reload()  # the steps moved aside are no longer steps
+        return out["state"], out["meta"], s
+      if step is not None:
+        raise CheckpointError(_damaged(path, error)) from None
+      self.skipped.append((s, _damaged(path, error)))
+      if jax.process_index() == 0:  # kept for inspection, out of orbax's sight (not a number)
+        aside, n = os.path.join(self.directory, f"corrupt-{s}-{time.strftime('%Y%m%d-%H%M%S')}"), 0
+        while os.path.exists(aside + (f"-{n}" if n else "")):
+          n += 1
+        os.replace(path, aside + (f"-{n}" if n else ""))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"checkpoints:aside:{s}")
+    raise CheckpointError(f"{self.directory}: no readable checkpoint (steps {steps} are damaged, "
+                          f"moved aside as corrupt-<step>-*): {self.skipped[0][1]}. Move the "
+                          f"directory away to train from the start")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -90,4 +127,11 @@ def restore_tree(path: str, abstract_tree):
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no saved tree (expected an orbax checkpoint directory)")
-  return ocp.StandardCheckpointer().restore(path, abstract_tree)
+  try:
+    return ocp.StandardCheckpointer().restore(path, abstract_tree)
+  except ValueError as e:
+    if "do not match" in str(e):
+      raise
+    raise CheckpointError(_damaged(path, e)) from None
+  except Exception as e:  # noqa: BLE001 - junk in the directory fails anywhere inside orbax
+    raise CheckpointError(_damaged(path, e)) from None

@@ -16,6 +16,7 @@ models that have no config.json (the toy world's, before it is built) come in `a
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import jax
@@ -44,6 +45,37 @@ def _mesh(mc: MeshConfig, devices: int, field: str) -> dict[str, int]:
   except ValueError as e:
     raise PlanError(f"{field}: {e} (plan.devices={devices}: set plan.devices to the target's "
                     "device count)") from None
+
+
+def host_memory() -> int:
+  """This machine's physical memory in bytes (0 when the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+# SFT batch arrays per token held on the host: input ids, targets, loss mask, positions and
+# segment ids, 4 bytes each (data/batches.py); the step takes grad_accum microbatches and the
+# loader keeps PREFETCH more ready.
+_SFT_BATCH_BYTES_PER_TOKEN = 5 * 4
+_PREFETCH = 2
+
+
+def _host_rows(cfg: RunConfig, n_train: int, prompt_toks: int, resp_toks: int) -> list[dict]:
+  """Host memory per process of the stages that hold data in host RAM: (stage, setting, parts in
+  bytes). Every host packs all SFT records (data.pipeline.sft_batches), so nothing here divides
+  by the number of hosts."""
+  c, s = cfg.sft, cfg.sampling
+  batch = c.batch_size * c.seq_len * _SFT_BATCH_BYTES_PER_TOKEN
+  sft = {"batches": batch * (c.grad_accum + _PREFETCH), "packing": batch,
+         "tokenized": n_train * (prompt_toks + resp_toks) * 4 * 2}
+  seq = prompt_toks + resp_toks
+  gen = {"batches": s.batch_size * seq * 4 * 3 * _PREFETCH}
+  return [{"stage": "sft", "setting": f"sft.batch_size={c.batch_size} (x sft.seq_len={c.seq_len}, "
+                                      f"sft.grad_accum={c.grad_accum})", "parts": sft},
+          {"stage": "probe/generate", "setting": f"sampling.batch_size={s.batch_size}",
+           "parts": gen}]
 
 
 def _layout(mesh: dict[str, int], layout: str) -> tuple[int, int]:
@@ -213,6 +245,18 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
         grads=n * 4 / shard_w,
         activations=cfg.router.batch_size * cfg.router.max_len * a.num_layers * 12 * a.hidden_size
         * _bytes(cfg.router.dtype) / shard_b)
+  host_mem = int(cfg.plan.host_memory_gb * GB) or host_memory()
+  host = []
+  for r in _host_rows(cfg, N, prompt_toks, resp_toks):
+    total = sum(r["parts"].values())
+    host.append({"stage": r["stage"], **{k2: round(v / GB, 3) for k2, v in r["parts"].items()},
+                 "total_gb": round(total / GB, 3)})
+    if host_mem and total > host_mem:
+      big = max(r["parts"], key=r["parts"].get)
+      setting = r["setting"] if big != "tokenized" else f"{N} training prompts"
+      problems.append(f"{setting}: {r['stage']} needs {total / GB:.1f} GB of host memory per "
+                      f"process ({', '.join(f'{k2} {v / GB:.1f}' for k2, v in r['parts'].items())}"
+                      f"), but a host has {host_mem / GB:.1f} GB")
   gens_rtg = k * P + max(0, N - P)
   out = {
       "run": cfg.name, "run_dir": cfg.out_dir, "devices": devices, "mesh": mesh,
@@ -226,7 +270,9 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
                                      % (P, max(0, N - P))},
       "tokens": {"teacher_prompt": gens_rtg * prompt_toks, "teacher_response": gens_rtg * resp_toks,
                  "sft_per_policy_epoch": N * (prompt_toks + resp_toks)},
-      "serving": serving, "memory_per_device": stages, "fits": not problems, "problems": problems,
+      "serving": serving, "memory_per_device": stages,
+      "host_memory_gb": round(host_mem / GB, 1) if host_mem else None,
+      "memory_per_host": host, "fits": not problems, "problems": problems,
   }
   return out
 
@@ -257,5 +303,9 @@ def format_plan(p: dict) -> str:
                       if k not in ("stage", "model", "total_gb", "mesh"))
     m = "x".join(str(r["mesh"][a]) for a in AXES)
     lines.append(f"    {r['stage']:<15} {r['model']:<28} {r['total_gb']:>8.2f}  ({parts}; mesh {m})")
+  lines.append(f"  host memory per process (GB; a host has {p.get('host_memory_gb') or 'unknown'}):")
+  for r in p.get("memory_per_host", []):
+    parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stage", "total_gb"))
+    lines.append(f"    {r['stage']:<15} {r['total_gb']:>8.2f}  ({parts})")
   lines.append("  fits: yes" if p["fits"] else "  DOES NOT FIT:\n    " + "\n    ".join(p["problems"]))
   return "\n".join(lines)

@@ -101,6 +101,7 @@ class PlanConfig:
 
   devices: int = 0                # 0: this machine's jax.device_count()
   device_memory_gb: float = 0.0   # per device; 0: this machine's, if it reports it
+  host_memory_gb: float = 0.0     # per host (process); 0: this machine's physical memory
   prompt_tokens: int = 256        # mean prompt length, for token and memory estimates
   response_tokens: int = 0        # mean response length; 0: sampling.max_new_tokens
 

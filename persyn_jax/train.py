@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
+import shlex
 import sys
+import traceback
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy.yaml")
 
@@ -21,6 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--config", default=None, help="YAML run config (default: the embedded toy world)")
   ap.add_argument("--stages", default="all",
                   help="comma-separated subset of probe,score,router,route,generate,sft,eval")
+  ap.add_argument("--redo", default="", metavar="STAGE[,STAGE]",
+                  help="run these stages again even if done: their complete shards are checked and "
+                       "kept, the missing or corrupt ones regenerated")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="dotted override, e.g. --set sft.lr=1e-5 (repeatable)")
   ap.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
@@ -35,22 +38,60 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+  """The CLI's one error handler. Known errors (bad input: exit 2; failures: exit 1) print one
+  line; any other error keeps its traceback and adds a line saying what the run was doing."""
   args = parse_args(argv)
+  try:
+    return _main(args)
+  except Exception as e:  # noqa: BLE001 - sorted below; imported late to keep start-up light
+    bad_input, failures = _known_errors()
+    if isinstance(e, bad_input + failures):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      if getattr(e, "redo", None):
+        cmd = list(sys.argv[1:] if argv is None else argv)
+        print(f"to regenerate it, run: python -m persyn_jax.train {shlex.join(cmd)} --redo "
+              f"{e.redo}", file=sys.stderr)
+      return 2 if isinstance(e, bad_input) else 1
+    from persyn_jax.stages.context import activity
+    traceback.print_exc()
+    print(f"persyn_jax.train failed while running: {activity() or 'start-up'}", file=sys.stderr)
+    return 1
+
+
+def _known_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+  """(bad input, failures): the error types the CLI reports in one line."""
+  from persyn_jax.config import ConfigError
+  from persyn_jax.data.chat import ChatTemplateError
+  from persyn_jax.data.records import RecordError
+  from persyn_jax.data.shards import ShardError
+  from persyn_jax.data.sources import PromptFileError
+  from persyn_jax.models.checks import CheckpointError
+  from persyn_jax.models.hub import HubError
+  from persyn_jax.models.safetensors_io import SafetensorsError
+  from persyn_jax.plan import PlanError
+  from persyn_jax.sft.log import NonFiniteError
+  from persyn_jax.stages.lock import RunDirError, RunLockedError
+  return ((ConfigError, PromptFileError, ChatTemplateError, CheckpointError, SafetensorsError,
+           HubError, PlanError, RunDirError),
+          (ShardError, RecordError, RunLockedError, NonFiniteError))
+
+
+def _one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
+def _main(args: argparse.Namespace) -> int:
   from persyn_jax import distributed  # before anything touches a device
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from persyn_jax.config import ConfigError
   from persyn_jax.run_config import STAGES, load_run_config
   overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-  try:
-    cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+  cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
   stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(",") if s.strip())
-  bad = [s for s in stages if s not in STAGES]
+  redo = tuple(s.strip() for s in args.redo.split(",") if s.strip())
+  bad = [s for s in stages + redo if s not in STAGES]
   if bad:
-    print(f"--stages: unknown {bad}; stages: {','.join(STAGES)}", file=sys.stderr)
-    return 2
+    raise ConfigError(f"--stages / --redo: unknown {bad}; stages: {','.join(STAGES)}")
   if args.dry_run:  # imports neither the stages nor the world's builder
     from persyn_jax import plan as planlib
     architectures = {}
@@ -61,9 +102,8 @@ def main(argv=None) -> int:
     n = args.num_prompts if args.num_prompts is not None else _count_prompts(cfg)
     try:
       p = planlib.plan(cfg, num_prompts=n, architectures=architectures)
-    except (planlib.PlanError, KeyError) as e:
-      print(f"--dry-run: {e}", file=sys.stderr)
-      return 2
+    except KeyError as e:
+      raise planlib.PlanError(f"--dry-run: {e}") from None
     print(planlib.format_plan(p))
     return 0 if p["fits"] else 3
   enable_compilation_cache()
@@ -71,7 +111,7 @@ def main(argv=None) -> int:
   from persyn_jax.stages import Run
   from persyn_jax.stages.context import log_to_stdout
   cfg = toyworld.resolve(cfg, log=log_to_stdout)  # `world:` -> teachers, student, prompts
-  report = Run(cfg).run(stages)
+  report = Run(cfg).run(stages, redo=redo)
   if report:
     out = os.path.join(report["run_dir"], "report")
     print(f"\nReport: {out}/report.md  (also report.json, "

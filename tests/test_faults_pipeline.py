@@ -8,6 +8,7 @@ point of a seeded plan; the last launch is a plain `python -m persyn_jax.train` 
 chain's launches are forked from a warm process (tests/faults.py: Launcher) so that 25 launches
 cost seconds each rather than a Python + JAX + transformers start-up each.
 """
+import collections
 import glob
 import json
 import os
@@ -89,6 +90,10 @@ def kill_plan(seed: int) -> list[dict]:
         "target": "os.replace", "n": rng.randint(1, hi), "match": f"/{where}/",
         "when": rng.choice(["before", "after"])}}}
 
+  def kill(stage, target, match):
+    return {"stage": stage, "faults": {"kill_at": {"target": target, "n": 1, "match": match,
+                                                   "when": "before"}}}
+
   probe_shard, gen_shard = ["probe/probe-*.array_record"], ["generate/gen-*.array_record"]
   data_shard, ckpt = ["data/*/data-*.array_record"], ["sft/*/checkpoints/*"]
   return [
@@ -97,7 +102,8 @@ def kill_plan(seed: int) -> list[dict]:
       watch("probe", probe_shard, rng.randint(1, 2)),
       replace("probe", "probe", 4),
       watch("probe", ["probe/*.stats.json"], rng.randint(1, 2)),
-      replace("probe", "probe", 4),
+      # while a teacher's shard manifest is put in place
+      kill("probe", "os.replace", ".manifest.json"),
       watch("probe", probe_shard, rng.randint(1, 2)),
       watch("probe", ["probe/*.manifest.json"], 1),
       # score writes its shards in one burst at the end: exact points rather than delays
@@ -111,15 +117,18 @@ def kill_plan(seed: int) -> list[dict]:
       watch("generate", gen_shard, rng.randint(1, 2)),
       watch("generate", data_shard, rng.randint(1, 3), 0.0),
       replace("generate", "data", 6),
-      watch("generate", data_shard, rng.randint(1, 3), 0.0),
+      # while the stage's DONE.json manifest is put in place
+      kill("generate", "os.replace", "/generate/DONE.json"),
       watch("sft", ckpt, 1),
-      watch("sft", ckpt, 1),
+      # during an orbax async save: its temp dir is there and its files are being written
+      watch("sft", ["sft/*/checkpoints/*.orbax-checkpoint-tmp*"], 1, 0.0),
       # checkpoint files too large for the disk: the save fails, the last good one stays
       {"stage": "sft", "write_fault": "disk_full_sft"},
       watch("sft", ["sft/*/tb/*"], 1),
       watch("sft", ckpt, 2),
       watch("sft", ["sft/*/student*"], 1, 0.0),
-      watch("sft", ckpt, 1),
+      # as the async save commits (the background thread renames its temp dir into place)
+      kill("sft", "os.rename", ".orbax-checkpoint-tmp"),
       watch("sft", ckpt, 1),
       watch("sft", ["sft/*/DONE.json"], 1),
   ]
@@ -181,9 +190,21 @@ def losses(path: str) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
 
 
-def assert_same_run(clean: str, resumed: str) -> None:
+def assert_same_run(clean: str, resumed: str) -> dict:
+  """Asserts that `resumed` equals `clean` file by file and record by record; returns the counts
+  compared (files, records) and found (records lost, duplicated)."""
+  counts = {"files_compared": 0, "records_compared": 0, "lost": 0, "duplicated": 0}
   a, b = compared_files(clean), compared_files(resumed)
   assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+  counts["files_compared"] = len(a)
+  for man in sorted(glob.glob(os.path.join(clean, "**", "*.manifest.json"), recursive=True)):
+    d, stage = os.path.dirname(man), os.path.basename(man)[:-len(".manifest.json")]
+    key = lambda r: (r["id"], r.get("teacher"), r.get("sample"), r.get("policy"))  # noqa: E731
+    ka = collections.Counter(key(r) for r in shards.read_records(d, stage))
+    kb = collections.Counter(key(r) for r in shards.read_records(d.replace(clean, resumed, 1), stage))
+    counts["records_compared"] += sum(ka.values())
+    counts["lost"] += sum((ka - kb).values())
+    counts["duplicated"] += sum(c - 1 for c in kb.values() if c > 1)
   for rel in a:
     if rel.endswith("metrics.jsonl"):
       # timings differ; the loss of every step must not
@@ -209,6 +230,7 @@ def assert_same_run(clean: str, resumed: str) -> None:
   for policy_dir in glob.glob(os.path.join(clean, "sft", "*", "checkpoints")):
     other = policy_dir.replace(clean, resumed, 1)
     assert complete_steps(policy_dir)[-1:] == complete_steps(other)[-1:]
+  return counts
 
 
 # -- the test -------------------------------------------------------------------------------------
@@ -257,7 +279,13 @@ def test_killed_and_resumed_run_equals_a_clean_run(fault_world, tmp_path):
           assert start == before[-1], (i, pol, before, start, tail(log))
       if wf:
         assert rc == 1, (i, step, rc, tail(log))
-        last = open(log, errors="replace").read().strip().splitlines()[-1]
+        # the CLI's handler: the error's traceback, and a line saying what the run was doing
+        # (orbax's background thread may still print after it: found by content, not position)
+        lines = open(log, errors="replace").read().strip().splitlines()
+        assert any(x.startswith(f"persyn_jax.train failed while running: run_dir {run}, stage ")
+                   for x in lines), tail(log)
+        last = [x for x in lines if "File too large" in x or "No space left on device" in x][-1:]
+        last = last[0] if last else lines[-1]
         faults_seen.append((wf, where, last))
         if wf == "fsync":
           assert re.search(r"No space left on device: '.*/generate/", last), last
@@ -284,4 +312,15 @@ def test_killed_and_resumed_run_equals_a_clean_run(fault_world, tmp_path):
   assert all(by_stage[s] >= 2 for s in by_stage), by_stage
   assert len(faults_seen) == 3
   assert resumes, "no launch resumed an SFT run from a checkpoint"
-  assert_same_run(clean, run)
+  compared = assert_same_run(clean, run)
+  # the figures of docs/FAILURES.md: $PERSYN_JAX_FAULT_REPORT, or next to the test's runs
+  report = {"seed": SEED, "launches": len(kill_plan(SEED)) + 1, "kills": len(kills),
+            "kills_by_stage": by_stage, "write_faults": len(faults_seen),
+            "late_or_missed": len(late), "resumed": len(kills) + len(faults_seen),
+            "sft_resumed_from_a_checkpoint": len(resumes), **compared,
+            "kill_points": [k[1] if isinstance(k[1], str) else json.dumps(k[1]) for k in kills]}
+  out = os.environ.get("PERSYN_JAX_FAULT_REPORT") or str(tmp_path / "fault_report.json")
+  with open(out, "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"fault report: {out}: " + json.dumps({k: v for k, v in report.items() if k != "kill_points"}))
+  assert compared["lost"] == 0 and compared["duplicated"] == 0, compared

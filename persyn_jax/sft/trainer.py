@@ -153,7 +153,10 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
   with jax.set_mesh(mesh):
     if resumed is not None:
       session.init_params = None  # not needed: free them before the restore allocates
-      state, meta, _ = ckpts.restore(session.abstract_state())
+      state, meta, resumed = ckpts.restore(session.abstract_state())
+      for step, why in ckpts.skipped:
+        log.warning("checkpoint step %d skipped and moved aside: %s; resuming from step %d",
+                    step, why, resumed)
       _resume_check(meta, config, total, ckpts.directory)
       start, position = int(meta["step"]), int(meta["position"])
     else:

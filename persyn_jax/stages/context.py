@@ -2,8 +2,9 @@
 loading on a stage's mesh, reading a stage's records, and the names of teachers' shard files."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 
@@ -25,6 +26,27 @@ def teacher_shards(stage: str, teacher: str) -> str:
   """The shard prefix of `teacher`'s responses in `stage` (probe or generate), e.g.
   `probe-<safe name>`: the one place this name is spelled."""
   return f"{_TEACHER_SHARDS[stage]}-{safe_name(teacher)}"
+
+
+# What the run is doing now (stage, teacher, file): the CLI names it when an unexpected error
+# escapes, so that a traceback from deep inside a library still says where in the run it came from.
+ACTIVITY: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def doing(**what: str) -> Iterator[None]:
+  """Within this block the run is doing `what` (e.g. stage="probe", teacher="A"); on leaving, the
+  outer activity is back, unless an exception leaves: then it stays, for the error handler."""
+  before = dict(ACTIVITY)
+  ACTIVITY.update({k: str(v) for k, v in what.items()})
+  yield
+  ACTIVITY.clear()
+  ACTIVITY.update(before)
+
+
+def activity() -> str:
+  """`stage generate, teacher A, file /run/x` (empty when nothing was set)."""
+  return ", ".join(f"{k} {v}" for k, v in ACTIVITY.items())
 
 
 def log_to_stdout(msg: str) -> None:
@@ -68,13 +90,15 @@ class Context:
   def records(self, stage: str, prefix: str | None = None) -> list[dict]:
     """The records of `stage` (run_dir/<stage>/), those with shard prefix `prefix` (default: the
     stage's name)."""
-    return list(shards.read_records(self.path(stage), prefix or stage))
+    with doing(file=self.path(stage)):
+      return list(shards.read_records(self.path(stage), prefix or stage))
 
   def teacher_records(self, stage: str, teachers=None) -> list[dict]:
     """Every teacher's responses in `stage` (probe or generate), teacher by teacher in run order."""
     out = []
     for t in self.teachers if teachers is None else teachers:
-      out += self.records(stage, teacher_shards(stage, t))
+      with doing(teacher=t):
+        out += self.records(stage, teacher_shards(stage, t))
     return out
 
   # -- prompts --------------------------------------------------------------------------------
@@ -82,7 +106,8 @@ class Context:
     """The probe / eval / train / rest split of the run's prompts (loaded once)."""
     if self._prompts is None:
       c = self.cfg.prompts
-      items, skipped = load_prompts(c.source)
+      with doing(file=c.source.path or "prompts"):
+        items, skipped = load_prompts(c.source)
       if not items:
         raise ValueError(f"{c.source.path}: no usable prompts (skipped: {skipped})")
       amount = lambda v: int(v) if v >= 1 else v  # noqa: E731
@@ -102,8 +127,9 @@ class Context:
   def load(self, ref: ModelRef, mesh: jax.sharding.Mesh, **kw):
     """(model, tokenizer) of `ref` (an HF directory or a convert output) in `ref.dtype`, laid out
     on `mesh`."""
-    return models.load_model(ref.path, dtype=ref.dtype, mesh=mesh, quantize=ref.quantize or None,
-                             **kw)
+    with doing(file=ref.path):
+      return models.load_model(ref.path, dtype=ref.dtype, mesh=mesh,
+                               quantize=ref.quantize or None, **kw)
 
   # -- what the score stage measured ----------------------------------------------------------
   def score_table(self) -> pol.ScoreTable:

@@ -19,12 +19,15 @@ from typing import Sequence
 
 from persyn_jax import config as C
 from persyn_jax import distributed as dist
+from persyn_jax.data.shards import ShardError
 from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.models.checks import CheckpointError
 from persyn_jax.run_config import STAGES, RunConfig
 from persyn_jax.stages import eval as eval_stage
 from persyn_jax.stages import generate, probe, route, router, score, sft
-from persyn_jax.stages.context import Context, Log, log_to_stdout
+from persyn_jax.stages.context import ACTIVITY, Context, Log, doing, log_to_stdout
 from persyn_jax.stages.graph import Stage, check_graph, stage_key
+from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError, prepare_run_dir
 
 GRAPH: tuple[Stage, ...] = tuple(m.STAGE for m in (probe, score, router, route, generate, sft,
                                                    eval_stage))
@@ -34,8 +37,7 @@ check_graph(GRAPH, STAGES, [f.name for f in dataclasses.fields(RunConfig)])
 FORMAT = 2
 
 
-class RunDirError(ValueError):
-  """A run directory this version cannot continue."""
+__all__ = ["Run", "RunDirError", "RunLockedError", "GRAPH", "FORMAT"]
 
 
 class Run:
@@ -45,16 +47,30 @@ class Run:
     self.ctx = Context(cfg, log=log)
     self.cfg, self.log, self.dir = cfg, log, self.ctx.dir
     self.keys: dict[str, str] = {}
+    self._unreadable: set[str] = set()
 
   def path(self, *parts: str) -> str:
     return self.ctx.path(*parts)
 
   def manifest(self, stage: str) -> dict | None:
+    """The stage's DONE.json, or None when it has none. A truncated or corrupt one (a disk that
+    failed after the atomic write, a hand edit) counts as none: the stage is incomplete and runs
+    again, resuming from its complete shards, and the log says so once."""
     p = self.path(stage, "DONE.json")
     if not os.path.exists(p):
       return None
-    with open(p) as f:
-      return json.load(f)
+    try:
+      with open(p, "rb") as f:
+        m = json.loads(f.read().decode("utf-8"))
+      if not isinstance(m, dict) or not isinstance(m.get("key"), str):
+        raise ValueError(f"not a manifest object: {str(m)[:60]!r}")
+    except (OSError, ValueError) as e:
+      if stage not in self._unreadable:
+        self._unreadable.add(stage)
+        self.log(f"[{stage}] {p} is unreadable ({type(e).__name__}: {e}); treating {stage} as "
+                 f"incomplete: it runs again from its complete shards")
+      return None
+    return m
 
   def _check_format(self) -> None:
     """Refuses a run directory whose manifests predate FORMAT: their keys cannot be compared."""
@@ -74,12 +90,37 @@ class Run:
           "format": FORMAT, "stage": stage, "key": self.keys[stage], "counts": counts,
           "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-  def run(self, stages: Sequence[str] = STAGES) -> dict | None:
-    bad = [s for s in stages if s not in STAGES]
+  def run(self, stages: Sequence[str] = STAGES, *, redo: Sequence[str] = ()) -> dict | None:
+    """Runs `stages` (and `redo`) in graph order. A stage in `redo` runs even if it is done: its
+    complete shards are checked and kept, the missing or corrupt ones are written again (the
+    way to repair a stage whose files were damaged after it finished).
+
+    Only one run at a time may use a run directory (a lock, see stages/lock.py); with several
+    processes, process 0 takes it and every process raises alike when it is refused."""
+    bad = [s for s in (*stages, *redo) if s not in STAGES]
     if bad:
       raise ValueError(f"unknown stages {bad}; stages: {', '.join(STAGES)}")
+    lock, error = RunLock(self.dir, self.log), None
+    if dist.is_writer():
+      try:
+        prepare_run_dir(self.dir)
+        lock.acquire()
+      except (RunDirError, RunLockedError) as e:
+        error = e
+    if dist.is_multiprocess():
+      dist.raise_if_any(str(error) if error else None, type(error) if error else RunDirError,
+                        f"{self.dir}: the run directory")
+    elif error:
+      raise error
+    ACTIVITY.clear()  # what an earlier run in this process left when it failed
+    try:
+      with doing(run_dir=self.dir):
+        return self._run(tuple(stages) + tuple(s for s in redo if s not in stages), set(redo))
+    finally:
+      lock.release()
+
+  def _run(self, stages: Sequence[str], redo: set[str]) -> dict | None:
     self._check_format()
-    os.makedirs(self.dir, exist_ok=True)
     if dist.is_writer():
       atomic_write_json(self.path("config.json"), C.to_dict(self.cfg))
     for st in GRAPH:
@@ -88,6 +129,12 @@ class Run:
       m = dist.broadcast_json(self.manifest(stage))  # process 0's view: all run or skip alike
       if stage not in stages:
         continue
+      if stage in redo and m is not None and m.get("key") == self.keys[stage]:
+        self.log(f"[{stage}] --redo: checking its shards; the missing or corrupt ones are written "
+                 f"again")
+        m = None
+        if dist.is_writer():
+          os.remove(self.path(stage, "DONE.json"))
       if m is not None and m.get("key") == self.keys[stage]:
         self.log(f"[{stage}] done earlier ({m['seconds']} s); skipped")
         continue
@@ -99,12 +146,30 @@ class Run:
         dist.barrier(f"{stage}:stale")
       self.log(f"[{stage}] running")
       t0 = time.time()
-      counts = st.run(self.ctx)
+      with doing(stage=stage):
+        counts = self._run_stage(st)
       self.done(stage, counts, time.time() - t0)
       dist.barrier(f"{stage}:done")  # its files exist before the next stage reads them
       self.log(f"[{stage}] done in {time.time() - t0:.1f} s")
       gc.collect()
     if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
-      from persyn_jax.report import write_run_report
-      return write_run_report(self.ctx, {s: self.manifest(s) for s in STAGES})
+      with doing(stage="report"):
+        from persyn_jax.report import write_run_report
+        return write_run_report(self.ctx, {s: self.manifest(s) for s in STAGES})
     return None
+
+  def _run_stage(self, st: Stage) -> dict:
+    """Runs `st`; a damaged shard or checkpoint of a stage that finished earlier is named with
+    the way to regenerate it (`--redo <that stage>`)."""
+    try:
+      return st.run(self.ctx)
+    except (ShardError, CheckpointError) as e:
+      msg = str(e)
+      damaged = next((s for s in STAGES if s != st.name and msg.startswith(self.path(s) + os.sep)
+                      and self.manifest(s) is not None), None)
+      if damaged is None:
+        raise
+      err = type(e)(f"{msg}. Stage {damaged!r} finished earlier, so this file was damaged "
+                    f"since; to regenerate it, rerun with --redo {damaged}")
+      err.redo = damaged
+      raise err from None

@@ -1,0 +1,284 @@
+"""The run directory as bad input: a second run on it, a stale lock, a damaged DONE.json, a file
+or read-only place where the directory should be; and the CLI's one error handler (one line for
+known errors, exit 2 for bad input and 1 for failures; a traceback plus what the run was doing
+for anything else). docs/FAILURES.md lists each case with its test."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from persyn_jax import config as C
+from persyn_jax.stages import GRAPH, Run, stage_key
+from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError
+
+
+def explicit_config(model_dir, tmp_path, prompts: str = "", **over):
+  """A run of two tiny teachers and a tiny student over a prompt file with `prompts` (empty by
+  default: the probe stage then stops at once with 'no usable prompts', which shows it ran)."""
+  from persyn_jax.run_config import RunConfig
+  p = tmp_path / "prompts.jsonl"
+  p.write_text(prompts)
+  path = model_dir("llama")[0]
+  data = {"world": None, "run_dir": str(tmp_path / "run"),
+          "teachers": [{"name": "t1", "path": path}, {"name": "t2", "path": path}],
+          "student": {"name": "s", "path": path},
+          "prompts": {"source": {"path": str(p)}, "probe": 1.0}}
+  data.update(over)
+  return C.from_dict(RunConfig, data)
+
+
+def hold_lock(run_dir: str) -> subprocess.Popen:
+  """Another process that takes the run directory's lock and keeps it until killed."""
+  code = textwrap.dedent(f"""
+      import sys, time
+      from persyn_jax.stages.lock import RunLock
+      lock = RunLock({run_dir!r}); lock.acquire()
+      print("locked", flush=True); time.sleep(600)""")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+  assert proc.stdout.readline().strip() == "locked"
+  return proc
+
+
+NO_PROMPTS = r"prompts.jsonl: no usable prompts"
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_holder(model_dir, tmp_path):
+  cfg = explicit_config(model_dir, tmp_path)
+  os.makedirs(cfg.run_dir)
+  holder = hold_lock(cfg.run_dir)
+  try:
+    with pytest.raises(RunLockedError, match=rf"{cfg.run_dir}: another run is using this run "
+                                             rf"directory \(pid {holder.pid} on host "
+                                             rf"{socket.gethostname()}, started "):
+      Run(cfg, log=lambda m: None).run(["probe"])
+    assert not os.path.exists(os.path.join(cfg.run_dir, "config.json"))  # refused before anything
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_logged(model_dir, tmp_path):
+  cfg = explicit_config(model_dir, tmp_path)
+  os.makedirs(cfg.run_dir)
+  holder = hold_lock(cfg.run_dir)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  logs = []
+  with pytest.raises(ValueError, match=NO_PROMPTS):  # the run went on to its first stage
+    Run(cfg, log=logs.append).run(["probe"])
+  assert any(f"taking over the lock of an earlier run (pid {holder.pid} on host "
+             f"{socket.gethostname()}" in m and "no longer running" in m for m in logs), logs
+  assert open(os.path.join(cfg.run_dir, ".lock")).read() == ""  # a run that ended leaves no note
+  with RunLock(cfg.run_dir) as lock:  # released when the run ended, even by an error
+    note = json.load(open(lock.path))
+    assert note["pid"] == os.getpid() and note["host"] == socket.gethostname()
+  logs = []
+  with pytest.raises(ValueError, match=NO_PROMPTS):
+    Run(cfg, log=logs.append).run(["probe"])
+  assert not any("taking over" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("content", [b'{"format": 2, "stage": "probe", "ke', b"\x00\xff\xfe junk",
+                                     b"[]", b""])
+def test_a_damaged_done_json_makes_its_stage_run_again(model_dir, tmp_path, content):
+  cfg = explicit_config(model_dir, tmp_path)
+  done = os.path.join(cfg.run_dir, "probe", "DONE.json")
+  os.makedirs(os.path.dirname(done))
+  key = stage_key(GRAPH[0], cfg, {})
+  json.dump({"format": 2, "stage": "probe", "key": key, "counts": {}, "seconds": 1.0}, open(done, "w"))
+  logs = []
+  Run(cfg, log=logs.append).run(["probe"])  # a good manifest: skipped
+  assert logs == ["[probe] done earlier (1.0 s); skipped"]
+  open(done, "wb").write(content)
+  logs = []
+  with pytest.raises(ValueError, match=NO_PROMPTS):  # not a JSONDecodeError: the stage ran again
+    Run(cfg, log=logs.append).run(["probe"])
+  assert any(m.startswith(f"[probe] {done} is unreadable (") and "treating probe as incomplete" in m
+             for m in logs), logs
+
+
+def read_only_dir(tmp_path) -> str:
+  """A place where no run directory can be made: a read-only directory (root writes through
+  permission bits, so for root a sysfs path, where no one may create a directory)."""
+  if os.geteuid() == 0:
+    return "/sys/persyn-jax-test-run"
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o500)
+  return str(ro / "run")
+
+
+def test_a_run_dir_that_is_a_file_or_read_only_is_named(model_dir, tmp_path):
+  cfg = explicit_config(model_dir, tmp_path)
+  open(cfg.run_dir, "w").write("not a directory")
+  with pytest.raises(RunDirError, match=rf"{cfg.run_dir}: the run directory is a file"):
+    Run(cfg, log=lambda m: None).run(["probe"])
+  ro = read_only_dir(tmp_path)
+  cfg = explicit_config(model_dir, tmp_path, run_dir=ro)
+  with pytest.raises(RunDirError, match=rf"{ro}: cannot create the run directory \((Permission "
+                                        rf"denied|Operation not permitted)"):
+    Run(cfg, log=lambda m: None).run(["probe"])
+
+
+# -- the CLI's error handler -----------------------------------------------------------------------
+
+def write_yaml(cfg, tmp_path) -> str:
+  y = tmp_path / "run.yaml"
+  y.write_text(yaml.safe_dump(C.to_dict(cfg)))
+  return str(y)
+
+
+def test_the_cli_prints_known_errors_in_one_line_with_exit_2_or_1(model_dir, tmp_path, capsys):
+  from persyn_jax import train
+  cfg = explicit_config(model_dir, tmp_path)
+  y = write_yaml(cfg, tmp_path)
+  open(cfg.run_dir, "w").write("x")  # bad input: 2
+  assert train.main(["--config", y, "--stages", "probe"]) == 2
+  err = capsys.readouterr().err
+  assert err == f"error: RunDirError: {cfg.run_dir}: the run directory is a file, not a directory " \
+                f"(use another --run-dir, or move the file away)\n"
+  os.remove(cfg.run_dir)
+  os.makedirs(cfg.run_dir)
+  holder = hold_lock(cfg.run_dir)
+  try:  # a failure, not bad input: 1
+    assert train.main(["--config", y, "--stages", "probe"]) == 1
+  finally:
+    holder.kill()
+    holder.wait()
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: RunLockedError: {cfg.run_dir}: another run is using this run "
+                        f"directory (pid {holder.pid} ") and err.count("\n") == 1, err
+  assert train.main(["--config", y, "--redo", "probing"]) == 2
+  assert capsys.readouterr().err.startswith("error: ConfigError: --stages / --redo: unknown "
+                                            "['probing']")
+
+
+def test_the_cli_keeps_the_traceback_of_an_unknown_error_and_says_what_it_was_doing(
+    model_dir, tmp_path, capsys):
+  from persyn_jax import train
+  cfg = explicit_config(model_dir, tmp_path)  # no prompts: a plain ValueError inside the stage
+  assert train.main(["--config", write_yaml(cfg, tmp_path), "--stages", "probe"]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and "no usable prompts" in err
+  assert err.rstrip().splitlines()[-1] == (
+      f"persyn_jax.train failed while running: run_dir {cfg.run_dir}, stage probe")
+
+
+# -- orbax checkpoints replaced by junk ------------------------------------------------------------
+
+def junk(path: str) -> None:
+  """Every file under `path` overwritten with random bytes (a checkpoint replaced by junk)."""
+  for root, _, files in os.walk(path):
+    for f in files:
+      open(os.path.join(root, f), "wb").write(os.urandom(100))
+
+
+def test_a_damaged_sft_checkpoint_step_is_moved_aside_and_the_previous_one_restored(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from persyn_jax.checkpoints import CheckpointManager
+  from persyn_jax.models import CheckpointError
+  d = str(tmp_path / "checkpoints")
+  target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  ckpts = CheckpointManager(d, keep=3)
+  for step in (1, 2):
+    ckpts.save(step, {"w": jnp.full((3,), float(step))}, {"step": step})
+  ckpts.close()
+  junk(os.path.join(d, "2"))
+  ckpts = CheckpointManager(d, keep=3)
+  state, meta, step = ckpts.restore(target)
+  assert (step, meta["step"]) == (1, 1) and state["w"].tolist() == [1.0, 1.0, 1.0]
+  assert [s for s, _ in ckpts.skipped] == [2]
+  assert ckpts.skipped[0][1].startswith(f"{d}/2: not a readable orbax checkpoint, damaged or "
+                                        f"replaced (")
+  assert [n for n in os.listdir(d) if n.startswith("corrupt-2-")] and ckpts.all_steps() == [1]
+  ckpts.save(2, {"w": jnp.full((3,), 5.0)}, {"step": 2})  # training goes on past the bad step
+  ckpts.wait()
+  assert ckpts.restore(target)[2] == 2
+  ckpts.close()
+  junk(os.path.join(d, "1"))
+  junk(os.path.join(d, "2"))
+  with pytest.raises(CheckpointError, match=rf"{d}: no readable checkpoint \(steps \[2, 1\] are "
+                                            rf"damaged"):
+    CheckpointManager(d, keep=3).restore(target)
+
+
+def test_a_checkpoint_dir_or_saved_tree_replaced_by_junk_is_named(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from persyn_jax.checkpoints import CheckpointManager, restore_tree, save_tree
+  from persyn_jax.models import CheckpointError
+  path = str(tmp_path / "router" / "state")
+  save_tree(path, {"w": jnp.ones((3,))})
+  junk(path)
+  with pytest.raises(CheckpointError, match=rf"{path}: not a readable orbax checkpoint, damaged"):
+    restore_tree(path, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+  f = tmp_path / "checkpoints"
+  f.write_bytes(os.urandom(64))
+  with pytest.raises(CheckpointError, match=rf"{f}: a file where the checkpoint directory should be"):
+    CheckpointManager(str(f), keep=1)
+
+
+# -- the planner counts host memory ----------------------------------------------------------------
+
+def test_dry_run_refuses_an_sft_batch_that_does_not_fit_host_memory(capsys):
+  """On CPU no device reports its memory, so only the host check can refuse this plan."""
+  from persyn_jax import plan as planlib
+  from persyn_jax import train
+  assert train.main(["--dry-run", "--set", "sft.batch_size=1000000000"]) == 3
+  out = capsys.readouterr().out
+  gb = planlib.host_memory() / planlib.GB
+  assert "DOES NOT FIT:\n    sft.batch_size=1000000000 (x sft.seq_len=" in out
+  assert "needs " in out and "GB of host memory per process (batches " in out
+  assert f"but a host has {gb:.1f} GB" in out
+  assert train.main(["--dry-run"]) == 0  # the toy run's own batches fit
+  assert "host memory per process" in capsys.readouterr().out
+
+
+# -- a shard damaged after its stage finished ------------------------------------------------------
+
+def test_a_shard_damaged_after_its_stage_finished_names_the_redo_and_redo_rewrites_only_it(
+    model_dir, tmp_path, capsys):
+  from persyn_jax import train
+  from persyn_jax.data.shards import ShardError
+  prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"count to {i}"}) + "\n" for i in range(3))
+  cfg = explicit_config(model_dir, tmp_path, prompts, records_per_shard=1,
+                        sampling={"max_new_tokens": 4, "batch_size": 4})
+  Run(cfg, log=lambda m: None).run(["probe"])
+  probe = os.path.join(cfg.run_dir, "probe")
+  files = sorted(f for f in os.listdir(probe) if f.endswith(".array_record"))
+  assert len(files) >= 2  # one record per shard, a shard per probe prompt and teacher
+  before = {f: (open(os.path.join(probe, f), "rb").read(), os.stat(os.path.join(probe, f)).st_ino)
+            for f in files}
+  bad = os.path.join(probe, files[-1])
+  data = bytearray(before[files[-1]][0])
+  data[len(data) // 2] ^= 0xFF
+  open(bad, "wb").write(bytes(data))
+
+  with pytest.raises(ShardError, match=rf"{bad}: .*Stage 'probe' finished earlier, so this file "
+                                       rf"was damaged since; to regenerate it, rerun with --redo "
+                                       rf"probe") as e:
+    Run(cfg, log=lambda m: None).run(["score"])
+  assert e.value.redo == "probe"
+  y = write_yaml(cfg, tmp_path)
+  assert train.main(["--config", y, "--stages", "score"]) == 1
+  err = capsys.readouterr().err.splitlines()[-2:]  # after the run's own progress output
+  assert err[0].startswith(f"error: ShardError: {bad}: ")
+  assert err[1] == f"to regenerate it, run: python -m persyn_jax.train --config {y} --stages score " \
+                   f"--redo probe"
+
+  logs = []
+  Run(cfg, log=logs.append).run(["score"][:0], redo=["probe"])
+  assert "[probe] --redo: checking its shards; the missing or corrupt ones are written again" in logs
+  for f in files:  # the damaged shard is written again, as it was; the others are not touched
+    path = os.path.join(probe, f)
+    assert open(path, "rb").read() == before[f][0], f
+    assert (os.stat(path).st_ino == before[f][1]) == (f != files[-1]), f
+  assert json.load(open(os.path.join(probe, "DONE.json")))["key"] == stage_key(GRAPH[0], cfg, {})
