@@ -102,8 +102,7 @@ def insert(model, state, small, logits, mask, slot, src, pidx, sidx, *, st: Stat
   cache = {"layers": layers, "segment_ids": put(state["cache"]["segment_ids"], seg),
            "end": put(state["cache"]["end"], jnp.full((R,), Lp, jnp.int32))}
   out = dict(state)
-  out.update(cache=_constrain_cache(cache) | {"end": cache["end"]},
-             logits=put(state["logits"], logits[src]),
+  out.update(cache=_constrain_cache(cache), logits=put(state["logits"], logits[src]),
              tokens=put(state["tokens"], jnp.full((R, st.max_new_tokens), st.pad_id, jnp.int32)),
              length=put(state["length"], jnp.zeros((R,), jnp.int32)),
              done=put(state["done"], jnp.zeros((R,), bool)),
@@ -162,7 +161,7 @@ def chunk(model, state, seed, stop_ids, exit_done, *, st: Static, steps: int, sp
                       for kv, sm in zip(big["layers"], small["layers"])],
            "segment_ids": paste(big["segment_ids"], small["segment_ids"]), "end": small["end"]}
   out = dict(state)
-  out.update(s, cache=_constrain_cache(cache) | {"end": cache["end"]})
+  out.update(s, cache=_constrain_cache(cache))
   return out, n
 
 
