@@ -97,6 +97,15 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def write_slots(cache: Array, new: Array, end: Array | int) -> Array:
+  """cache [B, S, ...] with new [B, T, ...] written at slots end..end+T-1: the same slots for every
+  row when `end` is a scalar, row b's own slots from end[b] when it is an [B] array."""
+  if jnp.ndim(end) == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (0, end) + (0,) * (cache.ndim - 2))
+  row = lambda c, n, e: jax.lax.dynamic_update_slice(c, n, (e,) + (0,) * (c.ndim - 1))
+  return jax.vmap(row)(cache, new, end)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, param_dtype):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -138,8 +147,7 @@ class Attention(nnx.Module):
       out = attend(q, k, v, slots(k.shape[1]), k_seg)
     else:
       k_new, v_new = k.astype(kv["k"].dtype), v.astype(kv["v"].dtype)
-      kc = jax.lax.dynamic_update_slice(kv["k"], k_new, (0, end, 0, 0))
-      vc = jax.lax.dynamic_update_slice(kv["v"], v_new, (0, end, 0, 0))
+      kc, vc = write_slots(kv["k"], k_new, end), write_slots(kv["v"], v_new, end)
       kv = {"k": kc, "v": vc}
       S = kc.shape[1]
       full = lambda: attend(q, kc.astype(x.dtype), vc.astype(x.dtype), slots(S), k_seg)
@@ -150,7 +158,7 @@ class Attention(nnx.Module):
         # the future), so attend over T keys instead of T + max_new_tokens; the fresh k/v pass
         # through the cache dtype so both branches see the same values
         prompt = lambda: attend(q, k_new.astype(x.dtype), v_new.astype(x.dtype), q_idx, q_seg)
-        out = jax.lax.cond(jnp.asarray(end) == 0, prompt, full)
+        out = jax.lax.cond(jnp.all(jnp.asarray(end) == 0), prompt, full)
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = self.o(out)
     if cfg.o_bias:
@@ -249,8 +257,11 @@ class Transformer(nnx.Module):
       k_seg = segment_ids
     else:
       end = cache["end"]
-      q_idx = end + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, end))
+      # a scalar end: every row writes at the same slot; an [B] end: one write slot per row (the
+      # slot cache of continuous batching)
+      first = end if jnp.ndim(end) == 0 else end[:, None]
+      q_idx = first + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      k_seg = write_slots(cache["segment_ids"], segment_ids.astype(jnp.int32), end)
     new_layers = []
     for i, block in enumerate(self.layers):
       kv = None if cache is None else cache["layers"][i]
@@ -354,7 +365,10 @@ class SequenceClassifier(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
-  """An empty KV cache for `max_len` slots. Sharded by the caller (`cache_shardings`)."""
+  """An empty KV cache for `max_len` slots. Sharded by the caller (`cache_shardings`).
+
+  "end" is the next slot to write: a scalar (all rows in step, a left-padded batch) or, for the
+  slot cache of continuous batching, an [batch] array set by the caller (one per row)."""
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {
       "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -6,7 +6,8 @@
     results[0].text, results[0].token_ids, results[0].finish_reason
 
 The pieces: `config` (SamplingConfig, GenerationResult), `logits` (the sampling math), `engine`
-(jitted prefill and decode loop on the device runtime), `generate` (host side), `records`
+(jitted prefill and decode loop on the device runtime), `slots` (continuous batching: decode
+slots refilled as rows stop), `generate` (host side), `records`
 (generate_to_records). This package is the public surface.
 """
 from persyn_jax.sampling.config import FINISH_REASONS, GenerationResult, SamplingConfig, summarize

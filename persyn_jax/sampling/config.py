@@ -24,6 +24,11 @@ class SamplingConfig:
   min_bucket: the shortest prompt bucket; buckets are 2^n and 1.5 * 2^n tokens up to max_prompt_len.
   cache_dtype: "auto" = the model's compute dtype.
   mesh: the sampling stage's own mesh; None = the run's mesh.
+  batching: "continuous" = batch_size decode slots, each refilled with the next waiting prompt
+    as soon as its row stops (sampling/slots.py); "static" = batches of batch_size rows that
+    decode until their longest row ends. Both give the same responses.
+  decode_chunk: continuous batching's decode steps per host check (the host looks for free
+    slots between chunks; a chunk also ends early once enough slots are free).
   """
 
   max_new_tokens: int = 512
@@ -41,6 +46,8 @@ class SamplingConfig:
   min_bucket: int = 16
   cache_dtype: str = "auto"
   mesh: MeshConfig | None = None
+  batching: Literal["continuous", "static"] = "continuous"
+  decode_chunk: int = 16
 
   def __post_init__(self):
     checks = [
@@ -54,6 +61,8 @@ class SamplingConfig:
         ("max_prompt_len", self.max_prompt_len >= 1, "must be >= 1"),
         ("overlong", self.overlong in ("truncate_left", "skip"), "must be truncate_left or skip"),
         ("min_bucket", self.min_bucket >= 1, "must be >= 1"),
+        ("batching", self.batching in ("continuous", "static"), "must be continuous or static"),
+        ("decode_chunk", self.decode_chunk >= 1, "must be >= 1"),
         ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings),
          "must be non-empty strings"),
     ]

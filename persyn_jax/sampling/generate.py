@@ -15,6 +15,7 @@ import numpy as np
 from persyn_jax.data import chat
 from persyn_jax.distributed import to_host  # multi-host: every process gets the whole batch
 from persyn_jax.runtime.buckets import bucket_lengths, bucket_of, plan_batches
+from persyn_jax.sampling import slots
 from persyn_jax.sampling.config import GenerationResult, SamplingConfig
 from persyn_jax.sampling.engine import Engine, Static
 
@@ -99,14 +100,20 @@ def finish(tokenizer, ids: list[int], stopped: bool, stop_strings: tuple[str, ..
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig = SamplingConfig(),
              *, mesh=None, indices: Sequence[int] | None = None,
-             progress: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+             progress: Callable[[int, int], None] | None = None,
+             stats: dict | None = None) -> list[GenerationResult]:
   """Samples `config.num_samples` responses per prompt; returns them in input order (prompt-major).
 
   prompts: strings (one user turn) or chat message lists; the model's chat template is applied
   with `config.system_prompt`. mesh: default the mesh of the model's parameters.
   indices: the prompt numbers that name the results and seed their random keys (default 0..n-1);
   a prompt's responses depend only on (seed, its index, sample), not on the other prompts.
-  progress(rows, response_tokens) is called after every batch.
+  progress(rows, response_tokens) is called after every batch (static) or every decode chunk
+  that finished rows (continuous).
+  config.batching picks the decode loop: "continuous" (slots refilled as rows stop,
+  sampling/slots.py) or "static" (one batch at a time); the responses are the same.
+  stats: a dict to fill with what the decode did: slot_steps (rows x decode steps run),
+  useful_tokens (response tokens among them), useful_fraction.
   """
   if isinstance(prompts, (str, bytes)):
     raise TypeError("prompts must be a sequence of prompts, not one string")
@@ -146,18 +153,39 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
                   f"{config.max_new_tokens} go past the model's max_position_embeddings="
                   f"{model.config.max_position_embeddings}")
 
-  def collect(rows, out):
-    tokens, length, stopped = (to_host(x) for x in out)
+  def store(done):  # [(prompt, sample, tokens, stopped)] of finished rows
     done_tokens = 0
-    for r, (i, s) in enumerate(rows):
-      ids = tokens[r, :length[r]].tolist()
-      text, kept, reason, stop = finish(tokenizer, ids, bool(stopped[r]), config.stop_strings)
+    for i, s, ids, stopped in done:
+      text, kept, reason, stop = finish(tokenizer, list(ids), stopped, config.stop_strings)
       p_ids, truncated, _ = tokenized[i]
       results[i * n + s] = GenerationResult(indices[i], s, text, tuple(kept), reason, len(p_ids),
                                             len(kept), stop, truncated)
       done_tokens += len(kept)
     if progress is not None:
-      progress(len(rows), done_tokens)
+      progress(len(done), done_tokens)
+
+  if config.batching == "continuous":
+    run = slots.run(engine, [ids for ids, _, _ in tokenized], rows_all, prompt_index=indices,
+                    seed=config.seed, stop_ids=stops,
+                    slots=min(config.batch_size, slots.pow2(len(rows_all))), buckets=buckets,
+                    chunk_steps=config.decode_chunk,
+                    on_done=lambda out: store([(i, s, t.tolist(), st) for i, s, t, _, st in out]))
+    if stats is not None:
+      stats.update(slot_steps=run.slot_steps, useful_tokens=run.useful_tokens,
+                   useful_fraction=run.useful_fraction, chunks=run.chunks,
+                   prefill_rows=run.prefill_rows)
+    return results  # type: ignore[return-value]
+
+  slot_steps = useful = 0
+
+  def collect(rows, out):
+    nonlocal slot_steps, useful
+    tokens, length, stopped = (to_host(x) for x in out)
+    # the decode loop ran until its longest row ended, every row of the batch with it
+    slot_steps += int(length.max()) * len(length)
+    useful += int(length[:len(rows)].sum())
+    store([(i, s, tokens[r, :length[r]].tolist(), bool(stopped[r]))
+           for r, (i, s) in enumerate(rows)])
 
   pending = None
   for b in plan:
@@ -176,4 +204,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
       collect(*pending)
     pending = (rows, out)
   collect(*pending)
+  if stats is not None:
+    stats.update(slot_steps=slot_steps, useful_tokens=useful,
+                 useful_fraction=useful / max(1, slot_steps))
   return results  # type: ignore[return-value]

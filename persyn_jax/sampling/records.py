@@ -31,6 +31,8 @@ from persyn_jax.data import shards
 from persyn_jax.sampling.config import GenerationResult, SamplingConfig, summarize
 from persyn_jax.sampling.generate import generate
 
+# sampling fields that change how rows are batched, never what is sampled
+BATCHING_FIELDS = ("batch_size", "batching", "decode_chunk")
 # fields a generation record sets itself; everything else of the prompt record is carried over
 GENERATED = ("schema", "teacher", "sample", "response", "finish_reason", "tokens", "provenance")
 
@@ -148,9 +150,11 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
     parts.append((start, part, max(1, math.ceil(len(part) / per))))
     start += len(part)
   counts = [c for _, _, c in parts]
-  # batch_size is left out of the hash so a job that ran out of memory can resume with less
+  # how rows are batched is left out of the hash (it never changes a response): a job that ran
+  # out of memory can resume with a smaller batch, a static one continue continuous
   prov = {"stage": stage, "config_hash": config_hash(
-      {k: v for k, v in to_dict(config).items() if k != "batch_size"}), "seed": config.seed}
+      {k: v for k, v in to_dict(config).items() if k not in BATCHING_FIELDS}),
+      "seed": config.seed}
   prov.update(provenance or {})
   first, mine, count = parts[host]
   plan = {"stage": stage, "teacher": teacher, "keys": KEYS, "config_hash": prov["config_hash"],
