@@ -1,0 +1,81 @@
+"""A run where one teacher is served (`engine: openai`, by `python -m persyn_jax.serve` on
+localhost over real HTTP) and the others run in-process: the run completes, the served teacher's
+probe records equal an all in-process run's for greedy sampling apart from provenance, its cost
+is the server's token counts, and the API key reaches no file of the run."""
+import dataclasses
+import os
+
+import pytest
+
+from persyn_jax.engines import OpenAIEngineConfig
+from persyn_jax.run_config import ModelRef
+from persyn_jax.stages import Run
+from test_pipeline import explicit_config
+from test_serve import Server
+
+SECRET = "sk-engine-pipeline-test-9876"
+# greedy, the shapes the toy config's teachers are sampled with
+SETS = ["sampling.temperature=0.0", "sampling.top_p=1.0", "sampling.max_new_tokens=16",
+        "compare=[persyn,strong]", "sft.epochs=1", "eval.base_student=false"]
+
+
+def config(world, run_dir, served=None):
+  cfg = explicit_config(world, run_dir, sets=SETS)
+  if served is None:
+    return cfg
+  t0 = cfg.teachers[0]
+  ref = dataclasses.replace(t0, engine="openai", openai=OpenAIEngineConfig(
+      served.url, "tiny", api_key_env="ENGINE_PIPELINE_KEY", concurrency=4, timeout_s=120,
+      retries=2, backoff_s=0.2))
+  return dataclasses.replace(cfg, teachers=(ref, *cfg.teachers[1:]))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_world, tmp_path_factory):
+  name, path, _ = tiny_world.teachers[0]
+  cfg = explicit_config(tiny_world, "unused", sets=SETS).sampling
+  s = Server(path, str(tmp_path_factory.mktemp("serve") / "server.log"),
+             env={"ENGINE_PIPELINE_KEY": SECRET},
+             # the server's prompt shapes are the run's: the same buckets, the same answers
+             extra=["--api-key-env", "ENGINE_PIPELINE_KEY", "--max-prompt-len",
+                    str(cfg.max_prompt_len), "--min-bucket", str(cfg.min_bucket)])
+  yield s
+  s.kill()
+
+
+def without_provenance(recs):
+  return [{k: v for k, v in r.items() if k != "provenance"} for r in recs]
+
+
+def test_a_served_teacher_answers_as_in_process(tiny_world, served, tmp_path, monkeypatch):
+  monkeypatch.setenv("ENGINE_PIPELINE_KEY", SECRET)
+  logs = []
+  mixed = config(tiny_world, tmp_path / "mixed", served)
+  report = Run(mixed, log=logs.append).run()
+  assert set(report["eval"]) >= set(mixed.compare)
+  local = config(tiny_world, tmp_path / "local")
+  Run(local, log=lambda m: None).run(("probe",))
+
+  name = mixed.teachers[0].name
+  a, b = Run(mixed, log=lambda m: None).ctx, Run(local, log=lambda m: None).ctx
+  got, want = a.teacher_records("probe", [name]), b.teacher_records("probe", [name])
+  assert len(got) == len(a.prompts()["probe"]) > 0
+  assert without_provenance(got) == without_provenance(want)
+  assert {r["provenance"]["engine"] for r in got} == {"openai"}
+  assert all(r["provenance"]["usage"]["completion_tokens"] == r["tokens"]["response"]
+             for r in got)
+  # the other teachers ran in-process in the same run
+  for t in mixed.teachers[1:]:
+    assert without_provenance(a.teacher_records("probe", [t.name])) == \
+        without_provenance(b.teacher_records("probe", [t.name]))
+  # cost: the server's token counts
+  probe_counts = report["costs"]["teachers"][name]
+  assert probe_counts["tokens"] >= sum(r["tokens"]["response"] for r in got)
+  assert any(f"on {served.url}" in m for m in logs)
+
+  # the key is in no file of the run (configs, records, progress files, manifests, report)
+  for root, _, files in os.walk(a.dir):
+    for f in files:
+      with open(os.path.join(root, f), "rb") as fh:
+        assert SECRET.encode() not in fh.read(), os.path.join(root, f)
+  assert not any(SECRET in m for m in logs)
