@@ -3,7 +3,8 @@
 Stages, teachers, generations per teacher, the mesh, estimated tokens, and memory per device
 (parameters, KV cache, optimizer state, activations) for each stage on that stage's own mesh
 (`<stage>.mesh`, or the run's `mesh`); a plan that does not fit the devices' memory is refused,
-naming the stage and the sizes.
+naming the stage and the sizes. Teachers served by their own engine (`engine: openai`) take no
+memory here. The config's other problems are persyn_jax.preflight's.
 
 Layouts: the sampling stages use the SERVING layout (weights split over `tensor` only, rows over
 data x fsdp: no FSDP gathers inside a decode loop); the others the TRAINING layout (weights over
@@ -94,6 +95,10 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
   teachers = []
   smesh, shard_w, shard_b = stage_mesh("sampling.mesh", s.mesh, "serving")
   for t in cfg.teachers:
+    if t.served:  # answered by its own server: no memory on this run's devices
+      teachers.append({"name": t.name, "path": t.path, "params_b": None, "engine": "openai",
+                       "url": t.openai.url, "probe_generations": P * s.num_samples})
+      continue
     a = arch(t.path)
     b = _bytes(t.dtype)
     params = a.num_params() * b / shard_w
@@ -104,7 +109,7 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
     logits = rows * a.vocab_size * 4 / shard_b
     add("probe/generate", t.name, smesh, params=params, kv_cache=kv, activations=logits)
     teachers.append({"name": t.name, "path": t.path, "params_b": round(a.num_params() / 1e9, 2),
-                     "probe_generations": P * s.num_samples})
+                     "engine": "jax", "probe_generations": P * s.num_samples})
   if cfg.student is not None:
     a = arch(cfg.student.path)
     c = cfg.sft
@@ -162,7 +167,10 @@ def format_plan(p: dict) -> str:
            f"  prompts: {p['prompts']}", f"  policies: {', '.join(p['policies'])}",
            "  stages: probe -> score -> router -> route -> generate -> sft -> eval", "  teachers:"]
   for t in p["teachers"]:
-    lines.append(f"    {t['name']:<28} {t['params_b']:>8.2f}B  {t['path']}")
+    if t.get("engine") == "openai":
+      lines.append(f"    {t['name']:<28} {'served':>9}  {t['url']} (engine openai: no device memory)")
+    else:
+      lines.append(f"    {t['name']:<28} {t['params_b']:>8.2f}B  {t['path']}")
   g = p["generations"]
   lines.append(f"  generations: probe {g['probe']}, routed {g['routed']}: Route then Generate "
                f"{g['route_then_generate']} vs Generate then Select {g['generate_then_select']}")
