@@ -49,7 +49,7 @@ def served_answers(ctx: Context, ref: ModelRef, items: list[dict], stage: str) -
   man = generate_openai_to_records(ref.openai, items, cfg.sampling, ctx.path(stage),
                                    teacher_shards(stage, ref.name), teacher=ref.name,
                                    records_per_shard=cfg.records_per_shard,
-                                   provenance={"run": cfg.name}, progress=False)
+                                   provenance={"run": cfg.name})
   counts = man["extra"]["counts"]
   return {"generations": int(counts["results"]), "tokens": int(counts["usage_completion_tokens"]),
           "prompt_tokens": int(counts["usage_prompt_tokens"]), "requests": int(counts["requests"]),
@@ -83,6 +83,8 @@ def answer_all(ctx: Context, stage: str, items: Mapping[str, Sequence[dict]]) ->
       out[ref.name] = teacher_answers(ctx, ref, todo, stage)
   finally:
     pool.shutdown(wait=True)
+  if not served:  # every process took this branch (same config): no collective needed
+    return out
   errors = {}
   for name, fut in futures.items():
     try:
