@@ -73,6 +73,13 @@ def test_a_served_teacher_answers_as_in_process(tiny_world, served, tmp_path, mo
   assert probe_counts["tokens"] >= sum(r["tokens"]["response"] for r in got)
   assert any(f"on {served.url}" in m for m in logs)
 
+  # a server that moved (another url, other connection settings) keeps every finished stage
+  moved = dataclasses.replace(mixed.teachers[0], openai=dataclasses.replace(
+      mixed.teachers[0].openai, url=served.url.replace("127.0.0.1", "localhost"), concurrency=2))
+  again = []
+  Run(dataclasses.replace(mixed, teachers=(moved, *mixed.teachers[1:])), log=again.append).run()
+  assert [m for m in again if "running" in m] == []
+
   # the key is in no file of the run (configs, records, progress files, manifests, report)
   for root, _, files in os.walk(a.dir):
     for f in files:
