@@ -86,3 +86,28 @@ def test_a_served_teacher_answers_as_in_process(tiny_world, served, tmp_path, mo
       with open(os.path.join(root, f), "rb") as fh:
         assert SECRET.encode() not in fh.read(), os.path.join(root, f)
   assert not any(SECRET in m for m in logs)
+
+
+def test_a_served_teachers_connection_is_not_part_of_the_stage_keys(tmp_path):
+  """Where a teacher is served (url, key variable, concurrency, retries) changes no stage key; the
+  served model does, and so does switching the engine."""
+  from test_stages import config as stage_config
+  from test_stages import keys
+  base = stage_config(tmp_path)
+  t1 = base.teachers[0]
+
+  def served(**kw):
+    ref = dataclasses.replace(t1, engine="openai", openai=OpenAIEngineConfig(**{
+        "url": "http://10.0.0.5:8000/v1", "model": "m", **kw}))
+    return keys(dataclasses.replace(base, teachers=(ref, *base.teachers[1:])))
+
+  assert served() == served(url="https://teachers.internal/v1", api_key_env="K", concurrency=64,
+                            retries=9, timeout_s=5, rate_limit_rps=3)
+  assert served(model="other")["probe"] != served()["probe"]
+  assert served()["probe"] != keys(base)["probe"]
+  # the in-process default hashes as a teacher did before engines existed: old runs keep keys
+  from persyn_jax import config as C
+  from persyn_jax.stages.graph import _without_layout
+  assert _without_layout(C.to_dict(base.teachers)) == [
+      {"name": t.name, "path": t.path, "family": t.family, "dtype": t.dtype}
+      for t in base.teachers]
