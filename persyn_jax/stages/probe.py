@@ -81,8 +81,12 @@ def answer_all(ctx: Context, stage: str, items: Mapping[str, Sequence[dict]]) ->
         continue
       ctx.log(f"[{stage}] {ref.name}: {len(todo)} prompts")
       out[ref.name] = teacher_answers(ctx, ref, todo, stage)
-  finally:
-    pool.shutdown(wait=True)
+  except BaseException:
+    # the in-process teacher's error is the stage's: not held up by the served jobs, whose
+    # answers so far are in their progress files (a rerun requests only the rest)
+    pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  pool.shutdown(wait=True)
   if not served:  # every process took this branch (same config): no collective needed
     return out
   errors = {}
