@@ -7,7 +7,7 @@ so the later stages read them alike.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import threading
 import time
 from typing import Mapping, Sequence
 
@@ -67,34 +67,36 @@ def answer_all(ctx: Context, stage: str, items: Mapping[str, Sequence[dict]]) ->
   idle = {"generations": 0, "tokens": 0, "seconds": 0.0}
   out: dict[str, dict] = {}
   served = [r for r in ctx.cfg.teachers if r.served and items.get(r.name)]
-  futures: dict[str, cf.Future] = {}
-  pool = cf.ThreadPoolExecutor(max(1, len(served)), thread_name_prefix=f"{stage}-served")
-  try:
-    if dist.is_writer():
-      for ref in served:
-        ctx.log(f"[{stage}] {ref.name}: {len(items[ref.name])} prompts on {ref.openai.url}")
-        futures[ref.name] = pool.submit(served_answers, ctx, ref, list(items[ref.name]), stage)
-    for ref in ctx.cfg.teachers:
-      todo = list(items.get(ref.name, ()))
-      if ref.served or not todo:
-        out[ref.name] = dict(idle)
-        continue
-      ctx.log(f"[{stage}] {ref.name}: {len(todo)} prompts")
-      out[ref.name] = teacher_answers(ctx, ref, todo, stage)
-  except BaseException:
-    # the in-process teacher's error is the stage's: not held up by the served jobs, whose
-    # answers so far are in their progress files (a rerun requests only the rest)
-    pool.shutdown(wait=False, cancel_futures=True)
-    raise
-  pool.shutdown(wait=True)
+  done: dict[str, dict] = {}
+  errors: dict[str, str] = {}
+
+  def job(ref: ModelRef) -> None:
+    try:
+      done[ref.name] = served_answers(ctx, ref, list(items[ref.name]), stage)
+    except Exception as e:  # noqa: BLE001  reported below, with the other teachers' failures
+      errors[ref.name] = f"{type(e).__name__}: {e}"
+
+  # daemon threads: an in-process teacher's error ends the process without waiting for the
+  # served jobs, whose answers so far are in their progress files (a rerun requests the rest)
+  threads = []
+  if dist.is_writer():
+    for ref in served:
+      ctx.log(f"[{stage}] {ref.name}: {len(items[ref.name])} prompts on {ref.openai.url}")
+      threads.append(threading.Thread(target=job, args=(ref,), daemon=True,
+                                      name=f"{stage}-{ref.name}"))
+      threads[-1].start()
+  for ref in ctx.cfg.teachers:
+    todo = list(items.get(ref.name, ()))
+    if ref.served or not todo:
+      out[ref.name] = dict(idle)
+      continue
+    ctx.log(f"[{stage}] {ref.name}: {len(todo)} prompts")
+    out[ref.name] = teacher_answers(ctx, ref, todo, stage)
   if not served:  # every process took this branch (same config): no collective needed
     return out
-  errors = {}
-  for name, fut in futures.items():
-    try:
-      out[name] = fut.result()
-    except Exception as e:  # noqa: BLE001  reported below, with the other teachers' failures
-      errors[name] = f"{type(e).__name__}: {e}"
+  for t in threads:
+    t.join()
+  out.update(done)
   msg = ("; ".join(f"[{n}] {m}" for n, m in sorted(errors.items()))) if errors else None
   dist.raise_if_any(msg, StageError, f"{stage}: served teachers")
   dist.barrier(f"{stage}-served-teachers")
