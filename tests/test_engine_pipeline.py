@@ -8,7 +8,6 @@ import os
 import pytest
 
 from persyn_jax.engines import OpenAIEngineConfig
-from persyn_jax.run_config import ModelRef
 from persyn_jax.stages import Run
 from test_pipeline import explicit_config
 from test_serve import Server

@@ -11,7 +11,7 @@ from persyn_jax import policies as pol
 from persyn_jax.data import shards
 from persyn_jax.io_utils import safe_name
 from persyn_jax.scoring import reward_matrix
-from persyn_jax.stages.context import Context, teacher_shards
+from persyn_jax.stages.context import Context
 from persyn_jax.stages.graph import Stage
 from persyn_jax.stages.probe import answer_all
 from persyn_jax.stages.score import score
