@@ -3,7 +3,8 @@
 Stages, teachers, generations per teacher, the mesh, estimated tokens, and memory per device
 (parameters, KV cache, optimizer state, activations) for each stage on that stage's own mesh
 (`<stage>.mesh`, or the run's `mesh`); a plan that does not fit the devices' memory is refused,
-naming the stage and the sizes.
+naming the stage and the sizes. Teachers served by their own engine (`engine: openai`) take no
+memory here. The config's other problems are persyn_jax.preflight's.
 
 Layouts: the sampling stages use the SERVING layout (weights split over `tensor` only, kv heads
 copied where `tensor` exceeds them, rows over data x fsdp: no FSDP gathers inside a decode loop);
@@ -11,8 +12,8 @@ the others the TRAINING layout (weights over fsdp x tensor, rows over data x fsd
 gets a serving plan (`serving_plan`): weights (int8 where it sets `quantize: int8`), KV cache,
 rows per replica and the most rows a replica could hold; a teacher whose weights do not fit
 split over `tensor` alone, or whose heads do not split over it, is refused by name, since the
-only other way would gather weights inside decode. The planner knows no particular world: architectures of
-models that have no config.json (the toy world's, before it is built) come in `architectures`.
+only other way would gather weights inside decode. The planner knows no particular world:
+architectures of models that have no config.json (the toy world's, before it is built) come in `architectures`.
 """
 from __future__ import annotations
 
@@ -197,6 +198,10 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
   teachers, serving = [], []
   smesh, _, _ = stage_mesh("sampling.mesh", s.mesh, "serving")
   for t in cfg.teachers:
+    if t.served:  # answered by its own server: no memory on this run's devices
+      teachers.append({"name": t.name, "path": t.path, "params_b": None, "engine": "openai",
+                       "url": t.openai.url, "probe_generations": P * s.num_samples})
+      continue
     a = arch(t.path)
     tmesh = smesh if t.mesh is None else _mesh(t.mesh, devices, f"teachers[{t.name}].mesh")
     sp, bad = serving_plan(a, t, s, tmesh, mem)
@@ -212,7 +217,8 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
       serving.append({k2: round(v / GB, 3) if k2 in ("weights", "kv_cache", "activations") else v
                       for k2, v in sp.items()})
     teachers.append({"name": t.name, "path": t.path, "params_b": round(a.num_params() / 1e9, 2),
-                     "quantize": t.quantize or None, "probe_generations": P * s.num_samples})
+                     "quantize": t.quantize or None, "engine": "jax",
+                     "probe_generations": P * s.num_samples})
   if cfg.student is not None:
     a = arch(cfg.student.path)
     c = cfg.sft
@@ -284,7 +290,10 @@ def format_plan(p: dict) -> str:
            f"  prompts: {p['prompts']}", f"  policies: {', '.join(p['policies'])}",
            "  stages: probe -> score -> router -> route -> generate -> sft -> eval", "  teachers:"]
   for t in p["teachers"]:
-    lines.append(f"    {t['name']:<28} {t['params_b']:>8.2f}B  {t['path']}")
+    if t.get("engine") == "openai":
+      lines.append(f"    {t['name']:<28} {'served':>9}  {t['url']} (engine openai: no device memory)")
+    else:
+      lines.append(f"    {t['name']:<28} {t['params_b']:>8.2f}B  {t['path']}")
   g = p["generations"]
   lines.append(f"  generations: probe {g['probe']}, routed {g['routed']}: Route then Generate "
                f"{g['route_then_generate']} vs Generate then Select {g['generate_then_select']}")

@@ -13,6 +13,7 @@ from persyn_jax import config as C
 from persyn_jax.data.sources import PromptSourceConfig
 from persyn_jax.export import ExportConfig
 from persyn_jax.metrics import WandbConfig
+from persyn_jax.engines import OpenAIEngineConfig, engine_config
 from persyn_jax.io_utils import safe_name
 from persyn_jax.policies import POLICIES, PolicyConfig
 from persyn_jax.router import RouterConfig
@@ -26,7 +27,12 @@ STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-  """A model by name: a local HF directory (or, for --dry-run planning, a known hub id)."""
+  """A model by name: a local HF directory or a hub id (downloaded on first use, see models.hub).
+
+  A teacher's `engine` says where its probe/generate answers come from: `jax`, the in-process
+  sampler over the run's mesh, or `openai`, a server of the OpenAI chat API described by the
+  `openai` block (engines.OpenAIEngineConfig; the API key comes only from its api_key_env).
+  """
 
   name: str
   path: str
@@ -34,10 +40,18 @@ class ModelRef:
   dtype: str = "bfloat16"   # compute and storage dtype when the model is loaded
   quantize: str = ""        # teachers: "int8" stores the decoder weights in int8 (models/quant.py)
   mesh: MeshConfig | None = None  # teachers: this teacher's own sampling mesh (else sampling.mesh)
+  engine: Literal["jax", "openai"] = "jax"  # openai: an OpenAI-compatible server answers (engines/)
+  openai: OpenAIEngineConfig | None = None
 
   def __post_init__(self):
     if self.quantize not in ("", "int8"):
       raise ValueError(f"model {self.name!r}: quantize={self.quantize!r}: expected int8 or nothing")
+    engine_config(self.engine, self.openai, f"model {self.name!r}")
+
+  @property
+  def served(self) -> bool:
+    """True when an OpenAI-compatible server answers for this model (engine: openai)."""
+    return self.engine == "openai"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +170,9 @@ class RunConfig:
         raise ValueError(f"teachers: names {files[f]!r} and {n!r} both map to the file name {f!r}; "
                          "rename one")
       files[f] = n
+    if self.student is not None and self.student.served:
+      raise ValueError(f"student {self.student.name!r}: engine must be 'jax' (the student is "
+                       "trained in-process)")
     if self.world is None and (not self.teachers or self.student is None):
       raise ValueError("teachers and student are required when world is null")
     if self.records_per_shard < 1:

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -16,8 +18,12 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy.yaml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # the key table imports the config dataclasses: only built when help is asked for
+  epilog = ("config keys (YAML, or --set KEY=VALUE):\n" + config_help()
+            if {"-h", "--help"} & set(argv) else None)
   ap = argparse.ArgumentParser(prog="python -m persyn_jax.train", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default=None, help="YAML run config (default: the embedded toy world)")
   ap.add_argument("--stages", default="all",
                   help="comma-separated subset of probe,score,router,route,generate,sft,eval")
@@ -31,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="print the plan (stages, generations, mesh, tokens, memory per device) and exit")
   ap.add_argument("--num-prompts", type=int, default=None,
                   help="--dry-run: the number of prompts to plan for (default: read the prompt file)")
+  ap.add_argument("--help-config", action="store_true",
+                  help="list every config section and key with its type and default, and exit")
   ap.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
   ap.add_argument("--num-processes", type=int, default=None)
   ap.add_argument("--process-id", type=int, default=None)
@@ -81,6 +89,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
+  if args.help_config:
+    print(config_help())
+    return 0
   from persyn_jax import distributed  # before anything touches a device
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from persyn_jax.config import ConfigError
@@ -92,20 +103,26 @@ def _main(args: argparse.Namespace) -> int:
   bad = [s for s in stages + redo if s not in STAGES]
   if bad:
     raise ConfigError(f"--stages / --redo: unknown {bad}; stages: {','.join(STAGES)}")
+  from persyn_jax import preflight
+  planned, architectures = _planning_config(cfg)
+  n = args.num_prompts if args.num_prompts is not None else _count_prompts(planned)
+  found = preflight.problems(planned, stages, architectures=architectures, num_prompts=n or None)
   if args.dry_run:  # imports neither the stages nor the world's builder
     from persyn_jax import plan as planlib
-    architectures = {}
-    if cfg.world is not None:
-      from persyn_jax import toyworld
-      cfg = toyworld.plan_config(cfg)
-      architectures = toyworld.architectures(cfg.world.scale)
-    n = args.num_prompts if args.num_prompts is not None else _count_prompts(cfg)
+    p = None
     try:
-      p = planlib.plan(cfg, num_prompts=n, architectures=architectures)
-    except KeyError as e:
-      raise planlib.PlanError(f"--dry-run: {e}") from None
-    print(planlib.format_plan(p))
+      p = planlib.plan(planned, num_prompts=n, architectures=architectures)
+    except (planlib.PlanError, KeyError) as e:
+      found.append(str(e).strip("'\""))
+    if p is not None:
+      print(planlib.format_plan(p))
+    if found:  # every problem at once, not the first one per try
+      print(f"--dry-run: {preflight.format_problems(found)}", file=sys.stderr)
+      return 2
     return 0 if p["fits"] else 3
+  if found:  # checked again before a real run does any work
+    print(preflight.format_problems(found), file=sys.stderr)
+    return 2
   enable_compilation_cache()
   from persyn_jax import toyworld
   from persyn_jax.stages import Run
@@ -129,6 +146,87 @@ def enable_compilation_cache(path: str = "") -> str:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return path
+
+
+def _planning_config(cfg):
+  """(the config the planner and the preflight checks read, architectures by pseudo-path): the
+  embedded world's models and sizes from its specs, without building it."""
+  if cfg.world is None:
+    return cfg, {}
+  from persyn_jax import toyworld
+  planned = toyworld.plan_config(cfg)
+  return planned, toyworld.architectures(planned.world.scale)
+
+
+def config_help(cls=None) -> str:
+  """Every config section and key (dotted, as --set takes them) with its type and default,
+  read from the run config's dataclasses; `[]` marks the fields of each list entry."""
+  import typing
+
+  from persyn_jax.run_config import RunConfig
+  rows: list[tuple[str, str, str]] = []
+
+  def walk(c, prefix: str, defaults) -> None:
+    hints = typing.get_type_hints(c)
+    for f in dataclasses.fields(c):
+      key, t = prefix + f.name, hints[f.name]
+      if defaults is not None:
+        d = getattr(defaults, f.name)
+      elif f.default is not dataclasses.MISSING:
+        d = f.default
+      elif f.default_factory is not dataclasses.MISSING:
+        d = f.default_factory()
+      else:
+        d = dataclasses.MISSING
+      sub = _dataclass_of(t)
+      if sub is not None:
+        is_list = typing.get_origin(t) is tuple
+        default = ("required" if d is dataclasses.MISSING else
+                   "[]" if is_list and not d else "null" if d is None else "(section)")
+        rows.append((key, _type_name(t), default))
+        walk(sub, key + ("[]." if is_list else "."),
+             d if dataclasses.is_dataclass(d) and not isinstance(d, type) else None)
+      else:
+        rows.append((key, _type_name(t), "required" if d is dataclasses.MISSING else _show(d)))
+
+  walk(cls or RunConfig, "", None)
+  width = max(len(k) for k, _, _ in rows)
+  twidth = min(40, max(len(t) for _, t, _ in rows))
+  return "\n".join(f"  {k:<{width}}  {t:<{twidth}}  default: {d}" for k, t, d in rows)
+
+
+def _dataclass_of(t):
+  """The dataclass inside `t` (X, X | None, tuple[X, ...]), or None."""
+  import typing
+  if dataclasses.is_dataclass(t):
+    return t
+  for a in typing.get_args(t):
+    if dataclasses.is_dataclass(a):
+      return a
+  return None
+
+
+def _type_name(t) -> str:
+  import types
+  import typing
+  origin, args = typing.get_origin(t), typing.get_args(t)
+  if origin is typing.Literal:
+    return " | ".join(repr(a) for a in args)
+  if origin in (typing.Union, types.UnionType):
+    return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+  if origin is tuple:
+    return f"list of {_type_name(args[0])}" if args else "list"
+  return getattr(t, "__name__", str(t))
+
+
+def _show(v) -> str:
+  if v is None:
+    return "null"
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, tuple):
+    return "[" + ", ".join(map(str, v)) + "]"
+  return json.dumps(v) if isinstance(v, str) else str(v)
 
 
 def _count_prompts(cfg) -> int:

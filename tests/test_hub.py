@@ -168,3 +168,35 @@ def test_two_processes_resolving_at_once_download_once(tmp_path, monkeypatch):
   expect = os.path.join(tmp_path, "hub", "models--org--shared", "snapshots", COMMIT)
   assert [g.get("path") for g in got] == [expect, expect], got
   assert len(log.read_text().splitlines()) == 1
+
+
+def test_load_model_takes_a_hub_id_and_loads_its_cached_snapshot(tmp_path, model_dir):
+  """models.load_model("org/name") resolves the id (offline, from the cache) and loads the same
+  weights as the directory itself; an id that is not cached fails with the id and the command."""
+  import shutil
+  src, _ = model_dir("llama")
+  snap = populate(tmp_path, "org/real")
+  shutil.rmtree(snap)
+  shutil.copytree(src, snap)
+  code = (
+      "import json, numpy as np, jax\n"
+      "from flax import nnx\n"
+      "from persyn_jax import models\n"
+      "from persyn_jax.models import hub\n"
+      f"a, tok = models.load_model('org/real', dtype='float32')\n"
+      f"b, _ = models.load_model({src!r}, dtype='float32', tokenizer=False)\n"
+      "la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))\n"
+      "same = len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))\n"
+      "try:\n  models.load_model('org/absent@v1')\n  err = ''\n"
+      "except hub.HubError as e:\n  err = str(e)\n"
+      "print(json.dumps({'same': bool(same), 'tok': tok is not None, 'error': err}))\n")
+  env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  env.pop("HF_HUB_CACHE", None)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["same"] and got["tok"]
+  assert "'org/absent@v1'" in got["error"]
+  assert hub.download_command("org/absent", "v1") in got["error"]

@@ -23,7 +23,7 @@ from flax import nnx
 from persyn_jax import sharding as shd
 from persyn_jax.models.config import ModelConfig
 from persyn_jax.io_utils import atomic_write_json
-from persyn_jax.models import checks
+from persyn_jax.models import checks, hub
 from persyn_jax.models.hf import (CheckpointError, check_config, config_from_hf, config_to_hf,
                                   load_params, read_json, save_params)
 from persyn_jax.models.transformer import CausalLM, SequenceClassifier
@@ -107,11 +107,22 @@ def _runtime_config(cfg: ModelConfig, hf: dict, classifier: bool) -> ModelConfig
   return cfg
 
 
+def local_path(path: str) -> str:
+  """`path` itself, or for a hub id "org/name[@revision]" that is no local directory its cached
+  snapshot (models.hub.resolve: downloaded first by one process per machine while the others
+  wait on the cache lock; offline, the error names the id and the `hf download` command)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path) and hub.parse_id(path) is not None:
+    return hub.resolve(path)
+  return path
+
+
 def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
                     param_dtype=None, head: str = "auto", tokenizer: bool = True,
                     allow_pickle: bool = False, rules: shd.Rules | None = None,
                     quantize: str | None = None):
-  """Loads a local HF directory; returns (model, tokenizer) (tokenizer None if `tokenizer=False`).
+  """Loads a local HF directory or a hub id (local_path); returns (model, tokenizer) (tokenizer
+  None if `tokenizer=False`).
 
   `dtype` is the compute dtype and, unless `param_dtype` is given, the storage dtype.
   `head`: "lm" (CausalLM), "classifier" (SequenceClassifier) or "auto" (from `architectures`).
@@ -119,6 +130,7 @@ def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | No
   (default: the active set). Never runs remote code; pickle checkpoints only with
   `allow_pickle=True` (weights_only). quantize: None, or "int8" (weight-only, models/quant.py).
   """
+  path = local_path(path)
   cfg, hf = load_config(path)
   classifier = _head(hf, head, path)
   cfg = _runtime_config(cfg, hf, classifier)
@@ -249,11 +261,13 @@ def load_model(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = 
                param_dtype=None, head: str = "auto", tokenizer: bool = True,
                allow_pickle: bool = False, rules: shd.Rules | None = None,
                quantize: str | None = None):
-  """(model, tokenizer) from a `persyn_jax.convert` (orbax) output or else an HF directory,
-  placed on `mesh` by `rules` (e.g. SERVING for a teacher that samples); arguments as
-  `from_pretrained` (allow_pickle concerns HF directories only)."""
+  """(model, tokenizer) from a `persyn_jax.convert` (orbax) output, an HF directory, or a hub id
+  "org/name[@revision]" (models.hub.resolve: safetensors, configs and tokenizer only), placed on
+  `mesh` by `rules` (e.g. SERVING for a teacher that samples); arguments as `from_pretrained`
+  (allow_pickle concerns HF directories only)."""
   kw = dict(dtype=dtype, mesh=mesh, param_dtype=param_dtype, head=head, tokenizer=tokenizer,
             rules=rules, quantize=quantize)
+  path = local_path(path)
   if is_orbax_checkpoint(path):
     return from_orbax(path, **kw)
   return from_pretrained(path, allow_pickle=allow_pickle, **kw)

@@ -19,7 +19,7 @@ from persyn_jax.io_utils import safe_name
 from persyn_jax.scoring import reward_matrix
 from persyn_jax.stages.context import Context
 from persyn_jax.stages.graph import Stage
-from persyn_jax.stages.probe import teacher_answers
+from persyn_jax.stages.probe import answer_all
 from persyn_jax.stages.score import score
 
 
@@ -39,14 +39,9 @@ def run(ctx: Context) -> dict:
   if oracle:  # Generate then Select: every teacher on every prompt
     for t in ctx.teachers:
       need[t] |= {i for i in by_id if i not in probe_ids}
-  per_teacher = {}
-  for ref in cfg.teachers:
-    items = [x for x in p["train"] if x["id"] in need[ref.name]]
-    ctx.log(f"[generate] {ref.name}: {len(items)} prompts")
-    if items:
-      per_teacher[ref.name] = teacher_answers(ctx, ref, items, "generate")
-    else:
-      per_teacher[ref.name] = {"generations": 0, "tokens": 0, "seconds": 0.0}
+  # served teachers (engine: openai) run all at once, alongside the in-process ones
+  per_teacher = answer_all(ctx, "generate", {
+      ref.name: [x for x in p["train"] if x["id"] in need[ref.name]] for ref in cfg.teachers})
   generated = [t for t in ctx.teachers if per_teacher[t]["generations"]]
   generated_records = ctx.teacher_records("generate", generated)
   n = cfg.sampling.num_samples

@@ -25,13 +25,22 @@ class Stage:
   doc: str = ""
 
 
+# A model's default engine settings, left out of the keys: runs made before teachers had an
+# engine keep their stages.
+_IN_PROCESS = (("engine", "jax"), ("openai", None))
+
+
 def _without_layout(v: Any) -> Any:
   """A config section as plain data, less its `mesh` fields: the mesh is a layout, and what a
   stage writes does not depend on it (tests/test_multihost.py holds several processes to the
   records of one), so a run may resume on another mesh without redoing its stages. (The run's own
-  `mesh` is never a stage's config for the same reason.)"""
+  `mesh` is never a stage's config for the same reason.) Likewise a served teacher's connection
+  settings (its `openai` block less the served model name): a server that moved, or a new
+  concurrency, resumes the stage (engines' progress files) instead of redoing it."""
   if isinstance(v, dict):
-    return {k: _without_layout(x) for k, x in v.items() if k != "mesh"}
+    return {k: ({"model": x.get("model")} if k == "openai" and isinstance(x, dict) else
+                _without_layout(x)) for k, x in v.items()
+            if k != "mesh" and (k, x) not in _IN_PROCESS}
   if isinstance(v, list):
     return [_without_layout(x) for x in v]
   return v
