@@ -57,13 +57,14 @@ class ScoringConfig:
   min_bucket: int = 64  # the shortest bucket length
   logits_chunk: int = 512  # sequence chunk of the fp32 log-softmax (bounds [B, chunk, vocab])
   packing: bool = True  # pack pairs into rows with segment ids (False: one padded row per pair)
+  pack_len: int = 512  # packed rows are at least this long (a bucket length; capped by max_len)
   dtype: str = "bfloat16"  # compute dtype of the student and the reward model
   mesh: shd.MeshConfig | None = None  # the score stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"scoring.alpha={self.alpha}: must be in [0, 1]")
-    for name in ("max_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
+    for name in ("max_len", "pack_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"scoring.{name}={getattr(self, name)}: must be >= 1")
     if self.normalizer not in NORMALIZERS:
@@ -128,7 +129,7 @@ def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: Scoring
   token). K and S are fixed per row length (the most any row of that length needs, K rounded up
   to 64), so each (rows, length) shape compiles once. Items are indices into `pairs`."""
   buckets = bucket_lengths(config.max_len, config.min_bucket)
-  rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets)
+  rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets, config.pack_len)
   plan = plan_batches([length for length, _ in rows], buckets, batch_tokens=config.batch_tokens,
                       max_batch_size=config.max_batch_size, multiple=multiple)
   counts = [sum(mask[1:]) for _, mask in pairs]  # response targets of each pair
