@@ -96,11 +96,11 @@ def device_info():
   return d.platform, kind, len(jax.devices()), peak
 
 
-def run_jax(path, prompts, responses, preset, packing=True):
+def run_jax(path, prompts, responses, preset, packing=True, pack_len=512):
   from persyn_jax import scoring
   cfg = scoring.ScoringConfig(dtype=preset["dtype"], max_len=preset["max_len"],
                               batch_tokens=preset["batch_tokens"], max_batch_size=256,
-                              packing=packing)
+                              packing=packing, pack_len=pack_len)
   t = time.perf_counter()
   scorer = scoring.LogProbScorer.from_pretrained(path, cfg)
   load_s = time.perf_counter() - t
@@ -182,6 +182,7 @@ def main(argv=None):
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--packing", choices=("true", "false", "both"), default="both",
                   help="scoring.packing of the JAX side; both: packed and padded, alternated")
+  ap.add_argument("--pack-len", type=int, default=512, help="scoring.pack_len of the packed side")
   args = ap.parse_args(argv)
   preset = dict(PRESETS[args.preset])
   if args.pairs:
@@ -201,7 +202,8 @@ def main(argv=None):
     build_model_dir(preset, tmp)
     cfg, _ = models.load_config(tmp)
     modes = {"true": [True], "false": [False], "both": [True, False]}[args.packing]
-    m_jax, box_jax, jt, scorer = run_jax(tmp, prompts, responses, preset, modes[0])
+    m_jax, box_jax, jt, scorer = run_jax(tmp, prompts, responses, preset, modes[0],
+                                         args.pack_len)
     sides = {"jax": m_jax}
     if len(modes) > 1:  # the padded path as a second JAX side, same pairs, same run
       m_pad, box_pad, jt_pad, _ = run_jax(tmp, prompts, responses, preset, False)
