@@ -96,10 +96,11 @@ def device_info():
   return d.platform, kind, len(jax.devices()), peak
 
 
-def run_jax(path, prompts, responses, preset):
+def run_jax(path, prompts, responses, preset, packing=True, pack_len=512):
   from persyn_jax import scoring
   cfg = scoring.ScoringConfig(dtype=preset["dtype"], max_len=preset["max_len"],
-                              batch_tokens=preset["batch_tokens"], max_batch_size=256)
+                              batch_tokens=preset["batch_tokens"], max_batch_size=256,
+                              packing=packing, pack_len=pack_len)
   t = time.perf_counter()
   scorer = scoring.LogProbScorer.from_pretrained(path, cfg)
   load_s = time.perf_counter() - t
@@ -179,6 +180,9 @@ def main(argv=None):
   ap.add_argument("--threads", type=int, default=None, help="intra-op threads of both sides")
   ap.add_argument("--out", default=None, help="JSON path (default bench/results/scoring_<preset>.json)")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--packing", choices=("true", "false", "both"), default="both",
+                  help="scoring.packing of the JAX side; both: packed and padded, alternated")
+  ap.add_argument("--pack-len", type=int, default=512, help="scoring.pack_len of the packed side")
   args = ap.parse_args(argv)
   preset = dict(PRESETS[args.preset])
   if args.pairs:
@@ -197,8 +201,13 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     build_model_dir(preset, tmp)
     cfg, _ = models.load_config(tmp)
-    m_jax, box_jax, jt, scorer = run_jax(tmp, prompts, responses, preset)
+    modes = {"true": [True], "false": [False], "both": [True, False]}[args.packing]
+    m_jax, box_jax, jt, scorer = run_jax(tmp, prompts, responses, preset, modes[0],
+                                         args.pack_len)
     sides = {"jax": m_jax}
+    if len(modes) > 1:  # the padded path as a second JAX side, same pairs, same run
+      m_pad, box_pad, jt_pad, _ = run_jax(tmp, prompts, responses, preset, False)
+      sides["jax_padded"] = m_pad
     if not args.no_torch:
       m_torch, box_torch, tt = run_torch(tmp, prompts, responses, preset, scorer)
       sides["torch"] = m_torch
@@ -209,9 +218,20 @@ def main(argv=None):
     tokens = stats["tokens"]
     med = {n: s["median"] for n, s in secs.items()}
     rows = [("jax", secs["jax"], tokens / med["jax"], flops / med["jax"] / peak)]
-    result = {"jax": {**jt, "seconds": secs["jax"], "tokens_per_s": tokens / med["jax"],
+    result = {"jax": {**jt, "packing": modes[0], "seconds": secs["jax"],
+                      "tokens_per_s": tokens / med["jax"],
                       "padded_tokens_per_s": stats["padded_tokens"] / med["jax"],
                       "mfu": flops / med["jax"] / peak, "stats": stats}}
+    if "jax_padded" in sides:
+      pst = box_pad["stats"]
+      result["jax_padded"] = {**jt_pad, "packing": False, "seconds": secs["jax_padded"],
+                              "tokens_per_s": tokens / med["jax_padded"],
+                              "mfu": flops / med["jax_padded"] / peak, "stats": pst,
+                              "max_abs_diff_vs_jax": float(np.nanmax(np.abs(
+                                  box_pad["values"] - box_jax["values"])))}
+      rows.append(("jax_pad", secs["jax_padded"], tokens / med["jax_padded"],
+                   flops / med["jax_padded"] / peak))
+      result["packed_speedup_vs_padded"] = med["jax_padded"] / med["jax"]
     if not args.no_torch:
       diff = np.abs(box_torch["values"] - box_jax["values"])
       result["torch"] = {**tt, "seconds": secs["torch"], "tokens_per_s": tokens / med["torch"],
@@ -232,6 +252,11 @@ def main(argv=None):
   print(f"{'impl':<8}{'seconds median [min-max]':>28}{'tokens/s':>12}{'MFU':>8}")
   for name, s, tps, mfu in rows:
     print(f"{name:<8}{C.fmt_spread(s):>28}{tps:>12.0f}{mfu:>8.1%}")
+  for name in ("jax", "jax_padded"):
+    if name in result:
+      st = result[name]["stats"]
+      print(f"{name}: {st['batches']} batches, {st['shapes']} shapes, padding "
+            f"{1 - st['tokens'] / st['padded_tokens']:.1%} of {st['padded_tokens']} slots")
   C.write_json(args.out or C.results_path(f"scoring_{args.preset}.json"), report)
   return report
 

@@ -8,9 +8,14 @@
     scored, stats = score_records(records, config, student=student, reward_model=rm)
 
 Each model tokenizes the (prompt, response) text itself with its own chat template
-(`data.chat.pair_ids`). Pairs are sorted into length buckets (`runtime.buckets`) so that each
-batch shape compiles once; batches are sharded over the mesh's (data, fsdp) axes, and both models
-run on the device runtime (`runtime.runner`) under the training rule set.
+(`data.chat.pair_ids`). With `packing` (the default) pairs are packed longest first into rows of
+a few bucket lengths (`data.batches.pack_decreasing`, laid out with segment ids and per-segment
+positions by `data.batches.build_batch`), so padding is only the tail of each row; the student's
+LM head runs only on response tokens (gathered before the vocabulary projection), and the reward
+model's score head only on each segment's last token. Without it, each pair takes a padded row of
+its length bucket (`runtime.buckets`). Either way each batch shape compiles once; batches are
+sharded over the mesh's (data, fsdp) axes, and both models run on the device runtime
+(`runtime.runner`) under the training rule set.
 """
 from __future__ import annotations
 
@@ -19,12 +24,17 @@ import math
 from typing import Any, Literal, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.data import chat
+<<<<<<< HEAD
 from persyn_jax.metrics import progress
+=======
+from persyn_jax.data.batches import build_batch, pack_decreasing
+>>>>>>> w2-packed
 from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
 from persyn_jax.runtime import logprob
 from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
@@ -50,13 +60,15 @@ class ScoringConfig:
   max_batch_size: int = 64
   min_bucket: int = 64  # the shortest bucket length
   logits_chunk: int = 512  # sequence chunk of the fp32 log-softmax (bounds [B, chunk, vocab])
+  packing: bool = True  # pack pairs into rows with segment ids (False: one padded row per pair)
+  pack_len: int = 512  # packed rows are at least this long (a bucket length; capped by max_len)
   dtype: str = "bfloat16"  # compute dtype of the student and the reward model
   mesh: shd.MeshConfig | None = None  # the score stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"scoring.alpha={self.alpha}: must be in [0, 1]")
-    for name in ("max_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
+    for name in ("max_len", "pack_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"scoring.{name}={getattr(self, name)}: must be >= 1")
     if self.normalizer not in NORMALIZERS:
@@ -87,6 +99,63 @@ def reward_forward(model: models.SequenceClassifier, batch: Mapping[str, jax.Arr
   return model(batch["input_ids"], batch["segment_ids"])[:, 0]
 
 
+def packed_response_logprobs(model: models.CausalLM, batch: Mapping[str, jax.Array], chunk: int
+                             ) -> jax.Array:
+  """log p(target) [R, K] of a packed batch at its rows' response positions
+  (`response_index`, `response_targets`, [R, K]); the LM head runs on those K positions only."""
+  hidden, _ = model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"])
+  logits_fn = lambda h: shd.constrain(model.logits(h), ("batch", "seq", "act_vocab"))  # fp32
+  return logprob.gathered_logprobs(logits_fn, hidden, batch["response_index"],
+                                   batch["response_targets"], chunk)
+
+
+def packed_reward_forward(model: models.SequenceClassifier, batch: Mapping[str, jax.Array]
+                          ) -> jax.Array:
+  """The reward model's score [R, S] at the last token of each of a packed row's segments
+  (`last_index` [R, S]), as the unpacked model pools a row's last token."""
+  hidden, _ = model.model(batch["input_ids"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"])
+  pooled = jnp.take_along_axis(hidden, batch["last_index"][..., None], axis=1)  # [R, S, D]
+  return jnp.einsum("RSD,DL->RSL", pooled, model.score[...].astype(pooled.dtype),
+                    preferred_element_type=jnp.float32)[..., 0]
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+  return min(cap, max(multiple, -(-n // multiple) * multiple))
+
+
+def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: ScoringConfig,
+                   multiple: int = 1):
+  """The packed batches of (ids, response mask) pairs: yields (items per row, numpy batch) with
+  the SFT batch keys plus `response_index`/`response_targets` [R, K] (the positions whose target
+  is a response token, in row order, zero-padded) and `last_index` [R, S] (each segment's last
+  token). K and S are fixed per row length (the most any row of that length needs, K rounded up
+  to 64), so each (rows, length) shape compiles once. Items are indices into `pairs`."""
+  buckets = bucket_lengths(config.max_len, config.min_bucket)
+  rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets, config.pack_len)
+  plan = plan_batches([length for length, _ in rows], buckets, batch_tokens=config.batch_tokens,
+                      max_batch_size=config.max_batch_size, multiple=multiple)
+  counts = [sum(mask[1:]) for _, mask in pairs]  # response targets of each pair
+  width_k, width_s = {}, {}
+  for length, items in rows:
+    width_k[length] = max(width_k.get(length, 0), sum(counts[i] for i in items))
+    width_s[length] = max(width_s.get(length, 0), len(items))
+  for b in plan:
+    group = [rows[r][1] for r in b.indices]
+    batch = build_batch([[pairs[i] for i in items] for items in group], b.length, b.rows)
+    k = _round_up(width_k[b.length], 64, b.length)
+    batch["response_index"] = np.zeros((b.rows, k), np.int32)
+    batch["response_targets"] = np.zeros((b.rows, k), np.int32)
+    batch["last_index"] = np.zeros((b.rows, width_s[b.length]), np.int32)
+    for r, items in enumerate(group):
+      where = np.flatnonzero(batch["loss_mask"][r])
+      batch["response_index"][r, :where.size] = where
+      batch["response_targets"][r, :where.size] = batch["targets"][r, where]
+      batch["last_index"][r, :len(items)] = np.cumsum([len(pairs[i][0]) for i in items]) - 1
+    yield group, batch
+
+
 def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config: ScoringConfig):
   """Token ids and response masks of the pairs, over-long ones truncated or dropped (None).
   Returns (list of (ids, mask) or None, {"truncated": n, "skipped": n})."""
@@ -112,7 +181,7 @@ class _PairScorer:
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     self.model, self.tokenizer, self.config = model, tokenizer, config
     self.runner = Runner(model, mesh=mesh, rules=shd.TRAINING)
-    fn, static = self._batch_fn()
+    fn, static = self._packed_fn() if config.packing else self._batch_fn()
     self._forward = self.runner.jit(fn, static=static)
     self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
@@ -120,6 +189,8 @@ class _PairScorer:
     cfg = self.config
     pairs, stats = encode_pairs(self.tokenizer, prompts, responses, cfg)
     kept = [i for i, p in enumerate(pairs) if p is not None]
+    if cfg.packing:
+      return pairs, *self._run_packed(pairs, kept, stats)
     plan = plan_batches([len(pairs[i][0]) for i in kept], bucket_lengths(cfg.max_len, cfg.min_bucket),
                         batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
                         multiple=self.runner.shards)
@@ -143,6 +214,19 @@ class _PairScorer:
         bar.update(len(idx))
     return pairs, fetched, stats
 
+  def _run_packed(self, pairs, kept, stats) -> tuple[list, dict]:
+    results, padded, shapes = [], 0, set()
+    for group, batch in packed_batches([pairs[i] for i in kept], self.config, self.runner.shards):
+      inputs = self.runner.put_batch({k: batch[k] for k in self._packed_keys})
+      results.append(([[kept[i] for i in items] for items in group], self._forward(inputs)))
+      padded += batch["input_ids"].size
+      shapes.add(batch["input_ids"].shape)
+    tokens = sum(len(pairs[i][0]) for i in kept)
+    stats.update(pairs=len(pairs), scored=len(kept), batches=len(results), tokens=tokens,
+                 padded_tokens=padded, shapes=len(shapes))
+    from persyn_jax.distributed import tree_to_host  # sharded over other hosts' devices too
+    return [self._unpack(pairs, rows, np.asarray(tree_to_host(r))) for rows, r in results], stats
+
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
     head = "lm" if cls is LogProbScorer else "classifier"
@@ -162,6 +246,24 @@ class LogProbScorer(_PairScorer):
 
   def _inputs(self, arrays):
     return arrays
+
+  _packed_keys = ("input_ids", "segment_ids", "positions", "response_index", "response_targets")
+
+  def _packed_fn(self):
+    return packed_response_logprobs, {"chunk": self.config.logits_chunk}
+
+  def _unpack(self, pairs, rows, logp):
+    """(pair indices, (sums, counts)) from a packed batch's [R, K] response log-probs: each row's
+    pairs own consecutive runs of its response positions, in order (summed in float64)."""
+    idx, sums, counts = [], [], []
+    for r, items in enumerate(rows):
+      n = [sum(pairs[i][1][1:]) for i in items]
+      ends = np.cumsum(n)
+      for i, c, e in zip(items, n, ends):
+        idx.append(i)
+        sums.append(float(np.sum(logp[r, e - c:e], dtype=np.float64)))
+        counts.append(c)
+    return idx, (np.asarray(sums), np.asarray(counts))
 
   def learnability(self, prompts: Sequence, responses: Sequence[str]) -> tuple[np.ndarray, dict]:
     """[n] float64 mean log-probs (NaN for skipped pairs) and counts."""
@@ -196,6 +298,16 @@ class RewardScorer(_PairScorer):
 
   def _inputs(self, arrays):
     return {"input_ids": arrays["input_ids"], "segment_ids": arrays["segment_ids"]}
+
+  _packed_keys = ("input_ids", "segment_ids", "positions", "last_index")
+
+  def _packed_fn(self):
+    return packed_reward_forward, None
+
+  def _unpack(self, pairs, rows, scores):
+    idx = [i for items in rows for i in items]
+    return idx, np.asarray([scores[r, s] for r, items in enumerate(rows)
+                            for s in range(len(items))])
 
   def score(self, prompts: Sequence, responses: Sequence[str]) -> tuple[np.ndarray, dict]:
     pairs, results, stats = self._run(prompts, responses)

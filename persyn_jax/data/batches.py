@@ -145,6 +145,38 @@ def first_fit(items: Iterable[T], rows: int, seq_len: int, size: Callable[[T], i
     yield bins
 
 
+def pack_decreasing(lengths: Sequence[int], row_lengths: Sequence[int], min_row: int = 0
+                    ) -> list[tuple[int, list[int]]]:
+  """Best-fit-decreasing packing of items (by index) into rows: [(row length, item indices)].
+
+  Scoring may reorder its pairs freely (SFT's first_fit must keep the shuffled stream order), so
+  items go in longest first, each into the open row with the least room that still holds it; an
+  item that fits nowhere opens a row of the smallest of `row_lengths` that holds it and is at
+  least `min_row` long (short items share such rows). Long items thus open long rows whose tails
+  the short items fill, and every row length is one of a few shapes. Within a row, items are in placement order. Deterministic (ties go to the older row).
+  """
+  import bisect
+  sizes = sorted(row_lengths)
+  lengths = np.asarray(lengths, np.int64)
+  rows: list[tuple[int, list[int]]] = []
+  free: list[tuple[int, int]] = []  # (room left, row number), sorted
+  for i in np.argsort(-lengths, kind="stable").tolist():
+    n = int(lengths[i])
+    if n < 1 or n > sizes[-1]:
+      raise ValueError(f"item {i} has length {n}: expected 1..{sizes[-1]}")
+    j = bisect.bisect_left(free, (n, -1))
+    if j < len(free):
+      room, r = free.pop(j)
+    else:
+      r = len(rows)
+      rows.append((sizes[min(bisect.bisect_left(sizes, max(n, min_row)), len(sizes) - 1)], []))
+      room = rows[r][0]
+    rows[r][1].append(i)
+    if room - n:
+      bisect.insort(free, (room - n, r))
+  return rows
+
+
 def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
   batch = {k: np.zeros((rows, seq_len), np.int32) for k in KEYS}
   batch["loss_mask"] = batch["loss_mask"].astype(np.float32)

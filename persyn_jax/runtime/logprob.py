@@ -69,3 +69,15 @@ def masked_logprob_sums(logits_fn: LogitsFn, hidden: Array, targets: Array, mask
     return jnp.sum(logp * m_c, axis=-1)
 
   return jax.lax.map(one, (h, t, m)).sum(0), mask.sum(-1)
+
+
+def gathered_logprobs(logits_fn: LogitsFn, hidden: Array, index: Array, targets: Array,
+                      chunk: int) -> Array:
+  """log p(target) [B, K] at K chosen positions per row (`index` [B, K] into hidden [B, T, D]).
+
+  The positions are gathered *before* the vocabulary projection, so the LM head (the largest
+  matmul of a small model, and a [., V] fp32 log-softmax) runs only where a score is wanted,
+  e.g. on response tokens and not on the prompt (scoring)."""
+  picked = jnp.take_along_axis(hidden, index[..., None].astype(jnp.int32), axis=1)
+  logp, _ = token_logprobs(logits_fn, picked, targets, chunk)
+  return logp
