@@ -30,11 +30,8 @@ import numpy as np
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.data import chat
-<<<<<<< HEAD
-from persyn_jax.metrics import progress
-=======
 from persyn_jax.data.batches import build_batch, pack_decreasing
->>>>>>> w2-packed
+from persyn_jax.metrics import progress
 from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
 from persyn_jax.runtime import logprob
 from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
@@ -225,7 +222,12 @@ class _PairScorer:
     stats.update(pairs=len(pairs), scored=len(kept), batches=len(results), tokens=tokens,
                  padded_tokens=padded, shapes=len(shapes))
     from persyn_jax.distributed import tree_to_host  # sharded over other hosts' devices too
-    return [self._unpack(pairs, rows, np.asarray(tree_to_host(r))) for rows, r in results], stats
+    out = []
+    with progress(len(kept), f"score/{self.kind}", unit="pair") as bar:
+      for rows, r in results:
+        out.append(self._unpack(pairs, rows, np.asarray(tree_to_host(r))))
+        bar.update(sum(map(len, rows)))
+    return out, stats
 
   @classmethod
   def from_pretrained(cls, path: str, config: ScoringConfig, *, mesh=None):
