@@ -30,7 +30,7 @@ def stage_records(root: str, sub: str) -> dict[str, list[dict]]:
 def _json(root: str, path: str) -> dict:
   j = json.load(open(os.path.join(root, path)))
   drop = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731 (timings differ)
-  if path.endswith("eval.json"):
+  if os.path.basename(path) == "eval.json":
     j = {k: drop(v) for k, v in j.items()}
   if path.endswith("router_eval.json"):
     j = drop(j)
