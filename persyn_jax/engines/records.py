@@ -29,7 +29,7 @@ from persyn_jax.engines.openai import (Client, EngineError, OpenAIEngineConfig, 
                                        request_seed)
 from persyn_jax.engines.progress import ProgressLog
 from persyn_jax.sampling.config import FINISH_REASONS, GenerationResult, SamplingConfig
-from persyn_jax.sampling.records import default_record, prompt_of
+from persyn_jax.sampling.records import check_job, default_record, prompt_of
 
 
 class StageError(RuntimeError):
@@ -116,12 +116,7 @@ def generate_openai_to_records(engine_cfg: OpenAIEngineConfig, prompts: Sequence
   them out and the manifest lists their ids. One process writes (host 0): on a multi-process run,
   call it on process 0 only.
   """
-  if records_per_shard < 1:
-    raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1")
-  for i, it in enumerate(prompts):
-    if not isinstance(it, Mapping) or "id" not in it or not (it.get("prompt")
-                                                             or it.get("messages")):
-      raise ValueError(f"prompt record {i} needs an 'id' and a 'prompt' or 'messages': {it!r:.200}")
+  check_job(prompts, records_per_shard)
   n = sampling_cfg.num_samples
   per = max(1, records_per_shard // n)
   count = max(1, math.ceil(len(prompts) / per))

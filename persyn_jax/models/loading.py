@@ -107,6 +107,17 @@ def _runtime_config(cfg: ModelConfig, hf: dict, classifier: bool) -> ModelConfig
   return cfg
 
 
+def _abstract_model(cfg: ModelConfig, hf: dict, head: str, path: str, dtype, param_dtype, mesh):
+  """(the abstract model to load into, its storage dtype, the mesh: default one device)."""
+  classifier = _head(hf, head, path)
+  cfg = _runtime_config(cfg, hf, classifier)
+  dtype = as_dtype(dtype)
+  pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+  mesh = mesh if mesh is not None else shd.single_device_mesh()
+  abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
+  return abstract, pdtype, mesh
+
+
 def local_path(path: str) -> str:
   """`path` itself, or for a hub id "org/name[@revision]" that is no local directory its cached
   snapshot (models.hub.resolve: downloaded first by one process per machine while the others
@@ -132,12 +143,7 @@ def from_pretrained(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | No
   """
   path = local_path(path)
   cfg, hf = load_config(path)
-  classifier = _head(hf, head, path)
-  cfg = _runtime_config(cfg, hf, classifier)
-  dtype = as_dtype(dtype)
-  pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-  mesh = mesh if mesh is not None else shd.single_device_mesh()
-  abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
+  abstract, pdtype, mesh = _abstract_model(cfg, hf, head, path, dtype, param_dtype, mesh)
   with shd.use_rules(rules):
     model = load_params(abstract, path, mesh, pdtype, allow_pickle=allow_pickle)
   model = _finish(model, mesh, rules, quantize, path)
@@ -236,12 +242,7 @@ def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = 
   cfg, hf = load_config(path)
   if head == "auto":  # the head the checkpoint was written with, not config.json's architectures
     head = "classifier" if meta.get("head") == "SequenceClassifier" else "lm"
-  classifier = _head(hf, head, path)
-  cfg = _runtime_config(cfg, hf, classifier)
-  dtype = as_dtype(dtype)
-  pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
-  mesh = mesh if mesh is not None else shd.single_device_mesh()
-  abstract = build_model(cfg, classifier=classifier, dtype=dtype, param_dtype=pdtype, abstract=True)
+  abstract, _, mesh = _abstract_model(cfg, hf, head, path, dtype, param_dtype, mesh)
   graphdef, state = nnx.split(abstract)
   shardings = nnx.to_pure_dict(shd.state_shardings(state, mesh, rules=rules))
   # the target's dtype: orbax casts while reading, so a bf16 run never holds an fp32 copy

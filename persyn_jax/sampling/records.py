@@ -118,6 +118,17 @@ def _done_shards(out_dir: str, stage: str, counts: Sequence[int]) -> set[tuple[i
   return {(int(h), int(k)) for h, k in zip(*np.nonzero(flags))}
 
 
+def check_job(prompts: Sequence[Mapping[str, Any]], records_per_shard: int) -> None:
+  """A generation job's inputs, checked before any work (here and in the serving-engine client):
+  every prompt record has an `id` and a `prompt` or `messages`."""
+  if records_per_shard < 1:
+    raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1")
+  for i, it in enumerate(prompts):
+    if not isinstance(it, Mapping) or "id" not in it or not (it.get("prompt")
+                                                             or it.get("messages")):
+      raise ValueError(f"prompt record {i} needs an 'id' and a 'prompt' or 'messages': {it!r:.200}")
+
+
 def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
                         config: SamplingConfig, out_dir: str, stage: str, *, teacher: str,
                         records_per_shard: int = 4096,
@@ -135,12 +146,7 @@ def generate_to_records(model, tokenizer, prompts: Sequence[Mapping[str, Any]],
   writes the manifest once all have written. Returns the manifest ({} on other processes).
   """
   import jax
-  if records_per_shard < 1:
-    raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1")
-  for i, it in enumerate(prompts):
-    if not isinstance(it, Mapping) or "id" not in it or not (it.get("prompt")
-                                                             or it.get("messages")):
-      raise ValueError(f"prompt record {i} needs an 'id' and a 'prompt' or 'messages': {it!r:.200}")
+  check_job(prompts, records_per_shard)
   make_record = make_record or default_record
   host, hosts = jax.process_index(), jax.process_count()
   per = max(1, records_per_shard // config.num_samples)
