@@ -108,7 +108,8 @@ def test_a_served_teacher_plans_no_device_memory_and_needs_its_key_variable():
   out = train("--config", INSTRUCT, "--dry-run", *served_teacher_sets(),
               env={"DRY_RUN_TEACHER_KEY": "sk-dry-run-secret"})
   assert out.returncode == 0, out.stderr
-  rows = [line for line in out.stdout.splitlines() if "probe/generate" in line]
+  device = out.stdout.split("memory per device")[1].split("host memory")[0]
+  rows = [line for line in device.splitlines() if "probe/generate" in line]
   assert [r.split()[1] for r in rows] == ["small"]  # no memory row for the served teacher
   assert "http://10.0.0.5:8000/v1 (engine openai: no device memory)" in out.stdout
   assert "sk-dry-run-secret" not in out.stdout + out.stderr
