@@ -2,6 +2,7 @@
 or read-only place where the directory should be; and the CLI's one error handler (one line for
 known errors, exit 2 for bad input and 1 for failures; a traceback plus what the run was doing
 for anything else). docs/FAILURES.md lists each case with its test."""
+import dataclasses
 import json
 import os
 import signal
@@ -248,9 +249,14 @@ def test_a_shard_damaged_after_its_stage_finished_names_the_redo_and_redo_rewrit
     model_dir, tmp_path, capsys):
   from persyn_jax import train
   from persyn_jax.data.shards import ShardError
-  prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"count to {i}"}) + "\n" for i in range(3))
+  prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"count to {i}", "answer": str(i)}) + "\n"
+                    for i in range(3))
   cfg = explicit_config(model_dir, tmp_path, prompts, records_per_shard=1,
-                        sampling={"max_new_tokens": 4, "batch_size": 4})
+                        sampling={"max_new_tokens": 4, "batch_size": 4},
+                        scoring={"quality": "verifier"})
+  # a score stage that could run (the CLI's preflight checks refuse one that could not)
+  source = dataclasses.replace(cfg.prompts.source, reference_field="answer")
+  cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, source=source))
   Run(cfg, log=lambda m: None).run(["probe"])
   probe = os.path.join(cfg.run_dir, "probe")
   files = sorted(f for f in os.listdir(probe) if f.endswith(".array_record"))
