@@ -25,9 +25,9 @@ class Stage:
   doc: str = ""
 
 
-# A model's default engine settings, left out of the keys: runs made before teachers had an
-# engine keep their stages.
-_IN_PROCESS = (("engine", "jax"), ("openai", None))
+# A model's default engine and quantization settings, left out of the keys: runs made before
+# teachers had them keep their stages (set, they are part of the key: they change the answers).
+_IN_PROCESS = (("engine", "jax"), ("openai", None), ("quantize", ""))
 
 
 def _without_layout(v: Any) -> Any:
