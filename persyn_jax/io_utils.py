@@ -61,7 +61,7 @@ def remove_dead_temps(path: str) -> list[str]:
   removed = []
   for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
     pid = tmp.rsplit(".tmp-", 1)[1]
-    if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+    if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
       continue
     try:
       os.remove(tmp)
@@ -71,7 +71,8 @@ def remove_dead_temps(path: str) -> list[str]:
   return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether a process `pid` runs on this host (another user's counts as running)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+from persyn_jax.io_utils import pid_alive
 from persyn_jax.stages.context import Log
 
 
@@ -23,16 +24,6 @@ class RunDirError(ValueError):
 
 class RunLockedError(RuntimeError):
   """Another live run holds the run directory's lock."""
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
 
 
 def prepare_run_dir(path: str) -> None:
@@ -90,7 +81,7 @@ class RunLock:
     old = self.holder()
     if old.get("pid") not in (None, os.getpid()):
       same_host = old.get("host") == socket.gethostname()
-      state = ("no longer running" if same_host and not _alive(int(old["pid"])) else
+      state = ("no longer running" if same_host and not pid_alive(int(old["pid"])) else
                "its lock was released")
       self.log(f"[run] taking over the lock of an earlier run (pid {old['pid']} on host "
                f"{old.get('host', '?')}, started {old.get('started', '?')}: {state})")
