@@ -72,6 +72,9 @@ TRAINING = Rules.of("training", {
     "head_dim": (),
     "norm": (),
     "labels": (),
+    # the stacked axis of scanned decoder blocks and of their KV cache: never split (a scan
+    # step reads one whole layer)
+    "layers": (),
     # activations
     "batch": ("data", "fsdp"),
     "seq": (),

@@ -232,8 +232,7 @@ def test_prefill_attends_over_the_prompt_only_and_changes_no_logit():
   pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   no_cache = model(ids, segment_ids=mask, positions=pos)
   cache = init_cache(model.config, 2, 9 + 64, jnp.float32)
-  cache["layers"] = [{n: jnp.full_like(x, jnp.nan) for n, x in kv.items()}
-                     for kv in cache["layers"]]
+  cache["layers"] = {n: jnp.full_like(x, jnp.nan) for n, x in cache["layers"].items()}
   cached, cache = model(ids, segment_ids=mask, positions=pos, cache=cache)
   real = np.asarray(mask != 0)
   np.testing.assert_array_equal(np.asarray(cached)[real], np.asarray(no_cache)[real])

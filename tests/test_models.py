@@ -67,8 +67,8 @@ def test_sharded_8_devices_match_transformers(arch, model_dir):
   path, tm = model_dir(arch)
   mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
   model, _ = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
-  q = model.model.layers[0].attn.q.w[...]
-  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  q = model.model.layers.attn.q.w[...]  # stacked over layers: [L, D, N, H]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   assert len(q.addressable_shards) == 8
   ids, mask = batch(model.config.vocab_size, seed=1)
   ref = torch_logits(tm, ids, mask)

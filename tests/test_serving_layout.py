@@ -53,19 +53,21 @@ def test_serving_layout_equals_the_one_device_model(model_dir, heads, kv, data, 
 
   copies = max(1, tensor // kv)
   assert model.config.num_kv_heads == kv * copies
-  k = model.model.layers[0].attn.k.w[...]
-  assert k.shape[1] == kv * copies
+  k = model.model.layers.attn.k.w[...]  # stacked over layers: [L, D, K, H]
+  assert k.shape[2] == kv * copies
   # every shard holds kv_heads / tensor (here one) kv head, not the whole k projection
-  assert k.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
-  assert k.addressable_shards[0].data.shape[1] == kv * copies // tensor
+  assert k.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  assert k.addressable_shards[0].data.shape[2] == kv * copies // tensor
   # the copies sit next to each other: expanded head e is original head e // copies
-  ref_k = np.asarray(ref.model.layers[0].attn.k.w[...])
-  np.testing.assert_array_equal(np.asarray(k), np.repeat(ref_k, copies, axis=1))
+  ref_k = np.asarray(ref.model.layers.attn.k.w[...])
+  np.testing.assert_array_equal(np.asarray(k), np.repeat(ref_k, copies, axis=2))
   # weights over tensor only: the MLP is split 'tensor' ways and replicated over data
-  assert model.model.layers[0].mlp.up.w[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+  assert model.model.layers.mlp.up.w[...].sharding.spec == jax.sharding.PartitionSpec(
+      None, None, "tensor")
   # the cache splits over tensor by kv head as well
-  spec = shd.logical_to_spec(CACHE_KV_AXES, (8, 16, kv * copies, 8), mesh, rules=shd.SERVING)
-  assert spec[2] == "tensor" and spec[0] in ("data", ("data",), ("data", "fsdp"))
+  spec = shd.logical_to_spec(CACHE_KV_AXES, (2, 8, 16, kv * copies, 8), mesh, rules=shd.SERVING)
+  assert spec[0] is None  # the layers axis is never split
+  assert spec[3] == "tensor" and spec[1] in ("data", ("data",), ("data", "fsdp"))
 
   with jax.set_mesh(mesh), shd.use_rules(shd.SERVING):
     got = _logits(model, tok)
@@ -176,7 +178,7 @@ def test_a_decode_step_on_the_serving_layout_gathers_nothing(model_dir, data, fs
 
   def step(state, ids, cache):
     m = nnx.merge(graphdef, state)
-    layers = [{k: shd.constrain(v, CACHE_KV_AXES) for k, v in kv.items()} for kv in cache["layers"]]
+    layers = {k: shd.constrain(v, CACHE_KV_AXES) for k, v in cache["layers"].items()}
     h, cache = m.hidden_states(ids, segment_ids=jnp.ones_like(ids), positions=jnp.zeros_like(ids),
                                cache={**cache, "layers": layers})
     return m.logits(h[:, 0]), cache

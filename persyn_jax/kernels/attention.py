@@ -35,8 +35,9 @@ ENV_VAR = "PERSYN_JAX_ATTENTION"
 
 
 def attention_mask(q_idx: Array, q_seg: Array, k_idx: Array, k_seg: Array,
-                   window: int | None) -> Array:
-  """[B, T, S] bool: causal by slot index, same non-zero segment, optional sliding window.
+                   window: int | None, window_on: Array | None = None) -> Array:
+  """[B, T, S] bool: causal by slot index, same non-zero segment, optional sliding window
+  (applied only where the traced scalar `window_on` is true, when one is given).
 
   Slot indices order tokens in time both for packed rows and for a left-padded KV cache, so the
   same rule serves training (packing: segments never see each other) and decoding.
@@ -44,18 +45,19 @@ def attention_mask(q_idx: Array, q_seg: Array, k_idx: Array, k_seg: Array,
   m = (k_idx[:, None, :] <= q_idx[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
   m &= (k_seg != 0)[:, None, :]
   if window:
-    m &= (q_idx[:, :, None] - k_idx[:, None, :]) < window
+    inside = (q_idx[:, :, None] - k_idx[:, None, :]) < window
+    m &= inside if window_on is None else (inside | ~window_on)
   return m
 
 
-def xla_attention(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale):
+def xla_attention(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale, window_on=None):
   """The reference: dense fp32 scores [B, K, G, T, S], masked softmax, probabilities in v's dtype.
 
   A fully masked query row (padding) gets a uniform softmax over all S keys: finite, never read.
   """
   B, T, N, H = q.shape
   K = k.shape[2]
-  mask = attention_mask(q_idx, q_seg, k_idx, k_seg, window)
+  mask = attention_mask(q_idx, q_seg, k_idx, k_seg, window, window_on)
   q = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, K, N // K, H)
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
   if softcap:
@@ -65,7 +67,8 @@ def xla_attention(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
 
 
-def cudnn_args(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale) -> dict:
+def cudnn_args(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale,
+               window_on=None) -> dict:
   """The keyword arguments of jax.nn.dot_product_attention that state our masking rule.
 
   cuDNN's own causal/padding/window masks assume keys in slot order from 0 with no segments, which
@@ -74,7 +77,7 @@ def cudnn_args(q, k, v, *, q_idx, q_seg, k_idx, k_seg, window, softcap, scale) -
   if softcap:
     raise ValueError("cudnn attention has no logit softcap (Gemma 2): use impl='xla' or a "
                      "Pallas kernel")
-  mask = attention_mask(q_idx, q_seg, k_idx, k_seg, window)
+  mask = attention_mask(q_idx, q_seg, k_idx, k_seg, window, window_on)
   return dict(query=q, key=k, value=v, mask=mask[:, None], scale=float(scale))
 
 
@@ -162,23 +165,34 @@ def decode_range(q_idx: Array, k_seg: Array) -> tuple[Array, Array]:
 
 def attention(q: Array, k: Array, v: Array, *, q_idx: Array, q_seg: Array, k_idx: Array,
               k_seg: Array, window: int | None = None, softcap: float | None = None,
-              scale: float = 1.0, impl: str = "auto") -> Array:
+              scale: float = 1.0, impl: str = "auto", window_on: Array | None = None) -> Array:
   """Attention output [B, T, N, H] in v's dtype; see the module docstring for the rule and impls.
 
   window and softcap are static (None or 0 = off); scale multiplies q before the scores.
+  window_on: a traced bool scalar (a scanned layer's own switch, Gemma's alternating layers) that
+  turns the window off where false; None = the window always applies.
   """
+  if window_on is not None and window:
+    if choose(impl, q, softcap).startswith("pallas"):  # the kernels take a static window
+      on = lambda: attention(q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
+                             window=window, softcap=softcap, scale=scale, impl=impl)
+      off = lambda: attention(q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
+                              window=None, softcap=softcap, scale=scale, impl=impl)
+      return jax.lax.cond(window_on, on, off)
+  else:
+    window_on = None
   kw = dict(q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg, window=window, softcap=softcap,
             scale=scale)
   which = choose(impl, q, softcap)
   if which == "xla":
-    return xla_attention(q, k, v, **kw)
+    return xla_attention(q, k, v, **kw, window_on=window_on)
   if which == "cudnn":
     try:
-      return cudnn_attention(q, k, v, **kw)
+      return cudnn_attention(q, k, v, **kw, window_on=window_on)
     except NotImplementedError:  # a shape cuDNN rejects at trace time (raised when impl="cudnn")
       if impl != "auto":
         raise
-      return xla_attention(q, k, v, **kw)
+      return xla_attention(q, k, v, **kw, window_on=window_on)
   if which == "pallas_flash":
     from persyn_jax.kernels.flash import flash_attention
     return flash_attention(q, k, v, **kw, interpret=jax.default_backend() == "cpu")

@@ -31,44 +31,16 @@ from persyn_jax.models.transformer import CausalLM, SequenceClassifier
 # "o" ([N,H,D] <- [D,N*H]), "bias_heads" ([N,H] <- [N*H]).
 
 def weight_map(model: nnx.Module) -> dict[tuple, tuple]:
-  """Our parameter path -> (HF tensor name, layout[, (first row, end row) of a fused tensor])."""
+  """Our parameter path -> (HF tensor name, layout[, (first row, end row) of a fused tensor]).
+
+  The decoder blocks' parameters are stacked over layers (models/layers.py): their entries name
+  a tuple of HF tensors, one per layer (model.layers.{i}.*), stacked along the leading axis."""
   cfg: ModelConfig = model.config
   out: dict[tuple, tuple] = {("model", "embed"): ("model.embed_tokens.weight", "same"),
                                        ("model", "final_norm", "scale"): ("model.norm.weight", "same")}
-  gemma = cfg.gemma_norm
-  for i in range(cfg.num_layers):
-    p, h = ("model", "layers", i), f"model.layers.{i}."
-    out[p + ("attn_norm", "scale")] = (h + "input_layernorm.weight", "same")
-    if gemma:
-      out[p + ("attn_post_norm", "scale")] = (h + "post_attention_layernorm.weight", "same")
-      out[p + ("mlp_norm", "scale")] = (h + "pre_feedforward_layernorm.weight", "same")
-      out[p + ("mlp_post_norm", "scale")] = (h + "post_feedforward_layernorm.weight", "same")
-    else:
-      out[p + ("mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", "same")
-    if cfg.model_type == "phi3":  # fused q|k|v and gate|up, split by rows
-      N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-      rows = {"q": (0, N * H), "k": (N * H, (N + K) * H), "v": ((N + K) * H, (N + 2 * K) * H)}
-      for n in ("q", "k", "v"):
-        out[p + ("attn", n, "w")] = (h + "self_attn.qkv_proj.weight", "qkv", rows[n])
-      out[p + ("attn", "o", "w")] = (h + "self_attn.o_proj.weight", "o")
-      out[p + ("mlp", "gate", "w")] = (h + "mlp.gate_up_proj.weight", "T", (0, F))
-      out[p + ("mlp", "up", "w")] = (h + "mlp.gate_up_proj.weight", "T", (F, 2 * F))
-      out[p + ("mlp", "down", "w")] = (h + "mlp.down_proj.weight", "T")
-      continue
-    for n in ("q", "k", "v"):
-      out[p + ("attn", n, "w")] = (h + f"self_attn.{n}_proj.weight", "qkv")
-      if cfg.qkv_bias:
-        out[p + ("attn", f"{n}_bias", "b")] = (h + f"self_attn.{n}_proj.bias", "bias_heads")
-    out[p + ("attn", "o", "w")] = (h + "self_attn.o_proj.weight", "o")
-    if cfg.o_bias:
-      out[p + ("attn", "o_bias", "b")] = (h + "self_attn.o_proj.bias", "same")
-    if cfg.qk_norm:
-      out[p + ("attn", "q_norm", "scale")] = (h + "self_attn.q_norm.weight", "same")
-      out[p + ("attn", "k_norm", "scale")] = (h + "self_attn.k_norm.weight", "same")
-    for n in ("gate", "up", "down"):
-      out[p + ("mlp", n, "w")] = (h + f"mlp.{n}_proj.weight", "T")
-      if cfg.mlp_bias:
-        out[p + ("mlp", f"{n}_bias", "b")] = (h + f"mlp.{n}_proj.bias", "same")
+  for sub, (name, *rest) in block_map(cfg).items():
+    out[("model", "layers") + sub] = (tuple(f"model.layers.{i}.{name}"
+                                            for i in range(cfg.num_layers)), *rest)
   if isinstance(model, SequenceClassifier):
     out[("score",)] = ("score.weight", "T")
   elif not cfg.tie_embeddings:
@@ -76,8 +48,50 @@ def weight_map(model: nnx.Module) -> dict[tuple, tuple]:
   return out
 
 
+def block_map(cfg: ModelConfig) -> dict[tuple, tuple]:
+  """One decoder block: our path inside the block -> (HF name after model.layers.{i}., layout[,
+  rows of a fused tensor])."""
+  out: dict[tuple, tuple] = {("attn_norm", "scale"): ("input_layernorm.weight", "same")}
+  if cfg.gemma_norm:
+    out[("attn_post_norm", "scale")] = ("post_attention_layernorm.weight", "same")
+    out[("mlp_norm", "scale")] = ("pre_feedforward_layernorm.weight", "same")
+    out[("mlp_post_norm", "scale")] = ("post_feedforward_layernorm.weight", "same")
+  else:
+    out[("mlp_norm", "scale")] = ("post_attention_layernorm.weight", "same")
+  if cfg.model_type == "phi3":  # fused q|k|v and gate|up, split by rows
+    N, K, H, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    rows = {"q": (0, N * H), "k": (N * H, (N + K) * H), "v": ((N + K) * H, (N + 2 * K) * H)}
+    for n in ("q", "k", "v"):
+      out[("attn", n, "w")] = ("self_attn.qkv_proj.weight", "qkv", rows[n])
+    out[("attn", "o", "w")] = ("self_attn.o_proj.weight", "o")
+    out[("mlp", "gate", "w")] = ("mlp.gate_up_proj.weight", "T", (0, F))
+    out[("mlp", "up", "w")] = ("mlp.gate_up_proj.weight", "T", (F, 2 * F))
+    out[("mlp", "down", "w")] = ("mlp.down_proj.weight", "T")
+    return out
+  for n in ("q", "k", "v"):
+    out[("attn", n, "w")] = (f"self_attn.{n}_proj.weight", "qkv")
+    if cfg.qkv_bias:
+      out[("attn", f"{n}_bias", "b")] = (f"self_attn.{n}_proj.bias", "bias_heads")
+  out[("attn", "o", "w")] = ("self_attn.o_proj.weight", "o")
+  if cfg.o_bias:
+    out[("attn", "o_bias", "b")] = ("self_attn.o_proj.bias", "same")
+  if cfg.qk_norm:
+    out[("attn", "q_norm", "scale")] = ("self_attn.q_norm.weight", "same")
+    out[("attn", "k_norm", "scale")] = ("self_attn.k_norm.weight", "same")
+  for n in ("gate", "up", "down"):
+    out[("mlp", n, "w")] = (f"mlp.{n}_proj.weight", "T")
+    if cfg.mlp_bias:
+      out[("mlp", f"{n}_bias", "b")] = (f"mlp.{n}_proj.bias", "same")
+  return out
+
+
+def names_of(entry_name) -> tuple[str, ...]:
+  """The HF tensor names of one weight_map entry (one, or one per layer for a stacked one)."""
+  return entry_name if isinstance(entry_name, tuple) else (entry_name,)
+
+
 def fused_rows(wmap: dict, name: str) -> int:
-  return max(entry[2][1] for entry in wmap.values() if entry[0] == name and len(entry) > 2)
+  return max(entry[2][1] for entry in wmap.values() if name in names_of(entry[0]) and len(entry) > 2)
 
 
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -99,9 +113,13 @@ def _span(s: slice, n: int) -> tuple[int, int]:
   return start, stop
 
 
-def read_slice(src: np.ndarray, layout: str, index: tuple, shape: tuple[int, ...]) -> np.ndarray:
-  """The block `index` (of our layout, global shape `shape`) read from HF-layout `src`."""
+def read_slice(src, layout: str, index: tuple, shape: tuple[int, ...]) -> np.ndarray:
+  """The block `index` (of our layout, global shape `shape`) read from HF-layout `src`; a list
+  `src` holds one tensor per layer of a stacked parameter (shape [L, ...]), read layer by layer."""
   index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  if isinstance(src, list):
+    layers = range(len(src))[index[0]]
+    return np.stack([read_slice(src[i], layout, index[1:], shape[1:]) for i in layers])
   if layout == "same":
     return np.asarray(src[index])
   if layout == "T":
@@ -239,7 +257,7 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
   _check_sizes(model.config, tensors, path)
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
-  expected = {entry[0] for entry in wmap.values()}
+  expected = {n for entry in wmap.values() for n in names_of(entry[0])}
   unexpected = sorted(n for n in tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES)
                       and not (n == "lm_head.weight" and model.config.tie_embeddings))
   missing = sorted(n for n in expected if n not in tensors)
@@ -255,25 +273,35 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
       raise CheckpointError(f"internal: parameter {ppath} has no HF name")
     name, layout, *rows = wmap[ppath]
     shape = tuple(var.get_value().shape)
-    src = tensors[name]()
-    if not (np.issubdtype(src.dtype, np.floating) or src.dtype == ml_dtypes.bfloat16):
-      raise CheckpointError(f"{path}: tensor {name!r} has dtype {src.dtype}; weights must be "
-                            "floating point (a mis-typed or quantized export?)")
-    want = hf_shape(layout, shape)
-    if rows:
-      r0, r1 = rows[0]
-      full = (fused_rows(wmap, name),) + want[1:]
-      if tuple(src.shape) != full:
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {full}")
-      src = src[r0:r1]
-    if tuple(src.shape) != want:
-      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {want}")
+    stacked = isinstance(name, tuple)
+    srcs = [_hf_tensor(tensors, n, layout, rows, shape[1:] if stacked else shape, wmap, path)
+            for n in names_of(name)]
+    src = srcs if stacked else srcs[0]
     sharding = shd.variable_sharding(var, mesh)
     np_dtype = np.dtype(dtype)
     arr = jax.make_array_from_callback(
         shape, sharding, lambda idx, s=src, l=layout, sh=shape: read_slice(s, l, idx, sh).astype(np_dtype))
     var.set_value(arr)
   return nnx.merge(graphdef, state)  # the variables of `state` were filled in place
+
+
+def _hf_tensor(tensors: dict, name: str, layout: str, rows: list, shape: tuple, wmap: dict,
+               path: str):
+  """HF tensor `name` (its rows of a fused tensor), checked against our `shape` in `layout`."""
+  src = tensors[name]()
+  if not (np.issubdtype(src.dtype, np.floating) or src.dtype == ml_dtypes.bfloat16):
+    raise CheckpointError(f"{path}: tensor {name!r} has dtype {src.dtype}; weights must be "
+                          "floating point (a mis-typed or quantized export?)")
+  want = hf_shape(layout, shape)
+  if rows:
+    r0, r1 = rows[0]
+    full = (fused_rows(wmap, name),) + want[1:]
+    if tuple(src.shape) != full:
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {full}")
+    src = src[r0:r1]
+  if tuple(src.shape) != want:
+    raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, expected {want}")
+  return src
 
 
 def save_params(model: nnx.Module, path: str, *, dtype=None, max_shard_bytes: int = 4 << 30) -> None:
@@ -285,7 +313,9 @@ def save_params(model: nnx.Module, path: str, *, dtype=None, max_shard_bytes: in
     arr = np.asarray(jax.device_get(flat[ppath].get_value()))
     if dtype is not None:
       arr = arr.astype(np.dtype(dtype))
-    parts.setdefault(name, []).append((rows[0][0] if rows else 0, to_hf_layout(arr, layout)))
+    for i, n in enumerate(names_of(name)):  # a stacked parameter: one tensor per layer
+      a = arr[i] if isinstance(name, tuple) else arr
+      parts.setdefault(n, []).append((rows[0][0] if rows else 0, to_hf_layout(a, layout)))
   items = [(name, np.ascontiguousarray(np.concatenate([a for _, a in sorted(ps, key=lambda x: x[0])])
                                        if len(ps) > 1 else ps[0][1])) for name, ps in parts.items()]
   shards, cur, size = [], [], 0

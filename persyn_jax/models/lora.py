@@ -71,18 +71,23 @@ class LoRAEinsum(nnx.Module):
   def __init__(self, base: Einsum, rank: int, alpha: float, *, rngs: nnx.Rngs, param_dtype):
     self.eqn, self.dtype, self.w = base.eqn, base.dtype, base.w
     x, w, _, contracted, free = split_eqn(base.eqn)
-    shape = dict(zip(w, self.w.get_value().shape))
-    axes = dict(zip(w, getattr(self.w, "logical_axes", (None,) * len(w))))
+    full = tuple(self.w.get_value().shape)
+    all_axes = tuple(getattr(self.w, "logical_axes", (None,) * len(full)))
+    # a stacked weight (scanned blocks) gets stacked factors: the scan hands each layer its slice
+    lead = full[:len(full) - len(w)]
+    lead_axes = all_axes[:len(lead)]
+    shape = dict(zip(w, full[len(lead):]))
+    axes = dict(zip(w, all_axes[len(lead):]))
     fan_in = 1
     for c in contracted:
       fan_in *= shape[c]
     bound = fan_in ** -0.5  # PEFT's kaiming-uniform A; B = 0, so training starts at the base model
-    a_shape = tuple(shape[c] for c in contracted) + (rank,)
+    a_shape = lead + tuple(shape[c] for c in contracted) + (rank,)
     self.lora_a = LoRAParam(
         jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound),
-        logical_axes=tuple(axes[c] for c in contracted) + (None,))
-    self.lora_b = LoRAParam(jnp.zeros((rank,) + tuple(shape[c] for c in free), param_dtype),
-                            logical_axes=(None,) + tuple(axes[c] for c in free))
+        logical_axes=lead_axes + tuple(axes[c] for c in contracted) + (None,))
+    self.lora_b = LoRAParam(jnp.zeros(lead + (rank,) + tuple(shape[c] for c in free), param_dtype),
+                            logical_axes=lead_axes + (None,) + tuple(axes[c] for c in free))
     self.scale = alpha / rank
 
   def __call__(self, x):
@@ -95,18 +100,20 @@ class LoRAEinsum(nnx.Module):
     return y + jnp.einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b) * jnp.asarray(self.scale, y.dtype)
 
   def delta(self) -> jax.Array:
-    """scale · A·B in the layout of `w` (fp32)."""
+    """scale · A·B in the layout of `w` (fp32; stacked like `w`)."""
     _, w, _, contracted, free = split_eqn(self.eqn)
-    return self.scale * jnp.einsum(f"{contracted}{RANK},{RANK}{free}->{w}",
-                                   self.lora_a[...].astype(jnp.float32),
-                                   self.lora_b[...].astype(jnp.float32))
+    a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+    f = lambda a, b: jnp.einsum(f"{contracted}{RANK},{RANK}{free}->{w}", a, b)
+    for _ in range(a.ndim - len(contracted) - 1):  # one vmap per leading (layers) axis
+      f = jax.vmap(f)
+    return self.scale * f(a, b)
 
 
 def _projections(model: CausalLM, targets):
-  for block in model.model.layers:
-    for name in targets:
-      parent = block.attn if name in ATTN_TARGETS else block.mlp
-      yield parent, name
+  block = model.model.layers  # one stacked block: its projections hold every layer
+  for name in targets:
+    parent = block.attn if name in ATTN_TARGETS else block.mlp
+    yield parent, name
 
 
 def apply_lora(model: CausalLM, config: LoRAConfig, *, seed: int = 0, param_dtype=jnp.float32

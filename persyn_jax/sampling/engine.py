@@ -45,7 +45,7 @@ class Static:
 
 
 def _constrain_cache(cache: dict) -> dict:
-  layers = [{k: shd.constrain(v, CACHE_KV_AXES) for k, v in kv.items()} for kv in cache["layers"]]
+  layers = {k: shd.constrain(v, CACHE_KV_AXES) for k, v in cache["layers"].items()}
   segment_ids = shd.constrain(cache["segment_ids"], ("batch", "cache_seq"))
   return {"layers": layers, "segment_ids": segment_ids, "end": cache["end"]}
 

@@ -95,8 +95,10 @@ def insert(model, state, small, logits, mask, slot, src, pidx, sidx, *, st: Stat
   Lp = mask.shape[1]
   S = state["cache"]["segment_ids"].shape[1]
   put = lambda big, rows: big.at[slot].set(rows, mode="drop")
-  layers = [{n: big[n].at[slot, :Lp].set(sm[n][src].astype(big[n].dtype), mode="drop")
-             for n in big} for big, sm in zip(state["cache"]["layers"], small["layers"])]
+  # k and v are stacked over layers: [layers, slots, S, K, H]
+  big, sm = state["cache"]["layers"], small["layers"]
+  layers = {n: big[n].at[:, slot, :Lp].set(sm[n][:, src].astype(big[n].dtype), mode="drop")
+            for n in big}
   seg = jnp.zeros((slot.shape[0], S), jnp.int32).at[:, :Lp].set(mask[src].astype(jnp.int32))
   R = slot.shape[0]
   cache = {"layers": layers, "segment_ids": put(state["cache"]["segment_ids"], seg),
@@ -123,8 +125,8 @@ def chunk(model, state, seed, stop_ids, exit_done, *, st: Static, steps: int, sp
   TRACES["chunk"] += 1
   big = state["cache"]
   B = big["end"].shape[0]
-  cut = lambda x: jax.lax.slice_in_dim(x, 0, span, axis=1)
-  small = {"layers": [{n: cut(kv[n]) for n in kv} for kv in big["layers"]],
+  cut = lambda x, axis=1: jax.lax.slice_in_dim(x, 0, span, axis=axis)
+  small = {"layers": {n: cut(x, 2) for n, x in big["layers"].items()},  # [layers, B, S, K, H]
            "segment_ids": cut(big["segment_ids"]), "end": big["end"]}
   keys = L.row_keys(seed, state["pidx"], state["sidx"])
   step_keys = jax.vmap(lambda k, i: jax.random.fold_in(k, i.astype(jnp.uint32)))
@@ -156,9 +158,8 @@ def chunk(model, state, seed, stop_ids, exit_done, *, st: Static, steps: int, sp
     return i + 1, new, s
 
   n, small, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), small, s))
-  paste = lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x, 0, axis=1)
-  cache = {"layers": [{k: paste(kv[k], sm[k]) for k in kv}
-                      for kv, sm in zip(big["layers"], small["layers"])],
+  paste = lambda b, x, axis=1: jax.lax.dynamic_update_slice_in_dim(b, x, 0, axis=axis)
+  cache = {"layers": {n: paste(x, small["layers"][n], 2) for n, x in big["layers"].items()},
            "segment_ids": paste(big["segment_ids"], small["segment_ids"]), "end": small["end"]}
   out = dict(state)
   out.update(s, cache=_constrain_cache(cache))
