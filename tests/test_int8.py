@@ -46,15 +46,17 @@ def test_the_decoder_projections_are_int8_and_the_rest_is_not(model_dir):
   assert is_quantized(model)
   dtypes = {"/".join(map(str, p)): v.get_value().dtype
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  assert dtypes["model/layers/0/attn/q/w/array/qvalue"] == jnp.int8
-  assert dtypes["model/layers/1/mlp/down/w/array/qvalue"] == jnp.int8
-  # one scale per output channel: q's [1, N, H] for its D x N x H weight
-  scale = model.model.layers[0].attn.q.w.array.scale[...]
-  assert scale.shape == (1, model.config.num_heads, model.config.head_dim)
-  for name in ("model/embed", "model/final_norm/scale", "model/layers/0/attn/q_bias/b"):
+  # the blocks are stacked over layers: one int8 array per projection holds every layer
+  assert dtypes["model/layers/attn/q/w/array/qvalue"] == jnp.int8
+  assert dtypes["model/layers/mlp/down/w/array/qvalue"] == jnp.int8
+  # one scale per output channel and layer: q's [L, 1, N, H] for its L x D x N x H weight
+  cfg = model.config
+  scale = model.model.layers.attn.q.w.array.scale[...]
+  assert scale.shape == (cfg.num_layers, 1, cfg.num_heads, cfg.head_dim)
+  for name in ("model/embed", "model/final_norm/scale", "model/layers/attn/q_bias/b"):
     assert dtypes[name] == jnp.bfloat16
   int8 = sum(d == jnp.int8 for d in dtypes.values())
-  assert int8 == 7 * model.config.num_layers
+  assert int8 == 7
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
@@ -79,8 +81,8 @@ def test_an_int8_teacher_samples_on_the_serving_layout(model_dir, tok):
   model, _ = load_model(path, dtype="float32", tokenizer=False, quantize="int8", mesh=mesh,
                         rules=shd.SERVING)
   assert model.config.num_kv_heads == 4
-  qv = model.model.layers[0].attn.k.w.array.qvalue[...]
-  assert qv.dtype == jnp.int8 and qv.sharding.spec[1] == "tensor"
+  qv = model.model.layers.attn.k.w.array.qvalue[...]  # [L, D, K, H]
+  assert qv.dtype == jnp.int8 and qv.sharding.spec[2] == "tensor"
   cfg = SamplingConfig(temperature=0.0, max_new_tokens=8, batch_size=4, stop_token_ids=())
   want = [r.token_ids for r in generate(one, tok, PROMPTS[:4], cfg)]
   assert [r.token_ids for r in generate(model, tok, PROMPTS[:4], cfg, mesh=mesh)] == want
