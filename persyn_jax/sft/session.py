@@ -15,6 +15,7 @@ from persyn_jax import sharding as shd
 from persyn_jax.checkpoints import abstract
 from persyn_jax.models import CausalLM, as_dtype, build_model
 from persyn_jax.models.lora import LoRAParam, apply_lora, has_lora
+from persyn_jax.models.transformer import set_remat
 from persyn_jax.sft.config import SFTConfig
 from persyn_jax.sft.loss import BATCH_KEYS
 from persyn_jax.sft.optim import lr_schedule, param_group
@@ -143,7 +144,8 @@ def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> 
   """Splits, places and compiles (lazily) for `model` as `prepare` makes it."""
   original = model
   with jax.set_mesh(mesh):
-    model = prepare(model, config)
+    # the policy applies to the scanned block body (models/layers.py), not to the whole loss
+    model = set_remat(prepare(model, config), config.remat)
     trained_filter = LoRAParam if config.lora.enabled else nnx.Param
     graphdef, trained_state, frozen_state = nnx.split(model, trained_filter, ...)
     ttree, ftree = ParamTree.of(trained_state), ParamTree.of(frozen_state)
@@ -161,8 +163,7 @@ def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> 
     if compiled is None:
       schedule = lr_schedule(config, total_steps)
       tx = make_optimizer([param_group(config, schedule)], grad_clip=config.grad_clip)
-      loss = make_loss(graphdef, ttree, ftree, z_loss=config.z_loss, chunk=config.loss_chunk,
-                       remat=config.remat)
+      loss = make_loss(graphdef, ttree, ftree, z_loss=config.z_loss, chunk=config.loss_chunk)
       compiled = {"tx": tx, "schedule": schedule, "loss": loss, "step": None, "eval": None}
     _COMPILED[key] = compiled  # most recently used last
     while len(_COMPILED) > _COMPILED_MAX:
