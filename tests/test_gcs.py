@@ -1,0 +1,147 @@
+"""gs:// run paths against a real GCS JSON API emulator (gcp-storage-emulator, in memory, on a free
+localhost port; started and stopped by the `gcs` fixture): the fs layer's operations, shards and
+manifests, a whole tiny pipeline whose run directory and world cache are on gs:// (the same
+records as the same run on local disk), and SIGKILLed runs resumed on gs://."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from persyn_jax import fs
+from persyn_jax import io_utils as io
+from persyn_jax.data import shards
+
+BUCKET = "persyn-test"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator's base URL gs://persyn-test; STORAGE_EMULATOR_HOST points there meanwhile."""
+  port = _free_port()
+  host = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+                           "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
+                           BUCKET, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{host}/storage/v1/b/{BUCKET}", timeout=1).read()
+      break
+    except OSError:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        raise RuntimeError("gcp-storage-emulator did not start")
+      time.sleep(0.1)
+  old = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = host
+  try:
+    yield f"gs://{BUCKET}"
+  finally:
+    if old is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = old
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def gdir(gcs, request):
+  """A fresh gs:// directory for one test."""
+  return f"{gcs}/{request.node.name}-{time.time_ns()}"
+
+
+def test_fs_round_trip(gdir, tmp_path):
+  a = fs.join(gdir, "sub", "a.json")
+  io.atomic_write_json(a, {"x": 1})
+  assert fs.exists(a) and fs.isfile(a) and fs.isdir(fs.join(gdir, "sub"))
+  assert fs.read_text(a) == '{\n  "x": 1\n}\n'
+  io.atomic_write_text(a, "replaced")  # a second write replaces the object whole
+  assert fs.read_text(a) == "replaced" and fs.getsize(a) == 8
+  io.atomic_write_bytes(fs.join(gdir, "sub", "b.bin"), b"\x00\x01")
+  assert fs.listdir(fs.join(gdir, "sub")) == ["a.json", "b.bin"]
+  assert fs.glob(fs.join(gdir, "sub", "*.json")) == [a]
+  fs.rename(a, fs.join(gdir, "sub", "c.json"))
+  assert not fs.exists(a) and fs.read_text(fs.join(gdir, "sub", "c.json")) == "replaced"
+  fs.rename(fs.join(gdir, "sub"), fs.join(gdir, "moved"))  # a "directory": every object under it
+  assert fs.listdir(fs.join(gdir, "moved")) == ["b.bin", "c.json"]
+  assert not fs.exists(fs.join(gdir, "sub"))
+  fs.remove(fs.join(gdir, "moved", "b.bin"))
+  with pytest.raises(FileNotFoundError):
+    fs.remove(fs.join(gdir, "moved", "b.bin"))
+  with pytest.raises(FileNotFoundError):
+    fs.getsize(fs.join(gdir, "nothing"))
+  with pytest.raises(FileNotFoundError):
+    fs.listdir(fs.join(gdir, "nothing"))
+  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(_local(tmp_path, b"replaced"))
+  # a local copy of a remote file follows its versions
+  c = fs.join(gdir, "moved", "c.json")
+  first = fs.local_copy(c)
+  assert open(first, "rb").read() == b"replaced"
+  io.atomic_write_text(c, "v2")
+  assert open(fs.local_copy(c), "rb").read() == b"v2"
+  fs.rmtree(fs.join(gdir, "moved"))
+  assert not fs.exists(fs.join(gdir, "moved"))
+  # local paths keep the os calls
+  assert fs.join(str(tmp_path), "x") == os.path.join(str(tmp_path), "x")
+  assert fs.local_copy(str(tmp_path)) == str(tmp_path)
+
+
+def _local(tmp_path, data: bytes) -> str:
+  p = tmp_path / "ref.bin"
+  p.write_bytes(data)
+  return str(p)
+
+
+def test_local_dir_copies_a_remote_directory(gdir, tmp_path):
+  src = tmp_path / "model"
+  (src / "tok").mkdir(parents=True)
+  (src / "config.json").write_text("{}")
+  (src / "tok" / "vocab.txt").write_text("a\nb\n")
+  fs.put(str(src), fs.join(gdir, "model"))
+  local = fs.local_dir(fs.join(gdir, "model"))
+  assert open(os.path.join(local, "tok", "vocab.txt")).read() == "a\nb\n"
+  assert sorted(os.listdir(local)) == ["config.json", "tok"]
+  assert fs.local_dir(fs.join(gdir, "model")) == local  # same version: no new copy
+
+
+def _recs(n):
+  return [shards.rec.make(f"r{i}", f"prompt {i}", teacher="T", response=f"answer {i}", sample=0)
+          for i in range(n)]
+
+
+def test_shards_and_manifest_on_gcs(gdir, tmp_path):
+  recs = _recs(10)
+  out = fs.join(gdir, "probe")
+  metas = shards.write_records(out, "probe", recs, num_shards=3, host=0)
+  local = str(tmp_path / "probe")
+  assert metas == shards.write_records(local, "probe", recs, num_shards=3, host=0)
+  assert list(shards.read_records(out, "probe")) == list(shards.read_records(local, "probe"))
+  assert (fs.read_bytes(shards.manifest_path(out, "probe"))
+          == open(shards.manifest_path(local, "probe"), "rb").read())
+  assert shards.complete_shards(out, "probe", 3, host=0) == {0, 1, 2}
+  # a shard whose upload never happened (killed after its sidecar) is not complete; the rerun
+  # writes it again and keeps the others
+  name = shards.shard_name("probe", 0, 1, 3)
+  fs.remove(fs.join(out, name))
+  assert shards.complete_shards(out, "probe", 3, host=0) == {0, 2}
+  with pytest.raises(shards.ShardError, match="missing"):
+    list(shards.read_records(out, "probe"))
+  shards.write_records(out, "probe", recs, num_shards=3, host=0)
+  assert list(shards.read_records(out, "probe")) == recs
+  paths = shards.shard_paths(out, "probe")
+  assert all(os.path.exists(p) for p in paths)  # local copies, for grain
+  # a corrupt object is named
+  io.atomic_write_bytes(fs.join(out, name), b"x" * fs.getsize(fs.join(out, name)))
+  with pytest.raises(shards.ShardError, match=f"{name}: sha256 differs"):
+    list(shards.read_records(out, "probe"))
