@@ -16,13 +16,14 @@ by the object's path and checksum, so a remote file is fetched once per version.
 """
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
-from typing import IO
+from typing import IO, Iterator
 
 _FS: dict[tuple, object] = {}
 
@@ -246,3 +247,45 @@ def local_dir(path: str) -> str:
     except OSError:  # another process of this machine put the same version in place first
       shutil.rmtree(tmp, ignore_errors=True)
   return local
+
+
+def work_dir(path: str) -> str:
+  """`path` itself when local; for a remote directory a local working directory of this machine
+  for it (kept across runs, so that a rerun on the same machine finds what an earlier one left)."""
+  if not is_remote(path):
+    return path
+  local = os.path.join(cache_dir(), "work", hashlib.sha256(path.encode()).hexdigest()[:24])
+  os.makedirs(local, exist_ok=True)
+  return local
+
+
+@contextlib.contextmanager
+def staged_dir(path: str) -> Iterator[str]:
+  """`with staged_dir(path) as d:` write a directory with libraries that need a local one: for a
+  remote `path`, `d` is a fresh local directory uploaded to `path` (process 0 only) when the
+  block ends without an error; for a local `path`, `d` is `path`."""
+  if not is_remote(path):
+    yield path
+    return
+  tmp = tempfile.mkdtemp(prefix="persyn_jax-stage-")
+  try:
+    yield tmp
+    import jax
+    if jax.process_index() == 0:
+      rmtree(path)
+      put(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download(path: str, local: str, suffixes: tuple[str, ...] = ()) -> None:
+  """Copies every file under a remote directory `path` (those ending with one of `suffixes`, if
+  given) into the local directory `local`, keeping their relative paths."""
+  fs = filesystem(path)
+  root = path.rstrip("/").split("://", 1)[1]
+  for p in fs.find(root):
+    if suffixes and not p.endswith(suffixes):
+      continue
+    dest = os.path.join(local, *posixpath.relpath(p, root).split("/"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fs.get_file(_url(fs, p), dest)

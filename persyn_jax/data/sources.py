@@ -27,6 +27,7 @@ import unicodedata
 from collections import Counter
 from typing import Any, Iterator, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.data import records as rec
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -173,6 +174,13 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
     return [(path, "hub")]
   if not path:
     raise PromptFileError("prompt source: no path given")
+  if fs.is_remote(path):  # a gs:// file or directory: read from a local copy of this version
+    if fs.isdir(path):
+      path = fs.local_dir(path)
+    elif fs.isfile(path):
+      path = fs.local_copy(path)
+    else:
+      raise PromptFileError(f"{path}: no such object or directory")
   if _is_saved_dataset(path):
     return [(path, "arrow")]
   if os.path.isdir(path) and _is_dataset_repo(path):
