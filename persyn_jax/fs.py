@@ -105,7 +105,7 @@ def listdir(path: str) -> list[str]:
 def glob(pattern: str) -> list[str]:
   """Paths matching `pattern` (glob syntax; escape literal parts with glob.escape)."""
   if not is_remote(pattern):
-    return sorted(_glob.glob(pattern))
+    return sorted(_glob.glob(pattern, recursive=True))
   fs = filesystem(pattern)
   return sorted(_url(fs, p) for p in fs.glob(pattern))
 

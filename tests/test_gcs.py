@@ -145,3 +145,104 @@ def test_shards_and_manifest_on_gcs(gdir, tmp_path):
   io.atomic_write_bytes(fs.join(out, name), b"x" * fs.getsize(fs.join(out, name)))
   with pytest.raises(shards.ShardError, match=f"{name}: sha256 differs"):
     list(shards.read_records(out, "probe"))
+
+
+# -- a whole run on gs:// -------------------------------------------------------------------------
+
+# The tiny toy world with shards of 4 records (many commit points), PerSyn and the oracle, one
+# SFT epoch with a checkpoint every step.
+SETS = ["world.scale=tiny", "records_per_shard=4", "compare=[persyn,oracle]",
+        "sampling.max_new_tokens=32", "sampling.min_bucket=64", "sft.epochs=1",
+        "sft.checkpoint_every=1", "sft.keep_checkpoints=1"]
+STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
+
+
+def run_args(run_dir: str, stages, cache: str) -> list[str]:
+  args = ["--run-dir", run_dir, "--stages", ",".join(stages), "--set", f"world.cache_dir={cache}"]
+  for s in SETS:
+    args += ["--set", s]
+  return args
+
+
+def kill(target: str, match: str, n: int = 1, when: str = "before") -> dict:
+  return {"kill_at": {"target": target, "n": n, "match": match, "when": when}}
+
+
+# Where each launch of the resumed run is SIGKILLed (the stages it runs end at its stage): while a
+# shard is uploaded, while a manifest and a DONE.json are put, after an upload, while an SFT
+# checkpoint commits (in the local working directory).
+KILLS = [
+    ("probe", kill("persyn_jax.fs.put", "/probe/", 2)),
+    ("probe", kill("persyn_jax.data.shards.atomic_write_json", ".manifest.json")),
+    ("score", kill("persyn_jax.fs.put", "/score/", 3, "after")),
+    ("generate", kill("persyn_jax.fs.put", "/data/", 2)),
+    ("generate", kill("persyn_jax.stages.runner.atomic_write_json", "/generate/DONE.json")),
+    ("sft", kill("os.rename", ".orbax-checkpoint-tmp", 2)),
+]
+
+
+def records_by_stage(run: str) -> dict[str, list[dict]]:
+  """Every stage's records (each manifest's shards, read and verified), by manifest path."""
+  out = {}
+  for man in fs.glob(fs.join(run, "**", "*.manifest.json")):
+    d, name = man.rsplit("/", 1)
+    stage = name[:-len(".manifest.json")]
+    out[d[len(run):] + "/" + stage] = list(shards.read_records(d, stage))
+  return out
+
+
+def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_path):
+  import json
+
+  import faults  # tests/faults.py
+  from persyn_jax.toyworld.build import upload_world
+  local_cache = os.path.dirname(os.path.dirname(tiny_world.root))  # <cache>/toyworld/<key>
+  remote_cache = f"{gcs}/cache-{time.time_ns()}"
+  # the world on gs://, as a run that builds it leaves it (built once per session, here)
+  upload_world(tiny_world, fs.join(remote_cache, "toyworld", os.path.basename(tiny_world.root)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             TENSORSTORE_GCS_HTTP_URL=os.environ["STORAGE_EMULATOR_HOST"],
+             PERSYN_JAX_LOCAL_CACHE=str(tmp_path / "local-cache"))
+  clean, run = str(tmp_path / "clean"), f"{gcs}/run-{time.time_ns()}"
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  killed = []
+  with faults.Launcher(env) as la:
+    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache), log=str(logs / "clean"))
+    assert la.wait(pid) == 0, (logs / "clean").read_text()[-3000:]
+    for i, (stage, spec) in enumerate(KILLS):
+      log = logs / f"launch-{i}"
+      pid = la.start("persyn_jax.train", run_args(run, STAGES[:STAGES.index(stage) + 1],
+                                                  remote_cache), log=str(log), faults=spec)
+      rc = la.wait(pid)
+      assert rc in (0, -9), (i, rc, log.read_text()[-3000:])
+      if rc == -9:
+        killed.append(stage)
+        # a killed run leaves its lock note; the next launch (same host, pid gone) takes it over
+        assert json.loads(fs.read_bytes(fs.join(run, ".lock")))["pid"] == pid
+    pid = la.start("persyn_jax.train", run_args(run, STAGES, remote_cache), log=str(logs / "final"))
+    assert la.wait(pid) == 0, (logs / "final").read_text()[-3000:]
+  final = (logs / "final").read_text()
+  assert "taking over the lock note of an earlier run" in (logs / "launch-1").read_text()
+  assert f"Report: {run}/report/report.md" in final
+  assert killed == [s for s, _ in KILLS], killed  # every launch died where it was meant to
+  assert not fs.exists(fs.join(run, ".lock"))  # a finished run leaves no note
+  # the same records, stage by stage, nothing lost or twice; the same manifests and students
+  a, b = records_by_stage(clean), records_by_stage(run)
+  assert sorted(a) == sorted(b) and len(a) >= 10, (sorted(a), sorted(b))
+  for key in a:
+    assert a[key] == b[key], key
+    ids = [(r["id"], r.get("teacher"), r.get("sample"), r.get("policy")) for r in b[key]]
+    assert len(ids) == len(set(ids)), key
+  for rel in [m[len(clean):] for m in fs.glob(f"{clean}/**/*.manifest.json")] + [
+      "/sft/persyn/student/model.safetensors", "/sft/oracle/student/model.safetensors",
+      "/route/assignments.json", "/export/persyn/messages.jsonl"]:
+    assert fs.read_bytes(run + rel) == open(clean + rel, "rb").read(), rel
+  for stage in STAGES:
+    x, y = (json.loads(fs.read_bytes(fs.join(d, stage, "DONE.json"))) for d in (clean, run))
+    assert ({k: v for k, v in x.items() if k not in ("seconds", "finished")}
+            == {k: v for k, v in json.loads(json.dumps(y).replace(run, clean)).items()
+                if k not in ("seconds", "finished")}), stage
+  report = json.loads(fs.read_bytes(fs.join(run, "report", "report.json")))
+  assert report["run_dir"] == run

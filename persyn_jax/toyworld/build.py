@@ -132,13 +132,19 @@ def _remote_world(root: str, scale: str, seed: int, force: bool, log) -> World:
   if fs.exists(info_path) and not force:
     log(f"[toyworld] using the cached world at {root}")
     return _world(root, json.loads(fs.read_bytes(info_path)))
-  local = build(scale, seed, fs.work_dir(root), force=force, log=log)
+  world = upload_world(build(scale, seed, fs.work_dir(root), force=force, log=log), root)
+  log(f"[toyworld] uploaded the world to {root}")
+  return world
+
+
+def upload_world(local: World, root: str) -> World:
+  """Copies a built world to the remote directory `root`, world.json last (its paths now naming
+  the remote copies); returns the remote world."""
   for name in sorted(os.listdir(local.root)):
     if name != "world.json":
       fs.put(os.path.join(local.root, name), fs.join(root, name))
   info = json.loads(json.dumps(local.info).replace(json.dumps(local.root)[1:-1], root))
-  atomic_write_json(info_path, info)
-  log(f"[toyworld] uploaded the world to {root}")
+  atomic_write_json(fs.join(root, "world.json"), info)
   return _world(root, info)
 
 
