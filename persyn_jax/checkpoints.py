@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from persyn_jax import fs
 from persyn_jax.models.checks import CheckpointError
 
 
@@ -39,8 +40,8 @@ class CheckpointManager:
   """Train states saved every K steps (asynchronously) with a JSON meta, keeping the newest N."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+    self.directory = fs.abspath(directory)  # a gs:// directory goes to orbax as it is
+    if fs.exists(self.directory) and not fs.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: a file where the checkpoint directory should be "
                             f"(damaged or replaced); move it away to train from the start")
     # (step, why) of each damaged step that restore() skipped and moved aside
@@ -74,7 +75,7 @@ class CheckpointManager:
     if not steps:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
     for s in steps:
-      path = os.path.join(self.directory, str(s))
+      path = fs.join(self.directory, str(s))
       try:
         out = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -95,10 +96,10 @@ class CheckpointManager:
         raise CheckpointError(_damaged(path, error)) from None
       self.skipped.append((s, _damaged(path, error)))
       if jax.process_index() == 0:  # kept for inspection, out of orbax's sight (not a number)
-        aside, n = os.path.join(self.directory, f"corrupt-{s}-{time.strftime('%Y%m%d-%H%M%S')}"), 0
-        while os.path.exists(aside + (f"-{n}" if n else "")):
+        aside, n = fs.join(self.directory, f"corrupt-{s}-{time.strftime('%Y%m%d-%H%M%S')}"), 0
+        while fs.exists(aside + (f"-{n}" if n else "")):
           n += 1
-        os.replace(path, aside + (f"-{n}" if n else ""))
+        fs.rename(path, aside + (f"-{n}" if n else ""))
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"checkpoints:aside:{s}")
@@ -118,14 +119,14 @@ def save_tree(path: str, tree) -> None:
   """Writes a parameter tree (nested dicts of arrays) to `path`, replacing it; collective over
   processes (each writes its own shards), and finished when this returns."""
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), tree, force=True)
+  ckpt.save(fs.abspath(path), tree, force=True)
   ckpt.wait_until_finished()
 
 
 def restore_tree(path: str, abstract_tree):
   """The tree saved at `path`, each leaf placed and typed as `abstract_tree` says (see abstract)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = fs.abspath(path)
+  if not fs.isdir(path):
     raise FileNotFoundError(f"{path}: no saved tree (expected an orbax checkpoint directory)")
   try:
     return ocp.StandardCheckpointer().restore(path, abstract_tree)

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.io_utils import atomic_write_json, atomic_write_text, safe_name
 from persyn_jax.sampling.records import prompt_of
 from persyn_jax.verify import get_verifier
@@ -118,24 +119,24 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
   bad = [f for f in formats if f not in EXPORTS]
   if bad:
     raise ValueError(f"eval.exports: unknown formats {bad}; known: {list(EXPORTS)}")
-  os.makedirs(out_dir, exist_ok=True)
+  fs.makedirs(out_dir)
   paths = {}
   for f in formats:
     if f == "jsonl":
-      path = os.path.join(out_dir, "generations.jsonl")
+      path = fs.join(out_dir, "generations.jsonl")
       atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     elif f == "ifeval":  # IFEval's evaluation script reads {"prompt", "response"} lines
-      path = os.path.join(out_dir, "ifeval_responses.jsonl")
+      path = fs.join(out_dir, "ifeval_responses.jsonl")
       atomic_write_text(path, "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]})
                                       + "\n" for r in rows))
     elif f == "alpaca_eval":  # a JSON list of {instruction, output, generator}
-      path = os.path.join(out_dir, "alpaca_eval_outputs.json")
+      path = fs.join(out_dir, "alpaca_eval_outputs.json")
       # a benchmark item keeps its own fields (AlpacaEval's `dataset` names its subset)
       atomic_write_json(path, [{"dataset": "persyn_jax", **r.get("source", {}),
                                 "instruction": r["prompt"], "output": r["response"],
                                 "generator": model_name} for r in rows])
     else:  # arena_hard: model_answer/<model>.jsonl, one answer object per question
-      path = os.path.join(out_dir, "arena_hard", f"{safe_name(model_name, 'model name')}.jsonl")
+      path = fs.join(out_dir, "arena_hard", f"{safe_name(model_name, 'model name')}.jsonl")
       lines = [json.dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
                            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
                            f"{model_name}/{r['id']}").hex, "model_id": model_name,

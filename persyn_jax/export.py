@@ -24,10 +24,13 @@ import argparse
 import dataclasses
 import json
 import os
+import posixpath
 import shutil
 import sys
+import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.data import shards
 from persyn_jax.data.chat import to_messages
 from persyn_jax.io_utils import atomic_write_json, atomic_write_text, safe_name
@@ -92,6 +95,10 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: str) -> str:
 
 def write_parquet(rows: Sequence[Mapping[str, Any]], path: str) -> str:
   import pyarrow.parquet as pq
+  if fs.is_remote(path):  # written locally, then uploaded as one object
+    with tempfile.TemporaryDirectory() as d:
+      fs.put(write_parquet(rows, os.path.join(d, os.path.basename(path))), path)
+    return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = _tmp(path)
   try:
@@ -107,6 +114,12 @@ def write_hf_dataset(rows: Sequence[Mapping[str, Any]], path: str) -> str:
   """`Dataset.save_to_disk` into a directory beside `path`, then swapped in: a reader sees the old
   directory or the new one, never a half-written one (between the two renames, none)."""
   import datasets
+  if fs.is_remote(path):  # saved locally, then uploaded (not atomic: see docs/RUN_DIR.md)
+    with tempfile.TemporaryDirectory() as d:
+      local = write_hf_dataset(rows, os.path.join(d, os.path.basename(path)))
+      fs.rmtree(path)
+      fs.put(local, path)
+    return path
   tmp, old = _tmp(path), f"{path}.old-{os.getpid()}"
   for d in (tmp, old):
     shutil.rmtree(d, ignore_errors=True)
@@ -142,27 +155,26 @@ def export_policy(data_dir: str, policy: str, out_dir: str, formats: Sequence[st
   under out_dir/<policy>/; returns {format: path}."""
   ExportConfig(formats=tuple(formats))  # validates the names
   rows = rows_of(shards.read_records(data_dir, "data"), policy, system)
-  d = os.path.join(out_dir, safe_name(policy, "policy"))
-  return {f: WRITERS[f](rows, os.path.join(d, FILES[f])) for f in formats}
+  d = fs.join(out_dir, safe_name(policy, "policy"))
+  return {f: WRITERS[f](rows, fs.join(d, FILES[f])) for f in formats}
 
 
 def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, name: str = "run"
                ) -> dict[str, dict[str, str]]:
   """Exports every policy's dataset of a run (see the module doc); with jsonl, also merges one
   entry per policy (`<name>_<policy>`) into <dir>/dataset_info.json. Returns {policy: paths}."""
-  out_dir = config.dir or os.path.join(run_dir, "export")
+  out_dir = config.dir or fs.join(run_dir, "export")
   out = {}
   for policy in policies:
-    out[policy] = export_policy(os.path.join(run_dir, "data", safe_name(policy, "policy")), policy,
+    out[policy] = export_policy(fs.join(run_dir, "data", safe_name(policy, "policy")), policy,
                                 out_dir, config.formats, config.system)
   if "jsonl" in config.formats and policies:
-    info_path = os.path.join(out_dir, "dataset_info.json")
+    info_path = fs.join(out_dir, "dataset_info.json")
     info = {}
-    if os.path.exists(info_path):  # other runs' entries in a shared dir are kept
-      with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
+    if fs.exists(info_path):  # other runs' entries in a shared dir are kept
+      info = json.loads(fs.read_bytes(info_path))
     for policy in policies:
-      rel = os.path.relpath(out[policy]["jsonl"], out_dir)
+      rel = (posixpath if fs.is_remote(out_dir) else os.path).relpath(out[policy]["jsonl"], out_dir)
       key = f"{safe_name(name, 'run name')}_{safe_name(policy, 'policy')}"
       info[key] = llama_factory_entry(rel)
     atomic_write_json(info_path, info)
@@ -171,11 +183,10 @@ def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, n
 
 def run_policies(run_dir: str) -> list[str]:
   """The policies whose datasets a run directory holds (data/<policy>/data.manifest.json)."""
-  d = os.path.join(run_dir, "data")
-  if not os.path.isdir(d):
+  d = fs.join(run_dir, "data")
+  if not fs.isdir(d):
     raise FileNotFoundError(f"{d}: no datasets (has the generate stage run in {run_dir}?)")
-  return sorted(p for p in os.listdir(d) if os.path.exists(shards.manifest_path(
-      os.path.join(d, p), "data")))
+  return sorted(p for p in fs.listdir(d) if fs.exists(shards.manifest_path(fs.join(d, p), "data")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,10 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--policies", help="comma-separated (default: every dataset in RUN_DIR/data)")
   args = ap.parse_args(argv)
   saved: dict = {}
-  cfg_path = os.path.join(args.run_dir, "config.json")
-  if os.path.exists(cfg_path):
-    with open(cfg_path, encoding="utf-8") as f:
-      saved = json.load(f)
+  cfg_path = fs.join(args.run_dir, "config.json")
+  if fs.exists(cfg_path):
+    saved = json.loads(fs.read_bytes(cfg_path))
   sec = dict(saved.get("export") or {})
   formats = args.formats.split(",") if args.formats else sec.get("formats") or ["jsonl"]
   config = ExportConfig(formats=tuple(f.strip() for f in formats if f.strip()),

@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file, flush, fsync, rename) and safe path components."""
+"""Atomic file writes (temp file, flush, fsync, rename; one whole object on gs://, see fs.py) and
+safe path components."""
 from __future__ import annotations
 
 import glob
@@ -7,8 +8,12 @@ import json
 import os
 import re
 
+from persyn_jax import fs
+
 
 def sha256_file(path: str) -> str:
+  if fs.is_remote(path):
+    return fs.sha256(path)
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -36,7 +41,11 @@ def name_error(e: BaseException, path: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Write `data` to `path` via a temp name, flush, fsync and rename (then fsync the directory)."""
+  """Write `data` to `path` via a temp name, flush, fsync and rename (then fsync the directory);
+  a remote `path` is one object upload, which readers see whole or not at all."""
+  if fs.is_remote(path):
+    fs.write_object(path, data)
+    return
   d = os.path.dirname(path) or "."
   os.makedirs(d, exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"

@@ -75,6 +75,12 @@ def _prompt_problems(cfg: RunConfig, world: bool, num_prompts: int | None) -> li
   return out
 
 
+def _dir_or_url(path: str) -> bool:
+  """A local directory, or a gs:// URL (checked when the model is loaded: a dry run does not
+  reach the bucket)."""
+  return "://" in path or os.path.isdir(path)
+
+
 def _model_problems(cfg: RunConfig, sel: set[str], archs: Mapping[str, object]) -> list[str]:
   from persyn_jax.models import hub
   out = []
@@ -87,12 +93,13 @@ def _model_problems(cfg: RunConfig, sel: set[str], archs: Mapping[str, object]) 
         out.append(f"teacher {ref.name!r}: openai.api_key_env={env!r} but that environment "
                    "variable is not set")
       continue
-    if ref.path not in archs and not os.path.isdir(ref.path) and hub.parse_id(ref.path) is None:
+    if (ref.path not in archs and not _dir_or_url(ref.path)
+        and hub.parse_id(ref.path) is None):
       out.append(f"{where} {ref.name!r}: path {ref.path!r} is neither a directory nor a hub id "
                  "('org/name[@revision]')")
   for key, path in (("router.backbone", cfg.router.backbone),
                     ("scoring.reward_model", cfg.scoring.reward_model)):
-    if path and path not in archs and not os.path.isdir(path) and hub.parse_id(path) is None:
+    if path and path not in archs and not _dir_or_url(path) and hub.parse_id(path) is None:
       out.append(f"{key}={path!r} is neither a directory nor a hub id")
   out += _stop_problems(cfg, archs)
   return out

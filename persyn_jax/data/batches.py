@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from persyn_jax import fs
 from persyn_jax.data import chat
 from persyn_jax.data import records as rec
 from persyn_jax.data import shards
@@ -54,11 +55,12 @@ class SFTDataConfig:
 # -- sources -------------------------------------------------------------------------------------
 
 def _infer_stage(data_dir: str) -> str:
-  found = sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.manifest.json")))
+  found = [p.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+           for p in fs.glob(fs.join(glob.escape(data_dir), "*.manifest.json"))]
   if len(found) != 1:
-    raise shards.ShardError(f"{data_dir}: expected one <stage>.manifest.json, found "
-                            f"{[os.path.basename(f) for f in found]}; pass stage=")
-  return os.path.basename(found[0])[:-len(".manifest.json")]
+    raise shards.ShardError(f"{data_dir}: expected one <stage>.manifest.json, found {found}; "
+                            "pass stage=")
+  return found[0][:-len(".manifest.json")]
 
 
 def record_dataset(data: str | Sequence[Mapping[str, Any]], stage: str | None = None):

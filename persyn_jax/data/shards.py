@@ -9,6 +9,9 @@ count and sha256; readers check it, and refuse a missing, partial or corrupt sha
 
 An ArrayRecord file cut short still opens (as fewer records), which is why counts and hashes are
 checked rather than trusting the reader.
+
+On gs:// (persyn_jax.fs) a shard is written to a local temp file, its sidecar is put, then the
+shard is uploaded in one piece under its final name; readers open a local copy of it.
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ import glob
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from persyn_jax import fs
 from persyn_jax import io_utils as io
 from persyn_jax.data import records as rec
 from persyn_jax.io_utils import atomic_write_bytes, sha256_file  # noqa: F401  (re-exported)
@@ -50,12 +56,13 @@ def shard_name(stage: str, host: int, index: int, count: int) -> str:
 
 def parse_name(stage: str, name: str) -> tuple[int, int, int] | None:
   """(host, index, count) of a shard file name of `stage`, else None."""
-  m = re.fullmatch(re.escape(stage) + r"-(\d+)-(\d+)-of-(\d+)\.array_record", os.path.basename(name))
+  m = re.fullmatch(re.escape(stage) + r"-(\d+)-(\d+)-of-(\d+)\.array_record",
+                   name.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
   return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
 
 
 def manifest_path(out_dir: str, stage: str) -> str:
-  return os.path.join(out_dir, f"{stage}.manifest.json")
+  return fs.join(out_dir, f"{stage}.manifest.json")
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -63,6 +70,8 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def _remove_stale_temps(final: str) -> None:
+  if fs.is_remote(final):  # remote shards are never written under a temp name
+    return
   d, base = os.path.split(final)
   for tmp in glob.glob(os.path.join(glob.escape(d), "." + glob.escape(base) + ".tmp-*")):
     try:
@@ -80,8 +89,10 @@ def write_shard(out_dir: str, stage: str, records: Iterable[Mapping[str, Any]], 
   leaves no final file.
   """
   host = _host(host)
-  os.makedirs(out_dir, exist_ok=True)
   name = shard_name(stage, host, index, count)
+  if fs.is_remote(out_dir):
+    return _write_remote_shard(out_dir, name, records, host=host, fmt=fmt, options=options)
+  os.makedirs(out_dir, exist_ok=True)
   final = os.path.join(out_dir, name)
   _remove_stale_temps(final)
   tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
@@ -113,10 +124,39 @@ def write_shard(out_dir: str, stage: str, records: Iterable[Mapping[str, Any]], 
   return meta
 
 
+def _write_remote_shard(out_dir: str, name: str, records: Iterable[Mapping[str, Any]], *,
+                        host: int, fmt: str, options: str) -> dict:
+  """write_shard to an object store: the shard is written to a local temp directory, its sidecar
+  is put, then the shard is uploaded whole under its final name (an object appears complete or
+  not at all; a sidecar without its shard, left by a kill between the two, is not complete)."""
+  stage = _stage_of(name)
+  index, count = parse_name(stage, name)[1:]
+  tmpdir = tempfile.mkdtemp(prefix="persyn_jax-shard-")
+  try:
+    meta = write_shard(tmpdir, stage, records, index=index, count=count, host=host,
+                       fmt=fmt, options=options)
+    final = fs.join(out_dir, name)
+    atomic_write_json(final + ".meta.json", meta)
+    fs.put(os.path.join(tmpdir, name), final)
+  except BaseException as e:
+    io.name_error(e, fs.join(out_dir, name))
+    raise
+  finally:
+    shutil.rmtree(tmpdir, ignore_errors=True)
+  return meta
+
+
+def _stage_of(name: str) -> str:
+  """The stage prefix of a shard file name (`<stage>-<host>-<index>-of-<count>.array_record`)."""
+  m = re.fullmatch(r"(.+)-\d+-\d+-of-\d+\.array_record", name)
+  assert m, name
+  return m.group(1)
+
+
 def _shard_meta(path: str) -> dict | None:
   try:
-    with open(path + ".meta.json") as f:
-      return json.load(f)
+    with fs.open(path + ".meta.json", "rb") as f:
+      return json.loads(f.read())
   except (OSError, ValueError):
     return None
 
@@ -124,12 +164,13 @@ def _shard_meta(path: str) -> dict | None:
 def shard_is_complete(path: str, check_hash: bool = True) -> bool:
   """The final file exists, its sidecar agrees on size (and sha256), and the reader opens it."""
   meta = _shard_meta(path)
-  if meta is None or not os.path.exists(path) or os.path.getsize(path) != meta.get("bytes"):
+  if meta is None or not fs.exists(path) or fs.getsize(path) != meta.get("bytes"):
     return False
-  if check_hash and sha256_file(path) != meta.get("sha256"):
+  local = fs.local_copy(path)
+  if check_hash and sha256_file(local) != meta.get("sha256"):
     return False
   try:
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(local)
     ok = reader.num_records() == meta.get("records")
     reader.close()
   except Exception:  # a damaged footer: not complete
@@ -142,7 +183,7 @@ def complete_shards(out_dir: str, stage: str, count: int, host: int | None = Non
   host = _host(host)
   done = set()
   for i in range(count):
-    if shard_is_complete(os.path.join(out_dir, shard_name(stage, host, i, count))):
+    if shard_is_complete(fs.join(out_dir, shard_name(stage, host, i, count))):
       done.add(i)
   return done
 
@@ -150,10 +191,10 @@ def complete_shards(out_dir: str, stage: str, count: int, host: int | None = Non
 def list_shards(out_dir: str, stage: str) -> list[str]:
   """Final shard files of `stage` in `out_dir`, in (host, index) order."""
   found = []
-  for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(stage) + "-*.array_record")):
+  for path in fs.glob(fs.join(glob.escape(out_dir), glob.escape(stage) + "-*.array_record")):
     parsed = parse_name(stage, path)
     if parsed is not None:
-      found.append((parsed, os.path.basename(path)))
+      found.append((parsed, path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]))
   return [name for _, name in sorted(found)]
 
 
@@ -185,12 +226,12 @@ def write_manifest(out_dir: str, stage: str, extra: Mapping[str, Any] | None = N
   for name in names:
     host, index, count = parse_name(stage, name)
     by_host.setdefault(host, []).append((index, count))
-    path = os.path.join(out_dir, name)
+    path = fs.join(out_dir, name)
     meta = _shard_meta(path)
     if meta is None:
       raise ShardError(f"{path}: no {name}.meta.json sidecar; the shard was not written by "
                        "write_shard or its write did not finish (delete it and rerun)")
-    if os.path.getsize(path) != meta["bytes"] or (verify and sha256_file(path) != meta["sha256"]):
+    if fs.getsize(path) != meta["bytes"] or (verify and sha256_file(path) != meta["sha256"]):
       raise ShardError(f"{path}: contents differ from its sidecar (corrupt or partial shard)")
     shards.append({"file": name, "host": host, "index": index, "count": count,
                    "records": meta["records"], "sha256": meta["sha256"], "bytes": meta["bytes"]})
@@ -216,8 +257,8 @@ def write_manifest(out_dir: str, stage: str, extra: Mapping[str, Any] | None = N
 def read_manifest(out_dir: str, stage: str) -> dict:
   path = manifest_path(out_dir, stage)
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    with fs.open(path, "rb") as f:
+      manifest = json.loads(f.read())
   except FileNotFoundError:
     raise ShardError(f"{path}: no manifest; stage {stage!r} is incomplete "
                      "(write_manifest runs after every shard is written)") from None
@@ -233,16 +274,17 @@ def verify_shards(out_dir: str, stage: str, check_hash: bool = True) -> list[dic
   """The manifest's shard entries, after checking each file's size, sha256 and record count."""
   manifest = read_manifest(out_dir, stage)
   for s in manifest["shards"]:
-    path = os.path.join(out_dir, s["file"])
-    if not os.path.exists(path):
+    path = fs.join(out_dir, s["file"])
+    if not fs.exists(path):
       raise ShardError(f"{path}: listed in {stage}.manifest.json but missing")
-    size = os.path.getsize(path)
+    size = fs.getsize(path)
     if size != s["bytes"]:
       raise ShardError(f"{path}: {size} bytes, manifest says {s['bytes']} (partial or corrupt shard)")
-    if check_hash and sha256_file(path) != s["sha256"]:
+    local = fs.local_copy(path)
+    if check_hash and sha256_file(local) != s["sha256"]:
       raise ShardError(f"{path}: sha256 differs from {stage}.manifest.json (corrupt shard)")
     try:
-      reader = ArrayRecordReader(path)
+      reader = ArrayRecordReader(local)
       n = reader.num_records()
       reader.close()
     except Exception as e:
@@ -255,7 +297,7 @@ def verify_shards(out_dir: str, stage: str, check_hash: bool = True) -> list[dic
 def iter_shard(path: str, check: bool = True, batch: int = 1024) -> Iterator[dict]:
   """Records of one shard file, decoded and validated, in order."""
   try:
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(fs.local_copy(path))
   except Exception as e:
     raise ShardError(f"{path}: not a readable ArrayRecord file: {e}") from None
   try:
@@ -274,12 +316,13 @@ def iter_shard(path: str, check: bool = True, batch: int = 1024) -> Iterator[dic
 def read_records(out_dir: str, stage: str, check_hash: bool = True) -> Iterator[dict]:
   """Every record of a stage, in (host, index) shard order, after verifying the manifest."""
   for s in verify_shards(out_dir, stage, check_hash):
-    yield from iter_shard(os.path.join(out_dir, s["file"]))
+    yield from iter_shard(fs.join(out_dir, s["file"]))
 
 
 def shard_paths(out_dir: str, stage: str, check_hash: bool = True) -> list[str]:
-  """Verified shard paths of a stage, in shard order (for grain's ArrayRecordDataSource)."""
-  return [os.path.join(out_dir, s["file"]) for s in verify_shards(out_dir, stage, check_hash)]
+  """Verified shard paths of a stage, in shard order (for grain's ArrayRecordDataSource); local
+  copies of the shards of a remote `out_dir`."""
+  return [fs.local_copy(fs.join(out_dir, s["file"])) for s in verify_shards(out_dir, stage, check_hash)]
 
 
 def write_stage_records(out_dir: str, stage: str, records: Sequence[Mapping[str, Any]], *,
@@ -336,7 +379,7 @@ def write_records(out_dir: str, stage: str, records: Iterable[Mapping[str, Any]]
   done = complete_shards(out_dir, stage, num_shards, host) if skip_complete else set()
   out = []
   for i, part in enumerate(split_evenly(items, num_shards)):
-    path = os.path.join(out_dir, shard_name(stage, host, i, num_shards))
+    path = fs.join(out_dir, shard_name(stage, host, i, num_shards))
     if i in done:
       meta = _shard_meta(path)
       if meta["records"] != len(part):

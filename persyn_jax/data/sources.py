@@ -27,6 +27,7 @@ import unicodedata
 from collections import Counter
 from typing import Any, Iterator, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.data import records as rec
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -173,6 +174,16 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
     return [(path, "hub")]
   if not path:
     raise PromptFileError("prompt source: no path given")
+  if fs.is_remote(path):  # a gs:// file or folder: listed from a local copy, named by its URL
+    if fs.isfile(path):
+      local = fs.local_copy(path)
+    elif fs.isdir(path):
+      local = fs.local_dir(path)
+    else:
+      raise PromptFileError(f"{path}: no such object or directory")
+    found = source_files(dataclasses.replace(cfg, path=local))
+    return [(path + p[len(local):].replace(os.sep, "/") if p.startswith(local) else p, fmt)
+            for p, fmt in found]
   if _is_saved_dataset(path):
     return [(path, "arrow")]
   if os.path.isdir(path) and _is_dataset_repo(path):
@@ -206,6 +217,8 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
 def iter_rows(cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
   """(where, row) for every row of every input."""
   for path, fmt in source_files(cfg):
+    if fs.is_remote(path):
+      path = fs.local_copy(path) if fmt in ("jsonl", "json") or fs.isfile(path) else fs.local_dir(path)
     if fmt == "jsonl":
       yield from _read_jsonl(path)
     elif fmt == "json":

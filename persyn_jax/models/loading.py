@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persyn_jax import fs
 from persyn_jax import sharding as shd
 from persyn_jax.models.config import ModelConfig
 from persyn_jax.io_utils import atomic_write_json
@@ -121,8 +122,13 @@ def _abstract_model(cfg: ModelConfig, hf: dict, head: str, path: str, dtype, par
 def local_path(path: str) -> str:
   """`path` itself, or for a hub id "org/name[@revision]" that is no local directory its cached
   snapshot (models.hub.resolve: downloaded first by one process per machine while the others
-  wait on the cache lock; offline, the error names the id and the `hf download` command)."""
+  wait on the cache lock; offline, the error names the id and the `hf download` command), or for
+  a gs:// directory a local read-only copy of it (fs.local_dir: fetched once per version)."""
   path = os.fspath(path)
+  if fs.is_remote(path):
+    if not fs.isdir(path):
+      raise FileNotFoundError(f"model directory {path}: no such directory in the bucket")
+    return fs.local_dir(path)
   if not os.path.isdir(path) and hub.parse_id(path) is not None:
     return hub.resolve(path)
   return path

@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.config import config_hash, to_dict
 from persyn_jax.data import records as rec
 from persyn_jax.data import shards
@@ -84,11 +85,11 @@ def _check_plan(out_dir: str, stage: str, host: int, plan: dict) -> None:
   """Writes this host's plan, or checks it against an earlier run's; every process raises when
   any host's plan differs (collective), so none is left waiting for the others."""
   from persyn_jax import distributed as dist
-  path = os.path.join(out_dir, f"{stage}-{host}.plan.json")
+  path = fs.join(out_dir, f"{stage}-{host}.plan.json")
   error = None
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if fs.exists(path):
+    with fs.open(path, "rb") as f:
+      old = json.loads(f.read())
     diff = sorted(k for k in plan if old.get(k) != plan[k])
     if diff:
       hint = (f"rerun with {old.get('hosts')} processes, or " if "hosts" in diff and
@@ -96,7 +97,7 @@ def _check_plan(out_dir: str, stage: str, host: int, plan: dict) -> None:
       error = (f"{path}: an earlier run of stage {stage!r} used other {', '.join(diff)}; its "
                f"shards cannot be resumed with these inputs ({hint}delete {out_dir} to start over)")
   else:
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     shards.atomic_write_json(path, plan)
   dist.raise_if_any(error, shards.ShardError, f"stage {stage!r}")
 
@@ -226,8 +227,8 @@ def _write_manifest(out_dir: str, stage: str, counts: Sequence[int], teacher: st
     for k in range(count):
       path = _stats_path(out_dir, stage, h, k, count)
       try:
-        with open(path) as f:
-          stats = json.load(f)
+        with fs.open(path, "rb") as f:
+          stats = json.loads(f.read())
       except FileNotFoundError:
         raise shards.ShardError(f"{path}: missing; shard {k} of host {h} was not written by "
                                 "generate_to_records (delete it and rerun)") from None
@@ -242,4 +243,4 @@ def _write_manifest(out_dir: str, stage: str, counts: Sequence[int], teacher: st
 
 
 def _stats_path(out_dir: str, stage: str, host: int, index: int, count: int) -> str:
-  return os.path.join(out_dir, shards.shard_name(stage, host, index, count) + ".stats.json")
+  return fs.join(out_dir, shards.shard_name(stage, host, index, count) + ".stats.json")

@@ -3,12 +3,11 @@ loading on a stage's mesh, reading a stage's records, and the names of teachers'
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterator
 
 import jax
 
-from persyn_jax import models
+from persyn_jax import fs, models
 from persyn_jax import policies as pol
 from persyn_jax import sharding as shd
 from persyn_jax.data import shards
@@ -64,7 +63,7 @@ class Context:
                        "calls)")
     self.cfg = cfg
     self.log = log
-    self.dir = os.path.abspath(cfg.out_dir)
+    self.dir = fs.abspath(cfg.out_dir)
     self.teachers = [t.name for t in cfg.teachers]
     for t in cfg.teachers:
       safe_name(t.name, "teacher name")
@@ -75,7 +74,8 @@ class Context:
 
   # -- files ----------------------------------------------------------------------------------
   def path(self, *parts: str) -> str:
-    return os.path.join(self.dir, *parts)
+    """A path in the run directory (a gs:// URL when the run directory is one)."""
+    return fs.join(self.dir, *parts)
 
   @staticmethod
   def is_writer() -> bool:

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from persyn_jax import export
+from persyn_jax import export, fs
 from persyn_jax import policies as pol
 from persyn_jax.data import shards
 from persyn_jax.io_utils import safe_name
@@ -26,7 +26,7 @@ from persyn_jax.stages.score import score
 def run(ctx: Context) -> dict:
   cfg = ctx.cfg
   p = ctx.prompts()
-  with open(ctx.path("route", "assignments.json")) as f:
+  with fs.open(ctx.path("route", "assignments.json")) as f:
     assignments: dict[str, dict[str, str]] = json.load(f)
   probe_ids = {x["id"] for x in p["probe"]}
   by_id = {x["id"]: x for x in p["train"]}

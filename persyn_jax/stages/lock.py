@@ -4,6 +4,12 @@ JSON note of its holder (pid, host, start time) so that a refused run can say wh
 The kernel drops an fcntl lock when its holder dies, SIGKILL included, so a lock left by a dead
 process is never in force: the next run takes it and logs whose note it found. The note alone
 never decides anything (a PID may be reused; a host name says nothing about liveness).
+
+A gs:// run directory has no lock: an object store has no fcntl, and the emulator the tests run
+against ignores the generation preconditions a lock object would need. There the note alone is
+kept (`.lock`, removed when the run ends): a run refuses a note of a live process of its own
+host, and otherwise logs whose note it found and goes on. Two launchers on different machines
+are not stopped; keeping one launcher per run directory is the user's job (docs/RUN_DIR.md).
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ import os
 import socket
 import time
 
-from persyn_jax.io_utils import pid_alive
+from persyn_jax import fs
+from persyn_jax.io_utils import atomic_write_bytes, pid_alive
 from persyn_jax.stages.context import Log
 
 
@@ -29,6 +36,11 @@ class RunLockedError(RuntimeError):
 def prepare_run_dir(path: str) -> None:
   """Creates `path` (and its parents); a file in the way or an unwritable place is a RunDirError
   naming the path and the problem."""
+  if fs.is_remote(path):
+    if fs.isfile(path):
+      raise RunDirError(f"{path}: the run directory is an object, not a directory (use another "
+                        f"--run-dir)")
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise RunDirError(f"{path}: the run directory is a file, not a directory (use another "
                       f"--run-dir, or move the file away)")
@@ -47,20 +59,25 @@ class RunLock:
 
   def __init__(self, run_dir: str, log: Log | None = None):
     self.dir = run_dir
-    self.path = os.path.join(run_dir, ".lock")
+    self.path = fs.join(run_dir, ".lock")
+    self.remote = fs.is_remote(run_dir)
+    self.held = False
     self.log = log or (lambda msg: None)
     self.fd: int | None = None
 
   def holder(self) -> dict:
     """The note of the last process that took the lock ({} when none or unreadable)."""
     try:
-      with open(self.path) as f:
-        note = json.load(f)
+      with fs.open(self.path, "rb") as f:
+        note = json.loads(f.read())
       return note if isinstance(note, dict) else {}
     except (OSError, ValueError):
       return {}
 
   def acquire(self) -> None:
+    if self.remote:
+      self._acquire_note()
+      return
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -92,7 +109,32 @@ class RunLock:
     os.pwrite(fd, note, 0)
     self.fd = fd
 
+  def _acquire_note(self) -> None:
+    """The gs:// run directory's note: refused while a live process of this host holds it."""
+    old = self.holder()
+    if old.get("pid") not in (None, os.getpid()):
+      same_host = old.get("host") == socket.gethostname()
+      if same_host and pid_alive(int(old["pid"])):
+        raise RunLockedError(
+            f"{self.dir}: another run is using this run directory (pid {old['pid']} on this host, "
+            f"started {old.get('started', '?')}); wait for it to finish, or use another --run-dir")
+      state = ("no longer running" if same_host else
+               "on another host: whether it still runs cannot be told on gs://; one launcher "
+               "per run directory is yours to ensure")
+      self.log(f"[run] taking over the lock note of an earlier run (pid {old['pid']} on host "
+               f"{old.get('host', '?')}, started {old.get('started', '?')}: {state})")
+    atomic_write_bytes(self.path, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+    self.held = True
+
   def release(self) -> None:
+    if self.held:
+      self.held = False
+      try:
+        fs.remove(self.path)
+      except FileNotFoundError:
+        pass
     if self.fd is not None:
       # the note goes while the lock is held: a note found later is that of a run that died
       os.ftruncate(self.fd, 0)

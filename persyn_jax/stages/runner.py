@@ -19,6 +19,7 @@ from typing import Sequence
 
 from persyn_jax import config as C
 from persyn_jax import distributed as dist
+from persyn_jax import fs
 from persyn_jax.data.shards import ShardError
 from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models.checks import CheckpointError
@@ -57,10 +58,10 @@ class Run:
     failed after the atomic write, a hand edit) counts as none: the stage is incomplete and runs
     again, resuming from its complete shards, and the log says so once."""
     p = self.path(stage, "DONE.json")
-    if not os.path.exists(p):
+    if not fs.exists(p):
       return None
     try:
-      with open(p, "rb") as f:
+      with fs.open(p, "rb") as f:
         m = json.loads(f.read().decode("utf-8"))
       if not isinstance(m, dict) or not isinstance(m.get("key"), str):
         raise ValueError(f"not a manifest object: {str(m)[:60]!r}")
@@ -134,7 +135,7 @@ class Run:
                  f"again")
         m = None
         if dist.is_writer():
-          os.remove(self.path(stage, "DONE.json"))
+          fs.remove(self.path(stage, "DONE.json"))
       if m is not None and m.get("key") == self.keys[stage]:
         self.log(f"[{stage}] done earlier ({m['seconds']} s); skipped")
         continue
@@ -142,7 +143,7 @@ class Run:
         stale = self.path(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         self.log(f"[{stage}] config or inputs changed since it ran; moving it to {stale}")
         if dist.is_writer():
-          os.replace(self.path(stage), stale)
+          _move_aside(self.path(stage), stale)
         dist.barrier(f"{stage}:stale")
       self.log(f"[{stage}] running")
       t0 = time.time()
@@ -154,8 +155,7 @@ class Run:
       gc.collect()
     if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
       with doing(stage="report"):
-        from persyn_jax.report import write_run_report
-        return write_run_report(self.ctx, {s: self.manifest(s) for s in STAGES})
+        return self._report()
     return None
 
   def _run_stage(self, st: Stage) -> dict:
@@ -165,7 +165,7 @@ class Run:
       return st.run(self.ctx)
     except (ShardError, CheckpointError) as e:
       msg = str(e)
-      damaged = next((s for s in STAGES if s != st.name and msg.startswith(self.path(s) + os.sep)
+      damaged = next((s for s in STAGES if s != st.name and msg.startswith(self.path(s, ""))
                       and self.manifest(s) is not None), None)
       if damaged is None:
         raise
@@ -173,3 +173,48 @@ class Run:
                     f"since; to regenerate it, rerun with --redo {damaged}")
       err.redo = damaged
       raise err from None
+
+  def _report(self) -> dict:
+    """The run report (report/). On gs:// it is written from a local copy of the run's JSON
+    files (the plots need a local file) and its directory uploaded."""
+    from persyn_jax.report import write_run_report
+    manifests = {s: self.manifest(s) for s in STAGES}
+    if not fs.is_remote(self.dir):
+      return write_run_report(self.ctx, manifests)
+    import copy
+    import shutil
+    import tempfile
+    local = tempfile.mkdtemp(prefix="persyn_jax-report-")
+    try:
+      fs.download(self.dir, local, suffixes=(".json", ".jsonl"))
+      ctx = copy.copy(self.ctx)  # its JSON files and report/ are local; shards are read remotely
+
+      def path(*parts: str) -> str:
+        here = os.path.join(local, *parts)
+        return here if parts[:1] == ("report",) or os.path.isfile(here) else self.path(*parts)
+      ctx.path = path
+      report = write_run_report(ctx, manifests)
+      fs.rmtree(self.path("report"))
+      fs.put(os.path.join(local, "report"), self.path("report"))
+    finally:
+      shutil.rmtree(local, ignore_errors=True)
+    return report
+
+
+# Files that commit what lies beside them: removed first when a stage is moved aside on an
+# object store, so that a move cut short never leaves old shards that look complete.
+_MARKERS = ("DONE.json", ".manifest.json", ".meta.json", ".plan.json", ".stats.json")
+
+
+def _move_aside(src: str, dst: str) -> None:
+  """os.replace for a local stage directory. On an object store (no rename) a copy of every
+  object, then the deletion of the commit markers, then of the rest: a kill midway leaves a
+  stage directory whose old shards are incomplete (rewritten) rather than wrongly complete."""
+  if not fs.is_remote(src):
+    os.replace(src, dst)
+    return
+  remote = fs.filesystem(src)
+  remote.copy(src, dst, recursive=True)
+  files = remote.find(src)
+  for p in sorted(files, key=lambda p: not p.endswith(_MARKERS)):
+    remote.rm_file(p)

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from persyn_jax import fs
 from persyn_jax import sharding as shd
 from persyn_jax.io_utils import atomic_write_json, atomic_write_text, sha256_file
 from persyn_jax.models import build_model, save_pretrained
@@ -45,7 +46,7 @@ class World:
 def cache_root(cache_dir: str = "") -> str:
   base = cache_dir or os.environ.get("PERSYN_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "persyn_jax")
-  return os.path.join(base, "toyworld")
+  return fs.join(base, "toyworld")
 
 
 def world_key(scale: str, seed: int) -> str:
@@ -106,7 +107,9 @@ def build(scale: str = "default", seed: int = 0, cache_dir: str = "", *, force: 
   jax job the world is built by a one-process subprocess on CPU."""
   if scale not in SCALES:
     raise ValueError(f"toy world scale {scale!r}: one of {sorted(SCALES)}")
-  root = os.path.join(cache_root(cache_dir), world_key(scale, seed))
+  root = fs.join(cache_root(cache_dir), world_key(scale, seed))
+  if fs.is_remote(root):
+    return _remote_world(root, scale, seed, force, log)
   info_path = os.path.join(root, "world.json")
   if os.path.exists(info_path) and not force:
     log(f"[toyworld] using the cached world at {root}")
@@ -119,6 +122,30 @@ def build(scale: str = "default", seed: int = 0, cache_dir: str = "", *, force: 
       _build_in_subprocess(scale, seed, cache_dir, force, root, log)
       return _world(root, json.load(open(info_path)))
     return _build(scale, seed, root, log)
+
+
+def _remote_world(root: str, scale: str, seed: int, force: bool, log) -> World:
+  """A world cached on gs://: built in this machine's working directory for it and uploaded,
+  world.json last (naming the uploaded paths), so that a world whose upload was cut short is
+  built again; its models and prompts are then read by their gs:// paths (copied locally)."""
+  info_path = fs.join(root, "world.json")
+  if fs.exists(info_path) and not force:
+    log(f"[toyworld] using the cached world at {root}")
+    return _world(root, json.loads(fs.read_bytes(info_path)))
+  world = upload_world(build(scale, seed, fs.work_dir(root), force=force, log=log), root)
+  log(f"[toyworld] uploaded the world to {root}")
+  return world
+
+
+def upload_world(local: World, root: str) -> World:
+  """Copies a built world to the remote directory `root`, world.json last (its paths now naming
+  the remote copies); returns the remote world."""
+  for name in sorted(os.listdir(local.root)):
+    if name != "world.json":
+      fs.put(os.path.join(local.root, name), fs.join(root, name))
+  info = json.loads(json.dumps(local.info).replace(json.dumps(local.root)[1:-1], root))
+  atomic_write_json(fs.join(root, "world.json"), info)
+  return _world(root, info)
 
 
 LOCK_HELD = "PERSYN_JAX_TOYWORLD_LOCK_HELD"

@@ -1,0 +1,255 @@
+"""gs:// run paths against a real GCS JSON API emulator (gcp-storage-emulator, in memory, on a free
+localhost port; started and stopped by the `gcs` fixture): the fs layer's operations, shards and
+manifests, a whole tiny pipeline whose run directory and world cache are on gs:// (the same
+records as the same run on local disk), and SIGKILLed runs resumed on gs://."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from persyn_jax import fs
+from persyn_jax import io_utils as io
+from persyn_jax.data import shards
+
+BUCKET = "persyn-test"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator's base URL gs://persyn-test; STORAGE_EMULATOR_HOST points there meanwhile."""
+  port = _free_port()
+  host = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+                           "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
+                           BUCKET, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{host}/storage/v1/b/{BUCKET}", timeout=1).read()
+      break
+    except OSError:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        raise RuntimeError("gcp-storage-emulator did not start")
+      time.sleep(0.1)
+  old = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = host
+  try:
+    yield f"gs://{BUCKET}"
+  finally:
+    if old is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = old
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def gdir(gcs, request):
+  """A fresh gs:// directory for one test."""
+  return f"{gcs}/{request.node.name}-{time.time_ns()}"
+
+
+def test_fs_round_trip(gdir, tmp_path):
+  a = fs.join(gdir, "sub", "a.json")
+  io.atomic_write_json(a, {"x": 1})
+  assert fs.exists(a) and fs.isfile(a) and fs.isdir(fs.join(gdir, "sub"))
+  assert fs.read_text(a) == '{\n  "x": 1\n}\n'
+  io.atomic_write_text(a, "replaced")  # a second write replaces the object whole
+  assert fs.read_text(a) == "replaced" and fs.getsize(a) == 8
+  io.atomic_write_bytes(fs.join(gdir, "sub", "b.bin"), b"\x00\x01")
+  assert fs.listdir(fs.join(gdir, "sub")) == ["a.json", "b.bin"]
+  assert fs.glob(fs.join(gdir, "sub", "*.json")) == [a]
+  fs.rename(a, fs.join(gdir, "sub", "c.json"))
+  assert not fs.exists(a) and fs.read_text(fs.join(gdir, "sub", "c.json")) == "replaced"
+  fs.rename(fs.join(gdir, "sub"), fs.join(gdir, "moved"))  # a "directory": every object under it
+  assert fs.listdir(fs.join(gdir, "moved")) == ["b.bin", "c.json"]
+  assert not fs.exists(fs.join(gdir, "sub"))
+  fs.remove(fs.join(gdir, "moved", "b.bin"))
+  with pytest.raises(FileNotFoundError):
+    fs.remove(fs.join(gdir, "moved", "b.bin"))
+  with pytest.raises(FileNotFoundError):
+    fs.getsize(fs.join(gdir, "nothing"))
+  with pytest.raises(FileNotFoundError):
+    fs.listdir(fs.join(gdir, "nothing"))
+  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(_local(tmp_path, b"replaced"))
+  # a local copy of a remote file follows its versions
+  c = fs.join(gdir, "moved", "c.json")
+  first = fs.local_copy(c)
+  assert open(first, "rb").read() == b"replaced"
+  io.atomic_write_text(c, "v2")
+  assert open(fs.local_copy(c), "rb").read() == b"v2"
+  fs.rmtree(fs.join(gdir, "moved"))
+  assert not fs.exists(fs.join(gdir, "moved"))
+  # local paths keep the os calls
+  assert fs.join(str(tmp_path), "x") == os.path.join(str(tmp_path), "x")
+  assert fs.local_copy(str(tmp_path)) == str(tmp_path)
+
+
+def _local(tmp_path, data: bytes) -> str:
+  p = tmp_path / "ref.bin"
+  p.write_bytes(data)
+  return str(p)
+
+
+def test_local_dir_copies_a_remote_directory(gdir, tmp_path):
+  src = tmp_path / "model"
+  (src / "tok").mkdir(parents=True)
+  (src / "config.json").write_text("{}")
+  (src / "tok" / "vocab.txt").write_text("a\nb\n")
+  fs.put(str(src), fs.join(gdir, "model"))
+  local = fs.local_dir(fs.join(gdir, "model"))
+  assert open(os.path.join(local, "tok", "vocab.txt")).read() == "a\nb\n"
+  assert sorted(os.listdir(local)) == ["config.json", "tok"]
+  assert fs.local_dir(fs.join(gdir, "model")) == local  # same version: no new copy
+
+
+def _recs(n):
+  return [shards.rec.make(f"r{i}", f"prompt {i}", teacher="T", response=f"answer {i}", sample=0)
+          for i in range(n)]
+
+
+def test_shards_and_manifest_on_gcs(gdir, tmp_path):
+  recs = _recs(10)
+  out = fs.join(gdir, "probe")
+  metas = shards.write_records(out, "probe", recs, num_shards=3, host=0)
+  local = str(tmp_path / "probe")
+  assert metas == shards.write_records(local, "probe", recs, num_shards=3, host=0)
+  assert list(shards.read_records(out, "probe")) == list(shards.read_records(local, "probe"))
+  assert (fs.read_bytes(shards.manifest_path(out, "probe"))
+          == open(shards.manifest_path(local, "probe"), "rb").read())
+  assert shards.complete_shards(out, "probe", 3, host=0) == {0, 1, 2}
+  # a shard whose upload never happened (killed after its sidecar) is not complete; the rerun
+  # writes it again and keeps the others
+  name = shards.shard_name("probe", 0, 1, 3)
+  fs.remove(fs.join(out, name))
+  assert shards.complete_shards(out, "probe", 3, host=0) == {0, 2}
+  with pytest.raises(shards.ShardError, match="missing"):
+    list(shards.read_records(out, "probe"))
+  shards.write_records(out, "probe", recs, num_shards=3, host=0)
+  assert list(shards.read_records(out, "probe")) == recs
+  paths = shards.shard_paths(out, "probe")
+  assert all(os.path.exists(p) for p in paths)  # local copies, for grain
+  # a corrupt object is named
+  io.atomic_write_bytes(fs.join(out, name), b"x" * fs.getsize(fs.join(out, name)))
+  with pytest.raises(shards.ShardError, match=f"{name}: sha256 differs"):
+    list(shards.read_records(out, "probe"))
+
+
+# -- a whole run on gs:// -------------------------------------------------------------------------
+
+# The tiny toy world with shards of 4 records (many commit points), PerSyn and the oracle, one
+# SFT epoch with a checkpoint every step.
+SETS = ["world.scale=tiny", "records_per_shard=4", "compare=[persyn,oracle]",
+        "sampling.max_new_tokens=32", "sampling.min_bucket=64", "sft.epochs=1",
+        "sft.checkpoint_every=1", "sft.keep_checkpoints=1"]
+STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
+
+
+def run_args(run_dir: str, stages, cache: str) -> list[str]:
+  args = ["--run-dir", run_dir, "--stages", ",".join(stages), "--set", f"world.cache_dir={cache}"]
+  for s in SETS:
+    args += ["--set", s]
+  return args
+
+
+def kill(target: str, match: str, n: int = 1, when: str = "before") -> dict:
+  return {"kill_at": {"target": target, "n": n, "match": match, "when": when}}
+
+
+# Where each launch of the resumed run is SIGKILLed (the stages it runs end at its stage): while a
+# shard is uploaded, while a manifest and a DONE.json are put, after an upload, while an SFT
+# checkpoint commits (in the local working directory).
+KILLS = [
+    ("probe", kill("persyn_jax.fs.put", "/probe/", 2)),
+    ("probe", kill("persyn_jax.data.shards.atomic_write_json", ".manifest.json")),
+    ("score", kill("persyn_jax.fs.put", "/score/", 3, "after")),
+    ("generate", kill("persyn_jax.fs.put", "/data/", 2)),
+    ("generate", kill("persyn_jax.stages.runner.atomic_write_json", "/generate/DONE.json")),
+    ("sft", kill("os.rename", ".orbax-checkpoint-tmp", 2)),
+]
+
+
+def records_by_stage(run: str) -> dict[str, list[dict]]:
+  """Every stage's records (each manifest's shards, read and verified), by manifest path."""
+  out = {}
+  for man in fs.glob(fs.join(run, "**", "*.manifest.json")):
+    d, name = man.rsplit("/", 1)
+    stage = name[:-len(".manifest.json")]
+    out[d[len(run):] + "/" + stage] = list(shards.read_records(d, stage))
+  return out
+
+
+def untimed(x):
+  if isinstance(x, dict):
+    return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "finished")}
+  return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_path):
+  import json
+
+  import faults  # tests/faults.py
+  from persyn_jax.toyworld.build import upload_world
+  local_cache = os.path.dirname(os.path.dirname(tiny_world.root))  # <cache>/toyworld/<key>
+  remote_cache = f"{gcs}/cache-{time.time_ns()}"
+  # the world on gs://, as a run that builds it leaves it (built once per session, here)
+  upload_world(tiny_world, fs.join(remote_cache, "toyworld", os.path.basename(tiny_world.root)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             TENSORSTORE_GCS_HTTP_URL=os.environ["STORAGE_EMULATOR_HOST"],
+             PERSYN_JAX_LOCAL_CACHE=str(tmp_path / "local-cache"))
+  clean, run = str(tmp_path / "clean"), f"{gcs}/run-{time.time_ns()}"
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  killed = []
+  with faults.Launcher(env) as la:
+    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache), log=str(logs / "clean"))
+    assert la.wait(pid) == 0, (logs / "clean").read_text()[-3000:]
+    for i, (stage, spec) in enumerate(KILLS):
+      log = logs / f"launch-{i}"
+      pid = la.start("persyn_jax.train", run_args(run, STAGES[:STAGES.index(stage) + 1],
+                                                  remote_cache), log=str(log), faults=spec)
+      rc = la.wait(pid)
+      assert rc in (0, -9), (i, rc, log.read_text()[-3000:])
+      if rc == -9:
+        killed.append(stage)
+        # a killed run leaves its lock note; the next launch (same host, pid gone) takes it over
+        assert json.loads(fs.read_bytes(fs.join(run, ".lock")))["pid"] == pid
+    pid = la.start("persyn_jax.train", run_args(run, STAGES, remote_cache), log=str(logs / "final"))
+    assert la.wait(pid) == 0, (logs / "final").read_text()[-3000:]
+  final = (logs / "final").read_text()
+  assert "taking over the lock note of an earlier run" in (logs / "launch-1").read_text()
+  assert f"Report: {run}/report/report.md" in final
+  assert killed == [s for s, _ in KILLS], killed  # every launch died where it was meant to
+  assert not fs.exists(fs.join(run, ".lock"))  # a finished run leaves no note
+  # the same records, stage by stage, nothing lost or twice; the same manifests and students
+  a, b = records_by_stage(clean), records_by_stage(run)
+  assert sorted(a) == sorted(b) and len(a) >= 10, (sorted(a), sorted(b))
+  for key in a:
+    assert a[key] == b[key], key
+    ids = [(r["id"], r.get("teacher"), r.get("sample"), r.get("policy")) for r in b[key]]
+    assert len(ids) == len(set(ids)), key
+  for rel in [m[len(clean):] for m in fs.glob(f"{clean}/**/*.manifest.json")] + [
+      "/sft/persyn/student/model.safetensors", "/sft/oracle/student/model.safetensors",
+      "/route/assignments.json", "/export/persyn/messages.jsonl"]:
+    assert fs.read_bytes(run + rel) == open(clean + rel, "rb").read(), rel
+  # the same counts in every DONE.json (timings aside; paths of the world's files name its copy)
+  world = fs.join(remote_cache, "toyworld", os.path.basename(tiny_world.root))
+  for stage in STAGES:
+    x, y = (fs.read_text(fs.join(d, stage, "DONE.json")) for d in (clean, run))
+    y = y.replace(run, clean).replace(world, tiny_world.root)
+    assert untimed(json.loads(x)["counts"]) == untimed(json.loads(y)["counts"]), stage
+  report = json.loads(fs.read_bytes(fs.join(run, "report", "report.json")))
+  assert report["run_dir"] == run
