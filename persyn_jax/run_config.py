@@ -171,9 +171,8 @@ class RunConfig:
   policies: PolicyConfig = PolicyConfig()
   compare: tuple[str, ...] = DEFAULT_COMPARE
   sft: SFTConfig = SFTConfig()
-  # SFT seeds: each compared policy's student is trained (sft.seed = k: its data order) and
-  # evaluated once per seed k, under sft/<policy>/seed<k>/; empty: one student, sft/<policy>/
-  seeds: tuple[int, ...] = ()
+  # each compared policy's student is trained (its data order) and evaluated once per seed
+  seeds: tuple[int, ...] = ()  # SFT seeds k (sft.seed = k): sft/<policy>/seed<k>/; empty: one
   eval: EvalConfig = EvalConfig()
   # data out: each policy's dataset as jsonl / parquet / hf_dataset (end of the generate stage)
   export: ExportConfig = ExportConfig()
