@@ -69,7 +69,7 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
             "costs": costs, "prompts": {"train": N, "probe": P,
                                         "eval": len(ctx.prompts()["eval"])},
             "stage_seconds": {s: m[s]["seconds"] for s in STAGES}}
-  from persyn_jax.sweep import summary as sweep_summary
+  from persyn_jax.stages.sweep import summary as sweep_summary
   report["sweep"] = sweep_summary(ctx, evals, router)
   report["summary"] = summarize(report)
   return report, curves

@@ -154,7 +154,7 @@ class Run:
       gc.collect()
     if (self.cfg.sweep.alpha and "eval" in stages
         and all(self.manifest(s) is not None for s in STAGES)):
-      from persyn_jax.sweep import run_sweep  # the alpha sweep: a run per alpha (sweep.py)
+      from persyn_jax.stages.sweep import run_sweep  # the alpha sweep: a run per alpha (sweep.py)
       with doing(stage="sweep"):
         run_sweep(self)
     if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
