@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from persyn_jax import distributed as dist
 from persyn_jax.data import shards
+from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.rewards import combine, group_matrix
 from persyn_jax.run_config import RunConfig, SweepConfig
 
@@ -64,23 +66,30 @@ def seed_child(parent: "Run", child: "Run") -> None:
   keys: dict[str, str] = {}
   for st in GRAPH[:2]:
     keys[st.name] = stage_key(st, child.cfg, keys)
-  os.makedirs(child.dir, exist_ok=True)
-  if (child.manifest("probe") or {}).get("key") != keys["probe"]:
+  # process 0 decides and writes the shared files (all processes write their score shards)
+  redo = dist.broadcast_json([(child.manifest(s) or {}).get("key") != keys[s]
+                              for s in ("probe", "score")])
+  if redo[0] and dist.is_writer():
+    os.makedirs(child.dir, exist_ok=True)
     shutil.rmtree(child.path("probe"), ignore_errors=True)
     shutil.copytree(parent.path("probe"), child.path("probe"), copy_function=os.link)
-  if (child.manifest("score") or {}).get("key") != keys["score"]:
+  dist.barrier("sweep:probe")
+  if redo[1]:
     t0 = time.time()
-    shutil.rmtree(child.path("score"), ignore_errors=True)
+    if dist.is_writer():
+      shutil.rmtree(child.path("score"), ignore_errors=True)
+    dist.barrier("sweep:score:clear")
     recs = rescored(parent.ctx.records("score"), child.cfg.scoring.alpha,
                     child.cfg.scoring.normalizer)
     counts = dict(parent.manifest("score")["counts"], reused_from=parent.path("score"))
     shards.write_stage_records(child.path("score"), "score", recs,
                                records_per_shard=child.cfg.records_per_shard,
                                extra={"stats": counts})
-    from persyn_jax.io_utils import atomic_write_json
-    atomic_write_json(child.path("score", "DONE.json"), {
-        "format": FORMAT, "stage": "score", "key": keys["score"], "counts": counts,
-        "seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if dist.is_writer():
+      atomic_write_json(child.path("score", "DONE.json"), {
+          "format": FORMAT, "stage": "score", "key": keys["score"], "counts": counts,
+          "seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    dist.barrier("sweep:score")
 
 
 def run_sweep(parent: "Run") -> None:
