@@ -37,9 +37,12 @@ def plot_eval(evals: dict[str, float], metric: str, path: str,
          [max(0.0, intervals[n][1] - v) if n in intervals else 0.0 for n, v in zip(names, vals)]]
   bars = ax.bar(names, vals, color="tab:blue", yerr=err if intervals else None, capsize=4,
                 ecolor="black")
-  for b, n in zip(bars, names):
-    ax.text(b.get_x() + b.get_width() / 2, 0.02, f"{evals[n]:.3f}", ha="center",
-            va="bottom", fontsize=8, color="white")
+  for b, n in zip(bars, names):  # the value above its error bar
+    top = intervals[n][1] if n in intervals else evals[n]
+    ax.text(b.get_x() + b.get_width() / 2, top + 0.01, f"{evals[n]:.3f}", ha="center",
+            va="bottom", fontsize=8)
+  if metric == "accuracy":
+    ax.set_ylim(0, 1.08)
   ax.set_ylabel(metric)
   ax.set_title(f"Student {metric} on held-out prompts" + (" (95% CI)" if intervals else ""))
   plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
