@@ -51,3 +51,17 @@ def test_the_sweep_table_has_a_row_per_alpha_and_says_which_did_not_run():
   assert "## Alpha sweep" in md
   assert "| 0.2 | persyn |" in md and "| 0.500 |" in md.split("| 0.2 | persyn |")[1].split("\n")[0]
   assert "| 1 | not run |" in md
+
+
+def test_the_per_kind_table_marks_the_significant_differences():
+  r = a_report()
+  kinds = ["a"] * 200 + ["b"] * 200
+  rng = np.random.default_rng(1)
+  strong = (rng.random((2, 400)) < 0.5).astype(float)
+  better_on_b = strong.copy()
+  better_on_b[:, 200:] = 1.0
+  r["stats"] = stats.compare({"strong": strong, "x": better_on_b}, kinds=kinds, seed=0)
+  r["eval"] = {p: {"score": 0.5, "n": 400, "by_kind": {}} for p in ("strong", "x")}
+  md = markdown(r)
+  b = r["stats"]["by_kind"]["b"]["x"]["delta"]
+  assert b > 0.3 and f"| x | +0.000 | {b:+.3f}* |" in md

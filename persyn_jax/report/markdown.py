@@ -71,6 +71,25 @@ def eval_lines(report: dict) -> list[str]:
   return lines
 
 
+def kind_delta_lines(report: dict) -> list[str]:
+  """Each policy's paired difference from strong per prompt kind (* where significant)."""
+  bk = (report.get("stats") or {}).get("by_kind") or {}
+  kinds = sorted(bk)
+  names = [p for p in report["eval"] if any("delta" in bk[k].get(p, {}) for k in kinds)]
+  if not names:
+    return []
+  lines = ["", "Δ vs strong by prompt kind (paired bootstrap within the kind; * the 95% interval "
+           "excludes 0):", "", "| policy | " + " | ".join(kinds) + " |",
+           "|" + " --- |" * (len(kinds) + 1)]
+  for p in names:
+    cells = []
+    for k in kinds:
+      t = bk[k].get(p, {})
+      cells.append(f"{t['delta']:+.3f}{'*' if t['significant'] else ''}" if "delta" in t else "")
+    lines.append(f"| {p} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def significance_sentences(report: dict) -> list[str]:
   """One sentence per policy: does it differ significantly from strong, and how much."""
   st = (report.get("stats") or {}).get("policies", {})
@@ -129,6 +148,7 @@ def markdown(report: dict) -> str:
               "| policy | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
     for p, e in ev.items():
       lines.append(f"| {p} | " + " | ".join(_fmt(e["by_kind"].get(k, float("nan"))) for k in kinds) + " |")
+  lines += kind_delta_lines(report)
   r = report.get("router", {})
   if r:
     lines += ["", "## Router", "", "| metric | value |", "| --- | --- |"]
