@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 REPORT = os.path.join(ROOT, "docs", "toy_run", "report.json")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = {"base_student": "student before SFT"}
+NAMES = {"base_student": "student before SFT", "oracle": "oracle (upper bound)"}
 
 
 def _shares(shares: dict[str, float]) -> str:
@@ -28,24 +28,51 @@ def _shares(shares: dict[str, float]) -> str:
   return ", ".join(f"{t} {v:.0%}" for v, t in used)
 
 
+def _ci(ci) -> str:
+  return f"{ci[0]:.3f} to {ci[1]:.3f}"
+
+
 def render(report: dict) -> str:
-  """The block's Markdown (without the markers)."""
+  """The block's Markdown (without the markers). A report with intervals (its `stats`) gets them,
+  the paired difference from strong and its significance; an older report, its plain table."""
   metric = report["eval_metric"]
   ev = report["eval"]
   best = max((p for p in ev if p != "base_student"), key=lambda p: ev[p]["score"])
   n = {e["n"] for e in ev.values()}
   n_text = f"{n.pop()} held-out prompts" if len(n) == 1 else "held-out prompts"
   costs = report["costs"]
+  st = (report.get("stats") or {}).get("policies", {})
   lines = [report["summary"], ""] if report.get("summary") else []
-  lines += [f"| policy | {metric} ({n_text}) | teachers of its training data | generations | "
-           "teacher seconds |", "| --- | --- | --- | --- | --- |"]
+  if st:
+    seeds = max(t["seeds"] for t in st.values())
+    lines += [f"| policy | {metric} ({n_text}, mean of {seeds} SFT seeds) | 95% CI | "
+              "Δ vs strong (95% CI) | significant? | teachers of its training data | generations "
+              "| teacher seconds |", "|" + " --- |" * 8]
+  else:
+    lines += [f"| policy | {metric} ({n_text}) | teachers of its training data | generations | "
+              "teacher seconds |", "| --- | --- | --- | --- | --- |"]
   for p, e in ev.items():
     score = f"{e['score']:.3f}"
     if p == best:
       score = f"**{score}**"
     c = costs["policies"].get(p, {})
-    lines.append(f"| {NAMES.get(p, p)} | {score} | {_shares(report['shares'].get(p, {}))} | "
-                 f"{c.get('generations', '')} | {c.get('teacher_seconds', '')} |")
+    tail = (f"{_shares(report['shares'].get(p, {}))} | {c.get('generations', '')} | "
+            f"{c.get('teacher_seconds', '')} |")
+    if not st:
+      lines.append(f"| {NAMES.get(p, p)} | {score} | {tail}")
+      continue
+    t = st.get(p, {})
+    delta = f"{t['delta']:+.3f} ({t['delta_ci'][0]:+.3f} to {t['delta_ci'][1]:+.3f})" if "delta" in t else ""
+    sig = ("yes" if t["significant"] else "no") if "significant" in t else ""
+    lines.append(f"| {NAMES.get(p, p)} | {score} | {_ci(t['ci']) if 'ci' in t else ''} | {delta} | "
+                 f"{sig} | {tail}")
+  if st:
+    s = report["stats"]
+    lines += ["", f"Intervals: bootstrap over the {s['problems']} held-out problems "
+              f"({s['resamples']} resamples); Δ paired against strong on the same resamples; "
+              "significant when its interval excludes 0. The oracle (Generate then Select, "
+              f"{costs['policies'].get('oracle', {}).get('generations', 'k·N')} generations) is "
+              "the upper bound the router approximates."]
   r = report.get("router", {})
   lines.append("")
   if r:
@@ -59,10 +86,17 @@ def render(report: dict) -> str:
   oracle = report["shares"].get("oracle best (probe)")
   if oracle:
     lines.append(f"- Oracle-best teacher per probe prompt: {_shares(oracle)}.")
-  st = report.get("stage_seconds")
-  if st:
+  for r in (report.get("sweep") or {}).get("rows", []):
+    if r.get("done"):
+      lines.append(f"- alpha = {r['alpha']:g}" + (" (the run's own)" if r.get("main_run") else "")
+                   + ": " + ", ".join(f"{p} {t['accuracy']:.3f} ({_ci(t['ci'])})"
+                                      for p, t in r["policies"].items())
+                   + (f"; router Hit@1 {r['router']['hit@1']:.2f}" if "hit@1" in r["router"] else "")
+                   + ".")
+  secs = report.get("stage_seconds")
+  if secs:
     lines.append("- Stage seconds on the machine that made this report: "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in st.items()) + ".")
+                 + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + ".")
   return "\n".join(lines)
 
 

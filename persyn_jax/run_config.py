@@ -130,6 +130,32 @@ class ToyWorldConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """An ablation over the reward's alpha (Eq. 2): for each value the probe and its alpha-free
+  scores (quality, learnability) are reused, the reward is recombined, and the router, route,
+  generate, sft and eval stages run again for `policies`, under run_dir/sweep/alpha=<value>/."""
+
+  alpha: tuple[float, ...] = ()            # empty: no sweep
+  policies: tuple[str, ...] = ("persyn",)  # those of them that depend on alpha: persyn, oracle
+
+  def __post_init__(self):
+    bad = [a for a in self.alpha if not 0.0 <= a <= 1.0]
+    if bad:
+      raise ValueError(f"sweep.alpha: {bad} outside [0, 1]")
+    if len(set(self.alpha)) != len(self.alpha):
+      raise ValueError(f"sweep.alpha lists a value twice: {list(self.alpha)}")
+    odd = [p for p in self.policies if p not in ("persyn", "oracle")]
+    if odd or not self.policies:
+      raise ValueError(f"sweep.policies={list(self.policies)}: persyn and/or oracle (the others "
+                       "do not read the reward)")
+
+
+# The default comparison: PerSyn, every baseline, and the oracle (Generate then Select, k*N
+# generations: the upper bound the router approximates).
+DEFAULT_COMPARE = ("persyn", "strong", "family_strong", "mix", "car", "random", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   name: str = "toy"
   run_dir: str = ""               # "": runs/<name>
@@ -143,14 +169,17 @@ class RunConfig:
   scoring: ScoringConfig = ScoringConfig()
   router: RouterConfig = RouterConfig()
   policies: PolicyConfig = PolicyConfig()
-  compare: tuple[str, ...] = ("persyn", "strong", "mix", "random")
+  compare: tuple[str, ...] = DEFAULT_COMPARE
   sft: SFTConfig = SFTConfig()
+  # each compared policy's student is trained (its data order) and evaluated once per seed
+  seeds: tuple[int, ...] = ()  # SFT seeds k (sft.seed = k): sft/<policy>/seed<k>/; empty: one
   eval: EvalConfig = EvalConfig()
   # data out: each policy's dataset as jsonl / parquet / hf_dataset (end of the generate stage)
   export: ExportConfig = ExportConfig()
   # W&B next to TensorBoard for the SFT metrics (null: off); no stage's key: it changes no output
   wandb: WandbConfig | None = None
   plan: PlanConfig = PlanConfig()
+  sweep: SweepConfig = SweepConfig()
   records_per_shard: int = 4096
 
   def __post_init__(self):
@@ -159,6 +188,8 @@ class RunConfig:
       raise ValueError(f"compare: unknown policies {bad}; policies: {list(POLICIES)}")
     if len(set(self.compare)) != len(self.compare):
       raise ValueError(f"compare lists a policy twice: {list(self.compare)}")
+    if len(set(self.seeds)) != len(self.seeds) or any(k < 0 for k in self.seeds):
+      raise ValueError(f"seeds={list(self.seeds)}: distinct integers >= 0")
     names = [t.name for t in self.teachers]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -30,7 +30,7 @@ STAGES_TO_SFT = ",".join(STAGE_ORDER)
 # The tiny toy world with shards of 4 records (many commit points); PerSyn and the oracle (every
 # teacher answers every prompt, so the generate stage's size does not hang on the routing); a
 # checkpoint every SFT step; one prompt bucket (one compile per teacher).
-SETS = ["world.scale=tiny", "records_per_shard=4", "compare=[persyn,oracle]",
+SETS = ["world.scale=tiny", "seeds=[]", "records_per_shard=4", "compare=[persyn,oracle]",
         "sampling.max_new_tokens=32", "sampling.min_bucket=64", "sft.epochs=4", "sft.checkpoint_every=1",
         "sft.keep_checkpoints=1", "sft.log_every=1"]
 

@@ -29,7 +29,8 @@ STAGES = "probe,score,router,route,generate,sft"
 TEACHERS = ("stepwise-Q", "sloppy-Q")
 POLICIES = ("persyn", "random")  # random: both teachers generate
 SFT_STEPS = 2
-RUN_SETS = ["sampling.max_new_tokens=16", "sampling.batch_size=4", "sampling.min_bucket=64",
+RUN_SETS = ["seeds=[]",
+            "sampling.max_new_tokens=16", "sampling.batch_size=4", "sampling.min_bucket=64",
             "sampling.max_prompt_len=64", "scoring.min_bucket=160", "scoring.max_len=160",
             "scoring.max_batch_size=4", "router.epochs=1", "router.min_bucket=64",
             "router.max_len=64", "router.max_batch_size=4", "router.freeze_backbone=true",

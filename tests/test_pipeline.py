@@ -28,6 +28,7 @@ def explicit_config(world, run_dir, **over) -> RunConfig:
               prompts={"source": {"path": world.prompts_path, "reference_field": "reference",
                                   "keep_fields": ["kind"]},
                        "probe": world.probe, "eval": world.eval})
+  data["seeds"] = []  # one student per policy here; tests/test_run_stats.py runs several seeds
   data["router"] = dict(data["router"], backbone=world.student[1], epochs=2)
   data["sft"] = dict(data["sft"], epochs=1, checkpoint_every=2)
   data["sampling"] = dict(data["sampling"], max_new_tokens=24)

@@ -1,6 +1,7 @@
 """The run report: report.json, report.md and PNG plots (teacher shares, eval, SFT loss).
 
     assemble.py  the report dict from a finished run: eval table, shares, costs, router, summary
+    stats.py     bootstrap intervals: accuracy over seeds, paired difference from strong
     plots.py     the PNG plots
     markdown.py  report.md
 """
@@ -21,8 +22,14 @@ def write_report(report: dict, out_dir: str, loss_curves: dict[str, list[tuple[i
            "eval": os.path.join(out_dir, "eval.png"),
            "sft_loss": os.path.join(out_dir, "sft_loss.png")}
   plot_shares(report["shares"], report["teachers"], plots["shares"])
-  plot_eval({p: e["score"] for p, e in report["eval"].items()}, report["eval_metric"], plots["eval"])
+  st = (report.get("stats") or {}).get("policies", {})
+  plot_eval({p: e["score"] for p, e in report["eval"].items()}, report["eval_metric"], plots["eval"],
+            {p: st[p]["ci"] for p in st})
   plot_losses(loss_curves, plots["sft_loss"])
+  if report.get("sweep"):
+    from persyn_jax.report.plots import plot_sweep
+    plots["sweep"] = os.path.join(out_dir, "sweep_alpha.png")
+    plot_sweep(report["sweep"]["rows"], plots["sweep"])
   report = dict(report, plots=plots)
   atomic_write_json(os.path.join(out_dir, "report.json"), report)
   atomic_write_text(os.path.join(out_dir, "report.md"), markdown(report))

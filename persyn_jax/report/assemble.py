@@ -7,6 +7,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from persyn_jax import policies as pol
 from persyn_jax.io_utils import safe_name
 from persyn_jax.run_config import STAGES
@@ -48,7 +50,10 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
                     "by_kind": evals[p].get("by_kind", {})} for p in evals}
   with open(ctx.path("router", "router_eval.json")) as f:
     router = router_summary(json.load(f))
-  curves = {p: loss_curve(ctx.path("sft", safe_name(p), "metrics.jsonl")) for p in cfg.compare}
+  # one loss curve per policy: its first seed's
+  first = [] if not cfg.seeds else [f"seed{cfg.seeds[0]}"]
+  curves = {p: loss_curve(ctx.path("sft", safe_name(p), *first, "metrics.jsonl"))
+            for p in cfg.compare}
   oracle = m["generate"]["counts"].get("oracle", {})
   # prompts whose top reward several teachers share, broken by the seeded hash (PAPER.md)
   ties = {"probe": {"ties": table.ties, "prompts": len(table.ids)},
@@ -57,14 +62,41 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
   report = {"run": cfg.name, "run_dir": ctx.dir, "teachers": teachers,
             "student": cfg.student.name, "policies": list(cfg.compare),
             "eval_metric": metric, "eval": eval_table, "router": router,
+            "stats": eval_stats(evals, ctx.prompts()["eval"], cfg.seed),
             "shares": shares, "probe": {"prompts": P, "teachers": probe_teachers,
                                         "by_kind": by_kind},
             "ties": ties, "samples": m["generate"]["counts"].get("samples"),
             "costs": costs, "prompts": {"train": N, "probe": P,
                                         "eval": len(ctx.prompts()["eval"])},
             "stage_seconds": {s: m[s]["seconds"] for s in STAGES}}
+  from persyn_jax.stages.sweep import summary as sweep_summary
+  report["sweep"] = sweep_summary(ctx, evals, router)
   report["summary"] = summarize(report)
   return report, curves
+
+
+def correctness(evals: dict) -> dict[str, list[list[int]]]:
+  """Each student's per-prompt correctness by seed (eval.json): name -> [seed][prompt]."""
+  out = {}
+  for name, e in evals.items():
+    rows = [e["correct"]] if "correct" in e else [s["correct"] for s in e.get("seeds", {}).values()
+                                                  if "correct" in s]
+    if rows:
+      out[name] = rows
+  return out
+
+
+def eval_stats(evals: dict, prompts: list[dict], seed: int) -> dict | None:
+  """The paired bootstrap of every student against strong (report/stats.py), overall and per
+  prompt kind; None when the eval has no verifier (no per-prompt correctness)."""
+  from persyn_jax.report import stats
+  correct = correctness(evals)
+  if not correct or not prompts:
+    return None
+  kinds = [p.get("kind") for p in prompts]
+  return stats.compare({n: np.asarray(c, np.float64) for n, c in correct.items()},
+                       baseline="strong", seed=seed,
+                       kinds=kinds if all(isinstance(k, str) for k in kinds) else None)
 
 
 def run_costs(teachers: list[str], compare, assignments: dict[str, dict[str, str]],
@@ -136,7 +168,13 @@ def summarize(report: dict) -> str:
                                      else "one teacher is best almost everywhere."))
   if "persyn" in ev_ and "strong" in ev_:
     d = ev_["persyn"] - ev_["strong"]
-    lines.append(f"PerSyn vs the strongest teacher: {d:+.3f}.")
+    st = ((report.get("stats") or {}).get("policies") or {}).get("persyn", {})
+    if "delta_ci" in st:
+      lo, hi = st["delta_ci"]
+      lines.append(f"PerSyn vs the strongest teacher: {d:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}: "
+                   + ("significant)." if st["significant"] else "not significant)."))
+    else:
+      lines.append(f"PerSyn vs the strongest teacher: {d:+.3f}.")
   r = report.get("router", {})
   if "hit@1" in r:
     lines.append(f"Router Hit@1 {r['hit@1']:.2f} (random {r.get('random_hit@1', float('nan')):.2f}).")

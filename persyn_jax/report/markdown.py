@@ -29,24 +29,126 @@ def ties_lines(report: dict) -> list[str]:
   return out
 
 
+def _ci(ci) -> str:
+  return f"{ci[0]:.3f} to {ci[1]:.3f}" if ci else ""
+
+
+def _signed_ci(ci) -> str:
+  return f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else ""
+
+
+def eval_lines(report: dict) -> list[str]:
+  """The students' table: accuracy (mean over seeds) with its 95% interval, the paired difference
+  from strong with its interval and significance, the seeds' spread and the costs; then one
+  sentence per policy on whether it differs significantly from strong."""
+  ev, metric = report["eval"], report["eval_metric"]
+  st = (report.get("stats") or {}).get("policies", {})
+  costs = report["costs"]["policies"]
+  seeds = max((st[p]["seeds"] for p in st), default=1)
+  lines = ["## Students on held-out prompts", ""]
+  if st:
+    s = report["stats"]
+    lines += [f"Accuracy is the mean over {seeds} SFT seed(s); the 95% intervals are bootstrap "
+              f"intervals over the {s['problems']} held-out problems ({s['resamples']} resamples, "
+              f"seed {s['seed']}), the difference from {s['baseline']} paired (the same resample "
+              "for both policies; each problem's correctness averaged over seeds). Significant: "
+              "the interval of the difference excludes 0.", ""]
+  lines += [f"| policy | {metric} | 95% CI | Δ vs strong | 95% CI of Δ | significant? | seed sd | "
+            "n | training prompts | generations | teacher seconds |",
+            "|" + " --- |" * 11]
+  for p, e in ev.items():
+    c, t = costs.get(p, {}), st.get(p, {})
+    name = {"oracle": "oracle (upper bound)", "base_student": "base_student (before SFT)"}.get(p, p)
+    sig = "" if "significant" not in t else ("yes" if t["significant"] else "no")
+    delta = f"{t['delta']:+.3f}" if "delta" in t else ""
+    lines.append(f"| {name} | {_fmt(e['score'])} | {_ci(t.get('ci'))} | {delta} | "
+                 f"{_signed_ci(t.get('delta_ci'))} | {sig} | "
+                 f"{_fmt(t['seed_sd']) if t.get('seeds', 1) > 1 else ''} | {e['n']} | "
+                 f"{c.get('prompts', '')} | {c.get('generations', '')} | "
+                 f"{_fmt(c.get('teacher_seconds', ''))} |")
+  if st:
+    lines += [""] + [f"- {s}" for s in significance_sentences(report)]
+  return lines
+
+
+def kind_delta_lines(report: dict) -> list[str]:
+  """Each policy's paired difference from strong per prompt kind (* where significant)."""
+  bk = (report.get("stats") or {}).get("by_kind") or {}
+  kinds = sorted(bk)
+  names = [p for p in report["eval"] if any("delta" in bk[k].get(p, {}) for k in kinds)]
+  if not names:
+    return []
+  lines = ["", "Δ vs strong by prompt kind (paired bootstrap within the kind; * the 95% interval "
+           "excludes 0):", "", "| policy | " + " | ".join(kinds) + " |",
+           "|" + " --- |" * (len(kinds) + 1)]
+  for p in names:
+    cells = []
+    for k in kinds:
+      t = bk[k].get(p, {})
+      cells.append(f"{t['delta']:+.3f}{'*' if t['significant'] else ''}" if "delta" in t else "")
+    lines.append(f"| {p} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def significance_sentences(report: dict) -> list[str]:
+  """One sentence per policy: does it differ significantly from strong, and how much."""
+  st = (report.get("stats") or {}).get("policies", {})
+  costs = report["costs"]["policies"]
+  out = []
+  for p, t in st.items():
+    if "delta" not in t:
+      continue
+    lo, hi = t["delta_ci"]
+    if t["significant"]:
+      verdict = f"significantly {'better' if t['delta'] > 0 else 'worse'} than strong"
+    else:
+      verdict = "not significantly different from strong"
+    line = (f"{p}: {verdict} (Δ {t['delta']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f})")
+    if p == "oracle":
+      line += (f"; the oracle is the upper bound (Generate then Select: "
+               f"{costs.get(p, {}).get('generations', '?')} teacher generations)")
+    out.append(line + ".")
+  return out
+
+
+def sweep_lines(report: dict) -> list[str]:
+  """The alpha sweep: per alpha, each swept policy's accuracy, interval and paired difference from
+  the main run's strong student, and the router's held-out Hit@1."""
+  sw = report.get("sweep")
+  if not sw:
+    return []
+  lines = ["", "## Alpha sweep", "",
+           "Each alpha reuses the probe and its quality and learnability scores, recombines the "
+           "reward (Eq. 2: (1 - alpha) quality + alpha learnability), and trains the router and "
+           "the students again; Δ is paired against the main run's strong student.", "",
+           "| alpha | policy | accuracy | 95% CI | Δ vs strong | 95% CI of Δ | significant? | "
+           "router Hit@1 |", "|" + " --- |" * 8]
+  for r in sw["rows"]:
+    a = f"{r['alpha']:g}" + (" (main run)" if r.get("main_run") else "")
+    hit = _fmt(r.get("router", {}).get("hit@1", ""))
+    if not r["done"]:
+      lines.append(f"| {a} | not run | | | | | | {hit} |")
+    for p, t in r["policies"].items():
+      sig = "" if "significant" not in t else ("yes" if t["significant"] else "no")
+      delta = f"{t['delta']:+.3f}" if "delta" in t else ""
+      lines.append(f"| {a} | {p} | {_fmt(t['accuracy'])} | {_ci(t['ci'])} | {delta} | "
+                   f"{_signed_ci(t.get('delta_ci'))} | {sig} | {hit} |")
+  return lines
+
+
 def markdown(report: dict) -> str:
   lines = [f"# PerSyn run report: {report['run']}", ""]
   if report.get("summary"):
     lines += [report["summary"], ""]
   ev = report["eval"]
-  lines += ["## Students on held-out prompts", "",
-            f"| policy | {report['eval_metric']} | n | training prompts | generations | teacher seconds |",
-            "| --- | --- | --- | --- | --- | --- |"]
-  for p, e in ev.items():
-    c = report["costs"]["policies"].get(p, {})
-    lines.append(f"| {p} | {_fmt(e['score'])} | {e['n']} | {c.get('prompts', '')} | "
-                 f"{c.get('generations', '')} | {_fmt(c.get('teacher_seconds', ''))} |")
+  lines += eval_lines(report)
   kinds = sorted({k for e in ev.values() for k in e.get("by_kind", {})})
   if kinds:
     lines += ["", f"{report['eval_metric'].capitalize()} by prompt kind:", "",
               "| policy | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
     for p, e in ev.items():
       lines.append(f"| {p} | " + " | ".join(_fmt(e["by_kind"].get(k, float("nan"))) for k in kinds) + " |")
+  lines += kind_delta_lines(report)
   r = report.get("router", {})
   if r:
     lines += ["", "## Router", "", "| metric | value |", "| --- | --- |"]
@@ -70,6 +172,7 @@ def markdown(report: dict) -> str:
     for kind, d in report["probe"]["by_kind"].items():
       lines.append(f"- {kind}: " + ", ".join(f"{t} {v:.2f}" for t, v in d.items() if v > 0))
   lines += ties_lines(report)
+  lines += sweep_lines(report)
   c = report["costs"]
   lines += ["", "## Cost", "",
             f"- Route then Generate: {c['route_then_generate']['generations']} generations "

@@ -1,7 +1,11 @@
-"""eval: every student (and the student before SFT) answers the held-out prompts, and the prompts
-of each configured benchmark file (eval.benchmarks), exported in the format its tool reads."""
+"""eval: every student (each policy's, per seed, and the student before SFT) answers the held-out
+prompts, and the prompts of each configured benchmark file (eval.benchmarks), exported in the
+format its tool reads. eval.json keeps each student's per-prompt correctness (the report's paired
+bootstrap reads it); a student already scored (its result.json) is not evaluated again."""
 from __future__ import annotations
 
+import json
+import os
 import time
 
 from persyn_jax import evaluate as ev
@@ -11,6 +15,7 @@ from persyn_jax.metrics import progress
 from persyn_jax.run_config import ModelRef
 from persyn_jax.sampling import generate
 from persyn_jax.stages.context import Context
+from persyn_jax.stages.sft import seeds, student_dir
 from persyn_jax.stages.graph import Stage
 
 
@@ -30,43 +35,82 @@ def run(ctx: Context) -> dict:
     raise ValueError("eval: no held-out prompts (set prompts.eval) and no eval.benchmarks")
   # read before any model is loaded: a bad file fails now, naming it
   benchmarks = {b.name: (b, ev.read_benchmark(b.format, b.path)) for b in c.benchmarks}
-  mesh = ctx.mesh_for(c.sampling.mesh)
-  students = {}
+  # (name, seed, model dir, output dir): greedy decoding needs no seed for the base student
+  students = []
   if c.base_student:
-    students["base_student"] = cfg.student.path
+    students.append(("base_student", None, cfg.student.path, ctx.path("eval", "base_student")))
   for policy in cfg.compare:
-    students[policy] = ctx.path("sft", safe_name(policy), "student")
-  out = {}
-  for name, path in students.items():
-    # student.dtype: each student is evaluated as it would be served.
-    model, tok = ctx.load(ModelRef(name, path, dtype=cfg.student.dtype), mesh, rules=shd.SERVING)
-    model_name = f"{cfg.name}-{name}"
-    t0 = time.time()
-    out[name] = {"n": 0}  # the report reads n (no held-out prompts: benchmarks only)
-    if prompts:
-      texts = answers(model, tok, ev.prompts_for_model(prompts), c.sampling, mesh, f"eval/{name}")
-      scored = ev.score_generations(prompts, texts, verifier=c.verifier,
-                                    reference_field=c.reference_field)
-      if ctx.is_writer():
-        ev.export(scored["rows"], model_name, ctx.path("eval", safe_name(name)), c.exports)
-      out[name] = {k: v for k, v in scored.items() if k != "rows"}
-    for bname, (b, items) in benchmarks.items():
-      texts = answers(model, tok, [x["prompt"] for x in items], c.sampling, mesh,
-                      f"eval/{name}/{bname}")
-      rows = [{**x, "response": t} for x, t in zip(items, texts)]
-      paths = {}
-      if ctx.is_writer():
-        paths = ev.export(rows, model_name, ctx.path("eval", safe_name(name), "benchmarks",
-                                                     safe_name(bname)), [b.format])
-      out[name].setdefault("benchmarks", {})[bname] = {"n": len(rows), "format": b.format,
-                                                       "file": paths.get(b.format)}
-    out[name]["seconds"] = round(time.time() - t0, 2)
-    ctx.log(f"[eval] {name}: {out[name].get('score', float('nan')):.3f}")
-    del model
+    for seed in seeds(cfg):
+      students.append((policy, seed, os.path.join(student_dir(ctx, policy, seed), "student"),
+                       ctx.path("eval", safe_name(policy),
+                                *([] if seed is None else [f"seed{seed}"]))))
+  per_student = {}
+  for name, seed, path, out_dir in students:
+    done = os.path.join(out_dir, "result.json")
+    if os.path.exists(done):
+      res = json.load(open(done))
+    else:
+      res = evaluate_one(ctx, name if seed is None else f"{name}-seed{seed}", path, out_dir,
+                         prompts, benchmarks)
+      ctx.write_json(res, os.path.relpath(done, ctx.dir))
+    ctx.log(f"[eval] {name}{'' if seed is None else f' seed {seed}'}: "
+            f"{res.get('score', float('nan')):.3f}")
+    per_student.setdefault(name, {})[seed] = res
+  out = {name: combine(by_seed) for name, by_seed in per_student.items()}
   ctx.write_json(out, "eval", "eval.json")
   return out
 
 
+def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benchmarks) -> dict:
+  """One student's score on the held-out prompts ("correct": its per-prompt vector, in prompt
+  order) and its answers to the benchmarks, exported under `out_dir`."""
+  cfg, c = ctx.cfg, ctx.cfg.eval
+  mesh = ctx.mesh_for(c.sampling.mesh)
+  # student.dtype: each student is evaluated as it would be served.
+  model, tok = ctx.load(ModelRef(name, path, dtype=cfg.student.dtype), mesh, rules=shd.SERVING)
+  model_name = f"{cfg.name}-{name}"
+  t0 = time.time()
+  out: dict = {"n": 0}  # the report reads n (no held-out prompts: benchmarks only)
+  if prompts:
+    texts = answers(model, tok, ev.prompts_for_model(prompts), c.sampling, mesh, f"eval/{name}")
+    scored = ev.score_generations(prompts, texts, verifier=c.verifier,
+                                  reference_field=c.reference_field)
+    if ctx.is_writer():
+      ev.export(scored["rows"], model_name, out_dir, c.exports)
+    out = {k: v for k, v in scored.items() if k != "rows"}
+    if c.verifier:
+      out["correct"] = [int(r["correct"]) for r in scored["rows"]]
+  for bname, (b, items) in benchmarks.items():
+    texts = answers(model, tok, [x["prompt"] for x in items], c.sampling, mesh,
+                    f"eval/{name}/{bname}")
+    rows = [{**x, "response": t} for x, t in zip(items, texts)]
+    paths = {}
+    if ctx.is_writer():
+      paths = ev.export(rows, model_name, os.path.join(out_dir, "benchmarks", safe_name(bname)),
+                        [b.format])
+    out.setdefault("benchmarks", {})[bname] = {"n": len(rows), "format": b.format,
+                                               "file": paths.get(b.format)}
+  out["seconds"] = round(time.time() - t0, 2)
+  del model
+  return out
+
+
+def combine(by_seed: dict) -> dict:
+  """A policy's eval entry from its students' results by seed (None: the run lists no seeds): the
+  score and by_kind averaged over seeds, and each seed's score and per-prompt correctness."""
+  if list(by_seed) == [None]:
+    return by_seed[None]
+  res = list(by_seed.values())
+  out = {"n": res[0]["n"], "seconds": round(sum(r["seconds"] for r in res), 2),
+         "seeds": {f"seed{k}": r for k, r in by_seed.items()}}
+  if "score" in res[0]:
+    out["score"] = sum(r["score"] for r in res) / len(res)
+    out["by_kind"] = {k: sum(r["by_kind"][k] for r in res) / len(res) for k in res[0]["by_kind"]}
+  if "benchmarks" in res[0]:
+    out["benchmarks"] = res[0]["benchmarks"]
+  return out
+
+
 # prompts: the held-out split; student: the student before SFT and the dtype of every student
-STAGE = Stage("eval", run, reads=("sft",), config=("name", "prompts", "student", "compare", "eval"),
-              doc=__doc__)
+STAGE = Stage("eval", run, reads=("sft",),
+              config=("name", "prompts", "student", "compare", "eval", "seeds"), doc=__doc__)

@@ -153,6 +153,11 @@ class Run:
       dist.barrier(f"{stage}:done")  # its files exist before the next stage reads them
       self.log(f"[{stage}] done in {time.time() - t0:.1f} s")
       gc.collect()
+    if (self.cfg.sweep.alpha and "eval" in stages
+        and all(self.manifest(s) is not None for s in STAGES)):
+      from persyn_jax.stages.sweep import run_sweep  # the alpha sweep: a run per alpha (sweep.py)
+      with doing(stage="sweep"):
+        run_sweep(self)
     if dist.is_writer() and all(self.manifest(s) is not None for s in STAGES):
       with doing(stage="report"):
         return self._report()

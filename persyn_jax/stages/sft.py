@@ -1,8 +1,10 @@
-"""sft: one student per compared policy, trained on that policy's dataset (data/<policy>/).
+"""sft: one student per compared policy and seed, trained on that policy's dataset (data/<policy>/)
+with sft.seed = the seed (its data order): sft/<policy>/seed<k>/, or sft/<policy>/ when the run
+lists no seeds. Each student resumes on its own (its DONE.json, its checkpoints).
 
-With a gs:// run directory a policy trains in a local working directory (fs.work_dir: its
-checkpoints, metrics and exported student), uploaded to sft/<policy>/ once trained and before its
-DONE.json; a run resumed on the same machine continues from the local checkpoints."""
+With a gs:// run directory a student trains in a local working directory (fs.work_dir: its
+checkpoints, metrics and exported student), uploaded to its run directory once trained and before
+its DONE.json; a run resumed on the same machine continues from the local checkpoints."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,39 +19,67 @@ from persyn_jax.stages.context import Context
 from persyn_jax.stages.graph import Stage
 
 
+def seeds(cfg) -> list[int | None]:
+  """The run's SFT seeds; [None]: one student per policy, trained with sft.seed."""
+  return list(cfg.seeds) or [None]
+
+
+def student_parts(policy: str, seed: int | None) -> tuple[str, ...]:
+  """The run-dir parts of the student of (`policy`, `seed`): sft/<policy>/[seed<k>/]."""
+  return ("sft", safe_name(policy), *([] if seed is None else [f"seed{seed}"]))
+
+
+def student_dir(ctx: Context, policy: str, seed: int | None) -> str:
+  """Where the student of (`policy`, `seed`) is trained: sft/<policy>/[seed<k>/]."""
+  return ctx.path(*student_parts(policy, seed))
+
+
 def run(ctx: Context) -> dict:
   cfg = ctx.cfg
-  c = cfg.sft
-  mesh = ctx.mesh_for(c.mesh)
   out = {}
   for policy in cfg.compare:
-    d = ctx.path("sft", safe_name(policy))
-    done = fs.join(d, "DONE.json")
-    if fs.exists(done):
-      out[policy] = json.loads(fs.read_bytes(done))
-      ctx.log(f"[sft] {policy}: done earlier")
-      continue
-    # The student in sft.param_dtype (the master weights the optimizer updates; float32 by
-    # default), not student.dtype, which is how it is stored and served.
-    model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
-    batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
-    ctx.log(f"[sft] {policy}: {per_epoch} batches per epoch")
-    work = fs.work_dir(d)
-    res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
-                    wandb=cfg.wandb, run_name=f"{cfg.name}-{policy}")
-    final_loss = res.losses.get(res.step)
-    if final_loss is None:  # resumed after the last step (killed while exporting): from the log
-      final_loss = dict(loss_curve(res.metrics_path)).get(res.step)
-    if work != d and ctx.is_writer():
-      fs.put(work, d)
-    in_run = lambda p: p if work == d or not p else fs.join(d, p[len(work):].lstrip("/"))  # noqa: E731
-    summary = {"steps": res.step, "final_loss": final_loss,
-               "export_dir": in_run(res.export_dir), "metrics": in_run(res.metrics_path)}
-    ctx.write_json(summary, "sft", safe_name(policy), "DONE.json")
-    out[policy] = summary
-    del model, res
-    gc.collect()
+    for seed in seeds(cfg):
+      summary = train_one(ctx, policy, seed)
+      if seed is None:
+        out[policy] = summary
+      else:
+        out.setdefault(policy, {})[f"seed{seed}"] = summary
   return out
 
 
-STAGE = Stage("sft", run, reads=("generate",), config=("student", "compare", "sft"), doc=__doc__)
+def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
+  """Trains (or resumes, or finds done) the student of (`policy`, `seed`); its summary."""
+  cfg = ctx.cfg
+  c = cfg.sft if seed is None else dataclasses.replace(cfg.sft, seed=seed)
+  mesh = ctx.mesh_for(c.mesh)
+  d = student_dir(ctx, policy, seed)
+  label = policy if seed is None else f"{policy} seed {seed}"
+  done = fs.join(d, "DONE.json")
+  if fs.exists(done):
+    ctx.log(f"[sft] {label}: done earlier")
+    return json.loads(fs.read_bytes(done))
+  # The student in sft.param_dtype (the master weights the optimizer updates; float32 by
+  # default), not student.dtype, which is how it is stored and served.
+  model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
+  batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
+  ctx.log(f"[sft] {label}: {per_epoch} batches per epoch")
+  run_name = f"{cfg.name}-{policy}" + ("" if seed is None else f"-seed{seed}")
+  work = fs.work_dir(d)
+  res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
+                  wandb=cfg.wandb, run_name=run_name)
+  final_loss = res.losses.get(res.step)
+  if final_loss is None:  # resumed after the last step (killed while exporting): from the log
+    final_loss = dict(loss_curve(res.metrics_path)).get(res.step)
+  if work != d and ctx.is_writer():
+    fs.put(work, d)
+  in_run = lambda p: p if work == d or not p else fs.join(d, p[len(work):].lstrip("/"))  # noqa: E731
+  summary = {"steps": res.step, "final_loss": final_loss,
+             "export_dir": in_run(res.export_dir), "metrics": in_run(res.metrics_path)}
+  ctx.write_json(summary, *student_parts(policy, seed), "DONE.json")
+  del model, res
+  gc.collect()
+  return summary
+
+
+STAGE = Stage("sft", run, reads=("generate",), config=("student", "compare", "sft", "seeds"),
+              doc=__doc__)
