@@ -41,8 +41,8 @@ def test_compare_signal_per_category_and_overall():
   out = compare_signal(means, gains, ["x", "y"])
   assert out["by_category"]["x"] == {"best": ["A"], "agreement": 1.0, "rank_correlation": 1.0}
   assert out["by_category"]["y"]["best"] == ["A"] and out["by_category"]["y"]["agreement"] == 0.0
-  assert out["by_category"]["y"]["rank_correlation"] == pytest.approx(-0.5)
-  assert out["agreement"] == 0.5 and out["rank_correlation"] == pytest.approx(0.25)
+  assert out["by_category"]["y"]["rank_correlation"] == pytest.approx(-1.0)  # ranks reversed
+  assert out["agreement"] == 0.5 and out["rank_correlation"] == pytest.approx(0.0)
 
 
 def test_accuracy_by_category():
