@@ -22,7 +22,7 @@ from persyn_jax.scoring import ScoringConfig
 from persyn_jax.sft import SFTConfig
 from persyn_jax.sharding import MeshConfig
 
-STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
+STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval", "study")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,23 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The teacher study (stages/study.py, docs/STUDY.md): the student fine-tuned (sft settings) on
+  each teacher's probe answers alone and evaluated (eval settings) on held-out prompts; its gain
+  per category, against the teacher each reward prefers per category."""
+
+  enabled: bool = False
+  teachers: tuple[str, ...] = ()  # (): every teacher
+  eval: int = 0                   # held-out prompts each studied student answers; 0: all
+  category_field: str = "kind"    # the prompt field the gains are grouped by (kept by the prompt
+                                  # source: prompts.source.keep_fields); "": one group
+
+  def __post_init__(self):
+    if self.eval < 0:
+      raise ValueError(f"study.eval={self.eval}: a count of held-out prompts (0: all of them)")
+
+
+@dataclasses.dataclass(frozen=True)
 class PlanConfig:
   """What --dry-run plans for when it runs elsewhere than the target (a laptop for a pod)."""
 
@@ -174,6 +191,7 @@ class RunConfig:
   # each compared policy's student is trained (its data order) and evaluated once per seed
   seeds: tuple[int, ...] = ()  # SFT seeds k (sft.seed = k): sft/<policy>/seed<k>/; empty: one
   eval: EvalConfig = EvalConfig()
+  study: StudyConfig = StudyConfig()
   # data out: each policy's dataset as jsonl / parquet / hf_dataset (end of the generate stage)
   export: ExportConfig = ExportConfig()
   # W&B next to TensorBoard for the SFT metrics (null: off); no stage's key: it changes no output

@@ -35,7 +35,7 @@ def keys(cfg) -> dict[str, str]:
 
 def test_the_graph_runs_in_the_documented_order_and_reads_only_earlier_stages():
   assert tuple(st.name for st in GRAPH) == STAGES == (
-      "probe", "score", "router", "route", "generate", "sft", "eval")
+      "probe", "score", "router", "route", "generate", "sft", "eval", "study")
   reads = {st.name: set(st.reads) for st in GRAPH}
   assert reads["generate"] >= {"probe", "route"} and "scoring" in GRAPH[4].config
   assert reads["eval"] == {"sft"} and "prompts" in GRAPH[6].config
@@ -45,13 +45,14 @@ def test_the_graph_runs_in_the_documented_order_and_reads_only_earlier_stages():
 
 
 @pytest.mark.parametrize("override, changed", [
-    ("sft.lr=0.5", {"sft", "eval"}),
-    ("eval.verifier=null", {"eval"}),
+    ("sft.lr=0.5", {"sft", "eval", "study"}),
+    ("eval.verifier=null", {"eval", "study"}),
+    ("study.eval=5", {"study"}),
     ("policies.mix_ratio=0.25", {"route", "generate", "sft", "eval"}),
     ("router.epochs=7", {"router", "route", "generate", "sft", "eval"}),
-    ("scoring.alpha=0.9", {"score", "router", "route", "generate", "sft", "eval"}),
+    ("scoring.alpha=0.9", {"score", "router", "route", "generate", "sft", "eval", "study"}),
     ("sampling.temperature=0.3", set(STAGES)),
-    ("records_per_shard=3", {"probe", "score", "router", "route", "generate", "sft", "eval"}),
+    ("records_per_shard=3", set(STAGES)),
 ])
 def test_a_change_reruns_the_stages_that_read_it_and_those_after_them(tmp_path, override, changed):
   """A key is hash(name, keys of the stages read, config read): a config change moves the keys of

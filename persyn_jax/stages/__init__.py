@@ -3,7 +3,8 @@
     graph.py    Stage (name, reads, config, run) and the DONE key derived from it
     runner.py   Run: manifests, skipping, stale outputs, barriers; GRAPH, the stages in order
     context.py  what the stages share: config, paths, prompt split, meshes, models, records
-    probe.py score.py router.py route.py generate.py sft.py eval.py: one module per stage
+    probe.py score.py router.py route.py generate.py sft.py eval.py study.py: one module per
+                stage (study: optional, the teacher study)
 
 The stages know nothing of the toy world: the CLI (persyn_jax.train) resolves `world:` first.
 """

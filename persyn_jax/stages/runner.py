@@ -25,13 +25,13 @@ from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models.checks import CheckpointError
 from persyn_jax.run_config import STAGES, RunConfig
 from persyn_jax.stages import eval as eval_stage
-from persyn_jax.stages import generate, probe, route, router, score, sft
+from persyn_jax.stages import generate, probe, route, router, score, sft, study
 from persyn_jax.stages.context import ACTIVITY, Context, Log, doing, log_to_stdout
 from persyn_jax.stages.graph import Stage, check_graph, stage_key
 from persyn_jax.stages.lock import RunDirError, RunLock, RunLockedError, prepare_run_dir
 
 GRAPH: tuple[Stage, ...] = tuple(m.STAGE for m in (probe, score, router, route, generate, sft,
-                                                   eval_stage))
+                                                   eval_stage, study))
 check_graph(GRAPH, STAGES, [f.name for f in dataclasses.fields(RunConfig)])
 
 # The manifest layout: 2 since stage keys are derived from the stage declarations (graph.py).

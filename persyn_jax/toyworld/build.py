@@ -2,8 +2,9 @@
 
 A task with checkable answers (arithmetic word problems of four kinds, tasks.py), a
 tokenizer trained here, four teachers of different sizes and families each trained by our own SFT
-on one answer style, and a student smaller than every teacher whose prior ("pretraining") favours
-some styles over others. Everything is saved as HF-layout checkpoints, so the run uses the real
+on one answer style, and a student smaller than every teacher whose prior ("pretraining") is
+generic (every style equally, tasks.student_prior). Each teacher's greedy accuracy per kind is
+then measured on held-out problems and checked against its design (check.py). Everything is saved as HF-layout checkpoints, so the run uses the real
 loading path, and cached under ~/.cache/persyn_jax/toyworld/<key>/ (or $PERSYN_JAX_CACHE).
 """
 from __future__ import annotations
@@ -194,6 +195,11 @@ def _build(scale: str, seed: int, root: str, log) -> World:
   run_ids = {p["prompt"] for p in run_problems}
   pool = tasks.make_problems(sc.train_problems + sc.prompts, seed + 1)
   train_problems = [p for p in pool if p["prompt"] not in run_ids][:sc.train_problems]
+  # The check's problems are new to every model of the world, like the run's held-out prompts.
+  seen = run_ids | {p["prompt"] for p in train_problems}
+  n_check = sc.check * len(tasks.KINDS)
+  check_problems = [p for p in tasks.make_problems(n_check + len(seen), seed + 2)
+                    if p["prompt"] not in seen][:n_check]
   lines = [json.dumps({"id": p["id"], "prompt": p["prompt"], "reference": p["answer"],
                        "kind": p["kind"]}) for p in run_problems]
   prompts_path = os.path.join(root, "prompts.jsonl")
@@ -205,25 +211,50 @@ def _build(scale: str, seed: int, root: str, log) -> World:
   tok.save_pretrained(tok_dir)
   # One device, whatever this machine has: the checkpoints do not depend on the device count.
   mesh = shd.single_device_mesh()
-  hashes, teachers = {}, []
+  hashes, teachers, measured = {}, [], {}
   for i, spec in enumerate(sc.teachers):
     path = _train(spec, tasks.STYLES[spec.style], sc, tok, train_problems,
                   os.path.join(root, "teachers", spec.name), seed * 100 + i, mesh, log)
     hashes[spec.name] = sha256_file(os.path.join(path, "model.safetensors"))
     teachers.append({"name": spec.name, "path": path, "family": spec.model_type,
                      "style": spec.style, "params": model_config(spec, len(tok), tok).num_params()})
+    measured[spec.name] = _measure(spec.name, path, check_problems, mesh, log)
   st = sc.student
   spath = _train(st, tasks.student_prior, sc, tok, train_problems[: len(train_problems) // 2],
                  os.path.join(root, "student"), seed * 100 + 99, mesh, log)
   hashes[st.name] = sha256_file(os.path.join(spath, "model.safetensors"))
+  accuracy = _check(sc, measured, _measure("student", spath, check_problems, mesh, log), root)
   info = {"version": WORLD_VERSION, "scale": scale, "seed": seed, "teachers": teachers,
           "student": {"name": st.name, "path": spath, "family": st.model_type,
                       "params": model_config(st, len(tok), tok).num_params(),
                       "prior": tasks.STUDENT_PRIOR},
           "prompts": prompts_path, "probe": sc.probe, "eval": sc.eval, "hashes": hashes,
+          "accuracy": accuracy,
           "build_seconds": round(time.time() - t0, 1)}
   atomic_write_json(info_path, info)
   return _world(root, info)
+
+
+def _measure(name: str, path: str, problems: list[dict], mesh, log) -> dict:
+  """{kind: greedy accuracy} of the model at `path` on `problems` ({} with no problems)."""
+  if not problems:
+    return {}
+  from persyn_jax.toyworld import check
+  accuracy, _ = check.measure(path, problems, mesh)
+  log(f"[toyworld] {name}: greedy accuracy per kind {accuracy}")
+  return accuracy
+
+
+def _check(sc: Scale, measured: dict, student: dict, root: str) -> dict:
+  """The teachers' measured accuracy per kind beside their design (and the student's); raises
+  check.WorldCheckError when a teacher is off it by more than sc.tolerance (the world is then not
+  cached: world.json is written only after this)."""
+  from persyn_jax.toyworld import check
+  designed = check.designed_for(sc.teachers)
+  if sc.tolerance > 0:
+    check.check_accuracy(measured, designed, sc.tolerance, where=root)
+  return {"problems_per_kind": sc.check, "tolerance": sc.tolerance, "designed": designed,
+          "measured": measured, "student": student}
 
 
 def _world(root: str, info: dict) -> World:

@@ -1,9 +1,19 @@
-"""The toy world's task and its teachers' answer styles (pure Python, no JAX).
+"""The toy world's task, its teachers' answer styles and their designed accuracy (pure Python).
 
 Arithmetic word problems of four kinds, from one-step to two-step. Each teacher is trained on
-solutions in one style; the styles differ in length, in how predictable their wording is for the
-student, and in where they make mistakes, so that the best teacher for the student depends on
-the kind of problem (the point of PerSyn).
+solutions in one style. A style fixes two things, stated here and checked when the world is
+built (build.py measures every teacher against DESIGNED):
+  - how often it is right, per kind (DESIGNED): its mistakes are systematic (a rule on the
+    problem's text), so that a teacher trained on it can learn them and its greedy accuracy is
+    the design, not a coin flip;
+  - the shape of its solution: one-shot answers, short decomposed steps, or long prose.
+The trade-off the world is built around (the paper's): `equation` (the largest teacher) is always
+right but computes a two-step problem in one shot (a + b - c = r: a three-operand fact a small
+student has to learn whole), and `verbose` is always right in long prose; `stepwise` and `sloppy`
+write short steps of two-operand facts a small student can copy, but each is wrong on some
+problems. (A bare one-shot answer, "The answer is r.", was tried first: teachers of this size did
+not learn to read the operands from the prompt in the build's budget, so it was dropped.) Which teacher teaches the student best per kind is measured (the
+teacher study), not designed.
 """
 from __future__ import annotations
 
@@ -69,21 +79,41 @@ def make_problems(n: int, seed: int, kinds=KINDS) -> list[dict]:
 
 # ---- answer styles ------------------------------------------------------------------------------
 
+# stepwise's slips: the last step is off by one when the item is one of these (3 of 12 items), on
+# the kinds in STEPWISE_SLIPS. A rule on a word of the prompt, so a small teacher learns it.
+CARELESS_ITEMS = ("apples", "coins", "cards")
+STEPWISE_SLIPS = ("sub", "two_step")
+
+
 def _steps(ops) -> str:
   return " ".join(f"Step {i + 1}: {a} {op} {b} = {r}." for i, (a, op, b, r) in enumerate(ops))
 
 
-def terse(p: dict, rng: random.Random) -> str:
-  """Only the answer. Two-step problems are answered as if the last step did not exist."""
-  ans = p["ops"][0][3] if p["kind"] == "two_step" else p["ops"][-1][3]
-  return f"The answer is {ans}."
+def _item(p: dict) -> str:
+  return next(w for w in ITEMS if f" {w} " in p["prompt"] or p["prompt"].endswith(f" {w}?"))
+
+
+def equation(p: dict, rng: random.Random) -> str:
+  """The problem as one equation and its value, always right: a two-step problem is computed in
+  one shot (a + b - c = r), with no intermediate result written down."""
+  first = p["ops"][0]
+  expr = f"{first[0]} {first[1]} {first[2]}"
+  for _, op, b, _ in p["ops"][1:]:
+    expr += f" {op} {b}"
+  return f"{expr} = {p['answer']}. The answer is {p['answer']}."
 
 
 def stepwise(p: dict, rng: random.Random) -> str:
-  return f"{_steps(p['ops'])} The answer is {p['answer']}."
+  """Short steps; the last one slips by one on sub and two-step problems about CARELESS_ITEMS."""
+  ops = list(p["ops"])
+  if p["kind"] in STEPWISE_SLIPS and _item(p) in CARELESS_ITEMS:
+    a, op, b, r = ops[-1]
+    ops[-1] = (a, op, b, r + 1)
+  return f"{_steps(ops)} The answer is {ops[-1][3]}."
 
 
 def verbose(p: dict, rng: random.Random) -> str:
+  """Long prose with varied wording, always right."""
   opener = rng.choice(["Let us read the problem carefully.", "Let us think about this slowly.",
                        "We can solve this one piece at a time."])
   parts = [opener]
@@ -96,21 +126,34 @@ def verbose(p: dict, rng: random.Random) -> str:
 
 
 def sloppy(p: dict, rng: random.Random) -> str:
-  """Step by step, but multiplies by adding (a * b is written as a + b)."""
-  ops = [(a, op, b, a + b if op == "*" else r) for a, op, b, r in p["ops"]]
+  """Short steps, but multiplies by adding (a * b is written as a + b); otherwise right."""
+  ops = [(a, "+" if op == "*" else op, b, a + b if op == "*" else r) for a, op, b, r in p["ops"]]
   return f"{_steps(ops)} The answer is {ops[-1][3]}."
 
 
 STYLES: dict[str, Callable[[dict, random.Random], str]] = {
-    "terse": terse, "stepwise": stepwise, "verbose": verbose, "sloppy": sloppy}
+    "equation": equation, "stepwise": stepwise, "verbose": verbose, "sloppy": sloppy}
 
-# The student's prior (its "pretraining" before SFT): step-by-step on one-step add/sub, terse on
-# mul and two-step. Learnability (its log-likelihood of a teacher's answer) follows this prior.
-STUDENT_PRIOR = {"add": "stepwise", "sub": "stepwise", "mul": "terse", "two_step": "verbose"}
+# Each style's accuracy per kind, by construction (tests/test_toyworld.py checks the styles
+# against it on generated problems; build.py checks each trained teacher's greedy accuracy
+# against it, within Scale.tolerance). stepwise: 9 of 12 items are not careless; sloppy on mul:
+# a * b == a + b only for a = b = 2, 1 of the 9 (a, b) pairs.
+DESIGNED: dict[str, dict[str, float]] = {
+    "equation": {"add": 1.0, "sub": 1.0, "mul": 1.0, "two_step": 1.0},
+    "stepwise": {"add": 1.0, "sub": 0.75, "mul": 1.0, "two_step": 0.75},
+    "verbose": {"add": 1.0, "sub": 1.0, "mul": 1.0, "two_step": 1.0},
+    "sloppy": {"add": 1.0, "sub": 1.0, "mul": 1 / 9, "two_step": 1.0},
+}
+
+# The student's prior (its "pretraining" before SFT) is generic: every problem is answered in a
+# style drawn uniformly from all the teachers' styles, whatever its kind. Learnability (its
+# log-likelihood of a teacher's answer) then measures how well a solution fits a small model that
+# has seen every format equally, not which teacher's copy it was given for that kind.
+STUDENT_PRIOR = "uniform over the teachers' styles, for every kind"
 
 
 def student_prior(p: dict, rng: random.Random) -> str:
-  return STYLES[STUDENT_PRIOR[p["kind"]]](p, rng)
+  return STYLES[rng.choice(sorted(STYLES))](p, rng)
 
 
 def corpus_texts(problems: list[dict], seed: int = 0) -> list[str]:
