@@ -53,6 +53,8 @@ def test_the_graph_runs_in_the_documented_order_and_reads_only_earlier_stages():
     ("scoring.alpha=0.9", {"score", "router", "route", "generate", "sft", "eval", "study"}),
     ("sampling.temperature=0.3", set(STAGES)),
     ("records_per_shard=3", set(STAGES)),
+    ("seeds=[0,1]", {"sft", "eval"}),
+    ("sweep.alpha=[0.0,1.0]", set()),  # the sweep's children have keys of their own
 ])
 def test_a_change_reruns_the_stages_that_read_it_and_those_after_them(tmp_path, override, changed):
   """A key is hash(name, keys of the stages read, config read): a config change moves the keys of
