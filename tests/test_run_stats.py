@@ -14,8 +14,8 @@ from persyn_jax.run_config import RunConfig
 from persyn_jax.stages import Run
 from test_pipeline import explicit_config
 
-SETS = ["compare=[persyn,strong]", "seeds=[0,1]", "sweep.alpha=[0.0,0.4]",
-        "sweep.policies=[persyn]", "sft.max_steps=2", "router.epochs=1",
+SETS = ["compare=[persyn,strong,family_strong]", "seeds=[0,1]", "sweep.alpha=[0.0,0.4]",
+        "sweep.policies=[persyn]", "sft.max_steps=2", "sft.batch_size=2", "router.epochs=1",
         "sampling.max_new_tokens=16", "eval.sampling.max_new_tokens=16"]
 
 
@@ -28,7 +28,10 @@ def without_seconds(x):
 
 @pytest.fixture(scope="module")
 def seeded_run(tiny_world, tmp_path_factory):
-  cfg = explicit_config(tiny_world, tmp_path_factory.mktemp("seeded"), sets=SETS)
+  # strong and family_strong pinned to one teacher: two policies with the same examples
+  same = next(n for n, _, f in tiny_world.teachers if f == tiny_world.student[2])
+  cfg = explicit_config(tiny_world, tmp_path_factory.mktemp("seeded"),
+                        sets=SETS + [f"policies.strong={same}", f"policies.family_strong={same}"])
   assert cfg.scoring.alpha == 0.4  # the sweep's 0.4 is the main run's own
   logs = []
   report = Run(cfg, log=logs.append).run()
@@ -52,6 +55,28 @@ def test_each_policy_and_seed_is_its_own_student_with_its_own_data_order(seeded_
   loss = {k: loss_curve(os.path.join(d, "sft", "persyn", f"seed{k}", "metrics.jsonl"))
           for k in cfg.seeds}
   assert loss[0] and loss[1] and loss[0] != loss[1]
+
+
+def test_policies_with_the_same_examples_share_one_student(seeded_run):
+  """family_strong's examples are strong's (one teacher): its students are not trained again, and
+  scoring strong's student again under family_strong's name gives the same answers."""
+  cfg, report, _ = seeded_run
+  d = report["run_dir"]
+  ev = json.load(open(os.path.join(d, "eval", "eval.json")))
+  for k in cfg.seeds:
+    twin = json.load(open(os.path.join(d, "sft", "family_strong", f"seed{k}", "DONE.json")))
+    own = json.load(open(os.path.join(d, "sft", "strong", f"seed{k}", "DONE.json")))
+    assert twin["same_as"] == "strong" and "same_as" not in own
+    assert twin["export_dir"] == own["export_dir"]
+    assert not os.path.exists(os.path.join(d, "sft", "family_strong", f"seed{k}", "student"))
+    assert ev["family_strong"]["seeds"][f"seed{k}"]["correct"] == \
+        ev["strong"]["seeds"][f"seed{k}"]["correct"]
+    gens = [open(os.path.join(d, "eval", p, f"seed{k}", "generations.jsonl")).read()
+            for p in ("strong", "family_strong")]
+    responses = [[json.loads(x)["response"] for x in g.splitlines()] for g in gens]
+    assert responses[0] == responses[1] and len(responses[0]) == report["prompts"]["eval"]
+  # persyn's examples differ from strong's: its own students
+  assert "same_as" not in json.load(open(os.path.join(d, "sft", "persyn", "seed0", "DONE.json")))
 
 
 def test_the_report_intervals_are_those_of_the_per_problem_correctness_in_eval_json(seeded_run):

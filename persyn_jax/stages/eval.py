@@ -5,10 +5,10 @@ bootstrap reads it); a student already scored (its result.json) is not evaluated
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from persyn_jax import evaluate as ev
+from persyn_jax import fs
 from persyn_jax import sharding as shd
 from persyn_jax.io_utils import safe_name
 from persyn_jax.metrics import progress
@@ -35,30 +35,40 @@ def run(ctx: Context) -> dict:
     raise ValueError("eval: no held-out prompts (set prompts.eval) and no eval.benchmarks")
   # read before any model is loaded: a bad file fails now, naming it
   benchmarks = {b.name: (b, ev.read_benchmark(b.format, b.path)) for b in c.benchmarks}
-  # (name, seed, model dir, output dir): greedy decoding needs no seed for the base student
+  # (name, seed, model dir, output dir's parts in the run dir); greedy decoding needs no seed
+  # for the base student
   students = []
   if c.base_student:
-    students.append(("base_student", None, cfg.student.path, ctx.path("eval", "base_student")))
+    students.append(("base_student", None, cfg.student.path, ("eval", "base_student")))
   for policy in cfg.compare:
     for seed in seeds(cfg):
-      students.append((policy, seed, os.path.join(student_dir(ctx, policy, seed), "student"),
-                       ctx.path("eval", safe_name(policy),
-                                *([] if seed is None else [f"seed{seed}"]))))
-  per_student = {}
-  for name, seed, path, out_dir in students:
-    done = os.path.join(out_dir, "result.json")
-    if os.path.exists(done):
-      res = json.load(open(done))
+      students.append((policy, seed, fs.join(student_dir(ctx, policy, seed), "student"),
+                       ("eval", safe_name(policy), *([] if seed is None else [f"seed{seed}"]))))
+  per_student: dict = {}
+  for name, seed, path, parts in students:
+    out_dir, done = ctx.path(*parts), ctx.path(*parts, "result.json")
+    twin = None if name == "base_student" else sft_summary(ctx, name, seed).get("same_as")
+    if twin is not None:  # trained on the same examples as twin's (sft): twin's student,
+      path = fs.join(student_dir(ctx, twin, seed), "student")  # scored and exported here again
+    if fs.exists(done):
+      res = json.loads(fs.read_bytes(done))
     else:
       res = evaluate_one(ctx, name if seed is None else f"{name}-seed{seed}", path, out_dir,
                          prompts, benchmarks)
-      ctx.write_json(res, os.path.relpath(done, ctx.dir))
+      if twin is not None:
+        res["same_as"] = twin
+      ctx.write_json(res, *parts, "result.json")
     ctx.log(f"[eval] {name}{'' if seed is None else f' seed {seed}'}: "
-            f"{res.get('score', float('nan')):.3f}")
+            f"{res.get('score', float('nan')):.3f}" + (f" (the student of {twin})" if twin else ""))
     per_student.setdefault(name, {})[seed] = res
   out = {name: combine(by_seed) for name, by_seed in per_student.items()}
   ctx.write_json(out, "eval", "eval.json")
   return out
+
+
+def sft_summary(ctx: Context, policy: str, seed: int | None) -> dict:
+  """The sft stage's DONE.json of (`policy`, `seed`)."""
+  return json.loads(fs.read_bytes(fs.join(student_dir(ctx, policy, seed), "DONE.json")))
 
 
 def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benchmarks) -> dict:
@@ -86,7 +96,7 @@ def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benc
     rows = [{**x, "response": t} for x, t in zip(items, texts)]
     paths = {}
     if ctx.is_writer():
-      paths = ev.export(rows, model_name, os.path.join(out_dir, "benchmarks", safe_name(bname)),
+      paths = ev.export(rows, model_name, fs.join(out_dir, "benchmarks", safe_name(bname)),
                         [b.format])
     out.setdefault("benchmarks", {})[bname] = {"n": len(rows), "format": b.format,
                                                "file": paths.get(b.format)}

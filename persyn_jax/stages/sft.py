@@ -2,6 +2,10 @@
 with sft.seed = the seed (its data order): sft/<policy>/seed<k>/, or sft/<policy>/ when the run
 lists no seeds. Each student resumes on its own (its DONE.json, its checkpoints).
 
+Two policies whose datasets hold the same examples in the same order (car or family_strong often
+pick the strong teacher) train the same student: the later one is not trained again; its
+DONE.json names the student it shares (`same_as`) and the eval stage scores that student once.
+
 With a gs:// run directory a student trains in a local working directory (fs.work_dir: its
 checkpoints, metrics and exported student), uploaded to its run directory once trained and before
 its DONE.json; a run resumed on the same machine continues from the local checkpoints."""
@@ -9,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 
 from persyn_jax import fs, sft
-from persyn_jax.data.batches import epoch_batches
+from persyn_jax.data.batches import epoch_batches, record_dataset
 from persyn_jax.io_utils import safe_name
 from persyn_jax.report.assemble import loss_curve
 from persyn_jax.stages.context import Context
@@ -34,17 +39,42 @@ def student_dir(ctx: Context, policy: str, seed: int | None) -> str:
   return ctx.path(*student_parts(policy, seed))
 
 
+def examples_key(data_dir: str) -> str:
+  """A hash of a dataset's training examples (prompt or messages, response) in record order:
+  what SFT reads of it (not provenance, nor which policy wrote it)."""
+  h = hashlib.sha256()
+  for r in record_dataset(data_dir):
+    h.update(json.dumps([r.get("messages") or r["prompt"], r.get("response")]).encode() + b"\n")
+  return h.hexdigest()
+
+
 def run(ctx: Context) -> dict:
   cfg = ctx.cfg
   out = {}
+  first_with: dict[str, str] = {}  # examples key -> the first policy with those examples
+  trained: dict[tuple, dict] = {}   # (policy, seed) -> summary, in memory (no file race)
   for policy in cfg.compare:
+    key = examples_key(ctx.path("data", safe_name(policy)))
+    twin = first_with.setdefault(key, policy)
     for seed in seeds(cfg):
-      summary = train_one(ctx, policy, seed)
+      summary = (train_one(ctx, policy, seed) if twin == policy else
+                 share_student(ctx, policy, twin, seed, trained[twin, seed]))
+      trained[policy, seed] = summary
       if seed is None:
         out[policy] = summary
       else:
         out.setdefault(policy, {})[f"seed{seed}"] = summary
   return out
+
+
+def share_student(ctx: Context, policy: str, twin: str, seed: int | None, twins: dict) -> dict:
+  """The student of (`policy`, `seed`) is that of (`twin`, `seed`) (summary `twins`), trained on
+  the same examples: its summary with `same_as`, written as this policy's DONE.json."""
+  summary = {**twins, "same_as": twin}
+  ctx.log(f"[sft] {policy}{'' if seed is None else f' seed {seed}'}: the same examples as "
+          f"{twin}, so the same student (not trained again)")
+  ctx.write_json(summary, *student_parts(policy, seed), "DONE.json")
+  return summary
 
 
 def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
