@@ -172,7 +172,8 @@ def test_no_weight_decay_on_norms_and_biases(model_dir):
   m, _ = from_pretrained(path, dtype="float32", tokenizer=False)
   session = make_session(m, cfg(), one_device(), 1)
   mask = decay_mask(session.init_params)
-  assert mask["model/layers/0/attn/q/w"] and mask["model/embed"] and mask["lm_head"]
-  assert not mask["model/layers/0/attn/q_bias/b"]  # 2-D ([heads, head_dim]) but a bias
-  assert not mask["model/layers/0/mlp/up_bias/b"] and not mask["model/final_norm/scale"]
-  assert not mask["model/layers/1/attn_norm/scale"]
+  # the decoder blocks are stacked over layers: one [layers, ...] array per parameter
+  assert mask["model/layers/attn/q/w"] and mask["model/embed"] and mask["lm_head"]
+  assert not mask["model/layers/attn/q_bias/b"]  # 3-D ([layers, heads, head_dim]) but a bias
+  assert not mask["model/layers/mlp/up_bias/b"] and not mask["model/final_norm/scale"]
+  assert not mask["model/layers/attn_norm/scale"]  # 2-D ([layers, width]) but a norm

@@ -203,9 +203,11 @@ class Attention(nnx.Module):
       k_new, v_new = k.astype(kv["k"].dtype), v.astype(kv["v"].dtype)
       kv = {"k": write_layer(kv["k"], layer, k_new, end),
             "v": write_layer(kv["v"], layer, v_new, end)}
-      kc, vc = kv["k"][layer], kv["v"][layer]
-      S = kc.shape[1]
-      full = lambda: attend(q, kc.astype(x.dtype), vc.astype(x.dtype), slots(S), k_seg)
+      S = kv["k"].shape[2]
+      # this layer's slice is read inside the branch that attends over the cache, so a prefill
+      # (the other branch) reads nothing of it
+      full = lambda: attend(q, kv["k"][layer].astype(x.dtype), kv["v"][layer].astype(x.dtype),
+                            slots(S), k_seg)
       if x.shape[1] == 1:
         out = full()
       else:

@@ -38,9 +38,7 @@ class SFTConfig:
   param_dtype: str = "float32"  # master weights of the trained parameters
   z_loss: float = 0.0  # coefficient of mean(logsumexp^2) over response tokens; 0 = off
   loss_chunk: int = 0  # > 0: logits computed (and recomputed in backward) this many tokens at a time
-  # rematerialization of the scanned decoder block in the backward pass: "full" keeps only each
-  # block's input, "dots" also the matmul outputs, "dots_no_batch" those without batch dims
-  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # recompute each scanned block in backward (SFT.md)
   # checkpoints, eval, logs
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
