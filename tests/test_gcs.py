@@ -115,6 +115,30 @@ def test_local_dir_copies_a_remote_directory(gdir, tmp_path):
   assert fs.local_dir(fs.join(gdir, "model")) == local  # same version: no new copy
 
 
+def test_run_lock_note_on_gcs(gdir):
+  import json
+  import socket
+
+  from persyn_jax.stages.lock import RunLock, RunLockedError, prepare_run_dir
+  prepare_run_dir(gdir)
+  note = fs.join(gdir, ".lock")
+  logs = []
+  # a live process of this host holds the note: refused, naming it
+  io.atomic_write_json(note, {"pid": os.getppid(), "host": socket.gethostname(), "started": "t0"})
+  with pytest.raises(RunLockedError, match=f"pid {os.getppid()} on this host"):
+    RunLock(gdir, logs.append).acquire()
+  # another host's note cannot be checked: taken over, with a warning in the log
+  io.atomic_write_json(note, {"pid": 1, "host": "elsewhere", "started": "t0"})
+  with RunLock(gdir, logs.append):
+    assert json.loads(fs.read_bytes(note))["pid"] == os.getpid()
+  assert not fs.exists(note)  # released: the note is gone
+  assert "on another host: whether it still runs cannot be told on gs://" in logs[-1]
+  # an object where the run directory should be
+  io.atomic_write_text(fs.join(gdir, "file"), "x")
+  with pytest.raises(Exception, match="is an object, not a directory"):
+    prepare_run_dir(fs.join(gdir, "file"))
+
+
 def _recs(n):
   return [shards.rec.make(f"r{i}", f"prompt {i}", teacher="T", response=f"answer {i}", sample=0)
           for i in range(n)]
