@@ -243,6 +243,7 @@ def untimed(x):
   return [untimed(v) for v in x] if isinstance(x, list) else x
 
 
+@pytest.mark.slow
 def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_path):
   import json
 
@@ -299,3 +300,4 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
     assert untimed(json.loads(x)["counts"]) == untimed(json.loads(y)["counts"]), stage
   report = json.loads(fs.read_bytes(fs.join(run, "report", "report.json")))
   assert report["run_dir"] == run
+  assert report["plots"]["eval"] == f"{run}/report/eval.png" and fs.exists(report["plots"]["eval"])
