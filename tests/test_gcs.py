@@ -86,7 +86,8 @@ def test_fs_round_trip(gdir, tmp_path):
     fs.getsize(fs.join(gdir, "nothing"))
   with pytest.raises(FileNotFoundError):
     fs.listdir(fs.join(gdir, "nothing"))
-  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(_local(tmp_path, b"replaced"))
+  ref = _local(tmp_path, b"replaced")
+  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(ref)
   # a local copy of a remote file follows its versions
   c = fs.join(gdir, "moved", "c.json")
   first = fs.local_copy(c)
@@ -262,7 +263,8 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
   logs.mkdir()
   killed = []
   with faults.Launcher(env) as la:
-    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache), log=str(logs / "clean"))
+    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache),
+                   log=str(logs / "clean"))
     assert la.wait(pid) == 0, (logs / "clean").read_text()[-3000:]
     for i, (stage, spec) in enumerate(KILLS):
       log = logs / f"launch-{i}"

@@ -212,7 +212,8 @@ def _write_shard(out_dir, stage, k, count, rows, prompts, entries, teacher, prov
 def _totals(out_dir: str, stage: str, count: int) -> dict:
   totals: dict[str, Any] = {}
   for k in range(count):
-    with fs.open(fs.join(out_dir, shards.shard_name(stage, 0, k, count) + ".stats.json"), "rb") as f:
+    stats = fs.join(out_dir, shards.shard_name(stage, 0, k, count) + ".stats.json")
+    with fs.open(stats, "rb") as f:
       for key, v in json.loads(f.read()).items():
         totals[key] = totals.get(key, [] if isinstance(v, list) else 0) + v
   return totals

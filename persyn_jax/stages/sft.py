@@ -9,6 +9,8 @@ import dataclasses
 import gc
 import json
 
+import jax
+
 from persyn_jax import fs, sft
 from persyn_jax.data.batches import epoch_batches
 from persyn_jax.io_utils import safe_name
@@ -35,6 +37,11 @@ def run(ctx: Context) -> dict:
     batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
     ctx.log(f"[sft] {policy}: {per_epoch} batches per epoch")
     work = fs.work_dir(d)
+    if work != d and jax.process_count() > 1:
+      # orbax needs one checkpoint directory that every process sees; working dirs are per host
+      raise ValueError(f"{d}: SFT into a gs:// run directory runs on one process only (its "
+                       f"checkpoints are kept on the machine until the policy is trained); run "
+                       f"the sft stage with one process, or use a shared filesystem run dir")
     res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
                     wandb=cfg.wandb, run_name=f"{cfg.name}-{policy}")
     final_loss = res.losses.get(res.step)
@@ -42,7 +49,8 @@ def run(ctx: Context) -> dict:
       final_loss = dict(loss_curve(res.metrics_path)).get(res.step)
     if work != d and ctx.is_writer():
       fs.put(work, d)
-    in_run = lambda p: p if work == d or not p else fs.join(d, p[len(work):].lstrip("/"))  # noqa: E731
+    in_run = lambda p: (p if work == d or not p  # noqa: E731
+                        else fs.join(d, p[len(work):].lstrip("/")))
     summary = {"steps": res.step, "final_loss": final_loss,
                "export_dir": in_run(res.export_dir), "metrics": in_run(res.metrics_path)}
     ctx.write_json(summary, "sft", safe_name(policy), "DONE.json")
