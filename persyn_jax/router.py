@@ -284,7 +284,7 @@ class Router:
 
   @classmethod
   def load(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> "Router":
-    path = os.path.abspath(path)
+    path = fs.local_dir(path) if fs.is_remote(path) else os.path.abspath(path)  # gs://: a copy
     meta = read_json(os.path.join(path, "router.json"))
     config = cfglib.from_dict(RouterConfig, meta["config"], where=f"{path}/router.json:config")
     bcfg = config_from_hf(read_json(os.path.join(path, "backbone_config.json")),
