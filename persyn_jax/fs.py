@@ -1,8 +1,9 @@
 """Local paths and gs:// URLs behind one small set of file operations.
 
-A path with a scheme (`gs://bucket/dir/file`; any fsspec protocol works the same way) goes to
-fsspec (gcsfs for gs://, an optional dependency: `pip install persyn-jax[gcs]`); any other path is
-a local one and keeps the plain os / shutil calls (the tests patch those to inject faults).
+A path with a scheme (`gs://bucket/dir/file`) goes to fsspec: gcsfs for gs://, an optional
+dependency (`pip install persyn-jax[gcs]`); other fsspec protocols are passed through the same
+way, untested. Any other path is a local one and keeps the plain os / shutil calls (the tests
+patch those to inject faults).
 
 An object store has no rename and no directory: an object write is all-or-nothing (a reader sees
 the old object or the new one, never a part), `rename` is a copy then a delete (not atomic),
@@ -30,7 +31,7 @@ _FS: dict[tuple, object] = {}
 
 def is_remote(path) -> bool:
   """Whether `path` is a URL (`gs://...`) rather than a local path."""
-  return "://" in os.fspath(path) and not os.fspath(path).startswith("file://")
+  return "://" in os.fspath(path)
 
 
 def filesystem(path: str):
@@ -44,7 +45,8 @@ def filesystem(path: str):
       try:  # the core filesystem: the experimental one probes buckets over gRPC first
         from gcsfs.core import GCSFileSystem
       except ImportError:
-        raise ImportError(f"{path}: gs:// paths need gcsfs (pip install 'persyn-jax[gcs]')") from None
+        raise ImportError(f"{path}: gs:// paths need gcsfs (pip install "
+                          "'persyn-jax[gcs]')") from None
       # listings are never cached: other hosts and earlier runs change the bucket under us
       _FS[key] = GCSFileSystem(token="anon" if emulator else None, cache_timeout=0,
                                skip_instance_cache=True)
@@ -262,8 +264,8 @@ def work_dir(path: str) -> str:
 @contextlib.contextmanager
 def staged_dir(path: str) -> Iterator[str]:
   """`with staged_dir(path) as d:` write a directory with libraries that need a local one: for a
-  remote `path`, `d` is a fresh local directory uploaded to `path` (process 0 only) when the
-  block ends without an error; for a local `path`, `d` is `path`."""
+  remote `path`, `d` is a fresh local directory that replaces `path` (uploaded by process 0)
+  when the block ends without an error; for a local `path`, `d` is `path`."""
   if not is_remote(path):
     yield path
     return

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from persyn_jax import config as cfglib
+from persyn_jax import fs
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.checkpoints import abstract, restore_tree, save_tree
@@ -268,21 +269,22 @@ class Router:
   def save(self, path: str) -> None:
     """Orbax state + router.json (teachers, config, route token) + the backbone's config and
     tokenizer: a self-contained directory (the backbone's HF weights are not needed to load)."""
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    save_tree(os.path.join(path, "state"), nnx.to_pure_dict(nnx.state(self.model)))
+    path = fs.abspath(path)  # a gs:// path: orbax writes the state there itself
+    fs.makedirs(path)
+    save_tree(fs.join(path, "state"), nnx.to_pure_dict(nnx.state(self.model)))
     if jax.process_index() != 0:  # the orbax save above is collective; the rest is written once
       return
-    self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    atomic_write_json(os.path.join(path, "backbone_config.json"),
+    with fs.staged_dir(fs.join(path, "tokenizer")) as tok_dir:  # transformers writes local files
+      self.tokenizer.save_pretrained(tok_dir)
+    atomic_write_json(fs.join(path, "backbone_config.json"),
                       config_to_hf(self.model.backbone.cfg), sort_keys=True)
-    atomic_write_json(os.path.join(path, "router.json"), {
+    atomic_write_json(fs.join(path, "router.json"), {
         "format": 1, "teachers": self.teachers, "route_token_id": self.route_token_id,
         "config": cfglib.to_dict(self.config)}, sort_keys=True)
 
   @classmethod
   def load(cls, path: str, *, mesh: jax.sharding.Mesh | None = None) -> "Router":
-    path = os.path.abspath(path)
+    path = fs.local_dir(path) if fs.is_remote(path) else os.path.abspath(path)  # gs://: a copy
     meta = read_json(os.path.join(path, "router.json"))
     config = cfglib.from_dict(RouterConfig, meta["config"], where=f"{path}/router.json:config")
     bcfg = config_from_hf(read_json(os.path.join(path, "backbone_config.json")),

@@ -3,6 +3,7 @@ per device, tokens) before any weights are downloaded. A local directory's own c
 wins over this table."""
 from __future__ import annotations
 
+import json
 import os
 
 from persyn_jax.models.config import ModelConfig
@@ -75,6 +76,11 @@ ZOO: dict[str, dict] = {
 
 def architecture(path_or_id: str) -> ModelConfig:
   """The ModelConfig of a local HF directory (its config.json), else of a known hub id."""
+  from persyn_jax import fs
+  if fs.is_remote(path_or_id):  # a gs:// model directory: its config.json, read from the bucket
+    cfg_path = fs.join(path_or_id, "config.json")
+    if fs.exists(cfg_path):
+      return config_from_hf(json.loads(fs.read_bytes(cfg_path)), source=cfg_path)
   cfg_path = os.path.join(path_or_id, "config.json")
   if os.path.exists(cfg_path):
     return config_from_hf(read_json(cfg_path), source=cfg_path)

@@ -42,15 +42,18 @@ def gcs():
         proc.kill()
         raise RuntimeError("gcp-storage-emulator did not start")
       time.sleep(0.1)
-  old = os.environ.get("STORAGE_EMULATOR_HOST")
-  os.environ["STORAGE_EMULATOR_HOST"] = host
+  # gcsfs reads the first, tensorstore (orbax's gs:// writer) the second
+  names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+  old = {k: os.environ.get(k) for k in names}
+  os.environ.update({k: host for k in names})
   try:
     yield f"gs://{BUCKET}"
   finally:
-    if old is None:
-      os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-      os.environ["STORAGE_EMULATOR_HOST"] = old
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
     proc.terminate()
     proc.wait(10)
 
@@ -83,7 +86,8 @@ def test_fs_round_trip(gdir, tmp_path):
     fs.getsize(fs.join(gdir, "nothing"))
   with pytest.raises(FileNotFoundError):
     fs.listdir(fs.join(gdir, "nothing"))
-  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(_local(tmp_path, b"replaced"))
+  ref = _local(tmp_path, b"replaced")
+  assert io.sha256_file(fs.join(gdir, "moved", "c.json")) == io.sha256_file(ref)
   # a local copy of a remote file follows its versions
   c = fs.join(gdir, "moved", "c.json")
   first = fs.local_copy(c)
@@ -113,6 +117,49 @@ def test_local_dir_copies_a_remote_directory(gdir, tmp_path):
   assert open(os.path.join(local, "tok", "vocab.txt")).read() == "a\nb\n"
   assert sorted(os.listdir(local)) == ["config.json", "tok"]
   assert fs.local_dir(fs.join(gdir, "model")) == local  # same version: no new copy
+
+
+def test_orbax_trees_and_checkpoints_on_gcs(gdir):
+  import jax.numpy as jnp
+  import numpy as np
+
+  from persyn_jax.checkpoints import CheckpointManager, restore_tree, save_tree
+  tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": {"x": jnp.ones(3, jnp.int32)}}
+  save_tree(fs.join(gdir, "tree"), tree)
+  back = restore_tree(fs.join(gdir, "tree"), tree)
+  assert np.array_equal(back["w"], tree["w"]) and np.array_equal(back["b"]["x"], tree["b"]["x"])
+  mgr = CheckpointManager(fs.join(gdir, "ckpt"), keep=1, async_save=False)
+  for step in (1, 2):
+    mgr.save(step, {"w": tree["w"] * step}, {"step": step})
+  mgr.wait()
+  state, meta, step = mgr.restore({"w": tree["w"]})
+  mgr.close()
+  assert step == 2 and meta == {"step": 2} and np.array_equal(state["w"], tree["w"] * 2)
+  assert "2" in fs.listdir(fs.join(gdir, "ckpt")) and "1" not in fs.listdir(fs.join(gdir, "ckpt"))
+
+
+def test_run_lock_note_on_gcs(gdir):
+  import json
+  import socket
+
+  from persyn_jax.stages.lock import RunLock, RunLockedError, prepare_run_dir
+  prepare_run_dir(gdir)
+  note = fs.join(gdir, ".lock")
+  logs = []
+  # a live process of this host holds the note: refused, naming it
+  io.atomic_write_json(note, {"pid": os.getppid(), "host": socket.gethostname(), "started": "t0"})
+  with pytest.raises(RunLockedError, match=f"pid {os.getppid()} on this host"):
+    RunLock(gdir, logs.append).acquire()
+  # another host's note cannot be checked: taken over, with a warning in the log
+  io.atomic_write_json(note, {"pid": 1, "host": "elsewhere", "started": "t0"})
+  with RunLock(gdir, logs.append):
+    assert json.loads(fs.read_bytes(note))["pid"] == os.getpid()
+  assert not fs.exists(note)  # released: the note is gone
+  assert "on another host: whether it still runs cannot be told on gs://" in logs[-1]
+  # an object where the run directory should be
+  io.atomic_write_text(fs.join(gdir, "file"), "x")
+  with pytest.raises(Exception, match="is an object, not a directory"):
+    prepare_run_dir(fs.join(gdir, "file"))
 
 
 def _recs(n):
@@ -197,6 +244,7 @@ def untimed(x):
   return [untimed(v) for v in x] if isinstance(x, list) else x
 
 
+@pytest.mark.slow
 def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_path):
   import json
 
@@ -215,7 +263,8 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
   logs.mkdir()
   killed = []
   with faults.Launcher(env) as la:
-    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache), log=str(logs / "clean"))
+    pid = la.start("persyn_jax.train", run_args(clean, STAGES, local_cache),
+                   log=str(logs / "clean"))
     assert la.wait(pid) == 0, (logs / "clean").read_text()[-3000:]
     for i, (stage, spec) in enumerate(KILLS):
       log = logs / f"launch-{i}"
@@ -253,3 +302,4 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
     assert untimed(json.loads(x)["counts"]) == untimed(json.loads(y)["counts"]), stage
   report = json.loads(fs.read_bytes(fs.join(run, "report", "report.json")))
   assert report["run_dir"] == run
+  assert report["plots"]["eval"] == f"{run}/report/eval.png" and fs.exists(report["plots"]["eval"])

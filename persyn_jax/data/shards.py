@@ -322,7 +322,8 @@ def read_records(out_dir: str, stage: str, check_hash: bool = True) -> Iterator[
 def shard_paths(out_dir: str, stage: str, check_hash: bool = True) -> list[str]:
   """Verified shard paths of a stage, in shard order (for grain's ArrayRecordDataSource); local
   copies of the shards of a remote `out_dir`."""
-  return [fs.local_copy(fs.join(out_dir, s["file"])) for s in verify_shards(out_dir, stage, check_hash)]
+  return [fs.local_copy(fs.join(out_dir, s["file"]))
+          for s in verify_shards(out_dir, stage, check_hash)]
 
 
 def write_stage_records(out_dir: str, stage: str, records: Sequence[Mapping[str, Any]], *,

@@ -218,7 +218,7 @@ def iter_rows(cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
   """(where, row) for every row of every input."""
   for path, fmt in source_files(cfg):
     if fs.is_remote(path):
-      path = fs.local_copy(path) if fmt in ("jsonl", "json") or fs.isfile(path) else fs.local_dir(path)
+      path = fs.local_copy(path) if fs.isfile(path) else fs.local_dir(path)
     if fmt == "jsonl":
       yield from _read_jsonl(path)
     elif fmt == "json":

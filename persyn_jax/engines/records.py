@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+from persyn_jax import fs
 from persyn_jax.config import config_hash, to_dict
 from persyn_jax.data import shards
 from persyn_jax.engines.openai import (Client, EngineError, OpenAIEngineConfig, public_url,
@@ -50,7 +51,9 @@ def _ids_hash(items: Sequence[Mapping[str, Any]]) -> str:
 
 
 def progress_path(out_dir: str, stage: str) -> str:
-  return os.path.join(out_dir, f"{stage}.progress.jsonl")
+  """The stage's append-only progress file; for a gs:// `out_dir` (objects cannot be appended
+  to) in this machine's local working directory for it (fs.work_dir)."""
+  return os.path.join(fs.work_dir(out_dir), f"{stage}.progress.jsonl")
 
 
 def _answer(client: Client, i: int, item: Mapping[str, Any], sampling: SamplingConfig,
@@ -183,13 +186,13 @@ def _write_shard(out_dir, stage, k, count, rows, prompts, entries, teacher, prov
   """Shard k from the progress entries; kept when an earlier build wrote the same one."""
   stats = _stats([(prompts[i], entries.get(i)) for i in rows])
   name = shards.shard_name(stage, 0, k, count)
-  stats_path = os.path.join(out_dir, name + ".stats.json")
+  stats_path = fs.join(out_dir, name + ".stats.json")
   try:
-    with open(stats_path) as f:
-      same = json.load(f) == stats
+    with fs.open(stats_path, "rb") as f:
+      same = json.loads(f.read()) == stats
   except (OSError, ValueError):
     same = False
-  if same and shards.shard_is_complete(os.path.join(out_dir, name)):
+  if same and shards.shard_is_complete(fs.join(out_dir, name)):
     return
   out = []
   for i in rows:
@@ -209,8 +212,9 @@ def _write_shard(out_dir, stage, k, count, rows, prompts, entries, teacher, prov
 def _totals(out_dir: str, stage: str, count: int) -> dict:
   totals: dict[str, Any] = {}
   for k in range(count):
-    with open(os.path.join(out_dir, shards.shard_name(stage, 0, k, count) + ".stats.json")) as f:
-      for key, v in json.load(f).items():
+    stats = fs.join(out_dir, shards.shard_name(stage, 0, k, count) + ".stats.json")
+    with fs.open(stats, "rb") as f:
+      for key, v in json.loads(f.read()).items():
         totals[key] = totals.get(key, [] if isinstance(v, list) else 0) + v
   return totals
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from persyn_jax import evaluate as ev
-from persyn_jax import fs
 from persyn_jax import policies as pol
 from persyn_jax.data import shards
 from persyn_jax.metrics import progress
@@ -20,8 +19,7 @@ def run(ctx: Context) -> dict:
   cfg = ctx.cfg
   p = ctx.prompts()
   rest = p["rest"]
-  router = Router.load(fs.local_dir(ctx.path("router", "checkpoint")),
-                       mesh=ctx.mesh_for(cfg.router.mesh))
+  router = Router.load(ctx.path("router", "checkpoint"), mesh=ctx.mesh_for(cfg.router.mesh))
   names, parts = [], [np.zeros((0, len(ctx.teachers)), np.float32)]
   # routed a chunk at a time, for the progress bar; each chunk is still batched by length
   with progress(len(rest), "route", unit="prompt") as bar:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from persyn_jax import evaluate as ev
-from persyn_jax import fs
 from persyn_jax.router_train import fit_router
 from persyn_jax.stages.context import Context
 from persyn_jax.stages.graph import Stage
@@ -14,8 +13,7 @@ def run(ctx: Context) -> dict:
   prompts = [ev.prompt_of(by_id[i]) for i in table.ids]
   router, report = fit_router(ctx.cfg.router, prompts, table.reward, ctx.teachers,
                               mesh=ctx.mesh_for(ctx.cfg.router.mesh), log=None)
-  with fs.staged_dir(ctx.path("router", "checkpoint")) as local:  # a local dir, uploaded after
-    router.save(local)
+  router.save(ctx.path("router", "checkpoint"))
   ctx.write_json(report, "router", "router_eval.json")
   return {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
 

@@ -199,6 +199,13 @@ class Run:
         return here if parts[:1] == ("report",) or os.path.isfile(here) else self.path(*parts)
       ctx.path = path
       report = write_run_report(ctx, manifests)
+      for name in ("report.json", "report.md"):  # the plots' paths: where they are uploaded
+        p = os.path.join(local, "report", name)
+        with open(p, encoding="utf-8") as f:
+          text = f.read().replace(local, self.dir)
+        with open(p, "w", encoding="utf-8") as f:
+          f.write(text)
+      report = json.loads(json.dumps(report).replace(local, self.dir))
       fs.rmtree(self.path("report"))
       fs.put(os.path.join(local, "report"), self.path("report"))
     finally:

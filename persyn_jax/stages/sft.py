@@ -16,6 +16,8 @@ import gc
 import hashlib
 import json
 
+import jax
+
 from persyn_jax import fs, sft
 from persyn_jax.data.batches import epoch_batches, record_dataset
 from persyn_jax.io_utils import safe_name
@@ -95,6 +97,11 @@ def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
   ctx.log(f"[sft] {label}: {per_epoch} batches per epoch")
   run_name = f"{cfg.name}-{policy}" + ("" if seed is None else f"-seed{seed}")
   work = fs.work_dir(d)
+  if work != d and jax.process_count() > 1:
+    # orbax needs one checkpoint directory that every process sees; working dirs are per host
+    raise ValueError(f"{d}: SFT into a gs:// run directory runs on one process only (its "
+                     f"checkpoints are kept on the machine until the student is trained); run "
+                     f"the sft stage with one process, or use a shared filesystem run dir")
   res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
                   wandb=cfg.wandb, run_name=run_name)
   final_loss = res.losses.get(res.step)
