@@ -152,6 +152,17 @@ def rename(src: str, dst: str) -> None:
   fs.rm(src, recursive=recursive)
 
 
+def copytree(src: str, dst: str) -> None:
+  """A copy of directory `src` at `dst` (which must not exist): hard links between local paths
+  (the copy costs no space; the files are never written in place), an object copy on a store."""
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copytree(src, dst, copy_function=os.link)
+    return
+  if is_remote(src) != is_remote(dst):
+    raise ValueError(f"copytree {src} -> {dst}: both local or both remote")
+  filesystem(src).copy(src.rstrip("/") + "/", dst.rstrip("/"), recursive=True)
+
+
 def open(path: str, mode: str = "r", **kw) -> IO:  # noqa: A001  (the builtin, for any path)
   if not is_remote(path):
     import builtins

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from persyn_jax import distributed as dist
 from persyn_jax import evaluate as ev
+from persyn_jax import fs
 from persyn_jax import sharding as shd
 from persyn_jax import sft
 from persyn_jax.data import shards
@@ -146,11 +147,17 @@ def _train(ctx: Context, teacher: str, records: list[dict]) -> str:
   model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
   batches, per_epoch = epoch_batches(data, tok, c)
   ctx.log(f"[study] {teacher}: {len(records)} probe answers, {per_epoch} batches per epoch")
-  res = sft.train(model, tok, batches, c, out_dir=d, mesh=mesh, num_batches=per_epoch,
+  work = fs.work_dir(d)  # a local working dir under a gs:// run dir, uploaded when trained
+  res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
                   run_name=f"{cfg.name}-study-{teacher}")
   del model
   gc.collect()
-  return res.export_dir
+  if work == d:
+    return res.export_dir
+  if ctx.is_writer():
+    fs.put(work, d)
+  dist.barrier(f"study:{teacher}:uploaded")
+  return fs.join(d, res.export_dir[len(work):].lstrip("/"))
 
 
 def run(ctx: Context) -> dict:
@@ -169,7 +176,7 @@ def run(ctx: Context) -> dict:
     raise ValueError("study.enabled needs held-out prompts (prompts.eval > 0)")
   category = _categories(p["probe"] + held, c.category_field)
   done_path = ctx.path("study", "students.json")
-  acc = json.load(open(done_path)) if os.path.exists(done_path) else {}
+  acc = json.loads(fs.read_bytes(done_path)) if fs.exists(done_path) else {}
   if "base_student" not in acc:
     acc["base_student"] = by_category(_evaluate(ctx, cfg.student.path, "base_student", held),
                                       category)

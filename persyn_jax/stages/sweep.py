@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from persyn_jax import distributed as dist
+from persyn_jax import fs
 from persyn_jax.data import shards
 from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.rewards import combine, group_matrix
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def child_dir(run_dir: str, alpha: float) -> str:
-  return os.path.join(run_dir, "sweep", f"alpha={alpha:g}")
+  return fs.join(run_dir, "sweep", f"alpha={alpha:g}")
 
 
 def child_config(cfg: RunConfig, alpha: float) -> RunConfig:
@@ -70,14 +70,14 @@ def seed_child(parent: "Run", child: "Run") -> None:
   redo = dist.broadcast_json([(child.manifest(s) or {}).get("key") != keys[s]
                               for s in ("probe", "score")])
   if redo[0] and dist.is_writer():
-    os.makedirs(child.dir, exist_ok=True)
-    shutil.rmtree(child.path("probe"), ignore_errors=True)
-    shutil.copytree(parent.path("probe"), child.path("probe"), copy_function=os.link)
+    fs.makedirs(child.dir)
+    fs.rmtree(child.path("probe"))
+    fs.copytree(parent.path("probe"), child.path("probe"))
   dist.barrier("sweep:probe")
   if redo[1]:
     t0 = time.time()
     if dist.is_writer():
-      shutil.rmtree(child.path("score"), ignore_errors=True)
+      fs.rmtree(child.path("score"))
     dist.barrier("sweep:score:clear")
     recs = rescored(parent.ctx.records("score"), child.cfg.scoring.alpha,
                     child.cfg.scoring.normalizer)
