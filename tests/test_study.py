@@ -119,3 +119,9 @@ def test_preflight_names_the_study_problems_before_any_work(tiny_world, tmp_path
   assert any("study.enabled needs eval.verifier" in p for p in found)
   assert problems(explicit_config(tiny_world, tmp_path, sets=["study.enabled=true"]),
                   ("probe", "score", "study")) == []
+
+
+def test_study_config_rejects_negative_epochs():
+  from persyn_jax.run_config import StudyConfig
+  with pytest.raises(ValueError, match="study.epochs=-2"):
+    C.from_dict(StudyConfig, {"epochs": -2})
