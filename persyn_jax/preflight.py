@@ -56,6 +56,14 @@ def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
       out.append("compare has mix, which needs at least 2 teachers")
   if "eval" in sel:
     out += _eval_problems(cfg, refs, num_prompts)
+  if "study" in sel and cfg.study.enabled:
+    unknown = [t for t in cfg.study.teachers if t not in names]
+    if unknown and cfg.teachers:
+      out.append(f"study.teachers: {unknown} are not teachers; teachers: {sorted(names)}")
+    if cfg.eval.verifier is None:
+      out.append("study.enabled needs eval.verifier (its gains are measured accuracies)")
+    if cfg.prompts.eval == 0:
+      out.append("study.enabled needs held-out prompts: set prompts.eval (a count or a fraction)")
   return out
 
 

@@ -120,10 +120,15 @@ class StudyConfig:
   eval: int = 0                   # held-out prompts each studied student answers; 0: all
   category_field: str = "kind"    # the prompt field the gains are grouped by (kept by the prompt
                                   # source: prompts.source.keep_fields); "": one group
+  epochs: int = 0                 # SFT epochs over a teacher's probe answers; 0: sft.epochs (the
+                                  # probe is a fraction of the data: more epochs give a studied
+                                  # student about the steps of a policy's student)
 
   def __post_init__(self):
     if self.eval < 0:
       raise ValueError(f"study.eval={self.eval}: a count of held-out prompts (0: all of them)")
+    if self.epochs < 0:
+      raise ValueError(f"study.epochs={self.epochs}: a number of epochs (0: sft.epochs)")
 
 
 @dataclasses.dataclass(frozen=True)

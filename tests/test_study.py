@@ -108,3 +108,20 @@ def test_study_config_rejects_a_negative_count():
   from persyn_jax.run_config import StudyConfig
   with pytest.raises(ValueError, match="study.eval=-1"):
     C.from_dict(StudyConfig, {"eval": -1})
+
+
+def test_preflight_names_the_study_problems_before_any_work(tiny_world, tmp_path):
+  from persyn_jax.preflight import problems
+  cfg = explicit_config(tiny_world, tmp_path, sets=["study.enabled=true",
+                                                    "study.teachers=[nobody]", "eval.verifier=null"])
+  found = problems(cfg, ("probe", "score", "study"))
+  assert any("study.teachers: ['nobody'] are not teachers" in p for p in found)
+  assert any("study.enabled needs eval.verifier" in p for p in found)
+  assert problems(explicit_config(tiny_world, tmp_path, sets=["study.enabled=true"]),
+                  ("probe", "score", "study")) == []
+
+
+def test_study_config_rejects_negative_epochs():
+  from persyn_jax.run_config import StudyConfig
+  with pytest.raises(ValueError, match="study.epochs=-2"):
+    C.from_dict(StudyConfig, {"epochs": -2})

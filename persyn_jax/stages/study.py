@@ -139,7 +139,7 @@ def _evaluate(ctx: Context, path: str, name: str, held: list[dict]) -> list[dict
 def _train(ctx: Context, teacher: str, records: list[dict]) -> str:
   """The student fine-tuned (sft config) on `records`; returns its exported directory."""
   cfg = ctx.cfg
-  c = cfg.sft
+  c = cfg.sft if not cfg.study.epochs else dataclasses.replace(cfg.sft, epochs=cfg.study.epochs)
   d = ctx.path("study", "sft", safe_name(teacher))
   data = ctx.path("study", "data", safe_name(teacher))
   shards.write_stage_records(data, "data", records, records_per_shard=cfg.records_per_shard)
