@@ -96,7 +96,7 @@ def device_info():
   return d.platform, kind, len(jax.devices()), peak
 
 
-def run_jax(path, prompts, responses, preset, packing=True, pack_len=0):
+def run_jax(path, prompts, responses, preset, packing=True, pack_len=512):
   from persyn_jax import scoring
   cfg = scoring.ScoringConfig(dtype=preset["dtype"], max_len=preset["max_len"],
                               batch_tokens=preset["batch_tokens"], max_batch_size=256,
@@ -182,8 +182,7 @@ def main(argv=None):
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--packing", choices=("true", "false", "both"), default="both",
                   help="scoring.packing of the JAX side; both: packed and padded, alternated")
-  ap.add_argument("--pack-len", type=int, default=0,
-                  help="scoring.pack_len of the packed side (0: the backend's, scoring.pack_length)")
+  ap.add_argument("--pack-len", type=int, default=512, help="scoring.pack_len of the packed side")
   args = ap.parse_args(argv)
   preset = dict(PRESETS[args.preset])
   if args.pairs:
@@ -220,7 +219,6 @@ def main(argv=None):
     med = {n: s["median"] for n, s in secs.items()}
     rows = [("jax", secs["jax"], tokens / med["jax"], flops / med["jax"] / peak)]
     result = {"jax": {**jt, "packing": modes[0], "seconds": secs["jax"],
-                      "pack_len": scoring.pack_length(scorer.config) if modes[0] else None,
                       "tokens_per_s": tokens / med["jax"],
                       "padded_tokens_per_s": stats["padded_tokens"] / med["jax"],
                       "mfu": flops / med["jax"] / peak, "stats": stats}}
@@ -257,8 +255,7 @@ def main(argv=None):
   for name in ("jax", "jax_padded"):
     if name in result:
       st = result[name]["stats"]
-      packed = f" (pack_len {result[name]['pack_len']})" if result[name].get("pack_len") else ""
-      print(f"{name}{packed}: {st['batches']} batches, {st['shapes']} shapes, padding "
+      print(f"{name}: {st['batches']} batches, {st['shapes']} shapes, padding "
             f"{1 - st['tokens'] / st['padded_tokens']:.1%} of {st['padded_tokens']} slots")
   C.write_json(args.out or C.results_path(f"scoring_{args.preset}.json"), report)
   return report

@@ -58,7 +58,7 @@ class ScoringConfig:
   min_bucket: int = 64  # the shortest bucket length
   logits_chunk: int = 512  # sequence chunk of the fp32 log-softmax (bounds [B, chunk, vocab])
   packing: bool = True  # pack pairs into rows with segment ids (False: one padded row per pair)
-  pack_len: int = 0  # packed rows are at least this long (capped by max_len); 0: per backend
+  pack_len: int = 512  # packed rows are at least this long (a bucket length; capped by max_len)
   dtype: str = "bfloat16"  # compute dtype of the student and the reward model
   mesh: shd.MeshConfig | None = None  # the score stage's own mesh; None = the run's mesh
 
@@ -66,8 +66,8 @@ class ScoringConfig:
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"scoring.alpha={self.alpha}: must be in [0, 1]")
     for name in ("max_len", "pack_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):
-      if getattr(self, name) < (0 if name == "pack_len" else 1):
-        raise ValueError(f"scoring.{name}={getattr(self, name)}: must be >= 1 (pack_len: >= 0)")
+      if getattr(self, name) < 1:
+        raise ValueError(f"scoring.{name}={getattr(self, name)}: must be >= 1")
     if self.normalizer not in NORMALIZERS:
       raise ValueError(f"scoring.normalizer={self.normalizer!r}: not one of {list(NORMALIZERS)}")
     if self.overlong not in ("truncate", "skip"):
@@ -122,16 +122,6 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
   return min(cap, max(multiple, -(-n // multiple) * multiple))
 
 
-def pack_length(config: ScoringConfig, backend: str | None = None) -> int:
-  """scoring.pack_len, or for 0 the backend's: min_bucket on CPU, where XLA's attention is dense
-  over a row (a row as long as its longest pair's bucket, short pairs in its tail, costs no more
-  than a padded row; a longer one costs O(length^2) across pairs), else 512 (kernels that skip
-  the blocks between pairs)."""
-  if config.pack_len:
-    return config.pack_len
-  return config.min_bucket if (backend or jax.default_backend()) == "cpu" else 512
-
-
 def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: ScoringConfig,
                    multiple: int = 1):
   """The packed batches of (ids, response mask) pairs: yields (items per row, numpy batch) with
@@ -140,7 +130,7 @@ def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: Scoring
   token). K and S are fixed per row length (the most any row of that length needs, K rounded up
   to 64), so each (rows, length) shape compiles once. Items are indices into `pairs`."""
   buckets = bucket_lengths(config.max_len, config.min_bucket)
-  rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets, pack_length(config))
+  rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets, config.pack_len)
   plan = plan_batches([length for length, _ in rows], buckets, batch_tokens=config.batch_tokens,
                       max_batch_size=config.max_batch_size, multiple=multiple)
   counts = [sum(mask[1:]) for _, mask in pairs]  # response targets of each pair

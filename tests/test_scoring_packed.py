@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from persyn_jax import scoring
 from persyn_jax.data.batches import pack_decreasing
-from persyn_jax.runtime.buckets import bucket_lengths, bucket_of
+from persyn_jax.runtime.buckets import bucket_lengths
 from test_scoring import PROMPTS, RESPONSES, reference_ids, torch_learnability
 
 TOL = 2e-5
@@ -51,23 +51,6 @@ def test_pack_decreasing_places_every_item_once_in_bucket_rows():
   assert used < 0.95 * padded and lengths.sum() / used > 0.9
   with pytest.raises(ValueError, match="item 0 has length 201"):
     pack_decreasing([201], buckets)
-
-
-def test_pack_length_is_the_configured_one_or_the_backends():
-  """pack_len 0 picks per backend: on CPU (dense XLA attention over a row) rows no longer than
-  their longest pair's bucket, min_bucket; elsewhere long rows for the segment-aware kernels."""
-  auto = dataclasses.replace(PACKED, pack_len=0)
-  assert scoring.ScoringConfig().pack_len == 0
-  assert scoring.pack_length(auto, "cpu") == auto.min_bucket == 32
-  assert scoring.pack_length(auto, "tpu") == scoring.pack_length(auto, "gpu") == 512
-  assert scoring.pack_length(PACKED, "cpu") == scoring.pack_length(PACKED, "tpu") == 128
-  with pytest.raises(ValueError, match="pack_len"):
-    dataclasses.replace(PACKED, pack_len=-1)
-  # on CPU each row is the bucket of its longest pair: never longer than that pair's padded row
-  pairs = [([1] * n, [0] * (n // 2) + [1] * (n - n // 2)) for n in (100, 20, 9, 60, 31, 7)]
-  for group, batch in scoring.packed_batches(pairs, auto):
-    longest = max(len(pairs[i][0]) for items in group for i in items)
-    assert batch["input_ids"].shape[1] == bucket_of(longest, bucket_lengths(128, 32))
 
 
 def test_packed_batches_gather_exactly_the_response_targets(tok):
