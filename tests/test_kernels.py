@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persyn_jax.kernels.attention import ENV_VAR, attention, choose, cudnn_args, xla_attention
+from persyn_jax.kernels.attention import (ENV_VAR, attention, causal_blocks, choose, cudnn_args,
+                                          xla_attention)
 from persyn_jax.kernels.decode import decode_attention
 from persyn_jax.kernels.flash import flash_attention
 
@@ -94,6 +95,46 @@ def test_flash_gradients_equal_xla_gradients(B, T, N, K, H, window, softcap, pac
                                                       interpret=True)), argnums=(0, 1, 2))(q, k, v)
   for name, g, r in zip("qkv", got, ref):
     np.testing.assert_allclose(g, r, **TOL, err_msg=f"d{name}")
+
+
+def test_causal_blocks_cover_the_sequence_in_at_most_eight_blocks():
+  assert causal_blocks(100) == [(0, 100)]  # under two blocks of 64: one dense block
+  assert causal_blocks(256) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+  assert causal_blocks(200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+  for T in (128, 129, 1000, 4096, 4097):
+    blocks = causal_blocks(T)
+    assert blocks[0][0] == 0 and blocks[-1][1] == T and len(blocks) <= 8
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(e - s >= 64 for s, e in blocks[:-1])
+
+
+@pytest.mark.parametrize("T,window,softcap,packed", [
+    (256, None, None, False),  # 4 whole blocks, one segment per row
+    (200, 70, 20.0, True),     # ragged tail block, a window across blocks, softcap, packed rows
+])
+def test_in_order_blocks_equal_the_dense_xla_path(T, window, softcap, packed):
+  """in_order lets the XLA path skip the keys after each query block (the causal upper
+  triangle). Values and gradients equal the dense form's to fp32 summation order on every real
+  query; padding queries (segment 0, never read) stay finite."""
+  rng = np.random.default_rng(T)
+  B, N, K, H = 2, 4, 2, 8
+  q, k, v = _qkv(rng, B, T, T, N, K, H)
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  seg = _packed_segments(rng, B, T) if packed else jnp.ones((B, T), jnp.int32)
+  kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=window, softcap=softcap,
+            scale=0.35)
+  real = np.asarray(seg != 0)
+  dense = xla_attention(q, k, v, **kw)
+  blocked = xla_attention(q, k, v, **kw, in_order=True)
+  np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], rtol=1e-6,
+                             atol=1e-6)
+  assert np.isfinite(np.asarray(blocked)).all()
+  w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) * (seg != 0)[:, :, None, None]
+  grads = lambda in_order: jax.grad(
+      lambda q, k, v: jnp.sum(w * xla_attention(q, k, v, **kw, in_order=in_order)),
+      argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads(True), grads(False)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
 
 
 @pytest.mark.parametrize("N,K,window,softcap,block_k", [

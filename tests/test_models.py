@@ -61,6 +61,23 @@ def test_fp32_logits_match_transformers(arch, model_dir):
   assert rel_err(out, ref, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_long_rows_in_causal_query_blocks_match_transformers(arch, model_dir):
+  """From 128 tokens on, a forward without a cache scores its queries in causal blocks that skip
+  the future keys (kernels.attention.causal_blocks); the logits still equal transformers', with
+  left and right padding, a sliding window and a softcap (gemma2)."""
+  path, tm = model_dir(arch, max_position_embeddings=256)
+  model, _ = from_pretrained(path, dtype="float32")
+  rng = np.random.default_rng(5)
+  ids = rng.integers(4, model.config.vocab_size, (2, 200))
+  mask = np.ones((2, 200), np.int64)
+  mask[0, :37] = 0
+  mask[1, 150:] = 0
+  ref = torch_logits(tm, ids, mask)
+  out = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+  assert rel_err(out, ref, mask) <= 1e-4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sharded_8_devices_match_transformers(arch, model_dir):
   assert len(jax.devices()) == 8

@@ -191,14 +191,16 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     # layers that differ in window pass the static size plus this layer's switch
     mixed = self.window == -1
-    attend = lambda q, k, v, k_idx, k_seg: attention(
+    # in_order: queries and keys are both slots 0..T-1 (no cache, or an empty cache's prefill),
+    # so the XLA path may skip the causal upper triangle (kernels.attention.xla_attention)
+    attend = lambda q, k, v, k_idx, k_seg, in_order=False: attention(
         q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
         window=cfg.sliding_window if mixed else self.window,
         window_on=(window > 0) if mixed else None, softcap=cfg.attn_logit_softcap,
-        scale=cfg.attn_scale)
+        scale=cfg.attn_scale, in_order=in_order)
     slots = lambda S: jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (x.shape[0], S))
     if kv is None:
-      out = attend(q, k, v, slots(k.shape[1]), k_seg)
+      out = attend(q, k, v, slots(k.shape[1]), k_seg, True)
     else:
       k_new, v_new = k.astype(kv["k"].dtype), v.astype(kv["v"].dtype)
       kv = {"k": write_layer(kv["k"], layer, k_new, end),
@@ -214,7 +216,7 @@ class Attention(nnx.Module):
         # an empty cache (prefill): the T fresh keys are all there is to see (later slots are in
         # the future), so attend over T keys instead of T + max_new_tokens; the fresh k/v pass
         # through the cache dtype so both branches see the same values
-        prompt = lambda: attend(q, k_new.astype(x.dtype), v_new.astype(x.dtype), q_idx, q_seg)
+        prompt = lambda: attend(q, k_new.astype(x.dtype), v_new.astype(x.dtype), q_idx, q_seg, True)
         out = jax.lax.cond(jnp.all(jnp.asarray(end) == 0), prompt, full)
     out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
     out = self.o(out)
