@@ -4,6 +4,7 @@
     stats.py     bootstrap intervals: accuracy over seeds, paired difference from strong
     plots.py     the PNG plots
     markdown.py  report.md
+    study.py     the teacher study's section and heatmap (study/study.json)
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def write_report(report: dict, out_dir: str, loss_curves: dict[str, list[tuple[i
     from persyn_jax.report.plots import plot_sweep
     plots["sweep"] = os.path.join(out_dir, "sweep_alpha.png")
     plot_sweep(report["sweep"]["rows"], plots["sweep"])
+  if report.get("study"):
+    from persyn_jax.report.study import plot_gains
+    plots["study"] = os.path.join(out_dir, "study_gain.png")
+    plot_gains(report["study"], plots["study"])
   report = dict(report, plots=plots)
   atomic_write_json(os.path.join(out_dir, "report.json"), report)
   atomic_write_text(os.path.join(out_dir, "report.md"), markdown(report))

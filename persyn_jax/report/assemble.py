@@ -71,6 +71,8 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
             "stage_seconds": {s: m[s]["seconds"] for s in STAGES}}
   from persyn_jax.stages.sweep import summary as sweep_summary
   report["sweep"] = sweep_summary(ctx, evals, router)
+  from persyn_jax.report.study import load_study
+  report["study"] = load_study(ctx.dir)
   report["summary"] = summarize(report)
   return report, curves
 

@@ -173,6 +173,9 @@ def markdown(report: dict) -> str:
       lines.append(f"- {kind}: " + ", ".join(f"{t} {v:.2f}" for t, v in d.items() if v > 0))
   lines += ties_lines(report)
   lines += sweep_lines(report)
+  if report.get("study"):
+    from persyn_jax.report.study import study_markdown
+    lines += [""] + study_markdown(report["study"]).rstrip("\n").split("\n")
   c = report["costs"]
   lines += ["", "## Cost", "",
             f"- Route then Generate: {c['route_then_generate']['generations']} generations "

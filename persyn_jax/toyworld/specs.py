@@ -63,7 +63,7 @@ SCALES = {
     "default": Scale(prompts=2200, probe=300, eval=1000, train_problems=3000, batch=16, seq_len=192,
                      lr=5e-3, teachers=_teachers(1.0, 360),
                      student=Spec("student-Q", "prior", "qwen3", 48, 2, 4, 2, 200),
-                     check=200, tolerance=0.1),
+                     check=200, tolerance=0.15),
     "small": Scale(prompts=240, probe=64, eval=48, train_problems=1500, batch=16, seq_len=192,
                    lr=5e-3, teachers=_teachers(0.67, 120),
                    student=Spec("student-Q", "prior", "qwen3", 16, 2, 2, 1, 60), check=16),
