@@ -18,8 +18,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 REPORT = os.path.join(ROOT, "docs", "toy_run", "report.json")
+STUDY = os.path.join(ROOT, "docs", "toy_study", "report.json")  # configs/toy_study.yaml's run
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = {"base_student": "student before SFT", "oracle": "oracle (upper bound)"}
+NAMES = {"base_student": "student before SFT", "oracle": "oracle (the reward's best)"}
 
 
 def _shares(shares: dict[str, float]) -> str:
@@ -45,7 +46,8 @@ def render(report: dict) -> str:
   lines = [report["summary"], ""] if report.get("summary") else []
   if st:
     seeds = max(t["seeds"] for t in st.values())
-    lines += [f"| policy | {metric} ({n_text}, mean of {seeds} SFT seeds) | 95% CI | "
+    seeds_text = "one SFT seed" if seeds == 1 else f"mean of {seeds} SFT seeds"
+    lines += [f"| policy | {metric} ({n_text}, {seeds_text}) | 95% CI | "
               "Δ vs strong (95% CI) | significant? | teachers of its training data | generations "
               "| teacher seconds |", "|" + " --- |" * 8]
   else:
@@ -71,8 +73,9 @@ def render(report: dict) -> str:
     lines += ["", f"Intervals: bootstrap over the {s['problems']} held-out problems "
               f"({s['resamples']} resamples); Δ paired against strong on the same resamples; "
               "significant when its interval excludes 0. The oracle (Generate then Select, "
-              f"{costs['policies'].get('oracle', {}).get('generations', 'k·N')} generations) is "
-              "the upper bound the router approximates."]
+              f"{costs['policies'].get('oracle', {}).get('generations', 'k·N')} generations) keeps "
+              "the reward's best response per prompt: the most a router of this reward can "
+              "reach, and a test of the reward itself (it is not a bound on accuracy)."]
   r = report.get("router", {})
   lines.append("")
   if r:
@@ -96,7 +99,37 @@ def render(report: dict) -> str:
   secs = report.get("stage_seconds")
   if secs:
     lines.append("- Stage seconds on the machine that made this report: "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + ".")
+                 + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if v >= 0.5) + ".")
+  return "\n".join(lines)
+
+
+def render_study(report: dict | None) -> str:
+  """What the committed study run says about the reward: per kind, the teacher whose probe
+  answers taught the student most (measured), the teacher each signal prefers, and how often they
+  agree; the alpha sweep's PerSyn accuracies. "" without a study report."""
+  study = (report or {}).get("study")
+  if not study:
+    return ""
+  sig = study["signals"]
+  kinds = study["categories"]
+  lines = ["", "The teacher study ([docs/toy_study/report.md](docs/toy_study/report.md), "
+           "`configs/toy_study.yaml`): the student fine-tuned on each teacher's probe answers "
+           "alone, then evaluated; the teacher that taught it most per kind, against the teacher "
+           "each signal ranks first on the probe set:", "",
+           "| kind | best by measured gain | quality only | learnability only | "
+           f"combined (α = {sig['combined']['alpha']:g}) |", "| --- | --- | --- | --- | --- |"]
+  for k in kinds:
+    lines.append(f"| {k} | {', '.join(study['best_by_gain'][k])} | " + " | ".join(
+        ", ".join(sig[n]["by_category"][k]["best"]) for n in ("quality", "learnability", "combined"))
+        + " |")
+  lines.append("| agreement (mean ρ) | | " + " | ".join(
+      f"{sig[n]['agreement']:.2f} ({sig[n]['rank_correlation']:+.2f})"
+      for n in ("quality", "learnability", "combined")) + " |")
+  rows = [r for r in (report.get("sweep") or {}).get("rows", []) if r.get("done")]
+  if rows:
+    lines += ["", "Its alpha sweep (PerSyn's accuracy, mean of its seeds, 95% CI): " + "; ".join(
+        f"α = {r['alpha']:g}: " + ", ".join(f"{t['accuracy']:.3f} ({_ci(t['ci'])})"
+                                           for t in r["policies"].values()) for r in rows) + "."]
   return "\n".join(lines)
 
 
@@ -115,13 +148,23 @@ def current_block(text: str, where: str = "README.md") -> str:
   return text[i + len(BEGIN):j].strip("\n")
 
 
+def make_block(report_path: str = REPORT, study_path: str = STUDY) -> str:
+  """The whole block: the default run's results, then the study's (when its report exists)."""
+  with open(report_path, encoding="utf-8") as f:
+    block = render(json.load(f))
+  if os.path.exists(study_path):
+    with open(study_path, encoding="utf-8") as f:
+      block += render_study(json.load(f))
+  return block
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--check", action="store_true", help="exit 1 if README.md's block is out of date")
   ap.add_argument("--report", default=REPORT)
+  ap.add_argument("--study", default=STUDY, help="the study run's report.json (if it exists)")
   args = ap.parse_args(argv)
-  with open(args.report, encoding="utf-8") as f:
-    block = render(json.load(f))
+  block = make_block(args.report, args.study)
   with open(README, encoding="utf-8") as f:
     text = f.read()
   if args.check:

@@ -173,7 +173,7 @@ class SweepConfig:
 
 
 # The default comparison: PerSyn, every baseline, and the oracle (Generate then Select, k*N
-# generations: the upper bound the router approximates).
+# generations: the reward's own best, what the router approximates).
 DEFAULT_COMPARE = ("persyn", "strong", "family_strong", "mix", "car", "random", "oracle")
 
 

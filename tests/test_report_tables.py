@@ -35,11 +35,12 @@ def test_the_students_table_gives_each_interval_and_its_significance():
   assert st["random"]["significant"] and st["random"]["delta"] < 0
   assert not st["persyn"]["significant"]
   o = st["oracle"]
-  assert (f"| oracle (upper bound) | {r['eval']['oracle']['score']:.3f} | {o['ci'][0]:.3f} to "
+  assert (f"| oracle (the reward's best) | {r['eval']['oracle']['score']:.3f} | {o['ci'][0]:.3f} to "
           f"{o['ci'][1]:.3f} | {o['delta']:+.3f} | {o['delta_ci'][0]:+.3f} to "
           f"{o['delta_ci'][1]:+.3f} | yes | {o['seed_sd']:.3f} | 400 | 1000 | 4000 | 12.500 |") in md
   assert "- oracle: significantly better than strong" in md
-  assert "the oracle is the upper bound (Generate then Select: 4000 teacher generations)" in md
+  assert ("the oracle keeps the reward's best response per prompt (Generate then Select: 4000 "
+          "teacher generations)") in md
   assert "- random: significantly worse than strong" in md
   assert "- persyn: not significantly different from strong" in md
   assert "- strong:" not in md  # the baseline has no sentence of its own

@@ -58,7 +58,7 @@ def eval_lines(report: dict) -> list[str]:
             "|" + " --- |" * 11]
   for p, e in ev.items():
     c, t = costs.get(p, {}), st.get(p, {})
-    name = {"oracle": "oracle (upper bound)", "base_student": "base_student (before SFT)"}.get(p, p)
+    name = {"oracle": "oracle (the reward's best)", "base_student": "base_student (before SFT)"}.get(p, p)
     sig = "" if "significant" not in t else ("yes" if t["significant"] else "no")
     delta = f"{t['delta']:+.3f}" if "delta" in t else ""
     lines.append(f"| {name} | {_fmt(e['score'])} | {_ci(t.get('ci'))} | {delta} | "
@@ -105,8 +105,9 @@ def significance_sentences(report: dict) -> list[str]:
       verdict = "not significantly different from strong"
     line = (f"{p}: {verdict} (Δ {t['delta']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f})")
     if p == "oracle":
-      line += (f"; the oracle is the upper bound (Generate then Select: "
-               f"{costs.get(p, {}).get('generations', '?')} teacher generations)")
+      line += (f"; the oracle keeps the reward's best response per prompt (Generate then Select: "
+               f"{costs.get(p, {}).get('generations', '?')} teacher generations), the most a "
+               "router of this reward can reach, not a bound on accuracy")
     out.append(line + ".")
   return out
 
