@@ -14,6 +14,7 @@ import pytest
 from persyn_jax import fs
 from persyn_jax import io_utils as io
 from persyn_jax.data import shards
+from persyn_jax.run_config import STAGES  # every stage: a run of them all ends with its report
 
 BUCKET = "persyn-test"
 
@@ -201,7 +202,6 @@ def test_shards_and_manifest_on_gcs(gdir, tmp_path):
 SETS = ["world.scale=tiny", "records_per_shard=4", "compare=[persyn,oracle]",
         "sampling.max_new_tokens=32", "sampling.min_bucket=64", "sft.epochs=1",
         "sft.checkpoint_every=1", "sft.keep_checkpoints=1"]
-STAGES = ("probe", "score", "router", "route", "generate", "sft", "eval")
 
 
 def run_args(run_dir: str, stages, cache: str) -> list[str]:
@@ -216,15 +216,15 @@ def kill(target: str, match: str, n: int = 1, when: str = "before") -> dict:
 
 
 # Where each launch of the resumed run is SIGKILLed (the stages it runs end at its stage): while a
-# shard is uploaded, while a manifest and a DONE.json are put, after an upload, while an SFT
-# checkpoint commits (in the local working directory).
+# shard is uploaded, while a manifest and a DONE.json are put, after an upload, and when a trained
+# student is about to be uploaded (its checkpoints are on gs://: the next launch resumes from them).
 KILLS = [
     ("probe", kill("persyn_jax.fs.put", "/probe/", 2)),
     ("probe", kill("persyn_jax.data.shards.atomic_write_json", ".manifest.json")),
     ("score", kill("persyn_jax.fs.put", "/score/", 3, "after")),
     ("generate", kill("persyn_jax.fs.put", "/data/", 2)),
     ("generate", kill("persyn_jax.stages.runner.atomic_write_json", "/generate/DONE.json")),
-    ("sft", kill("os.rename", ".orbax-checkpoint-tmp", 2)),
+    ("sft", kill("persyn_jax.fs.put", "/sft/", 1)),
 ]
 
 
@@ -303,3 +303,37 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
   report = json.loads(fs.read_bytes(fs.join(run, "report", "report.json")))
   assert report["run_dir"] == run
   assert report["plots"]["eval"] == f"{run}/report/eval.png" and fs.exists(report["plots"]["eval"])
+
+
+def test_sft_resumes_from_gcs_checkpoints_on_another_machine(gcs, model_dir, tmp_path):
+  """Checkpoints on gs://, metrics and export local: a run that dies mid-training resumes on a
+  machine with an empty local directory from the gs:// checkpoints, with the losses and weights
+  of an uninterrupted run."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from persyn_jax import sharding as shd
+  from persyn_jax.models import from_pretrained
+  from persyn_jax.sft import train
+  from test_sft import RESUME, SEQ, _interrupting
+  from test_sft_batches import batches
+  path, _ = model_dir("llama")
+  model, tok = from_pretrained(path, dtype="float32")
+  mesh = shd.make_mesh(shd.MeshConfig(1, 1, 1), jax.devices()[:1])
+  data = batches(tok, 6, 2, SEQ)
+  full = train(model, tok, data, RESUME.replace(export=False), out_dir=str(tmp_path / "a"),
+               mesh=mesh)
+  ckpt = f"{gcs}/sft-{time.time_ns()}/checkpoints"
+  with pytest.raises(RuntimeError, match="injected crash"):
+    train(model, tok, _interrupting(data, fail_at=6), RESUME, out_dir=str(tmp_path / "machine1"),
+          mesh=mesh, checkpoint_dir=ckpt)
+  assert not os.path.exists(tmp_path / "machine1" / "checkpoints")  # nothing of them is local
+  resumed = train(model, tok, _interrupting(data, fail_at=-1), RESUME,
+                  out_dir=str(tmp_path / "machine2"), mesh=mesh, checkpoint_dir=ckpt)
+  assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3, 4, 5]
+  for s in (3, 4, 5):
+    assert resumed.losses[s] == full.losses[s], s
+  pa, pb = (jax.tree.leaves(jax.device_get(nnx.state(r.model, nnx.Param))) for r in (full, resumed))
+  assert all(np.array_equal(a, b) for a, b in zip(pa, pb))
+  assert os.path.exists(tmp_path / "machine2" / "student" / "model.safetensors")

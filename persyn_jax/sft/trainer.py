@@ -128,9 +128,13 @@ def evaluate_loss(session: Session, params, batches: Iterable[Batch]) -> float:
 def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | Iterable[Batch],
           config: SFTConfig, *, out_dir: str, mesh=None, eval_batches: Iterable[Batch] | None = None,
           num_batches: int | None = None, wandb: WandbConfig | None = None,
-          run_name: str | None = None) -> TrainResult:
+          run_name: str | None = None, checkpoint_dir: str | None = None) -> TrainResult:
   """Supervised fine-tuning of `model` on the SFT batches of `batches_fn`; resumes from the latest
-  checkpoint in `out_dir/checkpoints` if there is one.
+  checkpoint in `checkpoint_dir` (default `out_dir/checkpoints`) if there is one.
+
+  `checkpoint_dir` may be elsewhere than `out_dir`, e.g. gs://: every process of a multi-host job
+  and a machine that replaces a preempted one then see the same checkpoints, while the metrics
+  and the exported student (libraries that write local files) go to a local `out_dir`.
 
   `batches_fn(start)` yields microbatches ([batch_size, seq_len] dicts of the SFT batch contract)
   from microbatch index `start` on; a list of batches or a re-iterable also works. With several
@@ -147,8 +151,8 @@ def train(model: CausalLM, tokenizer, batches_fn: BatchesFn | Sequence[Batch] | 
   source, per_epoch = as_source(batches_fn)
   total = total_steps(config, num_batches or per_epoch)
   session = make_session(model, config, mesh, total)
-  ckpts = CheckpointManager(os.path.join(out_dir, "checkpoints"), keep=config.keep_checkpoints,
-                            async_save=config.async_checkpoint)
+  ckpts = CheckpointManager(checkpoint_dir or os.path.join(out_dir, "checkpoints"),
+                            keep=config.keep_checkpoints, async_save=config.async_checkpoint)
   resumed = ckpts.latest_step()
   with jax.set_mesh(mesh):
     if resumed is not None:

@@ -6,17 +6,16 @@ Two policies whose datasets hold the same examples in the same order (car or fam
 pick the strong teacher) train the same student: the later one is not trained again; its
 DONE.json names the student it shares (`same_as`) and the eval stage scores that student once.
 
-With a gs:// run directory a student trains in a local working directory (fs.work_dir: its
-checkpoints, metrics and exported student), uploaded to its run directory once trained and before
-its DONE.json; a run resumed on the same machine continues from the local checkpoints."""
+With a gs:// run directory a student's checkpoints go to its run directory (orbax writes gs://),
+so any machine and every process of a multi-host job resumes from them; its metrics and exported
+student are written in a local working directory (fs.work_dir) and uploaded once it is trained,
+before its DONE.json."""
 from __future__ import annotations
 
 import dataclasses
 import gc
 import hashlib
 import json
-
-import jax
 
 from persyn_jax import fs, sft
 from persyn_jax.data.batches import epoch_batches, record_dataset
@@ -96,14 +95,12 @@ def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
   batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
   ctx.log(f"[sft] {label}: {per_epoch} batches per epoch")
   run_name = f"{cfg.name}-{policy}" + ("" if seed is None else f"-seed{seed}")
+  # gs://: checkpoints straight into the run dir (every process, and a machine replacing a
+  # preempted one, sees them); metrics and the exported student in a local working dir
   work = fs.work_dir(d)
-  if work != d and jax.process_count() > 1:
-    # orbax needs one checkpoint directory that every process sees; working dirs are per host
-    raise ValueError(f"{d}: SFT into a gs:// run directory runs on one process only (its "
-                     f"checkpoints are kept on the machine until the student is trained); run "
-                     f"the sft stage with one process, or use a shared filesystem run dir")
+  ckpt_dir = None if work == d else fs.join(d, "checkpoints")
   res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
-                  wandb=cfg.wandb, run_name=run_name)
+                  wandb=cfg.wandb, run_name=run_name, checkpoint_dir=ckpt_dir)
   final_loss = res.losses.get(res.step)
   if final_loss is None:  # resumed after the last step (killed while exporting): from the log
     final_loss = dict(loss_curve(res.metrics_path)).get(res.step)

@@ -147,9 +147,11 @@ def _train(ctx: Context, teacher: str, records: list[dict]) -> str:
   model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
   batches, per_epoch = epoch_batches(data, tok, c)
   ctx.log(f"[study] {teacher}: {len(records)} probe answers, {per_epoch} batches per epoch")
-  work = fs.work_dir(d)  # a local working dir under a gs:// run dir, uploaded when trained
+  # gs://: checkpoints in the run dir, the rest in a local working dir uploaded when trained
+  work = fs.work_dir(d)
   res = sft.train(model, tok, batches, c, out_dir=work, mesh=mesh, num_batches=per_epoch,
-                  run_name=f"{cfg.name}-study-{teacher}")
+                  run_name=f"{cfg.name}-study-{teacher}",
+                  checkpoint_dir=None if work == d else fs.join(d, "checkpoints"))
   del model
   gc.collect()
   if work == d:
