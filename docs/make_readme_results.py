@@ -154,7 +154,8 @@ def make_block(report_path: str = REPORT, study_path: str = STUDY) -> str:
     block = render(json.load(f))
   if os.path.exists(study_path):
     with open(study_path, encoding="utf-8") as f:
-      block += render_study(json.load(f))
+      study = render_study(json.load(f))
+    block += "\n" + study if study else ""
   return block
 
 

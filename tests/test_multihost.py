@@ -132,10 +132,16 @@ def load_check(args) -> None:
   finally:
     hf.read_slice = real
   held, total = [], 0  # the blocks this process' devices hold
-  for x in jax.tree.leaves(_params(model)):
+  for path, x in jax.tree_util.tree_leaves_with_path(_params(model)):
     total += x.size * x.dtype.itemsize
-    held += [(tuple(x.shape), _block(sh.index, x.shape), sh.data.nbytes)
-             for sh in x.addressable_shards]
+    for sh in x.addressable_shards:
+      shape, block = tuple(x.shape), _block(sh.index, x.shape)
+      if "layers" not in jax.tree_util.keystr(path):
+        held.append((shape, block, sh.data.nbytes))
+        continue
+      # a stacked block's weight [L, ...] is read from safetensors one layer at a time
+      (a, b), rest = block[0], block[1:]
+      held += [(shape[1:], rest, sh.data.nbytes // (b - a)) for _ in range(a, b)]
   restored, _ = models.from_orbax(args.orbax, dtype="float32", mesh=mesh, tokenizer=False)
   same = all(np.array_equal(dist.to_host(a), dist.to_host(b)) for a, b in
              zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(restored))))
