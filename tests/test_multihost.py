@@ -120,9 +120,18 @@ def load_check(args) -> None:
   reads = []
   real = hf.read_slice
 
+  depth = [0]
+
   def counting(src, layout, index, shape):
-    out = real(src, layout, index, shape)
-    reads.append((tuple(shape), _block(index, shape), out.nbytes))
+    # a stacked weight's block is one call, which reads its layers by calling itself: count the
+    # outer call (the block a device holds), not the per-layer ones inside it
+    depth[0] += 1
+    try:
+      out = real(src, layout, index, shape)
+    finally:
+      depth[0] -= 1
+    if depth[0] == 0:
+      reads.append((tuple(shape), _block(index, shape), out.nbytes))
     return out
 
   hf.read_slice = counting
@@ -132,16 +141,10 @@ def load_check(args) -> None:
   finally:
     hf.read_slice = real
   held, total = [], 0  # the blocks this process' devices hold
-  for path, x in jax.tree_util.tree_leaves_with_path(_params(model)):
+  for x in jax.tree.leaves(_params(model)):
     total += x.size * x.dtype.itemsize
-    for sh in x.addressable_shards:
-      shape, block = tuple(x.shape), _block(sh.index, x.shape)
-      if "layers" not in jax.tree_util.keystr(path):
-        held.append((shape, block, sh.data.nbytes))
-        continue
-      # a stacked block's weight [L, ...] is read from safetensors one layer at a time
-      (a, b), rest = block[0], block[1:]
-      held += [(shape[1:], rest, sh.data.nbytes // (b - a)) for _ in range(a, b)]
+    held += [(tuple(x.shape), _block(sh.index, x.shape), sh.data.nbytes)
+             for sh in x.addressable_shards]
   restored, _ = models.from_orbax(args.orbax, dtype="float32", mesh=mesh, tokenizer=False)
   same = all(np.array_equal(dist.to_host(a), dist.to_host(b)) for a, b in
              zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(restored))))
@@ -397,7 +400,7 @@ def test_the_exported_student_equals_the_one_process_run(runs, n):
                                  err_msg=str(k))
 
 
-def test_a_multi_process_run_builds_the_toy_world_once(runs, tiny_world):
+def test_a_multi_process_run_builds_the_toy_world_once(runs):
   """The default config's `world:` on 2 processes with an empty cache: one process builds the
   world (in a one-process subprocess, holding the lock), the other waits and loads it, and the
   probe runs. The world is the one a one-process build makes (its checkpoints' sha256)."""
@@ -407,7 +410,15 @@ def test_a_multi_process_run_builds_the_toy_world_once(runs, tiny_world):
   assert sorted(built) == [0, 1], built
   assert len(glob.glob(os.path.join(cache_root(cache), "*", "world.json"))) == 1
   world = build("tiny", 0, cache, log=lambda m: None)
-  assert world.info["hashes"] == tiny_world.info["hashes"]
+  # the reference: the same world built by a plain one-process run (one CPU device, no forced
+  # device count) in a cache of its own
+  ref_cache = os.path.join(os.path.dirname(run_dir), "reference-world")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  subprocess.run([sys.executable, "-c", "import sys; from persyn_jax.toyworld.build import build; "
+                  "build('tiny', 0, sys.argv[1], log=lambda m: None)", ref_cache],
+                 env=dict(env, JAX_PLATFORMS="cpu", PERSYN_JAX_DISTRIBUTED="0"), check=True)
+  ref = build("tiny", 0, ref_cache, log=lambda m: None)
+  assert world.info["hashes"] == ref.info["hashes"]
   from persyn_jax.data import shards
   for name, _, _ in world.teachers:
     assert shards.read_manifest(os.path.join(run_dir, "probe"), f"probe-{name}")["records"] == 16

@@ -174,7 +174,12 @@ def _build_in_subprocess(scale: str, seed: int, cache_dir: str, force: bool, roo
   on CPU."""
   log(f"[toyworld] process {jax.process_index()}: building the {scale} world at {root} in a "
       "one-process CPU subprocess (the other processes wait for it)")
-  env = dict(os.environ, PERSYN_JAX_DISTRIBUTED="0", JAX_PLATFORMS="cpu", **{LOCK_HELD: root})
+  # one CPU device, as in a plain one-process run: a forced host device count changes XLA:CPU's
+  # thread partitioning, and with it the float round-off of the training
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  env = dict(os.environ, PERSYN_JAX_DISTRIBUTED="0", JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+             **{LOCK_HELD: root})
   code = ("import sys; from persyn_jax.toyworld.build import build; "
           "build(sys.argv[1], int(sys.argv[2]), sys.argv[3], force=sys.argv[4] == '1')")
   proc = subprocess.run([sys.executable, "-c", code, scale, str(seed), cache_dir,
