@@ -30,7 +30,9 @@ def gcs():
   """The emulator's base URL gs://persyn-test; STORAGE_EMULATOR_HOST points there meanwhile."""
   port = _free_port()
   host = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+  # the emulator's own CLI, plus the generation headers real GCS sends (see gcs_emulator.py)
+  launcher = os.path.join(os.path.dirname(__file__), "gcs_emulator.py")
+  proc = subprocess.Popen([sys.executable, launcher, "start", "--host",
                            "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket",
                            BUCKET, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 30
