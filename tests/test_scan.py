@@ -12,8 +12,8 @@ from flax import nnx
 from persyn_jax import sharding as shd
 from persyn_jax.models import build_model, init_cache
 from persyn_jax.models.config import ModelConfig, RopeConfig
-from persyn_jax.models.layers import REMAT_POLICIES, layer_data, rope_inv_freq
-from persyn_jax.models.transformer import set_remat
+from persyn_jax.models.layers import REMAT_POLICIES, layer_data, rope_inv_freq, token_einsum
+from persyn_jax.models.transformer import set_remat, set_unroll
 
 
 def _cfg(layers: int, **kw) -> ModelConfig:
@@ -98,14 +98,15 @@ def test_gemma_layers_differ_by_scanned_window_and_rope_data():
   np.testing.assert_array_equal(data["inv_freq"][2], rope_inv_freq(cfg.rope, 4))
 
 
-@pytest.mark.parametrize("policy", sorted(set(REMAT_POLICIES) - {"none"}))
+@pytest.mark.parametrize("policy", sorted(set(REMAT_POLICIES) - {"none"}) + ["unrolled"])
 def test_remat_policies_change_no_loss_nor_gradient(policy):
   """Rematerialization recomputes the block body in the backward pass instead of storing it:
-  the loss and every gradient equal those without it."""
+  the loss and every gradient equal those without it. So does the unrolled layer loop."""
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 61, (2, 7)), jnp.int32)
 
   def loss_and_grads(remat):
-    model = set_remat(build_model(_cfg(3), dtype="float32", seed=1), remat)
+    model = build_model(_cfg(3), dtype="float32", seed=1)
+    model = set_unroll(model, True) if remat == "unrolled" else set_remat(model, remat)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params):
@@ -118,6 +119,31 @@ def test_remat_policies_change_no_loss_nor_gradient(policy):
   np.testing.assert_allclose(got, ref, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unrolled_model_compiles_without_a_layer_loop():
+  ids = jnp.ones((1, 3), jnp.int32)
+  hlo = {}
+  for unroll in (False, True):
+    graphdef, state = nnx.split(set_unroll(build_model(_cfg(3), dtype="float32", seed=0), unroll))
+    fn = jax.jit(lambda state, i: nnx.merge(graphdef, state)(i))
+    hlo[unroll] = fn.lower(state, ids).compile().as_text()
+  assert " while(" in hlo[False] and " while(" not in hlo[True]
+
+
+@pytest.mark.parametrize("eqn,xs,ws", [("BTD,DNH->BTNH", (2, 5, 6), (6, 3, 4)),
+                                       ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 6)),
+                                       ("BTF,FD->BTD", (2, 5, 7), (7, 6)),
+                                       ("BD,DL->BL", (2, 6), (6, 3))])
+def test_token_einsum_is_einsum_in_value_and_gradient(eqn, xs, ws):
+  rng = np.random.default_rng(0)
+  x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (xs, ws))
+  f = lambda fn: jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(eqn, x, w))), (0, 1))(x, w)
+  (v1, g1), (v2, g2) = f(token_einsum), f(jnp.einsum)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(g1, g2):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_an_unknown_remat_policy_is_refused_by_name():

@@ -47,6 +47,25 @@ def _stacked(stack: int | None, shape, axes):
   return (stack,) + tuple(shape), (LAYERS,) + tuple(axes)
 
 
+def token_einsum(eqn: str, x: Array, w, **kw) -> Array:
+  """jnp.einsum(eqn, x, w) for an activation x whose leading axes are batch and tokens ("BT..."
+  in eqn), computed on x reshaped to one token axis [B*T, ...] and reshaped back.
+
+  The value is the same; the gradient is not computed the same way. The weight's gradient then
+  contracts one axis, not two, and XLA's CPU backend no longer transposes the output's gradient
+  into a [B*T]-minor copy before each such dot (a strided copy fused with the elementwise
+  backward around it), which made a CPU SFT step about twice as slow as torch's. On TPU/GPU the
+  reshape is free (B and T are adjacent; "seq" is never sharded, so B's sharding carries over).
+  """
+  xs, rest = eqn.replace(" ", "").split(",", 1)
+  ws, out = rest.split("->")
+  if not (xs.startswith("BT") and out.startswith("BT") and x.ndim == len(xs) >= 3):
+    return jnp.einsum(eqn, x, w, **kw)
+  B, T = x.shape[:2]
+  y = jnp.einsum(f"{xs[1:]},{ws}->{out[1:]}", x.reshape((B * T,) + x.shape[2:]), w, **kw)
+  return y.reshape((B, T) + y.shape[1:])
+
+
 class Einsum(nnx.Module):
   """A weight and the einsum that applies it; the weight carries its logical axis names. With
   `stack`, the weight has a leading layers axis and is applied one layer slice at a time."""
@@ -62,7 +81,7 @@ class Einsum(nnx.Module):
     w = self.w[...]
     # a cast only where needed: an int8 weight (models/quant.py) arrives as qwix's quantized
     # array in the compute dtype, which it dequantizes inside the einsum and cannot cast
-    return jnp.einsum(self.eqn, x, w if w.dtype == self.dtype else w.astype(self.dtype))
+    return token_einsum(self.eqn, x, w if w.dtype == self.dtype else w.astype(self.dtype))
 
 
 class Bias(nnx.Module):
@@ -277,10 +296,11 @@ class Block(nnx.Module):
 
 
 def scan_blocks(blocks: Block, x: Array, kv: dict | None, data: dict, *, remat: str = "none",
-                **inputs) -> tuple[Array, dict | None]:
+                unroll: bool = False, **inputs) -> tuple[Array, dict | None]:
   """Runs the stacked `blocks` over x, layer by layer in one jax.lax.scan: the parameters and the
   per-layer `data` are the scanned inputs, x and the stacked cache the carry. `remat` names a
-  policy of REMAT_POLICIES applied to the block body."""
+  policy of REMAT_POLICIES applied to the block body; `unroll` unrolls the scan (the same values;
+  one block body per layer in the compiled program, see `Transformer.unroll`)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r}: not one of {sorted(REMAT_POLICIES)}")
   graphdef, state = nnx.split(blocks)
@@ -296,5 +316,5 @@ def scan_blocks(blocks: Block, x: Array, kv: dict | None, data: dict, *, remat: 
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
   L = len(data["window"])
   (x, kv), _ = jax.lax.scan(body, (x, kv), (state, jax.tree.map(jnp.asarray, data),
-                                            jnp.arange(L, dtype=jnp.int32)))
+                                            jnp.arange(L, dtype=jnp.int32)), unroll=bool(unroll))
   return x, kv

@@ -39,6 +39,7 @@ class SFTConfig:
   z_loss: float = 0.0  # coefficient of mean(logsumexp^2) over response tokens; 0 = off
   loss_chunk: int = 0  # > 0: logits computed (and recomputed in backward) this many tokens at a time
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # recompute each scanned block in backward (SFT.md)
+  unroll_layers: bool | None = None  # unroll the layer scan; None: on CPU only (SFT.md)
   # checkpoints, eval, logs
   checkpoint_every: int = 500
   keep_checkpoints: int = 2

@@ -15,7 +15,7 @@ from persyn_jax import sharding as shd
 from persyn_jax.checkpoints import abstract
 from persyn_jax.models import CausalLM, as_dtype, build_model
 from persyn_jax.models.lora import LoRAParam, apply_lora, has_lora
-from persyn_jax.models.transformer import set_remat
+from persyn_jax.models.transformer import set_remat, set_unroll
 from persyn_jax.sft.config import SFTConfig
 from persyn_jax.sft.loss import BATCH_KEYS
 from persyn_jax.sft.optim import lr_schedule, param_group
@@ -61,8 +61,8 @@ def prepare(model: CausalLM, config: SFTConfig) -> CausalLM:
 
 # The config fields that enter the traced step (the rest only steer the loop around it).
 TRACED_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
-                 "b1", "b2", "eps", "grad_clip", "z_loss", "loss_chunk", "remat", "compute_dtype",
-                 "param_dtype", "lora")
+                 "b1", "b2", "eps", "grad_clip", "z_loss", "loss_chunk", "remat", "unroll_layers",
+                 "compute_dtype", "param_dtype", "lora")
 # Compiled steps by (graph, parameter names, traced config, steps, mesh): a pipeline that trains
 # one student per routing policy with the same shapes compiles its step once.
 _COMPILED: dict[Any, dict[str, Any]] = {}
@@ -140,12 +140,20 @@ class Session:
     return nnx.merge(self.graphdef, self.trained.state(params), self.frozen_tree.state(self.frozen))
 
 
+def unrolled(config: SFTConfig, mesh) -> bool:
+  """Whether the step unrolls the layer scan: `unroll_layers`, or (None) when the mesh is CPUs'."""
+  if config.unroll_layers is not None:
+    return config.unroll_layers
+  return mesh.devices.flat[0].platform == "cpu"
+
+
 def make_session(model: CausalLM, config: SFTConfig, mesh, total_steps: int) -> Session:
   """Splits, places and compiles (lazily) for `model` as `prepare` makes it."""
   original = model
   with jax.set_mesh(mesh):
     # the policy applies to the scanned block body (models/layers.py), not to the whole loss
     model = set_remat(prepare(model, config), config.remat)
+    model = set_unroll(model, unrolled(config, mesh))
     trained_filter = LoRAParam if config.lora.enabled else nnx.Param
     graphdef, trained_state, frozen_state = nnx.split(model, trained_filter, ...)
     ttree, ftree = ParamTree.of(trained_state), ParamTree.of(frozen_state)
