@@ -54,8 +54,9 @@ def token_einsum(eqn: str, x: Array, w, **kw) -> Array:
   The value is the same; the gradient is not computed the same way. The weight's gradient then
   contracts one axis, not two, and XLA's CPU backend no longer transposes the output's gradient
   into a [B*T]-minor copy before each such dot (a strided copy fused with the elementwise
-  backward around it), which made a CPU SFT step about twice as slow as torch's. On TPU/GPU the
-  reshape is free (B and T are adjacent; "seq" is never sharded, so B's sharding carries over).
+  backward around it): a small model's CPU SFT step went from 368 to 285 ms (bench/sft.py's cpu
+  preset; docs/PERFORMANCE.md). On TPU/GPU the reshape is free (B and T are adjacent; "seq" is
+  never sharded, so B's sharding carries over).
   """
   xs, rest = eqn.replace(" ", "").split(",", 1)
   ws, out = rest.split("->")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persyn_jax.models.layers import token_einsum
 from persyn_jax.models.transformer import CausalLM, Einsum
 
 RANK = "R"  # the rank axis' letter in the einsum strings (unused by the model's strings)
@@ -93,11 +94,12 @@ class LoRAEinsum(nnx.Module):
   def __call__(self, x):
     xs, _, out, contracted, free = split_eqn(self.eqn)
     batch = "".join(c for c in xs if c not in contracted)
-    y = jnp.einsum(self.eqn, x, self.w[...].astype(self.dtype))
+    # token_einsum: one token axis, as the base Einsum (a CPU backward without transposed copies)
+    y = token_einsum(self.eqn, x, self.w[...].astype(self.dtype))
     a = self.lora_a[...].astype(self.dtype)
     b = self.lora_b[...].astype(self.dtype)
-    h = jnp.einsum(f"{xs},{contracted}{RANK}->{batch}{RANK}", x, a)
-    return y + jnp.einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b) * jnp.asarray(self.scale, y.dtype)
+    h = token_einsum(f"{xs},{contracted}{RANK}->{batch}{RANK}", x, a)
+    return y + token_einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b) * jnp.asarray(self.scale, y.dtype)
 
   def delta(self) -> jax.Array:
     """scale · A·B in the layout of `w` (fp32; stacked like `w`)."""
