@@ -59,16 +59,20 @@ def torch_parts(p, batch) -> dict:
   import torch
   import transformers as T
 
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  amp = p["dtype"] == "bfloat16"  # as bench/sft.py: fp32 master weights, bf16 autocast
   torch.manual_seed(0)
   config = S.hf_config(p)
   config._attn_implementation = "sdpa"
-  model = T.LlamaForCausalLM(config).float().train()
+  model = T.LlamaForCausalLM(config).to(dev).float().train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-  ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-  tgt = torch.as_tensor(batch["targets"], dtype=torch.long)
+  ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=dev)
+  tgt = torch.as_tensor(batch["targets"], dtype=torch.long, device=dev)
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
   def loss():
-    logits = model(input_ids=ids).logits
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+      logits = model(input_ids=ids).logits
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              tgt.reshape(-1))
 
@@ -89,8 +93,9 @@ def torch_parts(p, batch) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return {"forward": forward, "forward_backward": forward_backward, "optimizer": opt.step,
-          "step": step}
+  synced = lambda fn: (lambda: (fn(), sync()))
+  return {"forward": synced(forward), "forward_backward": synced(forward_backward),
+          "optimizer": synced(opt.step), "step": synced(step)}
 
 
 def main(argv=None):
