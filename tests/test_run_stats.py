@@ -107,6 +107,17 @@ def test_the_report_table_names_each_policys_significance(seeded_run):
   assert os.path.exists(report["plots"]["eval"]) and os.path.exists(report["plots"]["sweep"])
 
 
+def test_a_swept_alpha_runs_no_teacher_study_of_its_own():
+  """The study's students learn from single teachers' probe answers, whatever alpha: a sweep child
+  that ran it again would repeat the parent's work (about half a minute per alpha on the toy)."""
+  from persyn_jax.run_config import RunConfig, StudyConfig, SweepConfig
+  from persyn_jax.stages.sweep import child_config
+  parent = RunConfig(study=StudyConfig(enabled=True), sweep=SweepConfig(alpha=(0.0, 1.0)))
+  child = child_config(parent, 1.0)
+  assert parent.study.enabled and not child.study.enabled
+  assert child.scoring.alpha == 1.0 and child.sweep.alpha == ()
+
+
 def test_the_sweep_reuses_the_probe_and_scores_and_recombines_only_the_reward(seeded_run):
   cfg, report, logs = seeded_run
   child = os.path.join(report["run_dir"], "sweep", "alpha=0")

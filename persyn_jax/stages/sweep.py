@@ -34,11 +34,14 @@ def child_dir(run_dir: str, alpha: float) -> str:
 
 def child_config(cfg: RunConfig, alpha: float) -> RunConfig:
   """The run of one alpha: the parent's config with scoring.alpha = alpha, only the swept
-  policies, no base student (the parent evaluated it) and no sweep of its own."""
+  policies, no base student (the parent evaluated it), no teacher study (its students learn from
+  single teachers' probe answers, whatever alpha: the parent's study holds) and no sweep of its
+  own."""
   return dataclasses.replace(
       cfg, run_dir=child_dir(cfg.out_dir, alpha), compare=cfg.sweep.policies,
       scoring=dataclasses.replace(cfg.scoring, alpha=alpha),
-      eval=dataclasses.replace(cfg.eval, base_student=False), sweep=SweepConfig())
+      eval=dataclasses.replace(cfg.eval, base_student=False),
+      study=dataclasses.replace(cfg.study, enabled=False), sweep=SweepConfig())
 
 
 def rescored(records: list[dict], alpha: float, normalizer: str) -> list[dict]:
