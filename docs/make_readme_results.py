@@ -1,12 +1,15 @@
-"""Writes the default run's results into README.md from docs/toy_run/report.json.
+"""Writes the default run's results into README.md from docs/toy_run/report.json, and the CPU
+speed table from bench/results/*.json.
 
-    python docs/make_readme_results.py            # rewrite the block in README.md
-    python docs/make_readme_results.py --check    # exit 1 if the block is out of date
+    python docs/make_readme_results.py            # rewrite both blocks in README.md
+    python docs/make_readme_results.py --check    # exit 1 if a block is out of date
 
-The block sits between `<!-- results:begin -->` and `<!-- results:end -->`. Every number in it
-comes from the committed report, so a new default run (copy its runs/toy/report/ files into
-docs/toy_run/, then run this script) updates the README without a number copied by hand;
-tests/test_docs.py checks that the block equals what this script makes of the report.
+The results block sits between `<!-- results:begin -->` and `<!-- results:end -->`. Every number
+in it comes from the committed report, so a new default run (copy its runs/toy/report/ files into
+docs/toy_run/, then run this script) updates the README without a number copied by hand. The
+speed table sits between `<!-- speed:begin -->` and `<!-- speed:end -->`, every ratio read from
+the committed benchmark results. tests/test_docs.py checks that both blocks equal what this script
+makes of those files.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ README = os.path.join(ROOT, "README.md")
 REPORT = os.path.join(ROOT, "docs", "toy_run", "report.json")
 STUDY = os.path.join(ROOT, "docs", "toy_study", "report.json")  # configs/toy_study.yaml's run
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# the CPU speed table, from the committed benchmark results
+BENCH = os.path.join(ROOT, "bench", "results")
+SPEED = ("<!-- speed:begin -->", "<!-- speed:end -->")
 NAMES = {"base_student": "student before SFT", "oracle": "oracle (the reward's best)"}
 
 
@@ -133,19 +139,56 @@ def render_study(report: dict | None) -> str:
   return "\n".join(lines)
 
 
-def replace_block(text: str, block: str, where: str = "README.md") -> str:
+def replace_block(text: str, block: str, where: str = "README.md", markers=(BEGIN, END)) -> str:
   """`text` with the part between the markers replaced by `block`."""
-  i, j = text.find(BEGIN), text.find(END)
+  begin, end = markers
+  i, j = text.find(begin), text.find(end)
   if i < 0 or j < i:
-    raise ValueError(f"{where}: no {BEGIN} ... {END} block")
-  return text[:i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
+    raise ValueError(f"{where}: no {begin} ... {end} block")
+  return text[:i + len(begin)] + "\n" + block + "\n" + text[j:]
 
 
-def current_block(text: str, where: str = "README.md") -> str:
-  i, j = text.find(BEGIN), text.find(END)
+def current_block(text: str, where: str = "README.md", markers=(BEGIN, END)) -> str:
+  begin, end = markers
+  i, j = text.find(begin), text.find(end)
   if i < 0 or j < i:
-    raise ValueError(f"{where}: no {BEGIN} ... {END} block")
-  return text[i + len(BEGIN):j].strip("\n")
+    raise ValueError(f"{where}: no {begin} ... {end} block")
+  return text[i + len(begin):j].strip("\n")
+
+
+def _bench(name: str) -> dict:
+  with open(os.path.join(BENCH, name), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _x(ratios) -> str:
+  return " / ".join(f"{r:.2f}×" for r in ratios)
+
+
+def make_speed_block() -> str:
+  """The README's CPU speed table, every figure read from the committed bench/results/ files."""
+  greedy = _bench("sampler_cpu.json")["rows"]
+  paper = _bench("sampler_cpu_paper.json")["rows"]
+  scoring = _bench("scoring_cpu.json")["results"]
+  sft = _bench("sft_cpu.json")["jax_over_torch_tokens_per_s"]
+  useful = _bench("continuous_cpu.json")["useful_fraction"]
+  batches = " / ".join(str(r["batch"]) for r in greedy)
+  slower = lambda r: " (slower)" if r < 1 else ""  # noqa: E731
+  packed, padded = (scoring[k]["tokens_per_s"] / scoring["torch"]["tokens_per_s"]
+                    for k in ("jax", "jax_padded"))
+  return "\n".join([
+      "| path | ours / torch |", "| --- | --- |",
+      f"| greedy decode, batch {batches} (`bench/sampler.py --preset cpu-small`) | "
+      f"{_x(r['ratio_decode_tok_s'] for r in greedy)} |",
+      f"| prefill, batch {batches} | {_x(r['ratio_prefill_tok_s'] for r in greedy)} |",
+      f"| paper sampling (T 0.7, top-p 0.95) decode, batch "
+      f"{' / '.join(str(r['batch']) for r in paper)} | {_x(r['ratio_decode_tok_s'] for r in paper)} |",
+      f"| learnability scoring, packed / padded (`bench/scoring.py --preset cpu`) | "
+      f"{_x([packed, padded])}{slower(max(packed, padded))} |",
+      f"| SFT step (`bench/sft.py --preset cpu`) | **{sft:.2f}×** "
+      f"({'slower; ' if sft < 1 else ''}docs/PERFORMANCE.md) |",
+      f"| continuous batching: useful-token fraction on a heavy-tailed workload | "
+      f"{useful['continuous']:.2f} (static: {useful['static']:.2f}) |"])
 
 
 def make_block(report_path: str = REPORT, study_path: str = STUDY) -> str:
@@ -165,17 +208,21 @@ def main(argv=None) -> int:
   ap.add_argument("--report", default=REPORT)
   ap.add_argument("--study", default=STUDY, help="the study run's report.json (if it exists)")
   args = ap.parse_args(argv)
-  block = make_block(args.report, args.study)
+  blocks = [(make_block(args.report, args.study), (BEGIN, END), "results"),
+            (make_speed_block(), SPEED, "speed")]
   with open(README, encoding="utf-8") as f:
     text = f.read()
   if args.check:
-    if current_block(text) != block:
-      print("README.md: the results block is out of date: run python docs/make_readme_results.py",
+    stale = [name for block, markers, name in blocks
+             if current_block(text, markers=markers) != block]
+    for name in stale:
+      print(f"README.md: the {name} block is out of date: run python docs/make_readme_results.py",
             file=sys.stderr)
-      return 1
-    return 0
+    return 1 if stale else 0
+  for block, markers, _ in blocks:
+    text = replace_block(text, block, markers=markers)
   with open(README, "w", encoding="utf-8") as f:
-    f.write(replace_block(text, block))
+    f.write(text)
   print(f"updated {README}")
   return 0
 

@@ -63,6 +63,22 @@ def test_the_readme_results_block_is_generated_from_the_committed_report():
       "docs/toy_study/report.json: run python docs/make_readme_results.py")
 
 
+def test_the_readme_speed_table_is_generated_from_the_committed_bench_results():
+  mod = _script("make_readme_results")
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    table = mod.current_block(f.read(), markers=mod.SPEED)
+  assert table == mod.make_speed_block(), (
+      "README.md's speed table differs from bench/results/: run python docs/make_readme_results.py")
+  # an independent reading of two of the files
+  with open(os.path.join(ROOT, "bench", "results", "sft_cpu.json"), encoding="utf-8") as f:
+    sft = json.load(f)
+  assert f"**{sft['jax_over_torch_tokens_per_s']:.2f}×**" in table
+  with open(os.path.join(ROOT, "bench", "results", "sampler_cpu.json"), encoding="utf-8") as f:
+    rows = json.load(f)["rows"]
+  decode = [l for l in table.splitlines() if l.startswith("| greedy decode")]
+  assert len(decode) == 1 and all(f"{r['ratio_decode_tok_s']:.2f}×" in decode[0] for r in rows)
+
+
 def test_the_results_block_shows_the_study_reports_findings():
   """An independent reading of the committed study: each kind's best teacher by measured gain and
   each signal's agreement appear in the README as the study report has them."""
