@@ -49,8 +49,8 @@ def make_batch(p, seed=0):
           "positions": np.broadcast_to(np.arange(p["seq"], dtype=np.int32), ids[:, :-1].shape).copy()}
 
 
-def bench_jax(p, batch):
-  import jax
+def jax_session(p):
+  """(our SFT session for preset p, its model config, its one-device mesh)."""
   from persyn_jax import sharding as shd
   from persyn_jax.models import build_model
   from persyn_jax.models.hf import config_from_hf
@@ -61,8 +61,13 @@ def bench_jax(p, batch):
   sft = SFTConfig(lr=1e-5, batch_size=p["batch"], seq_len=p["seq"], max_steps=1000,
                   compute_dtype=p["dtype"], param_dtype="float32", loss_chunk=p["loss_chunk"])
   mesh = shd.single_device_mesh()
-  session = make_session(model, sft, mesh, 1000)
-  del model
+  return make_session(model, sft, mesh, 1000), cfg, mesh
+
+
+def bench_jax(p, batch):
+  import jax
+
+  session, cfg, mesh = jax_session(p)
   with jax.set_mesh(mesh):
     box = {"state": session.init_state(), "batch": session.put_batch([batch])}
 
@@ -75,7 +80,9 @@ def bench_jax(p, batch):
   return run, {"flops_per_token_fwd": cfg.flops_per_token(p["seq"]), "params": cfg.num_params()}
 
 
-def bench_torch(p, batch):
+def torch_setup(p, batch) -> dict:
+  """The torch side for preset p: the model (fp32 master weights), AdamW (fused where available),
+  the loss (bf16 autocast for a bf16 preset), its step, and a device sync."""
   import torch
   import transformers as T
 
@@ -95,18 +102,30 @@ def bench_torch(p, batch):
   tgt = torch.as_tensor(batch["targets"], dtype=torch.long, device=dev)
   amp = p["dtype"] == "bfloat16"
 
-  def step():
+  def loss():
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
       logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              tgt.reshape(-1))
-    loss.backward()
+
+  def step():
+    out = loss()
+    out.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return out
 
   sync = torch.cuda.synchronize if cuda else (lambda: None)
+  return {"model": model, "opt": opt, "loss": loss, "step": step, "sync": sync, "fused": fused,
+          "amp": amp}
+
+
+def bench_torch(p, batch):
+  import torch
+
+  t = torch_setup(p, batch)
+  step, sync, fused, amp = t["step"], t["sync"], t["fused"], t["amp"]
 
   def run(n):
     for _ in range(n):

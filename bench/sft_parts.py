@@ -21,17 +21,8 @@ PARTS = ("forward", "forward_backward", "optimizer", "step")
 def jax_parts(p, batch) -> dict:
   import jax
   import optax
-  from persyn_jax import sharding as shd
-  from persyn_jax.models import build_model
-  from persyn_jax.models.hf import config_from_hf
-  from persyn_jax.sft import SFTConfig, make_session
 
-  cfg = config_from_hf(S.hf_config(p).to_dict())
-  model = build_model(cfg, dtype=p["dtype"], param_dtype="float32")
-  sft = SFTConfig(lr=1e-5, batch_size=p["batch"], seq_len=p["seq"], max_steps=1000,
-                  compute_dtype=p["dtype"], param_dtype="float32", loss_chunk=p["loss_chunk"])
-  mesh = shd.single_device_mesh()
-  s = make_session(model, sft, mesh, 1000)
+  s, _, mesh = S.jax_session(p)
   with jax.set_mesh(mesh):
     box = {"state": s.init_state()}
     stacked = s.put_batch([batch])
@@ -57,45 +48,21 @@ def jax_parts(p, batch) -> dict:
 
 def torch_parts(p, batch) -> dict:
   import torch
-  import transformers as T
 
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
-  amp = p["dtype"] == "bfloat16"  # as bench/sft.py: fp32 master weights, bf16 autocast
-  torch.manual_seed(0)
-  config = S.hf_config(p)
-  config._attn_implementation = "sdpa"
-  model = T.LlamaForCausalLM(config).to(dev).float().train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-  ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=dev)
-  tgt = torch.as_tensor(batch["targets"], dtype=torch.long, device=dev)
-  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-  def loss():
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-      logits = model(input_ids=ids).logits
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             tgt.reshape(-1))
+  t = S.torch_setup(p, batch)  # bench/sft.py's torch side: model, AdamW, loss, step
 
   def forward():
     with torch.no_grad():
-      loss()
+      t["loss"]()
 
   def forward_backward():
-    model.zero_grad(set_to_none=True)
-    loss().backward()
+    t["model"].zero_grad(set_to_none=True)
+    t["loss"]().backward()
 
   forward_backward()  # gradients for the optimizer part
-
-  def step():
-    out = loss()
-    out.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-  synced = lambda fn: (lambda: (fn(), sync()))
+  synced = lambda fn: (lambda: (fn(), t["sync"]()))  # noqa: E731
   return {"forward": synced(forward), "forward_backward": synced(forward_backward),
-          "optimizer": synced(opt.step), "step": synced(step)}
+          "optimizer": synced(t["opt"].step), "step": synced(t["step"])}
 
 
 def main(argv=None):
