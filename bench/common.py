@@ -10,6 +10,10 @@
    slow drift of the machine hits both alike.
 4. Summary: `spread` gives the median with min, max and the quartiles; `write_json` stores them
    with the device, date, versions, load and the exact command.
+5. Host malloc: importing this module imports persyn_jax before any JAX backend starts, so that
+   on a CPU-only host our side runs with its malloc settings (persyn_jax/host_malloc.py), as
+   `python -m persyn_jax.train` does; they are process-wide, so torch's side, in the same
+   process, runs with them too. `write_json` records whether they were made ("host_malloc").
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import sys
 import time
 import warnings
 from typing import Callable
+
+import persyn_jax.host_malloc  # noqa: F401  (persyn_jax's import makes the settings; see 5.)
 
 MIN_REPEATS = 3
 
@@ -126,6 +132,7 @@ def environment(load_before: dict, threads: int | None) -> dict:
 
 
 def write_json(path: str, result: dict) -> str:
+  result = {**result, "host_malloc": dict(persyn_jax.host_malloc.STATE)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(result, f, indent=1, default=str)

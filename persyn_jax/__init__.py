@@ -7,4 +7,9 @@ import os as _os
 # such advisories, and a user's explicit value wins.
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+# on a CPU-only host, before JAX starts: keep XLA:CPU's per-call scratch mapped (host_malloc.py)
+from persyn_jax import host_malloc as _host_malloc  # noqa: E402
+
+_host_malloc.apply()
+
 __version__ = "0.1.0"
