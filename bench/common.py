@@ -114,12 +114,24 @@ def versions() -> dict:
   return out
 
 
+def cpu_model() -> str | None:
+  """The host CPU's model name (Linux: /proc/cpuinfo), e.g. "AMD EPYC"; CPU ratios move with it."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
 def device() -> dict:
   import jax
   d = jax.devices()[0]
   return {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
           "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-          "cpus": os.cpu_count()}
+          "cpu_model": cpu_model(), "cpus": os.cpu_count()}
 
 
 def environment(load_before: dict, threads: int | None) -> dict:
