@@ -124,15 +124,17 @@ def test_in_order_blocks_equal_the_dense_xla_path(T, window, softcap, packed):
   kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=window, softcap=softcap,
             scale=0.35)
   real = np.asarray(seg != 0)
-  dense = xla_attention(q, k, v, **kw)
-  blocked = xla_attention(q, k, v, **kw, in_order=True)
+  # jitted as the model runs it: op-by-op dispatch of the blocked form costs minutes under load
+  attn = lambda in_order: jax.jit(lambda q, k, v: xla_attention(q, k, v, **kw, in_order=in_order))
+  dense = attn(False)(q, k, v)
+  blocked = attn(True)(q, k, v)
   np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], rtol=1e-6,
                              atol=1e-6)
   assert np.isfinite(np.asarray(blocked)).all()
   w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) * (seg != 0)[:, :, None, None]
-  grads = lambda in_order: jax.grad(
+  grads = lambda in_order: jax.jit(jax.grad(
       lambda q, k, v: jnp.sum(w * xla_attention(q, k, v, **kw, in_order=in_order)),
-      argnums=(0, 1, 2))(q, k, v)
+      argnums=(0, 1, 2)))(q, k, v)
   for name, g, r in zip("qkv", grads(True), grads(False)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
 

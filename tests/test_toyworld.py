@@ -17,10 +17,12 @@ from persyn_jax.toyworld.specs import TOKENIZER_VOCAB
 from persyn_jax.verify import verify_math
 
 
-def test_build_is_deterministic(tmp_path):
+def test_build_is_deterministic(tiny_world, tmp_path):
+  """A fresh build equals the session's (conftest: built by whichever worker came first)."""
   quiet = lambda m: None  # noqa: E731
-  a = build("tiny", 0, str(tmp_path / "a"), log=quiet)
+  a = tiny_world
   b = build("tiny", 0, str(tmp_path / "b"), log=quiet)
+  assert b.root != a.root
   assert a.info["hashes"] == b.info["hashes"]
   assert len(a.info["hashes"]) == 5
   for name, path, _ in a.teachers:
