@@ -126,12 +126,27 @@ def cpu_model() -> str | None:
   return None
 
 
+def cpu_vector_isa() -> list[str]:
+  """The host CPU's wide-vector extensions (Linux: /proc/cpuinfo flags: avx2, avx512f, amx_*):
+  XLA:CPU's and torch's kernels, and so the CPU ratios, change with them."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = line.split(":", 1)[1].split()
+          return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
+                        or f.startswith("amx"))
+  except OSError:
+    pass
+  return []
+
+
 def device() -> dict:
   import jax
   d = jax.devices()[0]
   return {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
           "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-          "cpu_model": cpu_model(), "cpus": os.cpu_count()}
+          "cpu_model": cpu_model(), "cpu_isa": cpu_vector_isa(), "cpus": os.cpu_count()}
 
 
 def environment(load_before: dict, threads: int | None) -> dict:

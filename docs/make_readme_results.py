@@ -1,5 +1,5 @@
 """Writes the default run's results into README.md from docs/toy_run/report.json, and the CPU
-speed table from bench/results/*.json.
+speed table from bench/results/ (one column per machine: SPEED_SETS).
 
     python docs/make_readme_results.py            # rewrite both blocks in README.md
     python docs/make_readme_results.py --check    # exit 1 if a block is out of date
@@ -156,8 +156,12 @@ def current_block(text: str, where: str = "README.md", markers=(BEGIN, END)) -> 
   return text[i + len(begin):j].strip("\n")
 
 
-def _bench(name: str) -> dict:
-  with open(os.path.join(BENCH, name), encoding="utf-8") as f:
+# the machines of the speed table: (folder under bench/results/, its column's label)
+SPEED_SETS = (("", "VM A"), ("cpu_avx512", "VM B (AVX-512)"))  # both reported as "AMD EPYC"
+
+
+def _bench(name: str, folder: str = "") -> dict:
+  with open(os.path.join(BENCH, folder, name), encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -165,30 +169,46 @@ def _x(ratios) -> str:
   return " / ".join(f"{r:.2f}×" for r in ratios)
 
 
-def make_speed_block() -> str:
-  """The README's CPU speed table, every figure read from the committed bench/results/ files."""
-  greedy = _bench("sampler_cpu.json")["rows"]
-  paper = _bench("sampler_cpu_paper.json")["rows"]
-  scoring = _bench("scoring_cpu.json")["results"]
-  sft = _bench("sft_cpu.json")["jax_over_torch_tokens_per_s"]
-  useful = _bench("continuous_cpu.json")["useful_fraction"]
-  batches = " / ".join(str(r["batch"]) for r in greedy)
+def _speed_column(folder: str) -> dict[str, str]:
+  """One machine's cells of the speed table, by row."""
+  greedy = _bench("sampler_cpu.json", folder)["rows"]
+  paper = _bench("sampler_cpu_paper.json", folder)["rows"]
+  scoring = _bench("scoring_cpu.json", folder)["results"]
+  sft = _bench("sft_cpu.json", folder)
+  ratio = sft["jax_over_torch_tokens_per_s"]
+  useful = _bench("continuous_cpu.json", folder)["useful_fraction"]
   slower = lambda r: " (slower)" if r < 1 else ""  # noqa: E731
   packed, padded = (scoring[k]["tokens_per_s"] / scoring["torch"]["tokens_per_s"]
                     for k in ("jax", "jax_padded"))
-  return "\n".join([
-      "| path | ours / torch |", "| --- | --- |",
-      f"| greedy decode, batch {batches} (`bench/sampler.py --preset cpu-small`) | "
-      f"{_x(r['ratio_decode_tok_s'] for r in greedy)} |",
-      f"| prefill, batch {batches} | {_x(r['ratio_prefill_tok_s'] for r in greedy)} |",
-      f"| paper sampling (T 0.7, top-p 0.95) decode, batch "
-      f"{' / '.join(str(r['batch']) for r in paper)} | {_x(r['ratio_decode_tok_s'] for r in paper)} |",
-      f"| learnability scoring, packed / padded (`bench/scoring.py --preset cpu`) | "
-      f"{_x([packed, padded])}{slower(max(packed, padded))} |",
-      f"| SFT step (`bench/sft.py --preset cpu`) | **{sft:.2f}×** "
-      f"({'slower; ' if sft < 1 else ''}docs/PERFORMANCE.md) |",
-      f"| continuous batching: useful-token fraction on a heavy-tailed workload | "
-      f"{useful['continuous']:.2f} (static: {useful['static']:.2f}) |"])
+  return {
+      "machine": f"{sft['date'][:10]}, fp32 matmul {sft['peak_flops'] / 1e12:.2f} TFLOP/s",
+      "greedy": _x(r["ratio_decode_tok_s"] for r in greedy),
+      "prefill": _x(r["ratio_prefill_tok_s"] for r in greedy),
+      "paper": _x(r["ratio_decode_tok_s"] for r in paper),
+      "scoring": f"{_x([packed, padded])}{slower(max(packed, padded))}",
+      "sft": f"**{ratio:.2f}×**{slower(ratio)}",
+      "useful": f"{useful['continuous']:.2f} (static: {useful['static']:.2f})"}
+
+
+def make_speed_block() -> str:
+  """The README's CPU speed table, every figure read from the committed bench/results/ files:
+  one column per machine (SPEED_SETS)."""
+  greedy = _bench("sampler_cpu.json")["rows"]
+  paper = _bench("sampler_cpu_paper.json")["rows"]
+  batches = " / ".join(str(r["batch"]) for r in greedy)
+  cols = [_speed_column(folder) for folder, _ in SPEED_SETS]
+  rows = [("machine (2 cores, idle; date, measured peak)", "machine"),
+          (f"greedy decode, batch {batches} (`bench/sampler.py --preset cpu-small`)", "greedy"),
+          (f"prefill, batch {batches}", "prefill"),
+          (f"paper sampling (T 0.7, top-p 0.95) decode, batch "
+           f"{' / '.join(str(r['batch']) for r in paper)}", "paper"),
+          ("learnability scoring, packed / padded (`bench/scoring.py --preset cpu`)", "scoring"),
+          ("SFT step (`bench/sft.py --preset cpu`; docs/PERFORMANCE.md)", "sft"),
+          ("continuous batching: useful-token fraction on a heavy-tailed workload", "useful")]
+  head = "| path | " + " | ".join(f"ours / torch, {label}" for _, label in SPEED_SETS) + " |"
+  lines = [head, "| --- |" + " --- |" * len(cols)]
+  lines += [f"| {name} | " + " | ".join(c[key] for c in cols) + " |" for name, key in rows]
+  return "\n".join(lines)
 
 
 def make_block(report_path: str = REPORT, study_path: str = STUDY) -> str:
