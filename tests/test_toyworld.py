@@ -111,12 +111,17 @@ def test_world_check_fails_a_teacher_off_its_design():
 
 def test_a_world_whose_teachers_miss_their_design_is_not_built(tmp_path, monkeypatch):
   """The tiny scale's teachers train a few steps and cannot learn their styles: held to the
-  design, its build fails and caches nothing."""
+  design, its build fails at the first teacher, before training the others, and caches nothing."""
   from persyn_jax.toyworld import specs
   strict = dataclasses.replace(specs.SCALES["tiny"], check=4, tolerance=0.1)
   monkeypatch.setitem(specs.SCALES, "tiny", strict)
-  with pytest.raises(check.WorldCheckError, match="off their design"):
+  first, *rest = [t.name for t in strict.teachers]
+  with pytest.raises(check.WorldCheckError, match="off their design") as e:
     build("tiny", 0, str(tmp_path), log=lambda m: None)
+  assert f"the build stops at {first}: {', '.join(rest)} not trained" in str(e.value)
+  assert f"{first} on " in str(e.value)
+  assert glob.glob(str(tmp_path / "toyworld" / "*" / "teachers" / first))
+  assert not glob.glob(str(tmp_path / "toyworld" / "*" / "teachers" / rest[0]))
   assert not glob.glob(str(tmp_path / "toyworld" / "*" / "world.json"))
 
 

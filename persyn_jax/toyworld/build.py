@@ -224,6 +224,7 @@ def _build(scale: str, seed: int, root: str, log) -> World:
     teachers.append({"name": spec.name, "path": path, "family": spec.model_type,
                      "style": spec.style, "params": model_config(spec, len(tok), tok).num_params()})
     measured[spec.name] = _measure(spec.name, path, check_problems, mesh, log)
+    _check_teacher(sc, spec, measured[spec.name], root, sc.teachers[i + 1:])
   st = sc.student
   spath = _train(st, tasks.student_prior, sc, tok, train_problems[: len(train_problems) // 2],
                  os.path.join(root, "student"), seed * 100 + 99, mesh, log)
@@ -260,6 +261,16 @@ def _check(sc: Scale, measured: dict, student: dict, root: str) -> dict:
     check.check_accuracy(measured, designed, sc.tolerance, where=root)
   return {"problems_per_kind": sc.check, "tolerance": sc.tolerance, "designed": designed,
           "measured": measured, "student": student}
+
+
+def _check_teacher(sc: Scale, spec, measured: dict, root: str, untrained) -> None:
+  """Fails the build as soon as one teacher is off its design (before the rest are trained)."""
+  from persyn_jax.toyworld import check
+  if sc.tolerance > 0:
+    rest = (f" (the build stops at {spec.name}: {', '.join(t.name for t in untrained)} not "
+            "trained)") if untrained else ""
+    check.check_accuracy({spec.name: measured}, check.designed_for([spec]), sc.tolerance,
+                         where=root + rest)
 
 
 def _world(root: str, info: dict) -> World:
