@@ -12,6 +12,9 @@
 #   sampler_greedy     greedy, every row runs all new tokens: decode vs the HBM roofline, vs torch
 #   sft                4 x 2048 SFT step, bf16: MFU, vs a torch step (autocast bf16, fused AdamW)
 #   scoring            learnability scoring: MFU (vs torch forward)
+#   continuous         continuous against static batching on a heavy-tailed workload (useful-token
+#                      fraction), and decode cost per token as the allocated cache grows (flat);
+#                      a small model, the same in both modes: judged in a --dry run on CPU too
 # The two sides of each step run sequentially in one process, alternating over 3 repeats, with
 # XLA_PYTHON_CLIENT_PREALLOCATE=false so that the torch side finds free device memory.
 # On a TPU host torch has no device: the torch anchors are skipped there (--no-torch).
@@ -30,6 +33,7 @@ if (( DRY )); then
   SAMPLER=(--preset cpu-tiny --batches 4)
   SFT=(--preset tiny)
   SCORING=(--preset tiny)
+  CONTINUOUS=()
   LIMIT=300
 else
   OUT=${OUT_DIR:-bench/results/accelerator_$stamp}
@@ -39,6 +43,7 @@ else
   SAMPLER=(--preset gpu-1b --batches 64 --prompt-len 256 --new-tokens 128 --repeats 3)
   SFT=(--preset gpu --set steps=3 rounds=3 warmup=1)
   SCORING=(--preset gpu --pairs 128 --repeats 3)
+  CONTINUOUS=(--rows 512)
   LIMIT=${STEP_LIMIT:-150}
 fi
 NO_TORCH=()
@@ -66,5 +71,6 @@ run sampler_greedy "$PY" bench/sampler.py "${SAMPLER[@]}" --sampling greedy --wo
   "${NO_TORCH[@]}" --out "$OUT/sampler_greedy.json"
 run sft "$PY" bench/sft.py "${SFT[@]}" "${NO_TORCH[@]}" --out "$OUT/sft.json"
 run scoring "$PY" bench/scoring.py "${SCORING[@]}" "${NO_TORCH[@]}" --out "$OUT/scoring.json"
+run continuous "$PY" bench/continuous.py "${CONTINUOUS[@]}" --out "$OUT/continuous.json"
 "$PY" bench/accelerator_summary.py "$OUT" $( (( DRY )) && echo --dry )
 echo "total $SECONDS s"

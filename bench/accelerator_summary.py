@@ -4,7 +4,9 @@
 
 Writes <dir>/summary.json and prints one line per target: its value, the goal, and whether it
 was met; a target whose run failed or was skipped is marked "not measured", never guessed.
-With --dry (CPU, tiny presets) the values are plumbing only and no target is judged.
+With --dry (CPU, tiny presets) the values are plumbing only and those targets are not judged;
+the continuous-batching targets (bench/continuous.py, the same small model in either mode) are
+judged in both.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import os
 
 import common as C  # bench/common.py (this directory is on sys.path when run as a script)
 
-# (name, file, how to read the value, goal, what it measures)
+# (name, file, how to read the value, goal, what it measures); goals are "at least" unless the
+# name is in AT_MOST; JUDGED_DRY: judged in a --dry run too (their figures do not hang on presets)
+AT_MOST = {"decode_cost_growth_16x_cache"}
+JUDGED_DRY = {"continuous_useful_fraction", "decode_cost_growth_16x_cache"}
 TARGETS = [
     ("decode_roofline_frac", "sampler_greedy.json",
      lambda d: d["rows"][0].get("decode_roofline_frac_measured"), 0.60,
@@ -30,6 +35,12 @@ TARGETS = [
      "SFT tokens/s / torch step (autocast bf16, fused AdamW)"),
     ("scoring_mfu", "scoring.json", lambda d: d["results"]["jax"].get("mfu"), 0.50,
      "learnability scoring MFU"),
+    ("continuous_useful_fraction", "continuous.json",
+     lambda d: d["useful_fraction"]["continuous"], 0.90,
+     "continuous batching: response tokens / slot-steps on a heavy-tailed workload"),
+    ("decode_cost_growth_16x_cache", "continuous.json",
+     lambda d: d["per_token_growth_max_over_min"], 1.25,
+     "decode seconds per token, cache allocated 1x/4x/16x: largest over smallest (flat)"),
 ]
 
 
@@ -37,7 +48,8 @@ def summarize(out_dir: str, dry: bool) -> dict:
   rows = []
   for name, fname, read, goal, what in TARGETS:
     path = os.path.join(out_dir, fname)
-    row = {"target": name, "what": what, "goal": goal, "file": fname}
+    at_most = name in AT_MOST
+    row = {"target": name, "what": what, "goal": goal, "at_most": at_most, "file": fname}
     try:
       with open(path) as f:
         d = json.load(f)
@@ -47,7 +59,8 @@ def summarize(out_dir: str, dry: bool) -> dict:
       value, row["error"] = None, f"{type(e).__name__}: {e}"
     row["value"] = value
     row["measured"] = value is not None
-    row["met"] = None if (dry or value is None) else bool(value >= goal)
+    judged = value is not None and (not dry or name in JUDGED_DRY)
+    row["met"] = None if not judged else bool(value <= goal if at_most else value >= goal)
     rows.append(row)
   return {"dir": os.path.abspath(out_dir), "dry": dry, "targets": rows}
 
@@ -61,7 +74,8 @@ def main(argv=None):
   for r in s["targets"]:
     val = "not measured" if not r["measured"] else f"{r['value']:.3g}"
     verdict = {True: "met", False: "NOT met", None: "not judged"}[r["met"]]
-    print(f"{r['target']:28s} {val:>14s}  goal >= {r['goal']:<5} {verdict:10s} {r['what']}")
+    sign = "<=" if r["at_most"] else ">="
+    print(f"{r['target']:28s} {val:>14s}  goal {sign} {r['goal']:<5} {verdict:10s} {r['what']}")
   C.write_json(os.path.join(args.dir, "summary.json"), s)
   return s
 

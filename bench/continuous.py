@@ -12,7 +12,7 @@ and the decode cost per token as the allocated KV cache grows.
    queue. Both sides produce the same tokens; the wall time of each is given too.
 2. Flat decode: a job of full-length rows (no stops) run with the slot cache allocated at 1x, 4x
    and 16x what it needs; decode attends over the filled span only, so seconds per token should
-   not grow with the allocation.
+   not grow with the allocation. The three sizes alternate, `--flat-runs` runs a measurement.
 Both sides alternate over >= 3 repeats (bench/common.py); the JSON records the machine's load.
 """
 from __future__ import annotations
@@ -70,6 +70,8 @@ def main(argv=None):
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--chunk", type=int, default=16, help="decode steps per host check")
   ap.add_argument("--repeats", type=int, default=C.MIN_REPEATS)
+  ap.add_argument("--flat-runs", type=int, default=4,
+                  help="whole runs per measurement of the decode cost against the cache size")
   ap.add_argument("--threads", type=int, default=None)
   ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
                                                 "continuous_<device>.json)")
@@ -123,20 +125,27 @@ def main(argv=None):
         f"{C.fmt_spread(times['static'], unit='s')}, continuous "
         f"{C.fmt_spread(times['continuous'], unit='s')}")
 
-  # 2. decode cost per token against the allocated cache
+  # 2. decode cost per token against the allocated cache: the sizes alternate (1x 4x 16x, 16x 4x
+  # 1x, ...) so that drift of the machine falls on all of them alike; each measurement is
+  # `--flat-runs` whole runs (each with its one-time state allocation, under 1 ms on CPU)
   full = prompts[:2 * B]
   need = L + new
-  flat = {}
-  for mult in (1, 4, 16):
-    continuous_run(eng, full, B, 0, (), args.chunk, cache_len=need * mult)  # compile
-    secs = []
-    for _ in range(args.repeats):
+  tokens = len(full) * new * args.flat_runs
+  sizes = [need * mult for mult in (1, 4, 16)]
+
+  def per_token(S):
+    def run():
       t = time.perf_counter()
-      continuous_run(eng, full, B, 0, (), args.chunk, cache_len=need * mult)
-      secs.append((time.perf_counter() - t) / (len(full) * new))
-    flat[str(need * mult)] = C.spread(secs)
-    print(f"cache {need * mult} slots per row: {C.fmt_spread(flat[str(need * mult)], 1e6, 'us')}"
-          " per token")
+      for _ in range(args.flat_runs):
+        continuous_run(eng, full, B, 0, (), args.chunk, cache_len=S)
+      return (time.perf_counter() - t) / tokens
+    return run
+
+  for S in sizes:
+    continuous_run(eng, full, B, 0, (), args.chunk, cache_len=S)  # compile
+  flat = C.alternate({str(S): per_token(S) for S in sizes}, max(args.repeats, 5))
+  for S in sizes:
+    print(f"cache {S} slots per row: {C.fmt_spread(flat[str(S)], 1e6, 'us')} per token")
   meds = [s["median"] for s in flat.values()]
   growth = max(meds) / min(meds)
   print(f"per-token cost, 16x cache over 1x: {meds[-1] / meds[0]:.2f}x")

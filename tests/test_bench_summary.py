@@ -1,0 +1,50 @@
+"""bench/accelerator_summary.py: each target read from its step's JSON and judged against its goal
+(at least, or at most for the decode cost's growth); a missing step is "not measured"; a --dry
+run judges only the targets whose figures do not hang on its tiny presets."""
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture
+def summary(monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  sys.modules.pop("accelerator_summary", None)
+  import accelerator_summary
+  return accelerator_summary
+
+
+def write(d, name, obj):
+  with open(os.path.join(d, name), "w") as f:
+    json.dump(obj, f)
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_targets_are_judged_each_in_its_direction(summary, tmp_path, dry):
+  write(tmp_path, "continuous.json", {"useful_fraction": {"continuous": 0.95, "static": 0.3},
+                                      "per_token_growth_max_over_min": 1.4})
+  write(tmp_path, "sft.json", {"jax": {"mfu": 0.45}, "jax_over_torch_tokens_per_s": 1.1})
+  rows = {r["target"]: r for r in summary.summarize(str(tmp_path), dry)["targets"]}
+  assert rows["continuous_useful_fraction"]["met"] is True        # 0.95 >= 0.9
+  assert rows["decode_cost_growth_16x_cache"]["met"] is False     # 1.4 > 1.25: not flat
+  assert rows["decode_cost_growth_16x_cache"]["at_most"]
+  sft_mfu, sft_ratio = rows["sft_mfu"], rows["sft_vs_torch"]
+  assert sft_mfu["value"] == 0.45 and sft_ratio["value"] == 1.1
+  assert (sft_mfu["met"], sft_ratio["met"]) == ((None, None) if dry else (True, False))
+  for name in ("decode_roofline_frac", "scoring_mfu"):  # their steps wrote nothing
+    assert not rows[name]["measured"] and rows[name]["met"] is None and "error" in rows[name]
+  assert os.path.exists(tmp_path / "summary.json") is False  # summarize only; main writes it
+
+
+def test_main_writes_the_summary(summary, tmp_path, capsys):
+  write(tmp_path, "continuous.json", {"useful_fraction": {"continuous": 0.5},
+                                      "per_token_growth_max_over_min": 1.1})
+  summary.main([str(tmp_path), "--dry"])
+  out = capsys.readouterr().out
+  assert "continuous_useful_fraction" in out and "NOT met" in out and "goal <= 1.25" in out
+  saved = json.load(open(tmp_path / "summary.json"))
+  assert saved["dry"] and len(saved["targets"]) == len(summary.TARGETS)
