@@ -12,6 +12,9 @@
 #   sampler_greedy     greedy, every row runs all new tokens: decode vs the HBM roofline, vs torch
 #   sft                4 x 2048 SFT step, bf16: MFU, vs a torch step (autocast bf16, fused AdamW)
 #   scoring            learnability scoring: MFU (vs torch forward)
+#   sampling_math      the sampling math alone at batch 64 over Llama-3's vocabulary: greedy, top-p on
+#                      peaked logits (the top-k prefilter) and on flat ones (the full radix search:
+#                      what sampler_paper_eos pays on random weights), vs transformers' warpers
 #   continuous         continuous against static batching on a heavy-tailed workload (useful-token
 #                      fraction), and decode cost per token as the allocated cache grows (flat);
 #                      a small model, the same in both modes: judged in a --dry run on CPU too
@@ -34,6 +37,7 @@ if (( DRY )); then
   SFT=(--preset tiny)
   SCORING=(--preset tiny)
   CONTINUOUS=()
+  MATH=(--batch 4 --vocab 4096 --steps 4)
   LIMIT=300
 else
   OUT=${OUT_DIR:-bench/results/accelerator_$stamp}
@@ -44,6 +48,7 @@ else
   SFT=(--preset gpu --set steps=3 rounds=3 warmup=1)
   SCORING=(--preset gpu --pairs 128 --repeats 3)
   CONTINUOUS=(--rows 512)
+  MATH=()
   LIMIT=${STEP_LIMIT:-150}
 fi
 NO_TORCH=()
@@ -71,6 +76,8 @@ run sampler_greedy "$PY" bench/sampler.py "${SAMPLER[@]}" --sampling greedy --wo
   "${NO_TORCH[@]}" --out "$OUT/sampler_greedy.json"
 run sft "$PY" bench/sft.py "${SFT[@]}" "${NO_TORCH[@]}" --out "$OUT/sft.json"
 run scoring "$PY" bench/scoring.py "${SCORING[@]}" "${NO_TORCH[@]}" --out "$OUT/scoring.json"
+run sampling_math "$PY" bench/sampling_math.py "${MATH[@]}" "${NO_TORCH[@]}" \
+  --out "$OUT/sampling_math.json"
 run continuous "$PY" bench/continuous.py "${CONTINUOUS[@]}" --out "$OUT/continuous.json"
 "$PY" bench/accelerator_summary.py "$OUT" $( (( DRY )) && echo --dry )
 echo "total $SECONDS s"

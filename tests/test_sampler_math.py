@@ -143,3 +143,39 @@ def test_sampling_with_and_without_the_prefilter_draws_the_same_tokens():
   a = L.sample(x, keys, 0.8, top_k=0, top_p=0.95, top_p_prefilter=32)
   b = L.sample(x, keys, 0.8, top_k=0, top_p=0.95, top_p_prefilter=0)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_first_argmax_is_numpys_argmax_with_ties_nan_and_inf():
+  """L.first_argmax (on CPU a max, then a min over the indices that reach it) against np.argmax:
+  first index on ties, the first NaN when a row has one, 0 on a row of -inf, +-0 as equal."""
+  rng = np.random.default_rng(3)
+  x = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # many ties
+  x[5, [7, 20]] = np.nan
+  x[6, :] = -np.inf
+  x[7, :] = -1
+  x[7, [2, 9]] = [-0.0, 0.0]
+  x[8, :] = np.inf
+  x[9, [3, 30]] = np.inf
+  got = np.asarray(L.first_argmax(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  assert got[5] == 7 and got[6] == 0 and got[7] == 2 and got[9] == 3
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+  # jitted, on the shape a sampler sees
+  y = rng.standard_normal((16, 8192)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jit(L.first_argmax)(jnp.asarray(y))),
+                                np.argmax(y, axis=-1))
+
+
+def test_draw_is_jax_categorical_bit_for_bit():
+  """L.draw (Gumbel noise + logits, first_argmax) gives vmap(jax.random.categorical)'s tokens for
+  the same keys, on filtered (-inf) rows too."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((32, 300)).astype(np.float32) * 3)
+  x = jnp.where(jnp.asarray(rng.random((32, 300)) < 0.7), -jnp.inf, x)
+  for seed in range(5):
+    keys = L.row_keys(seed, jnp.arange(32, dtype=jnp.uint32), jnp.zeros(32, jnp.uint32))
+    want = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x)
+    got = jax.jit(L.draw)(keys, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.all(np.isfinite(np.asarray(x)[np.arange(32), np.asarray(got)]))
