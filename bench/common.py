@@ -134,8 +134,8 @@ def cpu_vector_isa() -> list[str]:
       for line in f:
         if line.startswith("flags"):
           flags = line.split(":", 1)[1].split()
-          return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
-                        or f.startswith("amx"))
+          wide = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
+          return sorted(flag for flag in flags if flag in wide or flag.startswith("amx"))
   except OSError:
     pass
   return []
