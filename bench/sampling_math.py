@@ -48,9 +48,12 @@ def logits_of(kind: str, batch: int, vocab: int, temperature: float, top_p: floa
   return x, top_mass(x)
 
 
-def ours(jax, jnp, x, temperature, top_p, greedy, steps):
+def ours(x, temperature, top_p, greedy, steps):
   """`steps` draws in one jitted loop, as the decode loop runs them (no per-step dispatch); each
   step's logits differ from x by a term below fp32 rounding, so nothing is hoisted out of it."""
+  import jax
+  import jax.numpy as jnp
+
   from persyn_jax.sampling import logits as L
   keys = L.row_keys(0, jnp.arange(x.shape[0], dtype=jnp.uint32), jnp.zeros(x.shape[0], jnp.uint32))
   t = 0.0 if greedy else temperature
@@ -116,15 +119,14 @@ def main(argv=None):
   threads = C.pin_threads(args.threads)
   load_before = C.check_load("before")
   import jax
-  import jax.numpy as jnp
   on_cpu = jax.devices()[0].platform == "cpu"
   repeats = max(args.repeats, C.MIN_REPEATS)
   rows = {}
   for kind in ("peaked", "flat"):
     x, mass = logits_of(kind, args.batch, args.vocab, args.temperature, args.top_p)
     n = args.steps
-    sides = {"ours_greedy": timed(*ours(jax, jnp, x, args.temperature, args.top_p, True, n), 1, n),
-             "ours_top_p": timed(*ours(jax, jnp, x, args.temperature, args.top_p, False, n), 1, n)}
+    sides = {"ours_greedy": timed(*ours(x, args.temperature, args.top_p, True, n), 1, n),
+             "ours_top_p": timed(*ours(x, args.temperature, args.top_p, False, n), 1, n)}
     if not args.no_torch:  # transformers calls its warpers once per step, from Python
       step, block = torch_side(x, args.temperature, args.top_p, "cpu" if on_cpu else "cuda")
       block(step())
