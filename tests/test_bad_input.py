@@ -382,6 +382,22 @@ def test_an_empty_dataset_is_a_clear_error(model_dir, tmp_path, content):
     S.load_prompts(S.PromptSourceConfig(path=str(tmp_path / "empty")))  # a folder without prompts
 
 
+def test_a_run_started_from_python_is_checked_before_any_work(model_dir, tmp_path):
+  """Run.run() runs the CLI's preflight first: a config that would fail in eval (no held-out
+  prompts) or in the router (no backbone) is refused before the probe, with every problem named."""
+  from persyn_jax.stages import Run
+  p = tmp_path / "prompts.jsonl"
+  p.write_text("".join(f'{{"id": "p{i}", "prompt": "question {i}"}}\n' for i in range(4)))
+  cfg = explicit_config(model_dir, tmp_path, p, prompts={"source": {"path": str(p)}, "eval": 0})
+  with pytest.raises(C.ConfigError, match=r"(?s)3 problem.*router.backbone is empty.*"
+                                          r"prompts.eval=0.0 leaves no held-out prompts.*"
+                                          r"eval.verifier=.math. needs reference answers"):
+    Run(cfg, log=lambda m: None).run(["probe", "router", "eval"])
+  assert not (tmp_path / "run").exists()
+  Run(cfg, log=lambda m: None).run(["probe"])  # the stages it can run still run
+  assert (tmp_path / "run" / "probe" / "DONE.json").exists()
+
+
 RUN_YAML = "world: null\nstudent: {name: s, path: /m}\nteachers: [{name: a, path: /a}]\n"
 
 

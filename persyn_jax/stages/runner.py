@@ -19,7 +19,7 @@ from typing import Sequence
 
 from persyn_jax import config as C
 from persyn_jax import distributed as dist
-from persyn_jax import fs
+from persyn_jax import fs, preflight
 from persyn_jax.data.shards import ShardError
 from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models.checks import CheckpointError
@@ -96,11 +96,18 @@ class Run:
     complete shards are checked and kept, the missing or corrupt ones are written again (the
     way to repair a stage whose files were damaged after it finished).
 
+    First, the CLI's preflight checks (persyn_jax.preflight) of these stages: a config that would
+    fail one of them later raises ConfigError, listing every problem, before any work.
+
     Only one run at a time may use a run directory (a lock, see stages/lock.py); with several
     processes, process 0 takes it and every process raises alike when it is refused."""
     bad = [s for s in (*stages, *redo) if s not in STAGES]
     if bad:
       raise ValueError(f"unknown stages {bad}; stages: {', '.join(STAGES)}")
+    # The CLI's preflight, for a run started from Python too: nothing starts that would fail later.
+    found = preflight.problems(self.cfg, (*stages, *redo))
+    if found:
+      raise C.ConfigError(preflight.format_problems(found))
     lock, error = RunLock(self.dir, self.log), None
     if dist.is_writer():
       try:
