@@ -46,7 +46,7 @@ from persyn_jax.sampling import logits as L
 from persyn_jax.sampling.engine import Static, _constrain_cache, prefill, stop_array
 
 Array = jax.Array
-TRACES = {"init": 0, "insert": 0, "chunk": 0}
+TRACES = {"init": 0, "insert": 0, "chunk": 0, "rows": 0}
 
 
 @dataclasses.dataclass
@@ -166,6 +166,13 @@ def chunk(model, state, seed, stop_ids, exit_done, *, st: Static, steps: int, sp
   return out, n
 
 
+def take_rows(model, tokens, idx):
+  """Rows idx [R] of the token table [B, max_new_tokens]: only the finished rows go to the host."""
+  del model
+  TRACES["rows"] += 1
+  return tokens[idx]
+
+
 class SlotEngine:
   """The compiled init, prefill, insert and decode chunk of one (model, sampling constants, mesh)
   on a runtime Runner (the static Engine's runner: same rule set, same compile cache)."""
@@ -175,6 +182,7 @@ class SlotEngine:
     r = self.runner
     self._prefill = r.jit(prefill, static={"max_new_tokens": 0, "cache_dtype": self.st.cache_dtype})
     self._insert = r.jit(insert, static={"st": self.st}, donate=(0,))
+    self._rows = r.jit(take_rows)
 
   def init(self, slots: int, cache_len: int):
     return self.runner.jit(init_state, static={"slots": slots, "cache_len": cache_len,
@@ -232,12 +240,14 @@ def run(engine, prompts: Sequence[list[int]], rows: Sequence[tuple[int, int]], *
     finished = [b for b in busy if done[b]]
     for b in busy:
       filled[b] = bucket[owner[b][0]] + int(length[b])
-    if finished:
-      tokens = to_host(state["tokens"])
+    if finished:  # their rows only (a few compiled row counts), not the whole [B, max_new] table
+      idx = np.zeros((pow2(len(finished)),), np.int32)
+      idx[:len(finished)] = finished
+      tokens = to_host(se._rows(state["tokens"], r.replicate(idx)))
       out = []
-      for b in finished:
+      for k, b in enumerate(finished):
         i, s = owner[b]
-        out.append((i, s, tokens[b, :length[b]], int(length[b]), bool(stopped[b])))
+        out.append((i, s, tokens[k, :length[b]], int(length[b]), bool(stopped[b])))
         stats.useful_tokens += int(length[b])
         owner[b] = None
       on_done(out)
