@@ -183,11 +183,17 @@ class Router:
   """A router ready to route: the model, the backbone's tokenizer and the teacher names."""
 
   def __init__(self, model: RouterModel, tokenizer, teachers: Sequence[str], config: RouterConfig,
-               route_token_id: int | None, mesh: jax.sharding.Mesh | None = None):
+               route_token_id: int | None, mesh: jax.sharding.Mesh | None = None,
+               routable: Sequence[str] | None = None):
     if model.head.b.shape[0] != len(teachers):
       raise ValueError(f"the head has {model.head.b.shape[0]} outputs for {len(teachers)} teachers")
     self.model, self.tokenizer, self.config = model, tokenizer, config
     self.teachers = list(teachers)
+    # the teachers route() may choose: train_router drops those no training pair compared (every
+    # probe response failed, or tied), whose scores its head never learned
+    self.routable = list(teachers) if routable is None else [t for t in teachers if t in routable]
+    if not self.routable:
+      raise ValueError(f"no routable teacher among {self.teachers}")
     self.route_token_id = route_token_id
     self.mesh = mesh if mesh is not None else shd.single_device_mesh()
     self.shards = shd.batch_shards(self.mesh)
@@ -261,9 +267,11 @@ class Router:
     return out
 
   def route(self, prompts: Sequence) -> tuple[list[str], np.ndarray]:
-    """(teacher name per prompt = argmax of its coefficients, the [n, k] coefficients)."""
+    """(teacher name per prompt = argmax of its coefficients over the routable teachers, the
+    [n, k] coefficients of all teachers)."""
     s = self.scores(prompts)
-    return [self.teachers[j] for j in np.argmax(s, axis=1)], s
+    ok = np.array([t in self.routable for t in self.teachers])
+    return [self.teachers[j] for j in np.argmax(np.where(ok, s, -np.inf), axis=1)], s
 
   # -- checkpoint -----------------------------------------------------------------------------
   def save(self, path: str) -> None:
@@ -279,7 +287,8 @@ class Router:
     atomic_write_json(fs.join(path, "backbone_config.json"),
                       config_to_hf(self.model.backbone.cfg), sort_keys=True)
     atomic_write_json(fs.join(path, "router.json"), {
-        "format": 1, "teachers": self.teachers, "route_token_id": self.route_token_id,
+        "format": 1, "teachers": self.teachers, "routable": self.routable,
+        "route_token_id": self.route_token_id,
         "config": cfglib.to_dict(self.config)}, sort_keys=True)
 
   @classmethod
@@ -300,5 +309,6 @@ class Router:
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     tok = models.load_tokenizer(os.path.join(path, "tokenizer"))
-    return cls(model, tok, meta["teachers"], config, meta["route_token_id"], mesh)
+    return cls(model, tok, meta["teachers"], config, meta["route_token_id"], mesh,
+               routable=meta.get("routable"))  # older checkpoints: every teacher
 

@@ -49,6 +49,10 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
                  log: Callable[[dict], None] | None = None) -> tuple[Router, dict]:
   """Fits `router` on the probe prompts' [prompts, teachers] combined rewards (NaN = missing).
 
+  A teacher that no training pair compares (every probe response failed, or tied with the
+  others) keeps an untrained score: it is left out of `router.routable`, so route() never picks
+  it, and the report names it (`unroutable`).
+
   Early stopping on the held-out Bradley-Terry loss: training stops after `patience` evaluations
   without improvement and the best evaluated parameters are kept. Returns (router, report).
   """
@@ -64,6 +68,9 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
   train_idx = train_idx[wins[train_idx].sum((1, 2)) > 0]  # prompts without a pair teach nothing
   if not train_idx.size:
     raise ValueError(f"no training pairs: {counts}")
+  compared = wins[train_idx].sum((0, 2)) + wins[train_idx].sum((0, 1)) > 0
+  router.routable = [t for t, c in zip(router.teachers, compared) if c]
+  unroutable = [t for t, c in zip(router.teachers, compared) if not c]
   steps_per_epoch = math.ceil(train_idx.size / cfg.batch_size)
   total = cfg.epochs * steps_per_epoch
   eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
@@ -140,7 +147,8 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
 
   train_prompts = [prompts[i] for i in train_idx]
   report = {
-      "pairs": counts, "truncated_prompts": truncated, "train_prompts": int(train_idx.size),
+      "pairs": counts, "unroutable": unroutable, "truncated_prompts": truncated,
+      "train_prompts": int(train_idx.size),
       "held_out_prompts": int(held_idx.size), "steps": done, "total_steps": total,
       "best_step": early.best_step if best is not None else done, "stopped_early": early.stopped,
       "history": history, "seconds": time.time() - t0,

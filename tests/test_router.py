@@ -164,6 +164,27 @@ def test_frozen_backbone_trains_the_head_only(model_dir):
   assert not np.array_equal(before["head"]["w"], after["head"]["w"])
 
 
+def test_a_teacher_no_probe_pair_compares_is_never_routed(model_dir, tmp_path):
+  """Every probe response of t_dead failed (NaN): its head output never learned anything, so even
+  a score far above the others' must not route a prompt to it, also after save and load."""
+  path, _ = model_dir("llama")
+  prompts, rewards = synthetic(40, seed=4)
+  rewards = np.concatenate([rewards, np.full((40, 1), np.nan)], axis=1)
+  cfg = RouterConfig(backbone=path, **{**TINY, "epochs": 1, "freeze_backbone": True,
+                                       "held_out_fraction": 0.0})
+  router = Router.from_backbone(path, TEACHERS + ["t_dead"], cfg)
+  router, report = train_router(router, prompts, rewards)
+  assert report["unroutable"] == ["t_dead"] and router.routable == TEACHERS
+  b = router.model.head.b
+  b.set_value(b.get_value().at[4].set(1e6))  # the untrained column wins every argmax
+  names, scores = router.route(prompts[:8])
+  assert (scores.argmax(1) == 4).all() and "t_dead" not in names
+  assert names == [TEACHERS[j] for j in scores[:, :4].argmax(1)]
+  router.save(str(tmp_path / "router"))
+  again = Router.load(str(tmp_path / "router"))
+  assert again.routable == TEACHERS and again.route(prompts[:8])[0] == names
+
+
 def nnx_state(model):
   from flax import nnx
   return nnx.to_pure_dict(nnx.state(model))

@@ -13,6 +13,9 @@ def run(ctx: Context) -> dict:
   prompts = [ev.prompt_of(by_id[i]) for i in table.ids]
   router, report = fit_router(ctx.cfg.router, prompts, table.reward, ctx.teachers,
                               mesh=ctx.mesh_for(ctx.cfg.router.mesh), log=None)
+  if report["unroutable"]:
+    ctx.log(f"[router] no probe pair compares {report['unroutable']} (every response failed or "
+            f"tied): the router never routes to them")
   router.save(ctx.path("router", "checkpoint"))
   ctx.write_json(report, "router", "router_eval.json")
   return {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
