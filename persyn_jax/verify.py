@@ -106,15 +106,25 @@ def _strip_latex(s: str) -> str:
 
 
 def normalize_answer(s: str) -> str:
-  """A canonical string of an answer: LaTeX wrappers, spacing, `$`, a leading `x =` and a trailing
-  period removed, lower case."""
+  """A canonical string of an answer: LaTeX wrappers, `$`, a leading `x =` and a trailing period
+  removed; braces around one character dropped (`x^{2}` -> `x^2`, never `2^{n+1}` -> `2^n+1`);
+  spaces dropped except between two word characters (`1 2` stays apart from `12`); a word
+  answer (letters only, e.g. `Monday`, `(B)`) in lower case, math keeps its case (`\Pi` is not
+  `\pi`). Equal strings are the same answer; unequal ones go on to the symbolic check."""
   s = _strip_latex(s.strip())
   s = s.replace("$", " ")
   s = re.sub(r"^\s*[a-zA-Z]\s*=\s*(?=\S)", "", s)  # "x = 5" -> "5"
   s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
   s = re.sub(r"^\((\w)\)$", r"\1", s)  # "(B)" -> "B" (multiple choice)
-  s = s.replace("{", "").replace("}", "").replace(" ", "")
-  return s.lower()
+  s = re.sub(r"(\\[a-zA-Z]+) (?![a-zA-Z])", r"\1", s)  # "\sqrt 3" -> "\sqrt3"
+  s = re.sub(r"(?<!\w) | (?!\w)", "", s)
+  while True:  # "{{x}}" -> "x"; a letter after a command keeps its braces ("\sqrt{x}")
+    t = re.sub(r"(?<![a-zA-Z])\{([^{}\\])\}|(?<=[a-zA-Z])\{([^{}\\a-zA-Z])\}",
+               lambda m: m.group(1) or m.group(2), s)
+    if t == s:
+      break
+    s = t
+  return s.lower() if re.fullmatch(r"[A-Za-z]+(?: [A-Za-z]+)*", s) else s
 
 
 def parse_number(s: str) -> tuple[Fraction, bool] | None:
@@ -147,10 +157,6 @@ def parse_number(s: str) -> tuple[Fraction, bool] | None:
   return value, pct
 
 
-def _close(a: Fraction, b: Fraction, rel: float = 1e-6) -> bool:
-  return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
-
-
 def answers_match(pred: str | None, ref: str | None, *, timeout_s: float | None = None) -> bool:
   """True if the extracted answer `pred` equals the reference answer `ref`: as numbers when both
   are numbers, else as normalized strings or sympy-equivalent expressions (`timeout_s` bounds the
@@ -160,10 +166,10 @@ def answers_match(pred: str | None, ref: str | None, *, timeout_s: float | None 
   a, b = parse_number(pred), parse_number(ref)
   if a is not None and b is not None:
     (va, pa), (vb, pb) = a, b
-    if _close(va, vb):
+    if va == vb:  # exact: 1000001 is not 1000000, 0.666667 is not 2/3
       return True
     # "50%" answers "what percentage" (ref 50) and "what fraction" (ref 0.5) alike.
-    return (pa and _close(va / 100, vb)) or (pb and _close(va, vb / 100))
+    return bool((pa and va / 100 == vb) or (pb and va == vb / 100))
   na, nb = normalize_answer(pred), normalize_answer(ref)
   if not na or not nb:
     return False

@@ -52,6 +52,10 @@ CASES = [
     ("The answer is 1,000,000.", "1000000", 1.0),
     ("The answer is 100000.", "1000000", 0.0),
     ("The answer is 2/3", "0.6667", 0.0),  # a rounded decimal is not the fraction
+    (r"\boxed{0.666667}", r"\frac{2}{3}", 0.0),  # nor a closer one: numbers compare exactly
+    (r"\boxed{1000001}", "1000000", 0.0),
+    ("#### 1048575", "1048576", 0.0),
+    (r"\boxed{123456700}", "123456789", 0.0),
     # last-number fallback
     ("First 2 + 3 = 5, then 5 * 4 = 20", "20", 1.0),
     ("First 2 + 3 = 5, then 5 * 4 = 20", "5", 0.0),
@@ -116,12 +120,27 @@ EQUIVALENT = [
     (r"1/\sqrt2", r"\sqrt2/2"),
 ]
 NOT_EQUIVALENT = [
+    # braces group: dropping them all would make each pair the same string
+    (r"2^{n+1}", r"2^{n}+1"),
+    (r"\sqrt{x+1}", r"\sqrt{x}+1"),
+    (r"\sqrt{3}x", r"\sqrt{3x}"),
+    (r"e^{2}x", r"e^{2x}"),
+    (r"x^{2}y", r"x^{2y}"),
+    ("1 2", "12"),
     (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt2}{2}"),
     (r"x^2+2x", r"x^2+2"),
     (r"10^{3}", "100"),
     ("3, 5", "3, 6"),
     (r"\pi/2", r"\pi/3"),
 ]
+
+
+@pytest.mark.parametrize("answer,canonical", [
+    (r"x^{2}", "x^2"), (r"2^{n+1}", "2^{n+1}"), (r"\sqrt {3}", r"\sqrt3"), (r"\sqrt 3", r"\sqrt3"),
+    (r"\sqrt{x}", r"\sqrt{x}"), ("{{x}}", "x"), (r"\left( 1, 2 \right)", "(1,2)"),
+    (r"\pi r", r"\pi r"), ("1 2", "1 2"), (r"\text{Monday}", "monday"), (r"\Pi", r"\Pi")])
+def test_normalized_strings_keep_what_tells_answers_apart(answer, canonical):
+  assert verify.normalize_answer(answer) == canonical
 
 
 @pytest.mark.parametrize("answer,reference", EQUIVALENT)
