@@ -18,10 +18,11 @@ from persyn_jax.stages.context import Context
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(tmp_path, **over) -> RunConfig:
+def config(tmp_path, models="/m", **over) -> RunConfig:
   data = {"world": None, "run_dir": str(tmp_path / "run"),
-          "teachers": [{"name": "t1", "path": "/m/t1"}, {"name": "t/2", "path": "/m/t2"}],
-          "student": {"name": "s", "path": "/m/s"},
+          "teachers": [{"name": "t1", "path": f"{models}/t1"},
+                       {"name": "t/2", "path": f"{models}/t2"}],
+          "student": {"name": "s", "path": f"{models}/s"},
           "prompts": {"source": {"path": str(tmp_path / "prompts.jsonl")}, "probe": 1.0}}
   return C.from_dict(RunConfig, C.apply_overrides(data, [f"{k}={v}" for k, v in over.items()]))
 
@@ -77,14 +78,17 @@ def test_one_function_names_a_teachers_shards():
 
 
 def test_a_run_directory_from_before_the_stage_graph_is_refused(tmp_path):
-  cfg = config(tmp_path)
+  for m in ("t1", "t2", "s"):  # model directories, so that the config passes the preflight
+    (tmp_path / "m" / m).mkdir(parents=True)
+  (tmp_path / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+  cfg = config(tmp_path, models=str(tmp_path / "m"))
   old = tmp_path / "run" / "probe"
   old.mkdir(parents=True)
   (old / "DONE.json").write_text(json.dumps({"stage": "probe", "key": "abc", "counts": {},
                                              "seconds": 1.0}))
   with pytest.raises(RunDirError, match=r"probe/DONE.json: a manifest of format 1, not 2 .*"
                                         r"stage keys changed.*use a new --run-dir"):
-    Run(cfg, log=lambda m: None).run(["eval"])
+    Run(cfg, log=lambda m: None).run(["probe"])
   assert not (tmp_path / "run" / "config.json").exists()  # nothing of the old run was touched
   assert FORMAT == 2
 
