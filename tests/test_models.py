@@ -61,6 +61,44 @@ def test_fp32_logits_match_transformers(arch, model_dir):
   assert rel_err(out, ref, mask) <= 1e-4
 
 
+# Trimmed or older config.json files: each key left out (or set) means what it means to
+# transformers, whose config class fills in the defaults and the derived keys.
+TRIMMED = [
+    ("qwen2", dict(sliding_window=5, use_sliding_window=True, max_window_layers=1), {},
+     ["layer_types"]),  # v4 layout: only layers >= max_window_layers slide
+    ("qwen3", dict(sliding_window=5, use_sliding_window=True, max_window_layers=1), {},
+     ["layer_types"]),
+    ("gemma2", {}, {}, ["query_pre_attn_scalar", "attn_logit_softcapping",
+                        "final_logit_softcapping"]),  # 256, 50, 30
+    ("gemma3", {}, {}, ["query_pre_attn_scalar", "sliding_window"]),  # 256, 4096
+    ("gemma3", {}, {"attn_logit_softcapping": 5.0}, []),  # transformers' Gemma 3 ignores it
+    ("phi3", {}, {}, ["rms_norm_eps"]),  # 1e-5
+]
+
+
+@pytest.mark.parametrize("arch,made,setk,drop", TRIMMED,
+                         ids=[f"{a}-{'-'.join(d) or 'set'}" for a, _, _, d in TRIMMED])
+def test_a_trimmed_config_means_what_it_means_to_transformers(arch, made, setk, drop, model_dir,
+                                                             tmp_path):
+  import json
+  src, _ = model_dir(arch, **made)
+  path = str(tmp_path / arch)
+  shutil.copytree(src, path)
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)
+  for k in drop:
+    del cfg[k]
+  cfg.update(setk)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  tm = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+  model, _ = from_pretrained(path, dtype="float32")
+  ids, mask = batch(model.config.vocab_size)
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 def test_long_rows_in_causal_query_blocks_match_transformers(arch, model_dir):
   """From 128 tokens on, a forward without a cache scores its queries in causal blocks that skip

@@ -121,7 +121,8 @@ def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str
   params = dict(params or {})
   rtype = params.get("rope_type", params.get("type", "default"))
   if rtype not in ("default", "linear", "llama3"):
-    raise CheckpointError(f"rope type {rtype!r} is not supported (default, linear, llama3)")
+    raise CheckpointError(f"{source}: {key}: rope type {rtype!r} is not supported (default, "
+                          "linear, llama3)")
   real = lambda k, default: _real(source, f"{key}.{k}", params.get(k, default))
   return RopeConfig(
       theta=real("rope_theta", fallback_theta), rope_type=rtype, factor=real("factor", 1.0),
@@ -139,6 +140,38 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelC
     raise CheckpointError(f"{source}: {e}") from None
 
 
+# Sizes a config.json must state: never filled in from a default.
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+             "intermediate_size")
+
+
+def _with_hf_defaults(hf: dict[str, Any], mt: str) -> dict[str, Any]:
+  """`hf` plus, for each key it leaves out, the value transformers' config class of `mt` gives it,
+  derived keys included (a Qwen2 file without `layer_types` gets the layers its
+  `max_window_layers` implies; a Gemma 2 file without `query_pre_attn_scalar` gets 256): a
+  trimmed or older config.json then means what it means to transformers. The file's own values
+  are kept as they are (checked below); a file transformers cannot read is parsed as it is."""
+  import logging
+  import warnings
+  try:
+    from transformers import CONFIG_MAPPING
+  except ImportError:  # pragma: no cover - transformers is a dependency
+    return hf
+  skip = {"model_type", "architectures", "auto_map", "transformers_version"}
+  log = logging.getLogger("transformers")
+  level = log.level
+  log.setLevel(logging.ERROR)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      full = CONFIG_MAPPING[mt](**{k: v for k, v in hf.items() if k not in skip}).to_dict()
+  except Exception:  # noqa: BLE001 - a value transformers rejects is named by our own checks
+    return hf
+  finally:
+    log.setLevel(level)
+  return {**{k: v for k, v in full.items() if k not in _REQUIRED and k not in skip}, **hf}
+
+
 def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   mt = hf.get("model_type")
   if mt == "gemma3" and "text_config" in hf:
@@ -147,6 +180,7 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   if mt not in SUPPORTED_MODEL_TYPES or mt == "gemma3":
     raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported: "
                           f"{', '.join(t for t in SUPPORTED_MODEL_TYPES if t != 'gemma3')}")
+  hf = _with_hf_defaults(hf, mt)
   def count(key: str, default: int | None = None, limit: str | None = None) -> int:
     """A positive integer field (a value of another type is named, not passed to int()), at most
     the named limit of `checks` (values that are looped over or allocated before the weights)."""
@@ -215,7 +249,8 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
       mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
       activation=acts[act], gemma_norm=gemma, embed_scale=gemma, post_norms=gemma,
       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma and hf.get("query_pre_attn_scalar") else None,
-      attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+      # transformers' Gemma 3 attention does not apply attn_logit_softcapping: neither do we
+      attn_logit_softcap=hf.get("attn_logit_softcapping") if mt == "gemma2" else None,
       final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
       sliding_window=int(window) if window else None, sliding_layers=sliding,
       max_position_embeddings=count("max_position_embeddings", 8192),
