@@ -288,3 +288,53 @@ def test_a_shard_damaged_after_its_stage_finished_names_the_redo_and_redo_rewrit
     assert open(path, "rb").read() == before[f][0], f
     assert (os.stat(path).st_ino == before[f][1]) == (f != files[-1]), f
   assert json.load(open(os.path.join(probe, "DONE.json")))["key"] == stage_key(GRAPH[0], cfg, {})
+
+
+def test_an_unfinished_stage_resumes_only_under_the_key_it_started_with(model_dir, tmp_path):
+  """A probe killed after writing its shards, rerun with another max_new_tokens: its shards are
+  moved aside (not resumed) and the stage equals a clean run under the new config."""
+  from test_pipeline import read_array_record
+  prompts = "".join(json.dumps({"id": f"p{i}", "prompt": f"count to {i}"}) + "\n"
+                    for i in range(3))
+  short = explicit_config(model_dir, tmp_path, prompts, records_per_shard=1,
+                          sampling={"max_new_tokens": 3, "batch_size": 4})
+  long = dataclasses.replace(short, sampling=dataclasses.replace(short.sampling,
+                                                                 max_new_tokens=6))
+  Run(short, log=lambda m: None).run(["probe"])
+  probe = os.path.join(short.run_dir, "probe")
+  assert json.load(open(os.path.join(probe, "STARTED.json")))["key"] == \
+      stage_key(GRAPH[0], short, {})
+  os.remove(os.path.join(probe, "DONE.json"))  # as if killed after its last shard
+  Run(short, log=lambda m: None).run(["probe"])  # the same key: resumed, nothing moved
+  assert not [d for d in os.listdir(short.run_dir) if ".stale-" in d]
+  os.remove(os.path.join(probe, "DONE.json"))
+  logs = []
+  Run(long, log=logs.append).run(["probe"])
+  stale = [d for d in os.listdir(short.run_dir) if d.startswith("probe.stale-")]
+  assert len(stale) == 1
+  assert any("since its unfinished run; moving probe to" in m for m in logs), logs
+  clean = dataclasses.replace(long, run_dir=str(tmp_path / "clean"))
+  Run(clean, log=lambda m: None).run(["probe"])
+  got, want = (read_array_record(os.path.join(d, "probe", "*.array_record"))
+               for d in (long.run_dir, clean.run_dir))
+  strip = lambda rs: sorted((r["id"], r["teacher"], r["response"]) for r in rs)
+  assert strip(got) == strip(want)
+  old = read_array_record(os.path.join(short.run_dir, stale[0], "*.array_record"))
+  assert strip(old) != strip(want)  # not vacuous: the short answers differ
+
+
+def test_generate_sets_its_datasets_aside_with_itself(model_dir, tmp_path):
+  """generate writes data/<policy>/ besides generate/: a generate whose key changed moves both,
+  so neither SFT nor an export ever reads a dataset assembled under the old assignments."""
+  gen = next(st for st in GRAPH if st.name == "generate")
+  assert gen.outputs == ("data",)
+  cfg = explicit_config(model_dir, tmp_path)
+  for d in ("generate", os.path.join("data", "persyn")):
+    os.makedirs(os.path.join(cfg.run_dir, d))
+    open(os.path.join(cfg.run_dir, d, "x"), "w").close()
+  logs = []
+  Run(cfg, log=logs.append)._set_aside(gen, "finished")
+  moved = sorted(os.listdir(cfg.run_dir))
+  assert [d.split(".stale-")[0] for d in moved] == ["data", "generate"], moved
+  assert os.path.exists(os.path.join(cfg.run_dir, moved[0], "persyn", "x"))
+  assert len(logs) == 2 and "moving data to" in logs[0] + logs[1]

@@ -114,4 +114,5 @@ def _reward(r: dict) -> float | None:
 # the generated answers as the score stage does; policies: its seed breaks ties
 STAGE = Stage("generate", run, reads=("probe", "score", "route"),
               config=("teachers", "student", "prompts", "sampling", "scoring", "policies",
-                      "compare", "records_per_shard", "name"), doc=__doc__)
+                      "compare", "records_per_shard", "name"), doc=__doc__,
+              outputs=("data",))

@@ -16,13 +16,16 @@ if TYPE_CHECKING:
 class Stage:
   """One step of the run. `run(ctx)` writes into run_dir/<name>/ and returns its counts (the
   manifest's "counts"). `reads`: earlier stages whose files it reads; `config`: the RunConfig
-  fields it reads (top-level names: "sampling", "teachers", "records_per_shard", ...)."""
+  fields it reads (top-level names: "sampling", "teachers", "records_per_shard", ...);
+  `outputs`: run-directory folders it writes besides its own (generate: data/), moved aside
+  with it when its config or inputs change."""
 
   name: str
   run: Callable[["Context"], dict]
   reads: tuple[str, ...] = ()
   config: tuple[str, ...] = ()
   doc: str = ""
+  outputs: tuple[str, ...] = ()
 
 
 # A model's default engine and quantization settings, left out of the keys: runs made before

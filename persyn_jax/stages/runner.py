@@ -146,12 +146,15 @@ class Run:
       if m is not None and m.get("key") == self.keys[stage]:
         self.log(f"[{stage}] done earlier ({m['seconds']} s); skipped")
         continue
-      if m is not None:  # inputs or config changed: keep the old outputs aside, never delete them
-        stale = self.path(f"{stage}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.log(f"[{stage}] config or inputs changed since it ran; moving it to {stale}")
-        if dist.is_writer():
-          _move_aside(self.path(stage), stale)
-        dist.barrier(f"{stage}:stale")
+      # The key an unfinished earlier try of the stage ran with (STARTED.json): its complete
+      # shards and checkpoints are resumed only under the same key.
+      started = dist.broadcast_json(self._started(stage) if m is None else None)
+      if m is not None or (started is not None and started != self.keys[stage]):
+        # inputs or config changed: keep the old outputs aside, never delete them
+        self._set_aside(st, "finished" if m is not None else "unfinished")
+      if dist.is_writer():
+        atomic_write_json(self.path(stage, "STARTED.json"),
+                          {"format": FORMAT, "stage": stage, "key": self.keys[stage]})
       self.log(f"[{stage}] running")
       t0 = time.time()
       with doing(stage=stage):
@@ -169,6 +172,30 @@ class Run:
       with doing(stage="report"):
         return self._report()
     return None
+
+  def _started(self, stage: str) -> str | None:
+    """The key in the stage's STARTED.json (None: none, or unreadable)."""
+    p = self.path(stage, "STARTED.json")
+    try:
+      with fs.open(p, "rb") as f:
+        key = json.loads(f.read().decode("utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+      return None
+    return key if isinstance(key, str) else None
+
+  def _set_aside(self, st: Stage, what: str) -> None:
+    """Moves the stage's folder and its other outputs (data/ for generate) to
+    `<folder>.stale-<time>`: a run with another config never resumes from, nor keeps, them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for d in (st.name, *st.outputs):
+      if not fs.exists(self.path(d)):
+        continue
+      stale = self.path(f"{d}.stale-{stamp}")
+      self.log(f"[{st.name}] config or inputs changed since its {what} run; moving {d} to "
+               f"{stale}")
+      if dist.is_writer():
+        _move_aside(self.path(d), stale)
+    dist.barrier(f"{st.name}:stale")
 
   def _run_stage(self, st: Stage) -> dict:
     """Runs `st`; a damaged shard or checkpoint of a stage that finished earlier is named with
