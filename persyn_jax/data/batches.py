@@ -366,21 +366,32 @@ def device_batches(batches: Iterable[Mapping[str, np.ndarray]], mesh) -> Iterato
 
 
 def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
-  """(start -> microbatches from index `start` on, across epochs; microbatches per epoch) of the
+  """(start -> microbatches from index `start` on, across epochs; microbatches of epoch 0) of the
   records in `data_dir`, for the SFT config `c` (seq_len, batch_size, seed). The records are
-  tokenized once, for the count and every epoch."""
+  tokenized once, for the counts and every epoch.
+
+  Each epoch is shuffled, then packed first-fit, so epochs may differ by a batch or so: a resumed
+  position is walked through each epoch's own count (counted once, when a resume first needs it),
+  never divided by epoch 0's, so `batches(p)` is the uninterrupted stream from microbatch p on."""
   tokenized = TokenizedRecords(data_dir, tokenizer, seq_len=c.seq_len, stage="data")
   kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, tokenized=tokenized)
   first = sft_batches(data_dir, tokenizer, epoch=0, **kw)
-  per_epoch = sum(1 for _ in first)
-  if per_epoch == 0:
+  counts = [sum(1 for _ in first)]
+  if counts[0] == 0:
     raise ValueError(f"{data_dir}: no SFT examples to train on ({len(tokenized)} records; "
                      f"{dict(first.stats) or 'none tokenized'}); check sft.seq_len and the data")
 
+  def count(epoch: int) -> int:
+    while len(counts) <= epoch:
+      counts.append(sum(1 for _ in sft_batches(data_dir, tokenizer, epoch=len(counts), **kw)))
+    return counts[epoch]
+
   def batches(start: int):
-    epoch, skip = divmod(start, per_epoch)
+    epoch, skip = 0, start
+    while skip >= count(epoch):
+      skip, epoch = skip - count(epoch), epoch + 1
     while True:
       yield from sft_batches(data_dir, tokenizer, epoch=epoch, start_step=skip, **kw)
       epoch, skip = epoch + 1, 0
 
-  return batches, per_epoch
+  return batches, counts[0]
