@@ -55,6 +55,58 @@ def test_formats_give_the_same_prompts(tmp_path, fmt):
                               "duplicate": 1, "duplicate_id": 0}
 
 
+def load(path, **kw):
+  """(records, skip counts): what two sources holding the same rows must agree on."""
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(path), **kw))
+  return prompts, stats["skipped"]
+
+
+def test_csv_cells_are_the_text_they_hold_as_in_json_lines(tmp_path):
+  """No type or NA guessing: ids 007 stay 007 (not 7), a reference 0.50 stays 0.50, prompts NA and
+  null are text (not skipped as empty), NaN is a reference (not None); a blank id among int-looking
+  ids gets the content hash (pandas made the column float and the load failed on row 0)."""
+  rows = [{"id": "007", "prompt": "How many?", "answer": "0.50"},
+          {"id": "008", "prompt": "NA", "answer": "None"},
+          {"id": "", "prompt": "null", "answer": "007"},
+          {"id": "010", "prompt": "Say 'nan'", "answer": "NaN"}]
+  path = tmp_path / "zeros.csv"
+  path.write_text("id,prompt,answer\n" + "".join(",".join(r.values()) + "\n" for r in rows))
+  expect = load(write(tmp_path, "jsonl", rows), reference_field="answer")
+  assert [p["id"] for p in expect[0]] == ["007", "008", S.content_id("null"), "010"]
+  for streaming in (False, True):
+    assert load(path, streaming=streaming, reference_field="answer") == expect
+  path = tmp_path / "blank_id.csv"
+  path.write_text("id,prompt\n1,one?\n,two?\n3,three?\n")
+  jsonl = tmp_path / "blank_id.jsonl"
+  jsonl.write_text('{"id": 1, "prompt": "one?"}\n{"id": null, "prompt": "two?"}\n'
+                   '{"id": 3, "prompt": "three?"}\n')
+  assert [p["id"] for p in load(path)[0]] == ["1", S.content_id("two?"), "3"]
+  assert load(path) == load(jsonl)
+
+
+def test_a_float_column_from_pandas_reads_like_json_lines(tmp_path):
+  """pandas stores an int column with a missing value as floats with NaN: an integral float id is
+  the integer's string (as an int id in JSON Lines), and NaN is no value (id: the content hash;
+  reference and kept fields: None). A fractional id is still refused."""
+  pd = pytest.importorskip("pandas")
+  frame = pd.DataFrame({"id": [1, None, 3], "prompt": ["a?", "b?", "c?"],
+                        "answer": [2, None, 4.5], "kind": [1.0, float("nan"), 2.0]})
+  frame.to_parquet(tmp_path / "pd.parquet")
+  jsonl = tmp_path / "pd.jsonl"
+  jsonl.write_text('{"id": 1, "prompt": "a?", "answer": 2.0, "kind": 1.0}\n'
+                   '{"id": null, "prompt": "b?", "answer": null, "kind": null}\n'
+                   '{"id": 3, "prompt": "c?", "answer": 4.5, "kind": 2.0}\n')
+  kw = dict(reference_field="answer", keep_fields=("kind",))
+  prompts, _ = got = load(tmp_path / "pd.parquet", **kw)
+  assert [p["id"] for p in prompts] == ["1", S.content_id("b?"), "3"]
+  assert [p.get("reference") for p in prompts] == ["2.0", None, "4.5"]
+  assert prompts[1].get("kind") is None
+  assert got == load(jsonl, **kw)
+  pd.DataFrame({"id": [1.5], "prompt": ["a?"]}).to_parquet(tmp_path / "frac.parquet")
+  with pytest.raises(S.PromptFileError, match=r"frac\.parquet row 0: id field 'id' = 1\.5"):
+    load(tmp_path / "frac.parquet")
+
+
 def test_single_arrow_file(tmp_path):
   folder = write(tmp_path, "arrow")
   (name,) = [n for n in os.listdir(folder) if n.endswith(".arrow")]

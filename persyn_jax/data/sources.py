@@ -6,13 +6,15 @@ Face dataset: a hub name (`format: hub`) or a local dataset folder whose README.
 `configs:`, with a config `name` (gsm8k's "main") and a `split`. Parquet/CSV/Arrow/hub go through
 `datasets`; JSON and JSON Lines are parsed here line by line so a malformed line is reported with
 its file and line number, and so a row whose prompt is not text is skipped (and counted) instead of
-failing Arrow's column typing.
+failing Arrow's column typing. A CSV's cells are read as text, with no type or NA guessing, so a
+CSV gives the records that the same rows give in JSON Lines.
 
 `streaming: true` iterates Parquet/CSV/hub sources row by row instead of first converting them into
 the `datasets` Arrow cache, so a large source costs no disk or memory up front and `max_prompts`
 stops the reading early. JSON Lines and `save_to_disk` folders are read lazily either way.
 
-Each kept prompt becomes a record (records.make): `id` (the id field, else a stable content hash),
+Each kept prompt becomes a record (records.make): `id` (the id field, else a stable content hash;
+a NaN, how pandas marks a missing value, counts as missing),
 `prompt` (the text, or the last user turn of a chat), `messages` (chat prompts), `reference` (the
 reference answer, when mapped). Skipped rows are counted by reason for the stage manifest.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -134,7 +137,9 @@ def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str
       if isinstance(ds, datasets.DatasetDict):
         ds = ds[cfg.split]
     else:
-      ds = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=cfg.streaming)
+      text = _csv_as_text(path) if fmt == "csv" else {}
+      ds = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=cfg.streaming,
+                                 **text)
     rows = iter(ds)
   except Exception as e:  # datasets/pyarrow raise many types; name the file
     raise PromptFileError(f"{what}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
@@ -149,6 +154,20 @@ def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str
           from None
     yield f"{path} row {i}", row
     i += 1
+
+
+def _csv_as_text(path: str) -> dict:
+  """load_dataset("csv") arguments that read every cell as the text it holds.
+
+  pandas otherwise guesses each column's type (ids 007 -> 7, a reference 0.50 -> 0.5, an int
+  column with a blank cell -> floats) and reads blank, NA, null and NaN cells as missing, so a CSV
+  would give other prompts than the same rows in JSON Lines. CSV has no null: a blank cell is "".
+  """
+  import datasets
+  import pandas as pd
+  columns = pd.read_csv(path, nrows=0).columns  # pandas' own names ("Unnamed: 0", "a.1")
+  return {"features": datasets.Features({str(c): datasets.Value("string") for c in columns}),
+          "keep_default_na": False}
 
 
 def _is_dataset_repo(path: str) -> bool:
@@ -241,6 +260,11 @@ def _messages(value: Any) -> list[dict] | None:
   return out
 
 
+def _missing(value: Any) -> bool:
+  """None, or a float NaN: how pandas (a Parquet file it wrote, a float column) marks no value."""
+  return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
                ) -> tuple[dict | None, str | None, str | None]:
   """(record, dedup key, skip reason) for one row."""
@@ -270,7 +294,9 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
   if len(full) > cfg.max_prompt_chars:
     return None, None, "too_long"
   rid = row.get(cfg.id_field) if cfg.id_field else None
-  if rid is None or (isinstance(rid, str) and not rid.strip()):
+  if isinstance(rid, float) and rid.is_integer():  # an int column that pandas made float (a NaN)
+    rid = int(rid)
+  if _missing(rid) or (isinstance(rid, str) and not rid.strip()):
     rid = content_id(messages if messages else text)
   elif isinstance(rid, (int, str)) and not isinstance(rid, bool):
     rid = str(rid)
@@ -279,11 +305,14 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
   reference = None
   if cfg.reference_field:
     reference = row.get(cfg.reference_field)
-    if reference is not None and not isinstance(reference, str):
-      reference = json.dumps(reference) if not isinstance(reference, (int, float)) else str(reference)
+    if _missing(reference):
+      reference = None
+    elif not isinstance(reference, str):
+      reference = str(reference) if isinstance(reference, (int, float)) else json.dumps(reference)
   kept = {}
   for name in cfg.keep_fields:
     v = row.get(name)
+    v = None if _missing(v) else v
     if v is not None and not isinstance(v, (str, int, float, bool)):
       raise PromptFileError(f"{where}: field {name!r} = {v!r:.80}: keep_fields takes plain values")
     kept[name] = v
