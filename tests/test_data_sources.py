@@ -7,6 +7,7 @@ import random
 import datasets
 import pytest
 
+from persyn_jax import export
 from persyn_jax.data import sources as S
 
 ROWS = [
@@ -134,6 +135,28 @@ def test_chat_messages_field(tmp_path):
   assert prompts[0]["messages"][0] == {"role": "system", "content": "be brief"}
   assert prompts[0]["id"] != prompts[1]["id"]  # the system turn is part of the content hash
   assert stats["skipped"]["bad_messages"] == 2 and stats["skipped"]["empty"] == 1
+
+
+def test_a_chat_is_cut_after_its_last_user_turn(tmp_path):
+  """A full conversation (a messages column that ends with the reference answer) is the prompt up
+  to its last user turn: the turns after it are neither part of the prompt, its id nor its dedup
+  key (before, [user, assistant] was kept whole and exported as user, assistant, assistant). A
+  chat without a user turn (a system turn alone) has nothing to answer: bad_messages."""
+  sys_, hi, hello = ({"role": r, "content": c} for r, c in [("system", "be brief"), ("user", "hi"),
+                                                          ("assistant", "hello")])
+  ask, four = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+  rows = [{"messages": [sys_, hi, hello, ask, four]},
+          {"messages": [sys_, hi, hello, ask]},                 # the same prompt: a duplicate
+          {"messages": [hi, hello, hello]},
+          {"messages": [sys_]}, {"messages": [hello]}, {"messages": [sys_, hello]}]
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=write(tmp_path, "jsonl", rows),
+                                                       messages_field="messages"))
+  assert [p["messages"] for p in prompts] == [[sys_, hi, hello, ask], [hi]]
+  assert [p["prompt"] for p in prompts] == ["2+2?", "hi"]
+  assert [p["id"] for p in prompts] == [S.content_id([sys_, hi, hello, ask]), S.content_id([hi])]
+  assert stats["skipped"]["duplicate"] == 1 and stats["skipped"]["bad_messages"] == 3
+  roles = [m["role"] for m in export.conversation({**prompts[1], "response": "hey"})]
+  assert roles == ["user", "assistant"]
 
 
 def test_non_text_prompt_is_skipped_not_fatal(tmp_path):

@@ -15,7 +15,8 @@ stops the reading early. JSON Lines and `save_to_disk` folders are read lazily e
 
 Each kept prompt becomes a record (records.make): `id` (the id field, else a stable content hash;
 a NaN, how pandas marks a missing value, counts as missing),
-`prompt` (the text, or the last user turn of a chat), `messages` (chat prompts), `reference` (the
+`prompt` (the text, or the last user turn of a chat), `messages` (chat prompts, cut after the last
+user turn: later turns are a conversation's answer, not its prompt), `reference` (the
 reference answer, when mapped). Skipped rows are counted by reason for the stage manifest.
 """
 from __future__ import annotations
@@ -276,10 +277,16 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
     messages = _messages(value)
     if messages is None:
       return None, None, "bad_messages"
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:  # a system or assistant turn alone: nothing for a teacher to answer
+      return None, None, "bad_messages"
+    # a full conversation (a chat dataset's messages column ends with the reference answer): the
+    # prompt is the chat up to its last user turn, which the teachers answer; the turns after it
+    # would be exported as a second answer
+    messages = messages[:last + 1]
     if any(_SURROGATE.search(m["content"]) for m in messages):
       return None, None, "not_text"
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    text = users[-1] if users else messages[-1]["content"]
+    text = messages[-1]["content"]
     full = "\n".join(m["role"] + ": " + m["content"] for m in messages)
     if not "".join(m["content"] for m in messages).strip():
       return None, None, "empty"
