@@ -123,6 +123,27 @@ def test_directory_of_mixed_files_in_sorted_order(tmp_path):
   assert [os.path.basename(f) for f in stats["files"]] == ["a.parquet", "b.jsonl"]
 
 
+def test_a_directory_skips_hidden_files_and_hidden_folders(tmp_path):
+  """A notebook's .ipynb_checkpoints/prompts-checkpoint.jsonl is a stale copy, not more prompts
+  (it was read, while a hidden file beside it was skipped)."""
+  write(tmp_path, "jsonl", [{"id": "a", "question": "new x?", "answer": ""}], name="prompts")
+  write(tmp_path, "jsonl", [{"id": "h", "question": "hidden?", "answer": ""}], name=".hidden")
+  (tmp_path / ".ipynb_checkpoints" / "deeper").mkdir(parents=True)
+  for folder in (".ipynb_checkpoints", ".ipynb_checkpoints/deeper"):
+    write(tmp_path / folder, "jsonl", [{"id": "old", "question": "stale?", "answer": ""}])
+  (tmp_path / "sub").mkdir()
+  write(tmp_path / "sub", "jsonl", [{"id": "b", "question": "more?", "answer": ""}])
+  prompts, stats = S.load_prompts(S.PromptSourceConfig(path=str(tmp_path), **CFG))
+  assert [p["id"] for p in prompts] == ["a", "b"]
+  assert [os.path.relpath(f, tmp_path) for f in stats["files"]] == [
+      "prompts.jsonl", os.path.join("sub", "prompts.jsonl")]
+  hidden = tmp_path / ".data"  # a hidden folder named as the path itself is read
+  hidden.mkdir()
+  write(hidden, "jsonl", [{"id": "c", "question": "named?", "answer": ""}])
+  prompts, _ = S.load_prompts(S.PromptSourceConfig(path=str(hidden), **CFG))
+  assert [p["id"] for p in prompts] == ["c"]
+
+
 def test_chat_messages_field(tmp_path):
   rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
           {"messages": [{"role": "user"}]},

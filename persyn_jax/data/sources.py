@@ -1,13 +1,13 @@
 """Prompt sources: files or a hub dataset in, validated prompt records out; deterministic splits.
 
 Formats: JSON Lines (`.jsonl`), JSON (`.json`, a list of objects), Parquet, CSV, Arrow (`.arrow`
-files or a `save_to_disk` folder), a directory of these (read in sorted path order), or a Hugging
-Face dataset: a hub name (`format: hub`) or a local dataset folder whose README.md declares
-`configs:`, with a config `name` (gsm8k's "main") and a `split`. Parquet/CSV/Arrow/hub go through
-`datasets`; JSON and JSON Lines are parsed here line by line so a malformed line is reported with
-its file and line number, and so a row whose prompt is not text is skipped (and counted) instead of
-failing Arrow's column typing. A CSV's cells are read as text, with no type or NA guessing, so a
-CSV gives the records that the same rows give in JSON Lines.
+files or a `save_to_disk` folder), a directory of these (read in sorted path order; hidden files
+and folders are skipped), or a Hugging Face dataset: a hub name (`format: hub`) or a local dataset
+folder whose README.md declares `configs:`, with a config `name` (gsm8k's "main") and a `split`.
+Parquet/CSV/Arrow/hub go through `datasets`; JSON and JSON Lines are parsed here line by line so a
+malformed line is reported with its file and line number, and so a row whose prompt is not text is
+skipped (and counted) instead of failing Arrow's column typing. A CSV's cells are read as text,
+with no type or NA guessing, so a CSV gives the records that the same rows give in JSON Lines.
 
 `streaming: true` iterates Parquet/CSV/hub sources row by row instead of first converting them into
 the `datasets` Arrow cache, so a large source costs no disk or memory up front and `max_prompts`
@@ -214,7 +214,9 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
   if os.path.isdir(path):
     found = []
     for root, dirs, files in os.walk(path):
-      dirs.sort()
+      # hidden folders hold copies, not prompts (.ipynb_checkpoints, .git, .cache): skip them as
+      # hidden files are skipped
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
       for name in sorted(files):
         ext = os.path.splitext(name)[1].lower()
         if ext in EXTENSIONS and not name.startswith("."):
