@@ -315,6 +315,43 @@ def test_a_name_on_plain_files_is_an_error(tmp_path):
     S.PromptSourceConfig(path=path, split="train[:10]", streaming=True)
 
 
+def test_a_split_on_plain_files_is_an_error(tmp_path):
+  """Prompt files are one split ("train"): another split was silently ignored (all rows read)."""
+  (tmp_path / "folder").mkdir()
+  path = write(tmp_path / "folder", "jsonl")
+  for where in (path, str(tmp_path / "folder")):
+    with pytest.raises(S.PromptFileError, match=r"(folder|prompts\.jsonl): split='test' selects "
+                                                r"a split of a hub dataset .*\(leave split out\)$"):
+      S.load_prompts(S.PromptSourceConfig(path=where, split="test", **CFG))
+  with pytest.raises(S.PromptFileError, match=r"split='train\[:1\]' .* set max_prompts"):
+    S.load_prompts(S.PromptSourceConfig(path=path, split="train[:1]", **CFG))
+  assert len(S.load_prompts(S.PromptSourceConfig(path=path, split="train", **CFG))[0]) == 3
+
+
+def test_a_split_of_a_saved_dataset_takes_datasets_split_syntax(tmp_path):
+  """A save_to_disk DatasetDict: a split name, or a slice as load_dataset takes it ("train[:1]"
+  failed with KeyError: 'train[:1]'); an unknown split or a bad slice names the splits there are."""
+  rows = [{"id": f"p{i}", "question": f"question {i}", "answer": str(i)} for i in range(4)]
+  full = datasets.Dataset.from_list(rows)
+  path = str(tmp_path / "dd")
+  datasets.DatasetDict({"train": full, "test": full.select([3])}).save_to_disk(path)
+  for split, expect in [("train", ["p0", "p1", "p2", "p3"]), ("test", ["p3"]),
+                        ("train[:1]", ["p0"]), ("train[-2:]", ["p2", "p3"]),
+                        ("train[:50%]+test", ["p0", "p1", "p3"])]:
+    prompts, _ = S.load_prompts(S.PromptSourceConfig(path=path, split=split, **CFG))
+    assert [p["id"] for p in prompts] == expect, split
+  with pytest.raises(S.PromptFileError, match=r"dd \(split='dev'\): .*Unknown split.*'test'"):
+    S.load_prompts(S.PromptSourceConfig(path=path, split="dev", **CFG))
+  with pytest.raises(S.PromptFileError, match=r"split='train\[:'\).*splits: \['test', 'train'\]"):
+    S.load_prompts(S.PromptSourceConfig(path=path, split="train[:", **CFG))
+  one = str(tmp_path / "one")
+  full.save_to_disk(one)  # a Dataset, not a DatasetDict: one split, "train"
+  prompts, _ = S.load_prompts(S.PromptSourceConfig(path=one, split="train[1:2]", **CFG))
+  assert [p["id"] for p in prompts] == ["p1"]
+  with pytest.raises(S.PromptFileError, match=r"Unknown split.*\['train'\]"):
+    S.load_prompts(S.PromptSourceConfig(path=one, split="test", **CFG))
+
+
 def arrow_files(folder):
   return [f for _, _, files in os.walk(folder) for f in files if f.endswith(".arrow")]
 

@@ -55,7 +55,7 @@ class PromptSourceConfig:
   reference_field: str | None = None    # reference answer (for verifiers and evaluation)
   id_field: str | None = "id"           # missing or empty -> a stable content hash
   name: str | None = None               # hub dataset config / subset (gsm8k: "main")
-  split: str = "train"                  # hub split / save_to_disk DatasetDict split
+  split: str = "train"                  # hub / save_to_disk split, or a slice ("train[:100]")
   streaming: bool = False               # iterate the source instead of converting it first
   max_prompt_chars: int = 8192          # longer prompts are skipped ("too_long")
   dedup: bool = True                    # drop prompts whose normalized text was seen before
@@ -129,14 +129,14 @@ def _read_json(path: str) -> Iterator[tuple[str, dict]]:
 def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str, dict]]:
   import datasets  # heavy import, only when needed
 
-  what = f"{path}" + (f" (name={cfg.name!r}, split={cfg.split!r})" if fmt == "hub" else "")
+  saved = fmt == "arrow" and os.path.isdir(path)
+  what = path + (f" (name={cfg.name!r}, split={cfg.split!r})" if fmt == "hub" else
+                 f" (split={cfg.split!r})" if saved else "")
   try:
     if fmt == "hub":
       ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
-    elif fmt == "arrow" and os.path.isdir(path):
-      ds = datasets.load_from_disk(path)  # memory-mapped: nothing to stream
-      if isinstance(ds, datasets.DatasetDict):
-        ds = ds[cfg.split]
+    elif saved:
+      ds = _saved_split(datasets.load_from_disk(path), cfg.split)  # memory-mapped: no streaming
     else:
       text = _csv_as_text(path) if fmt == "csv" else {}
       ds = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=cfg.streaming,
@@ -155,6 +155,27 @@ def _read_hf(path: str, fmt: str, cfg: PromptSourceConfig) -> Iterator[tuple[str
           from None
     yield f"{path} row {i}", row
     i += 1
+
+
+def _saved_split(ds, split: str):
+  """The rows of a save_to_disk dataset that `split` names, in the split syntax load_dataset takes
+  for a hub dataset ("test", "train[:100]", "train[10%:]", "train+test"); a saved Dataset (not a
+  DatasetDict) is one split, "train" or the split it was made from. An unknown split or a
+  malformed slice is a ValueError that names the splits there are."""
+  import datasets
+  if isinstance(ds, datasets.DatasetDict):
+    parts = dict(ds)
+  else:
+    parts = {name: ds for name in ("train", str(ds.split)) if name != "None"}
+  if split in parts:
+    return parts[split]
+  try:
+    spans = datasets.ReadInstruction.from_spec(split).to_absolute(
+        {name: len(d) for name, d in parts.items()})
+  except (ValueError, AssertionError) as e:  # "Unknown split" lists them; a bad slice does not
+    raise ValueError(e if "one of" in str(e) else f"{e} (splits: {sorted(parts)})") from None
+  return datasets.concatenate_datasets(
+      [parts[s.splitname].select(range(s.from_, s.to)) for s in spans])
 
 
 def _csv_as_text(path: str) -> dict:
@@ -211,6 +232,12 @@ def source_files(cfg: PromptSourceConfig) -> list[tuple[str, str]]:
   if cfg.name is not None:
     raise PromptFileError(f"{path}: name={cfg.name!r} selects a config of a hub dataset (format: "
                           f"hub) or of a dataset folder whose README.md declares `configs:`")
+  if cfg.split != "train":  # what datasets calls the one split of plain files
+    hint = "; to read only the first rows, set max_prompts" if "[" in cfg.split else ""
+    raise PromptFileError(f"{path}: split={cfg.split!r} selects a split of a hub dataset (format: "
+                          f"hub), of a dataset folder whose README.md declares `configs:`, or of a "
+                          f"save_to_disk DatasetDict; prompt files are one split (leave split "
+                          f"out){hint}")
   if os.path.isdir(path):
     found = []
     for root, dirs, files in os.walk(path):
