@@ -209,6 +209,32 @@ def test_malformed_json_and_parquet(tmp_path):
     S.load_prompts(S.PromptSourceConfig(path=path))
 
 
+def test_a_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
+  """Hub datasets often name JSON Lines .json, and datasets' json loader reads them (they were
+  refused: lines.json:2: malformed JSON (Extra data)). A malformed line is still named, and a
+  .json that is neither a list nor JSON Lines is still refused."""
+  rows = [{"id": "a", "question": "x?", "answer": "1"}, {"id": "b", "question": "y?",
+                                                         "answer": "2\u2028"}]
+  lines = tmp_path / "lines.json"
+  lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "\n")
+  expect = load(write(tmp_path, "jsonl", rows), **CFG)
+  assert load(lines, **CFG) == expect
+  assert len(datasets.load_dataset("json", data_files=str(lines), split="train")) == 2
+  one = tmp_path / "one.json"
+  one.write_text(json.dumps(rows[0]) + "\n")  # JSON Lines of one row
+  assert load(one, **CFG) == load(write(tmp_path, "jsonl", rows[:1]), **CFG)
+  lines.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{broken\n")
+  with pytest.raises(S.PromptFileError, match=r"lines\.json:3: malformed JSON"):
+    S.load_prompts(S.PromptSourceConfig(path=str(lines), **CFG))
+  lines.write_text(json.dumps(rows, indent=1) + "\nxyz\n")  # a list, then garbage
+  with pytest.raises(S.PromptFileError, match=r"lines\.json:\d+: malformed JSON \(Extra data"):
+    S.load_prompts(S.PromptSourceConfig(path=str(lines), **CFG))
+  lines.write_text(json.dumps(rows[0], indent=1))
+  with pytest.raises(S.PromptFileError, match=r"lines\.json: expected a JSON list of objects, or "
+                                              r"one object per line \(JSON Lines\), got dict"):
+    S.load_prompts(S.PromptSourceConfig(path=str(lines), **CFG))
+
+
 def test_wrong_field_mapping_is_an_error(tmp_path):
   path = write(tmp_path, "jsonl")
   with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl:1: no field 'prompt' in any row"):

@@ -1,13 +1,14 @@
 """Prompt sources: files or a hub dataset in, validated prompt records out; deterministic splits.
 
-Formats: JSON Lines (`.jsonl`), JSON (`.json`, a list of objects), Parquet, CSV, Arrow (`.arrow`
-files or a `save_to_disk` folder), a directory of these (read in sorted path order; hidden files
-and folders are skipped), or a Hugging Face dataset: a hub name (`format: hub`) or a local dataset
-folder whose README.md declares `configs:`, with a config `name` (gsm8k's "main") and a `split`.
-Parquet/CSV/Arrow/hub go through `datasets`; JSON and JSON Lines are parsed here line by line so a
-malformed line is reported with its file and line number, and so a row whose prompt is not text is
-skipped (and counted) instead of failing Arrow's column typing. A CSV's cells are read as text,
-with no type or NA guessing, so a CSV gives the records that the same rows give in JSON Lines.
+Formats: JSON Lines (`.jsonl`), JSON (`.json`, a list of objects, or JSON Lines as datasets' json
+loader reads them), Parquet, CSV, Arrow (`.arrow` files or a `save_to_disk` folder), a directory of
+these (read in sorted path order; hidden files and folders are skipped), or a Hugging Face dataset:
+a hub name (`format: hub`) or a local dataset folder whose README.md declares `configs:`, with a
+config `name` (gsm8k's "main") and a `split`. Parquet/CSV/Arrow/hub go through `datasets`; JSON and
+JSON Lines are parsed here line by line so a malformed line is reported with its file and line
+number, and so a row whose prompt is not text is skipped (and counted) instead of failing Arrow's
+column typing. A CSV's cells are read as text, with no type or NA guessing, so a CSV gives the
+records that the same rows give in JSON Lines.
 
 `streaming: true` iterates Parquet/CSV/hub sources row by row instead of first converting them into
 the `datasets` Arrow cache, so a large source costs no disk or memory up front and `max_prompts`
@@ -108,18 +109,37 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
       yield f"{path}:{lineno}", row
 
 
+def _json_lines(text: str) -> bool:
+  """Whether `text` (a .json file) is JSON Lines, as the hub's .json files often are and as
+  datasets' json loader reads them: its first non-blank line is a whole JSON object."""
+  # lines end at "\n" alone, as for the JSON Lines reader (a JSON string may hold a raw U+2028)
+  first = next((line for line in text.split("\n") if line.strip()), "")
+  try:
+    return isinstance(json.loads(first), dict)
+  except json.JSONDecodeError:
+    return False
+
+
 def _read_json(path: str) -> Iterator[tuple[str, dict]]:
   try:
     with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise PromptFileError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") \
-        from None
+      text = f.read()
   except UnicodeDecodeError as e:
     raise PromptFileError(f"{path}: not UTF-8 ({e})") from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    if e.msg == "Extra data" and _json_lines(text):  # one object per line
+      yield from _read_jsonl(path)
+      return
+    raise PromptFileError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") \
+        from None
+  if isinstance(data, dict) and "\n" not in text.strip():
+    yield from _read_jsonl(path)  # JSON Lines of one row
+    return
   if not isinstance(data, list):
-    raise PromptFileError(f"{path}: expected a JSON list of objects (or use .jsonl), got "
-                          f"{type(data).__name__}")
+    raise PromptFileError(f"{path}: expected a JSON list of objects, or one object per line (JSON "
+                          f"Lines), got {type(data).__name__}")
   for i, row in enumerate(data):
     if not isinstance(row, dict):
       raise PromptFileError(f"{path}: item {i} is {type(row).__name__}, expected an object")
