@@ -14,9 +14,10 @@ Every format holds one row per training example, in the dataset's order:
   record                (parquet, hf_dataset) the whole generation record as JSON text: its
                         metadata fields are free-form, so they get no fixed column type.
 
-Formats: jsonl (<dir>/<policy>/messages.jsonl), parquet (<dir>/<policy>/data.parquet),
-hf_dataset (<dir>/<policy>/hf_dataset/, `datasets.load_from_disk`). Each file is written under a
-temporary name and renamed; the hf_dataset directory is built aside and swapped in.
+Each policy's files go to <dir>/<run name>_<policy>/, named as its dataset_info.json entry, so
+several runs can share one <dir>: jsonl (messages.jsonl), parquet (data.parquet), hf_dataset
+(hf_dataset/, `datasets.load_from_disk`). Each file is written under a temporary name and
+renamed; the hf_dataset directory is built aside and swapped in.
 """
 from __future__ import annotations
 
@@ -149,25 +150,33 @@ def llama_factory_entry(file_name: str) -> dict:
                    "assistant_tag": "assistant", "system_tag": "system"}}
 
 
+def dataset_name(name: str, policy: str) -> str:
+  """`<run name>_<policy>`: the dataset_info.json entry of a run's policy, and the folder of its
+  files in the export directory. The run's name is in both: runs sharing a directory (each with
+  its own name) keep their files apart instead of overwriting each other's."""
+  return f"{safe_name(name, 'run name')}_{safe_name(policy, 'policy')}"
+
+
 def export_policy(data_dir: str, policy: str, out_dir: str, formats: Sequence[str],
-                  system: str | None = None) -> dict[str, str]:
-  """Writes the records of one policy's dataset (data_dir: run_dir/data/<policy>/) in `formats`
-  under out_dir/<policy>/; returns {format: path}."""
+                  system: str | None = None, *, name: str = "run") -> dict[str, str]:
+  """Writes the records of one policy's dataset (data_dir: run_dir/data/<policy>/) of run `name`
+  in `formats` under out_dir/<name>_<policy>/; returns {format: path}."""
   ExportConfig(formats=tuple(formats))  # validates the names
   rows = rows_of(shards.read_records(data_dir, "data"), policy, system)
-  d = fs.join(out_dir, safe_name(policy, "policy"))
+  d = fs.join(out_dir, dataset_name(name, policy))
   return {f: WRITERS[f](rows, fs.join(d, FILES[f])) for f in formats}
 
 
 def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, name: str = "run"
                ) -> dict[str, dict[str, str]]:
-  """Exports every policy's dataset of a run (see the module doc); with jsonl, also merges one
-  entry per policy (`<name>_<policy>`) into <dir>/dataset_info.json. Returns {policy: paths}."""
+  """Exports every policy's dataset of a run (see the module doc) to <dir>/<name>_<policy>/; with
+  jsonl, also merges one entry per policy (`<name>_<policy>`) into <dir>/dataset_info.json,
+  keeping the other entries there. Returns {policy: paths}."""
   out_dir = config.dir or fs.join(run_dir, "export")
   out = {}
   for policy in policies:
     out[policy] = export_policy(fs.join(run_dir, "data", safe_name(policy, "policy")), policy,
-                                out_dir, config.formats, config.system)
+                                out_dir, config.formats, config.system, name=name)
   if "jsonl" in config.formats and policies:
     info_path = fs.join(out_dir, "dataset_info.json")
     info = {}
@@ -175,8 +184,7 @@ def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, n
       info = json.loads(fs.read_bytes(info_path))
     for policy in policies:
       rel = (posixpath if fs.is_remote(out_dir) else os.path).relpath(out[policy]["jsonl"], out_dir)
-      key = f"{safe_name(name, 'run name')}_{safe_name(policy, 'policy')}"
-      info[key] = llama_factory_entry(rel)
+      info[dataset_name(name, policy)] = llama_factory_entry(rel)
     atomic_write_json(info_path, info)
   return out
 

@@ -65,7 +65,7 @@ def test_jsonl_reads_back_as_chat_messages_in_dataset_order(tmp_path):
   run = make_run(tmp_path)
   paths = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("jsonl",)), name="toy")
   path = paths["persyn"]["jsonl"]
-  assert path == os.path.join(run, "export", "persyn", "messages.jsonl")
+  assert path == os.path.join(run, "export", "toy_persyn", "messages.jsonl")
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   assert [r["messages"] for r in rows] == expected_messages()
@@ -165,21 +165,48 @@ def test_llama_factory_entry_names_the_file_and_its_message_tags(tmp_path):
                                                    tags["system_tag"]}
 
 
+def test_runs_sharing_an_export_dir_keep_their_own_files_and_entries(tmp_path):
+  """Two runs (toy, math) export the same policy into one LLaMA-Factory dataset_dir: each entry
+  reads its own run's answers (both used to point at persyn/messages.jsonl, the last run's)."""
+  out = tmp_path / "lf"
+  out.mkdir()
+  (out / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
+  config = ex.ExportConfig(formats=ex.FORMATS, dir=str(out))
+  for name in ("toy", "math"):
+    run = tmp_path / name
+    shards.write_records(str(run / "data" / "persyn"), "data", [
+        {**r, "response": f"{name}: {r['response']}"} for r in records()], num_shards=1, host=0)
+    paths = ex.export_run(str(run), ["persyn"], config, name=name)["persyn"]
+    assert {f: os.path.relpath(p, out) for f, p in paths.items()} == {
+        f: os.path.join(f"{name}_persyn", ex.FILES[f]) for f in ex.FORMATS}
+  info = json.loads((out / "dataset_info.json").read_text())
+  assert set(info) == {"mine", "toy_persyn", "math_persyn"}
+  for name in ("toy", "math"):
+    want = [f"{name}: {r['response']}" for r in records()]
+    with open(out / info[f"{name}_persyn"]["file_name"], encoding="utf-8") as f:
+      assert [json.loads(line)["messages"][-1]["content"] for line in f] == want
+    d = out / f"{name}_persyn"
+    assert [m[-1]["content"] for m in pq.read_table(d / "data.parquet").column(
+        "messages").to_pylist()] == want
+    assert [m[-1]["content"] for m in datasets.load_from_disk(str(d / "hf_dataset"))[
+        "messages"]] == want
+
+
 def test_the_cli_exports_an_existing_run_with_its_saved_config(tmp_path, capsys):
   run = make_run(tmp_path, export_section={"formats": ["parquet"], "dir": "", "system": SYSTEM})
   assert ex.main([run]) == 0
   exported = os.path.join(run, "export")
-  assert sorted(os.listdir(exported)) == ["persyn", "random"]
+  assert sorted(os.listdir(exported)) == ["toy_persyn", "toy_random"]
   for p in ("persyn", "random"):
-    assert pq.read_table(os.path.join(exported, p, "data.parquet")).column(
+    assert pq.read_table(os.path.join(exported, f"toy_{p}", "data.parquet")).column(
         "messages").to_pylist() == expected_messages(SYSTEM)
   assert "data.parquet" in capsys.readouterr().out
   # --formats overrides the saved section
   assert ex.main([run, "--formats", "jsonl,hf_dataset", "--policies", "random"]) == 0
-  assert os.path.exists(os.path.join(exported, "random", "messages.jsonl"))
-  assert datasets.load_from_disk(os.path.join(exported, "random", "hf_dataset"))["messages"] == \
-      expected_messages(SYSTEM)
-  assert not os.path.exists(os.path.join(exported, "persyn", "messages.jsonl"))
+  assert os.path.exists(os.path.join(exported, "toy_random", "messages.jsonl"))
+  assert datasets.load_from_disk(os.path.join(exported, "toy_random", "hf_dataset"))[
+      "messages"] == expected_messages(SYSTEM)
+  assert not os.path.exists(os.path.join(exported, "toy_persyn", "messages.jsonl"))
 
 
 def test_the_cli_names_a_run_without_datasets(tmp_path):

@@ -294,7 +294,7 @@ def test_run_on_gcs_killed_and_resumed_equals_a_local_run(gcs, tiny_world, tmp_p
     assert len(ids) == len(set(ids)), key
   for rel in [m[len(clean):] for m in fs.glob(f"{clean}/**/*.manifest.json")] + [
       "/sft/persyn/student/model.safetensors", "/sft/oracle/student/model.safetensors",
-      "/route/assignments.json", "/export/persyn/messages.jsonl"]:
+      "/route/assignments.json", "/export/toy_persyn/messages.jsonl"]:
     assert fs.read_bytes(run + rel) == open(clean + rel, "rb").read(), rel
   # the same counts in every DONE.json (timings aside; paths of the world's files name its copy)
   world = fs.join(remote_cache, "toyworld", os.path.basename(tiny_world.root))
