@@ -113,12 +113,26 @@ def read_benchmark(fmt: str, path: str) -> list[dict]:
   return items
 
 
+def token_len(result) -> int:
+  """An answer's length in the student's tokens (a sampling GenerationResult): the tokens it
+  generated, less the stop token that ended it (no part of the text). A stop string's tokens are
+  already cut from token_ids. Arena-Hard's show_result.py reads it as each answer's `token_len`."""
+  return len(result.token_ids) - (1 if isinstance(result.stop, int) and result.token_ids else 0)
+
+
 def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
            formats: Sequence[str]) -> dict[str, str]:
-  """Writes the generations in each requested format; returns {format: path}."""
+  """Writes the generations in each requested format; returns {format: path}. arena_hard needs
+  each row's `token_len` (token_len() of its generation), which Arena-Hard's answer files hold."""
   bad = [f for f in formats if f not in EXPORTS]
   if bad:
     raise ValueError(f"eval.exports: unknown formats {bad}; known: {list(EXPORTS)}")
+  if "arena_hard" in formats:
+    for r in rows:
+      n = r.get("token_len")
+      if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"arena_hard export: row {r.get('id')!r} needs a 'token_len' (its "
+                         f"answer's token count, a non-negative int), got {n!r:.80}")
   fs.makedirs(out_dir)
   paths = {}
   for f in formats:
@@ -140,7 +154,8 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
       lines = [json.dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
                            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
                            f"{model_name}/{r['id']}").hex, "model_id": model_name,
-                           "choices": [{"index": 0, "turns": [{"content": r["response"]}]}],
+                           "choices": [{"index": 0, "turns": [{"content": r["response"],
+                                                               "token_len": r["token_len"]}]}],
                            "tstamp": time.time()}) for r in rows]
       atomic_write_text(path, "\n".join(lines) + "\n")
     paths[f] = path

@@ -1,5 +1,6 @@
 """Eval on the benchmarks' own prompt files (AlpacaEval, Arena-Hard, IFEval), read locally, and the
 answers written in the files those tools read."""
+import glob
 import json
 import os
 
@@ -76,7 +77,24 @@ def test_the_config_refuses_an_unknown_format_and_a_reused_name():
 
 
 def answered(items, prefix="answer to "):
-  return [{**x, "response": prefix + x["prompt"]} for x in items]
+  """Each item answered, with a made-up token count (the eval stage's is evaluate.token_len)."""
+  return [{**x, "response": prefix + x["prompt"], "token_len": 10 + i}
+          for i, x in enumerate(items)]
+
+
+def arena_hard_lengths(answer_dir: str) -> dict[str, int]:
+  """Each model's summed answer length, read as Arena-Hard's show_result.py reads it (its
+  load_model_answers, then turns[0]["token_len"], else conv_metadata["token_len"])."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(answer_dir, "*.jsonl"))):
+    with open(path, encoding="utf-8") as f:
+      answers = {a["question_id"]: a for a in map(json.loads, f)}
+    length = 0
+    for row in answers.values():
+      turn = row["choices"][0]["turns"][0]
+      length += turn["token_len"] if "token_len" in turn else row["conv_metadata"]["token_len"]
+    out[os.path.basename(path)[:-len(".jsonl")]] = length
+  return out
 
 
 def test_answers_are_written_as_each_tool_reads_them(tmp_path):
@@ -101,12 +119,33 @@ def test_answers_are_written_as_each_tool_reads_them(tmp_path):
       "answer to " + q["turns"][0]["content"] for q in ARENA]
   assert {x["model_id"] for x in lines} == {model}
   assert len({x["answer_id"] for x in lines}) == 2
+  # show_result.py's average length reads each answer's token_len (a KeyError before)
+  assert [x["choices"][0]["turns"][0]["token_len"] for x in lines] == [10, 11]
+  assert arena_hard_lengths(os.path.dirname(p)) == {model: 21}
 
   p = ev.export(answered(ev.read_benchmark("ifeval", paths["ifeval"])), model, str(out / "if"),
                 ["ifeval"])["ifeval"]
   # IFEval's evaluation looks responses up by the exact prompt text
   assert [json.loads(x) for x in open(p)] == [
       {"prompt": q["prompt"], "response": "answer to " + q["prompt"]} for q in IFEVAL]
+
+
+def test_an_arena_hard_answer_without_its_token_count_is_refused(tmp_path):
+  rows = answered(ev.read_benchmark("arena_hard", write_files(tmp_path)["arena_hard"]))
+  del rows[1]["token_len"]
+  with pytest.raises(ValueError, match=r"row '17' needs a 'token_len'"):
+    ev.export(rows, "m", str(tmp_path / "out"), ["arena_hard"])
+  assert not os.path.exists(tmp_path / "out" / "arena_hard")
+
+
+def test_token_len_counts_the_answer_tokens_without_the_stop_token():
+  from persyn_jax.sampling.config import GenerationResult
+  def result(ids, reason, stop):
+    return GenerationResult(0, 0, "text", tuple(ids), reason, 3, len(ids), stop)
+  assert ev.token_len(result([5, 6, 7, 2], "stop", 2)) == 3     # EOS ended it: not counted
+  assert ev.token_len(result([5, 6], "stop", "###")) == 2       # a stop string: already cut
+  assert ev.token_len(result([5, 6, 7, 8], "length", None)) == 4
+  assert ev.token_len(result([], "skipped", None)) == 0
 
 
 def test_the_eval_stage_answers_each_benchmark_with_each_student(tmp_path, model_dir):
@@ -145,4 +184,11 @@ def test_the_eval_stage_answers_each_benchmark_with_each_student(tmp_path, model
   assert bench["if"]["file"] == ctx.path("eval", "base_student", "benchmarks", "if",
                                          "ifeval_responses.jsonl")
   assert len(json.load(open(bench["ae"]["file"]))) == 2
-  assert len(open(bench["ah"]["file"]).read().splitlines()) == 2
+  # Arena-Hard's token_len: the student's tokens of each answer
+  lens = {x["turns"][0]["content"]: ev.token_len(r) for x, r in zip(ARENA, generate(
+      model, tok, [x["turns"][0]["content"] for x in ARENA], cfg.eval.sampling))}
+  lines = [json.loads(x) for x in open(bench["ah"]["file"])]
+  assert len(lines) == 2
+  assert [x["choices"][0]["turns"][0]["token_len"] for x in lines] == [
+      lens[q["turns"][0]["content"]] for q in ARENA]
+  assert all(0 <= n <= cfg.eval.sampling.max_new_tokens for n in lens.values())

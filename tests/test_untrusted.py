@@ -157,7 +157,7 @@ def test_a_hostile_teacher_name_or_record_id_cannot_write_outside_the_run(model_
 def test_an_export_name_cannot_leave_the_export_directory(tmp_path):
   from persyn_jax import evaluate as ev
   out = tmp_path / "eval" / "x"
-  rows = [{"id": "1", "prompt": "p", "response": "r"}]
+  rows = [{"id": "1", "prompt": "p", "response": "r", "token_len": 1}]
   ev.export(rows, "../../../escaped", str(out), ["arena_hard"])
   made = [p for p in glob.glob(str(tmp_path / "**" / "*.jsonl"), recursive=True)]
   assert made and all(p.startswith(str(out) + os.sep) for p in made), made

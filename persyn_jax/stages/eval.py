@@ -19,12 +19,18 @@ from persyn_jax.stages.sft import seeds, student_dir
 from persyn_jax.stages.graph import Stage
 
 
-def answers(model, tok, prompts, sampling, mesh, desc: str) -> list[str]:
-  """The model's answer to each prompt (the first sample of each), with a progress bar."""
+def generations(model, tok, prompts, sampling, mesh, desc: str) -> list:
+  """The model's generation (GenerationResult) for each prompt, the first sample of each, in
+  prompt order, with a progress bar."""
   with progress(len(prompts) * sampling.num_samples, desc, unit="resp") as bar:
     results = generate(model, tok, prompts, sampling, mesh=mesh,
                        progress=lambda rows, _tokens: bar.update(rows))
-  return [r.text for r in sorted((r for r in results if r.sample == 0), key=lambda r: r.index)]
+  return sorted((r for r in results if r.sample == 0), key=lambda r: r.index)
+
+
+def answers(model, tok, prompts, sampling, mesh, desc: str) -> list[str]:
+  """The model's answer to each prompt (the first sample of each), with a progress bar."""
+  return [r.text for r in generations(model, tok, prompts, sampling, mesh, desc)]
 
 
 def run(ctx: Context) -> dict:
@@ -82,18 +88,21 @@ def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benc
   t0 = time.time()
   out: dict = {"n": 0}  # the report reads n (no held-out prompts: benchmarks only)
   if prompts:
-    texts = answers(model, tok, ev.prompts_for_model(prompts), c.sampling, mesh, f"eval/{name}")
-    scored = ev.score_generations(prompts, texts, verifier=c.verifier,
+    got = generations(model, tok, ev.prompts_for_model(prompts), c.sampling, mesh,
+                      f"eval/{name}")
+    scored = ev.score_generations(prompts, [r.text for r in got], verifier=c.verifier,
                                   reference_field=c.reference_field)
+    for row, r in zip(scored["rows"], got):  # the answer's length (arena_hard's token_len)
+      row["token_len"] = ev.token_len(r)
     if ctx.is_writer():
       ev.export(scored["rows"], model_name, out_dir, c.exports)
     out = {k: v for k, v in scored.items() if k != "rows"}
     if c.verifier:
       out["correct"] = [int(r["correct"]) for r in scored["rows"]]
   for bname, (b, items) in benchmarks.items():
-    texts = answers(model, tok, [x["prompt"] for x in items], c.sampling, mesh,
-                    f"eval/{name}/{bname}")
-    rows = [{**x, "response": t} for x, t in zip(items, texts)]
+    got = generations(model, tok, [x["prompt"] for x in items], c.sampling, mesh,
+                      f"eval/{name}/{bname}")
+    rows = [{**x, "response": r.text, "token_len": ev.token_len(r)} for x, r in zip(items, got)]
     paths = {}
     if ctx.is_writer():
       paths = ev.export(rows, model_name, fs.join(out_dir, "benchmarks", safe_name(bname)),
