@@ -17,7 +17,8 @@ Every format holds one row per training example, in the dataset's order:
 Each policy's files go to <dir>/<run name>_<policy>/, named as its dataset_info.json entry, so
 several runs can share one <dir>: jsonl (messages.jsonl), parquet (data.parquet), hf_dataset
 (hf_dataset/, `datasets.load_from_disk`). Each file is written under a temporary name and
-renamed; the hf_dataset directory is built aside and swapped in.
+renamed; the hf_dataset directory is built aside and swapped in. The temporaries of a writer
+killed midway (`<file>.tmp-<pid>`, `hf_dataset.old-<pid>/`) are removed by the next export.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from persyn_jax import fs
 from persyn_jax.data import shards
 from persyn_jax.data.chat import to_messages
-from persyn_jax.io_utils import atomic_write_json, atomic_write_text, safe_name
+from persyn_jax.io_utils import (atomic_write_json, atomic_write_text, remove_dead_temps,
+                                 safe_name)
 
 FORMATS = ("jsonl", "parquet", "hf_dataset")
 FILES = {"jsonl": "messages.jsonl", "parquet": "data.parquet", "hf_dataset": "hf_dataset"}
@@ -102,6 +104,7 @@ def write_parquet(rows: Sequence[Mapping[str, Any]], path: str) -> str:
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = _tmp(path)
+  remove_dead_temps(path)  # a killed writer's half parquet
   try:
     pq.write_table(_arrow_table(rows), tmp)
     os.replace(tmp, path)
@@ -124,6 +127,9 @@ def write_hf_dataset(rows: Sequence[Mapping[str, Any]], path: str) -> str:
   tmp, old = _tmp(path), f"{path}.old-{os.getpid()}"
   for d in (tmp, old):
     shutil.rmtree(d, ignore_errors=True)
+  # killed writers' directories: `datasets.load_dataset(<policy folder>)` would read their arrow
+  # files along with the export's
+  remove_dead_temps(path)
   quiet = datasets.utils.are_progress_bars_disabled()
   datasets.disable_progress_bars()  # a bar per policy for a sub-second write is noise in the log
   try:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 from persyn_jax import fs
 
@@ -65,18 +66,24 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def remove_dead_temps(path: str) -> list[str]:
-  """Removes `<path>.tmp-<pid>` files left by writers killed midway (their pid no longer runs
-  here); a path is written by one host only, so a live writer's temp is never touched."""
+  """Removes what writers killed midway left beside `path`: `<path>.tmp-<pid>` (a temp file, or
+  a directory being built, as export.write_hf_dataset builds one) and `<path>.old-<pid>` (a
+  directory swapped out, not yet deleted), when their pid no longer runs here. A path is written
+  by one host only, so a live writer's temp is never touched. Returns the removed paths."""
   removed = []
-  for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
-    pid = tmp.rsplit(".tmp-", 1)[1]
-    if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
-      continue
-    try:
-      os.remove(tmp)
-      removed.append(tmp)
-    except FileNotFoundError:
-      pass
+  for tag in (".tmp-", ".old-"):
+    for tmp in glob.glob(glob.escape(path) + tag + "*"):
+      pid = tmp.rsplit(tag, 1)[1]
+      if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+        continue
+      try:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+          shutil.rmtree(tmp)
+        else:
+          os.remove(tmp)
+        removed.append(tmp)
+      except FileNotFoundError:  # another writer removed it first
+        pass
   return removed
 
 

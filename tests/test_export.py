@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import datasets
 import pandas as pd
@@ -13,6 +16,7 @@ import pytest
 from persyn_jax import export as ex
 from persyn_jax.data import records as rec
 from persyn_jax.data import shards
+from persyn_jax.io_utils import remove_dead_temps
 
 SYSTEM = "You are a careful tutor."
 
@@ -116,6 +120,59 @@ def test_rewriting_an_export_replaces_it_and_leaves_no_temporaries(tmp_path):
   assert pq.read_table(paths["persyn"]["parquet"]).column("messages").to_pylist() == \
       expected_messages(SYSTEM)
   assert_no_temps(run)
+
+
+def dead_pid() -> int:
+  """The pid of a process that has exited (a killed writer's)."""
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_an_export_removes_what_killed_writers_left(tmp_path):
+  """A writer killed midway leaves a half parquet (`data.parquet.tmp-<pid>`), a built or half-built
+  hf_dataset directory (`hf_dataset.tmp-<pid>/`) and a swapped-out one (`hf_dataset.old-<pid>/`).
+  The next export removes them: `datasets.load_dataset(<policy folder>)` read their arrow files
+  along with the export's (9 rows for 3 records) before."""
+  run = make_run(tmp_path)
+  config = ex.ExportConfig(formats=ex.FORMATS)
+  d = os.path.dirname(ex.export_run(run, ["persyn"], config, name="toy")["persyn"]["jsonl"])
+  pid = dead_pid()
+  shutil.copytree(os.path.join(d, "hf_dataset"), os.path.join(d, f"hf_dataset.tmp-{pid}"))
+  os.remove(os.path.join(d, f"hf_dataset.tmp-{pid}", "state.json"))  # killed before it
+  shutil.copytree(os.path.join(d, "hf_dataset"), os.path.join(d, f"hf_dataset.old-{pid}"))
+  with open(os.path.join(d, "data.parquet"), "rb") as f:
+    half = f.read()[:200]
+  with open(os.path.join(d, f"data.parquet.tmp-{pid}"), "wb") as f:
+    f.write(half)
+  with open(os.path.join(d, f"messages.jsonl.tmp-{pid}"), "w", encoding="utf-8") as f:
+    f.write('{"id": "p0", "mess')
+  ex.export_run(run, ["persyn"], config, name="toy")
+  assert_no_temps(run)
+  assert sorted(os.listdir(d)) == ["data.parquet", "hf_dataset", "messages.jsonl"]
+  ds = datasets.load_dataset(d, split="train", cache_dir=str(tmp_path / "cache"))
+  assert ds["id"] == ["p0", "7", "p2"]
+  assert ds["messages"] == expected_messages()
+
+
+def test_only_the_temps_of_writers_no_longer_running_are_removed(tmp_path):
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    dead, path = dead_pid(), str(tmp_path / "data.parquet")
+    for pid in (dead, live.pid, os.getpid()):
+      for tag in ("tmp", "old"):
+        os.makedirs(f"{path}.{tag}-{pid}/sub")
+    with open(f"{path}.tmp-x", "w") as f:  # not a writer's temp
+      f.write("x")
+    with open(str(tmp_path / "other.tmp-1"), "w") as f:  # another file's
+      f.write("x")
+    assert sorted(remove_dead_temps(path)) == [f"{path}.old-{dead}", f"{path}.tmp-{dead}"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"data.parquet.{t}-{p}" for p in (live.pid, os.getpid()) for t in ("tmp", "old")] +
+        ["data.parquet.tmp-x", "other.tmp-1"])
+  finally:
+    live.kill()
+    live.wait()
 
 
 def is_conversational(example) -> bool:
