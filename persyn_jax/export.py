@@ -203,6 +203,14 @@ def run_policies(run_dir: str) -> list[str]:
   return sorted(p for p in fs.listdir(d) if fs.exists(shards.manifest_path(fs.join(d, p), "data")))
 
 
+def _folder(policy: str) -> str | None:
+  """The folder name of a policy's dataset under data/ (None: no usable name)."""
+  try:
+    return safe_name(policy, "policy")
+  except ValueError:
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m persyn_jax.export", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,10 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = json.loads(fs.read_bytes(cfg_path))
   sec = dict(saved.get("export") or {})
   formats = args.formats.split(",") if args.formats else sec.get("formats") or ["jsonl"]
-  config = ExportConfig(formats=tuple(f.strip() for f in formats if f.strip()),
-                        dir=args.dir if args.dir is not None else sec.get("dir", ""),
-                        system=args.system if args.system is not None else sec.get("system"))
-  policies = args.policies.split(",") if args.policies else run_policies(args.run_dir)
+  try:
+    config = ExportConfig(formats=tuple(f.strip() for f in formats if f.strip()),
+                          dir=args.dir if args.dir is not None else sec.get("dir", ""),
+                          system=args.system if args.system is not None else sec.get("system"))
+  except ValueError as e:  # bad input: one line, exit 2, as persyn_jax.train's handler
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  known = run_policies(args.run_dir)
+  policies = ([p.strip() for p in args.policies.split(",") if p.strip()] if args.policies
+              else known)
+  unknown = [p for p in policies if _folder(p) not in known]
+  if unknown:
+    print(f"error: --policies: no dataset of {unknown} in {fs.join(args.run_dir, 'data')}; "
+          f"known: {known}", file=sys.stderr)
+    return 2
   if not policies:
     print(f"{args.run_dir}: no datasets under data/", file=sys.stderr)
     return 1

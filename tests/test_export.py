@@ -266,6 +266,27 @@ def test_the_cli_exports_an_existing_run_with_its_saved_config(tmp_path, capsys)
   assert not os.path.exists(os.path.join(exported, "toy_persyn", "messages.jsonl"))
 
 
+def test_the_cli_names_an_unknown_policy_or_format_in_one_line(tmp_path, capsys):
+  """Bad input gives one line and exit 2, as persyn_jax.train's (a ShardError traceback for an
+  unknown policy before); nothing is exported."""
+  run = make_run(tmp_path)
+  assert ex.main([run, "--policies", "persyn,nosuch"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ")
+  assert "['nosuch']" in err and "known: ['persyn', 'random']" in err
+  assert ex.main([run, "--formats", "csv"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "unknown formats ['csv']" in err
+  assert not os.path.exists(os.path.join(run, "export"))
+  # as a command: no traceback
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [os.path.dirname(os.path.dirname(ex.__file__)), os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.run([sys.executable, "-m", "persyn_jax.export", run, "--policies", "nosuch"],
+                        capture_output=True, text=True, env=env)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: --policies: ")
+  assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_the_cli_names_a_run_without_datasets(tmp_path):
   with pytest.raises(FileNotFoundError, match="generate stage"):
     ex.main([str(tmp_path)])
