@@ -6,11 +6,12 @@ records) as files the common fine-tuning tools read.
 
 Every format holds one row per training example, in the dataset's order:
   id, policy, teacher   where the example came from
-  messages              [{"role", "content"}, ...]: the optional system turn, the prompt (its own
-                        turns when the prompt record has `messages`), then the teacher's answer as
-                        the assistant turn. TRL's SFTTrainer reads this column as is ("messages"
-                        format); LLaMA-Factory reads it as sharegpt with OpenAI-style tags, through
-                        the entry this module writes into <dir>/dataset_info.json.
+  messages              [{"role", "content"}, ...]: the system turn (`system`, unless the prompt
+                        opens with its own), the prompt (its own turns when the prompt record has
+                        `messages`), then the teacher's answer as the assistant turn. TRL's
+                        SFTTrainer reads this column as is ("messages" format); LLaMA-Factory reads
+                        it as sharegpt with OpenAI-style tags, through the entry this module writes
+                        into <dir>/dataset_info.json.
   record                (parquet, hf_dataset) the whole generation record as JSON text: its
                         metadata fields are free-form, so they get no fixed column type.
 
@@ -48,7 +49,7 @@ class ExportConfig:
 
   formats: tuple[str, ...] = ("jsonl",)  # of FORMATS; () turns the export off
   dir: str = ""                          # "": <run_dir>/export
-  system: str | None = None              # a system turn put first in every conversation
+  system: str | None = None              # a system turn opening each prompt that has none
 
   def __post_init__(self):
     bad = [f for f in self.formats if f not in FORMATS]
@@ -59,7 +60,9 @@ class ExportConfig:
 
 
 def conversation(record: Mapping[str, Any], system: str | None = None) -> list[dict[str, str]]:
-  """The chat messages of one generation record: [system], the prompt's turns, the answer."""
+  """The chat messages of one generation record: [system], the prompt's turns, the answer.
+  `system` is not added to a prompt whose messages open with their own system turn (data.chat's
+  to_messages rule, the sampler's too): a conversation has one system turn, the prompt's."""
   prompt = record["messages"] if record.get("messages") else record["prompt"]
   try:
     msgs = to_messages(prompt, system)
@@ -219,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "config's export.formats, else jsonl)")
   ap.add_argument("--dir", help="output directory (default: the run's export.dir, else "
                   "RUN_DIR/export)")
-  ap.add_argument("--system", help="system prompt put first in every conversation")
+  ap.add_argument("--system", help="system prompt opening every conversation whose prompt has "
+                  "no system turn of its own")
   ap.add_argument("--policies", help="comma-separated (default: every dataset in RUN_DIR/data)")
   args = ap.parse_args(argv)
   saved: dict = {}

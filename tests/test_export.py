@@ -85,6 +85,23 @@ def test_a_configured_system_prompt_opens_every_conversation(tmp_path):
     assert [json.loads(line)["messages"] for line in f] == expected_messages(SYSTEM)
 
 
+def test_export_system_is_not_added_to_a_prompt_with_its_own_system_turn(tmp_path):
+  """As docs/DATA_OUT.md says: a prompt whose messages open with a system turn keeps it, alone;
+  the other conversations open with export.system."""
+  run = tmp_path / "run"
+  own = {"schema": rec.SCHEMA_VERSION, "id": "s", "prompt": "x", "teacher": "big",
+         "response": "Arr.", "policy": "persyn",
+         "messages": [{"role": "system", "content": "Talk like a pirate."},
+                      {"role": "user", "content": "Hi"}]}
+  shards.write_records(str(run / "data" / "persyn"), "data", records() + [own], num_shards=1,
+                       host=0)
+  path = ex.export_run(str(run), ["persyn"], ex.ExportConfig(system=SYSTEM))["persyn"]["jsonl"]
+  with open(path, encoding="utf-8") as f:
+    got = [json.loads(line)["messages"] for line in f]
+  assert got == expected_messages(SYSTEM) + [own["messages"] + [
+      {"role": "assistant", "content": "Arr."}]]
+
+
 def test_parquet_reads_back_with_pandas_and_pyarrow(tmp_path):
   run = make_run(tmp_path)
   path = ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("parquet",)))["persyn"]["parquet"]
