@@ -151,7 +151,8 @@ def router_metrics(scores: np.ndarray, rewards: np.ndarray, teachers: Sequence[s
                    tie_tolerance: float = 1e-6) -> dict:
   """Pairwise accuracy on the non-tie pairs, Hit@1 / Hit@3 of the router's top teachers against
   the oracle (argmax reward; tied best teachers all count as the oracle), per-teacher shares of
-  the router's and the oracle's assignments, and a uniform random router's expected Hit@k."""
+  the router's and the oracle's assignments (a tie on the best reward splits its prompt's share
+  among the tied teachers), and a uniform random router's expected Hit@k."""
   s, r = np.asarray(scores, np.float64), np.asarray(rewards, np.float64)
   wins, counts = build_pairs(r, tie_tolerance)
   gap = s[:, :, None] - s[:, None, :]
@@ -166,14 +167,18 @@ def router_metrics(scores: np.ndarray, rewards: np.ndarray, teachers: Sequence[s
   n_best = oracle.sum(1)
   rand = lambda k: float(np.mean(1.0 - np.asarray([math.comb(K - int(o), k) for o in n_best])
                                  / math.comb(K, k))) if P else float("nan")
-  choice, oracle_choice = order[:, 0], np.argmax(np.where(np.isnan(r), -np.inf, r), axis=1)
+  choice = order[:, 0]
   share = lambda c: {t: float(np.mean(c == j)) if P else 0.0 for j, t in enumerate(teachers)}
+  # a prompt whose best reward several teachers share counts 1/n for each, never for the first
+  # listed one
+  credit = oracle / np.maximum(n_best, 1)[:, None]
+  oracle_shares = {t: float(credit[:, j].mean()) if P else 0.0 for j, t in enumerate(teachers)}
   return {"prompts": int(P), "pairs": counts["pairs"],
           "pairwise_accuracy": float(correct / counts["pairs"]) if counts["pairs"] else float("nan"),
           "hit@1": float(top(1).mean()) if P else float("nan"),
           "hit@3": float(top(min(3, K)).mean()) if P else float("nan"),
           "random_hit@1": rand(1), "random_hit@3": rand(min(3, K)),
-          "shares": share(choice), "oracle_shares": share(oracle_choice)}
+          "shares": share(choice), "oracle_shares": oracle_shares}
 
 
 # ---------------------------------------------------------------------------------------------

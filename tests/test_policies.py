@@ -157,6 +157,20 @@ def test_ties_are_counted():
   assert table(q, alpha=0.0).ties == 2  # rows 1 and 2 have several teachers at the top
 
 
+def test_the_same_text_scored_with_float32_rounding_apart_is_a_tie():
+  """Two teachers that gave the same answer: its learnability, scored at two places of a packed
+  float32 batch, differs by a few 1e-7, which must not pick the teacher (the hash does)."""
+  ids, teachers = [f"g{i}" for i in range(200)], ["a", "b"]
+  rng = np.random.default_rng(0)
+  reward = np.full((200, 2), 0.7) + np.stack([np.zeros(200), rng.uniform(-3e-7, 3e-7, 200)], 1)
+  best = pol.best_teachers(ids, teachers, reward, seed=3)
+  assert best.ties == 200
+  swapped = pol.best_teachers(ids, teachers[::-1], reward[:, ::-1], seed=3)
+  assert best.assignment == swapped.assignment
+  reward[:, 1] += 1e-5  # a real gap is no tie
+  assert pol.best_teachers(ids, teachers, reward, seed=3).ties == 0
+
+
 def test_tie_breaking_does_not_depend_on_the_teachers_order():
   t = all_correct(60)
   assert t.best() == permuted(t, [2, 0, 1]).best()

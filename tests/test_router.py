@@ -61,7 +61,8 @@ def test_router_metrics_on_a_hand_made_case():
   m = router_metrics(scores, rewards, teachers)
   assert m["hit@1"] == pytest.approx(2 / 3) and m["hit@3"] == pytest.approx(2 / 3)
   assert m["shares"] == {"A": 2 / 3, "B": 0.0, "C": 1 / 3, "D": 0.0}
-  assert m["oracle_shares"] == {"A": 1 / 3, "B": 1 / 3, "C": 0.0, "D": 1 / 3}
+  # the B = C tie splits its prompt, never goes to the first listed
+  assert m["oracle_shares"] == pytest.approx({"A": 1 / 3, "B": 1 / 6, "C": 1 / 6, "D": 1 / 3})
   # pairs: 6 + 5 (the B = C tie is dropped) + 6 = 17; ordered right by the scores:
   # row 0: A>B A>C A>D C>B C>D D>B all right (6); row 1: B>A C>A C>D D>A right, B>D wrong (4);
   # row 2: A>B A>C B>C right, D>A D>B D>C wrong (3)

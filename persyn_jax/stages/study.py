@@ -21,6 +21,7 @@ import numpy as np
 from persyn_jax import distributed as dist
 from persyn_jax import evaluate as ev
 from persyn_jax import fs
+from persyn_jax import policies as pol
 from persyn_jax import sharding as shd
 from persyn_jax import sft
 from persyn_jax.data import shards
@@ -59,7 +60,7 @@ def _ranks(v: np.ndarray) -> np.ndarray:
   return r
 
 
-def best_set(values: Mapping[str, float], tol: float = 1e-9) -> list[str]:
+def best_set(values: Mapping[str, float], tol: float = pol.TIE_TOL) -> list[str]:
   """The teachers sharing the highest finite value (all of them when they tie)."""
   finite = {t: v for t, v in values.items() if v is not None and np.isfinite(v)}
   if not finite:
