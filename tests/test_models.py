@@ -99,6 +99,18 @@ def test_a_trimmed_config_means_what_it_means_to_transformers(arch, made, setk, 
   assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
 
 
+def test_qwen_windows_follow_max_window_layers_without_transformers_defaults(monkeypatch):
+  """The Qwen rule (layers from max_window_layers on slide) also where transformers' config class
+  gives no layer_types (older transformers): our own fallback, not every layer."""
+  from persyn_jax.models import config as mc
+  monkeypatch.setattr(mc, "_with_hf_defaults", lambda hf, mt: hf)
+  base = dict(model_type="qwen2", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              vocab_size=300, intermediate_size=64, sliding_window=5, use_sliding_window=True)
+  assert mc.config_from_hf({**base, "max_window_layers": 1}).sliding_layers == (False, True, True)
+  assert mc.config_from_hf({**base, "max_window_layers": 0}).sliding_layers == (True,) * 3
+  assert not any(mc.config_from_hf(base).sliding_layers)  # the default 28 >= 3 layers
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 def test_long_rows_in_causal_query_blocks_match_transformers(arch, model_dir):
   """From 128 tokens on, a forward without a cache scores its queries in causal blocks that skip

@@ -231,6 +231,9 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     sliding = tuple(t == "sliding_attention" for t in layer_types)
   elif window and mt == "gemma2":
     sliding = tuple(i % 2 == 0 for i in range(L))
+  elif window and mt in ("qwen2", "qwen3"):  # transformers' rule where it has no layer_types
+    first = count("max_window_layers", 28) if hf.get("max_window_layers") != 0 else 0
+    sliding = tuple(i >= first for i in range(L))
   elif window and mt == "gemma3_text":
     pattern = count("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
     sliding = tuple((i + 1) % pattern != 0 for i in range(L))
