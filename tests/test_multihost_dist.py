@@ -51,6 +51,25 @@ def test_single_process_is_left_alone_and_bad_flags_are_named(clean_env):
     dist.initialize("127.0.0.1:1234", 2, 2)
 
 
+def test_explicit_flags_turn_jax_cluster_detection_off(clean_env):
+  """tpu/slurm.sbatch passes --coordinator/--num-processes/--process-id inside srun: jax must not
+  detect SLURM on top of them (it would take local_device_ids from SLURM_LOCALID: GPU 0 alone)."""
+  calls = []
+
+  def fake(coordinator_address=None, num_processes=None, process_id=None, local_device_ids=None,
+           cluster_detection_method=None, initialization_timeout=300):
+    calls.append(dict(locals()))
+  clean_env.setattr(jax.distributed, "is_initialized", lambda: False)
+  clean_env.setattr(jax.distributed, "initialize", fake)
+  clean_env.setenv("SLURM_NTASKS", "2")
+  clean_env.setenv("SLURM_LOCALID", "0")
+  assert dist.initialize("gpu07:12355", 2, 1) is True
+  assert calls[-1]["cluster_detection_method"] == "deactivate"
+  assert calls[-1]["local_device_ids"] is None and calls[-1]["process_id"] == 1
+  assert dist.initialize() is True  # no flags (SLURM, a TPU pod): jax detects the cluster
+  assert calls[-1]["cluster_detection_method"] is None
+
+
 def test_helpers_are_identities_with_one_process():
   assert dist.is_writer() and not dist.is_multiprocess() and dist.process_count() == 1
   dist.barrier("nothing to wait for")

@@ -85,8 +85,8 @@ def test_launch_copies_the_config_and_starts_train_on_every_worker(tpu):
   assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
   assert scp[4:6] == ["configs/math.yaml", "pj:persyn_jax/run_config.yaml"]
   cmd = remote(ssh)
-  assert "python -m persyn_jax.train --config run_config.yaml --run-dir /mnt/shared/runs/a\\ b " \
-         "--set mesh.fsdp=8 > run.log 2>&1 < /dev/null &" in cmd  # flags quoted, detached
+  assert "{ nohup python -m persyn_jax.train --config run_config.yaml --run-dir " \
+         "/mnt/shared/runs/a\\ b --set mesh.fsdp=8 >> run.log 2>&1 < /dev/null & }" in cmd
 
 
 def test_logs_stop_and_delete(tpu):
@@ -94,12 +94,97 @@ def test_logs_stop_and_delete(tpu):
   assert [c[-1] for c in scps] == [f"--worker={i}" for i in range(4)]
   assert scps[3][4:6] == ["pj:persyn_jax/run.log", "logs/pj/worker-3.log"]
   (stop,) = [c for c in tpu("stop.sh") if c[0] == "compute"]
-  assert "pkill -TERM -f persyn_jax.train" in remote(stop)
+  assert "pkill -TERM -f '[p]ersyn_jax[.]train'" in remote(stop)
   calls = [c for c in tpu("delete.sh") if c[0] == "compute"]
   assert "pkill" in remote(calls[0])
   assert calls[1][:5] == ["compute", "tpus", "tpu-vm", "delete", "pj"] and "--quiet" in calls[1]
   calls = [c for c in tpu("delete.sh", QUEUED="1") if c[0] == "compute"]
   assert calls[1][:5] == ["compute", "tpus", "queued-resources", "delete", "pj-qr"]
+
+
+# -- the remote commands, run here: a stand-in gcloud whose `ssh` runs the command with bash and,
+# as sshd does, returns once the command's stdout and stderr are closed --------------------------
+
+LOCAL_SSH = """#!/usr/bin/env python3
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["GCLOUD_CALLS"], "a") as f:
+  f.write(json.dumps(args) + "\\n")
+if args[:2] == ["config", "get-value"]:
+  print("recorded-project")
+elif "ssh" in args:
+  p = subprocess.run(["bash", "-c", args[args.index("--command") + 1]], capture_output=True)
+  sys.stdout.buffer.write(p.stdout)
+  sys.exit(p.returncode)
+"""
+
+
+@pytest.fixture
+def local_ssh(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(LOCAL_SSH)
+  (bin_dir / "gcloud").chmod(0o755)
+  token = f"persyn_stand_in_{os.getpid()}_{tmp_path.name}"
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             GCLOUD_CALLS=str(tmp_path / "calls.jsonl"), TPU_NAME="pj", ZONE="z",
+             ACCELERATOR="v5p-8", TRAIN_PATTERN=f"[{token[0]}]{token[1:]}[.]train")
+  env.pop("PROJECT", None)
+  procs = []
+  yield env, token, bin_dir, procs
+  for p in procs:
+    p.kill()
+    p.wait()
+
+
+def test_the_run_checks_find_the_run_and_not_themselves(local_ssh, tmp_path):
+  """run_alive (tpu/run.sh's check) and stop.sh run pgrep/pkill -f in a shell whose own command
+  line holds the pattern's text: the bracketed pattern matches the run only."""
+  env, token, _, procs = local_ssh
+  alive = lambda: subprocess.run(["bash", "-c", f"source {ROOT}/tpu/common.sh; run_alive"],
+                                 env=env, timeout=60).returncode == 0
+  assert not alive()  # nothing runs: the shell running pgrep does not count
+  stand_in = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                               "signal.SIGTERM, signal.SIG_IGN); time.sleep(120)",
+                               f"{token}.train"])
+  procs.append(stand_in)
+  for _ in range(50):  # until the stand-in's command line is there
+    if alive():
+      break
+  assert alive()
+  proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "stop.sh")], env=dict(env, GRACE="1"),
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr  # stop.sh's own shell survived its pkill
+  assert "stopped the run" in proc.stdout
+  assert stand_in.wait(timeout=10) == -9  # it ignored SIGTERM: killed after GRACE
+  assert not alive()
+
+
+def test_launch_returns_at_once_and_the_run_goes_on(local_ssh, tmp_path):
+  env, token, bin_dir, procs = local_ssh
+  remote_dir = tmp_path / "remote"
+  (remote_dir / ".venv" / "bin").mkdir(parents=True)
+  (remote_dir / ".venv" / "bin" / "activate").write_text("")
+  marker = tmp_path / "ran"
+  # the workers' python: it runs for a while, then leaves a mark
+  (bin_dir / "python").write_text(f"#!/usr/bin/env bash\nsleep 4\necho \"$*\" > {marker}\n")
+  (bin_dir / "python").chmod(0o755)
+  (tmp_path / "run.yaml").write_text("name: x\n")
+  import time
+  t0 = time.monotonic()
+  proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "launch.sh"), str(tmp_path / "run.yaml"),
+                         "--run-dir", "/runs/r"], env=dict(env, REMOTE_DIR=str(remote_dir)),
+                        cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+  took = time.monotonic() - t0
+  assert proc.returncode == 0, proc.stderr
+  assert took < 3.0, took  # the ssh session closed before the run ended
+  assert not marker.exists()
+  for _ in range(100):
+    if marker.exists():
+      break
+    time.sleep(0.1)
+  assert marker.read_text().split() == ["-m", "persyn_jax.train", "--config", "run_config.yaml",
+                                        "--run-dir", "/runs/r"]
 
 
 # -- the workers' Python: uv brings 3.11+, whatever the image's python3 is  ------------------------
@@ -201,7 +286,12 @@ code = 0
 if args[:2] == ["config", "get-value"]:
   print("recorded-project")
 elif "create" in args:
-  s.update(exists=True, state="ACTIVE" if queued else "READY")
+  s["creates"] = s.get("creates", 0) + 1
+  if s["creates"] <= int(os.environ.get("CREATE_FAILS", "0")):  # no capacity
+    print("ERROR: there is no more capacity in the zone", file=sys.stderr)
+    code = 1
+  else:
+    s.update(exists=True, state="ACTIVE" if queued else "READY")
 elif "delete" in args:
   s.update(exists=False, state=None)
 elif "describe" in args:
@@ -284,6 +374,15 @@ def test_run_loop_with_queued_resources(tmp_path):
       ["compute", "tpus", "queued-resources", "create", "pj-qr"],
       ["compute", "tpus", "queued-resources", "delete", "pj-qr"],
       ["compute", "tpus", "queued-resources", "create", "pj-qr"]]
+
+
+def test_run_loop_tries_again_when_a_create_fails(tmp_path):
+  """No spot capacity: the create fails; the loop waits and tries again instead of exiting."""
+  proc, calls = run_loop(tmp_path, CREATE_FAILS="2", MAX_ATTEMPTS="6")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.count("creating the slice failed; trying again") == 2
+  assert len([c for c in calls if c[3:4] == ["create"]]) == 4  # 2 refused, then 2 slices
+  assert "run finished: /mnt/shared/runs/r1/report/report.json (2 launch(es))" in proc.stdout
 
 
 def test_run_loop_gives_up_after_max_attempts(tmp_path):

@@ -12,6 +12,9 @@ set -euo pipefail
 : "${REPO_URL:=}"                  # git URL to install from; default: copy this checkout
 : "${REMOTE_DIR:=persyn_jax}"
 : "${PYTHON_VERSION:=3.11}"        # the workers' venv (uv fetches it; 3.11 or later)
+# The run's process, for pgrep/pkill -f. The brackets keep the pattern from matching the shell that
+# runs the pgrep (its own command line holds the pattern's text, not what the pattern matches).
+: "${TRAIN_PATTERN:=[p]ersyn_jax[.]train}"
 
 if [[ -z "${RUNTIME}" ]]; then
   case "${ACCELERATOR}" in
@@ -26,4 +29,8 @@ fi
 tpu_ssh() {  # tpu_ssh COMMAND: run COMMAND on every worker
   gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" --project "${PROJECT}" \
     --worker=all --command "$1"
+}
+
+run_alive() {  # true when the run's process is alive on every worker
+  tpu_ssh "pgrep -f '${TRAIN_PATTERN}' >/dev/null" >/dev/null 2>&1
 }

@@ -3,7 +3,7 @@
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "$0")/common.sh"
-tpu_ssh "pkill -f persyn_jax.train || true" || true
+tpu_ssh "pkill -f '${TRAIN_PATTERN}' || true" || true
 if [[ "${QUEUED}" == "1" ]]; then
   gcloud compute tpus queued-resources delete "${TPU_NAME}-qr" --zone "${ZONE}" \
     --project "${PROJECT}" --force --quiet

@@ -52,11 +52,8 @@ report_exists() {
   fi
 }
 
-running() { tpu_ssh "pgrep -f persyn_jax.train >/dev/null" >/dev/null 2>&1; }
-
-set_up() {
-  bash "${here}/setup.sh"
-  if [[ -n "${PREPARE}" ]]; then tpu_ssh "${PREPARE}"; fi
+set_up() {  # (no `set -e` inside a function called from a condition: each step is chained)
+  bash "${here}/setup.sh" && { [[ -z "${PREPARE}" ]] || tpu_ssh "${PREPARE}"; }
 }
 
 wait_usable() {
@@ -72,10 +69,34 @@ wait_usable() {
   done
 }
 
+watch() {  # poll until the report exists, the slice is lost, or the run is gone from a worker
+  local s
+  while true; do
+    sleep "${POLL_S}"
+    if report_exists; then return 0; fi
+    s="$(slice_state)"
+    if ! usable "${s}"; then
+      echo "attempt ${attempt}: the slice is ${s} (preempted?)"
+      return 0
+    fi
+    if ! run_alive; then
+      echo "attempt ${attempt}: the run is not running on every worker"
+      return 0
+    fi
+  done
+}
+
+retry() {  # a step that failed (no capacity, a preemption during setup, ssh): the next attempt
+  echo "attempt ${attempt}: $1 failed; trying again in ${POLL_S} s" >&2
+  sleep "${POLL_S}"
+}
+
 attempt=0
+launches=0
+installed=$([[ "${SETUP}" == "1" ]] && echo 0 || echo 1)  # the slice there at the start
 while true; do
   if report_exists; then
-    echo "run finished: ${RUN_DIR%/}/report/report.json (${attempt} launch(es))"
+    echo "run finished: ${RUN_DIR%/}/report/report.json (${launches} launch(es))"
     exit 0
   fi
   if ((attempt >= MAX_ATTEMPTS)); then
@@ -85,30 +106,31 @@ while true; do
   attempt=$((attempt + 1))
   state="$(slice_state)"
   if usable "${state}"; then
-    if ((attempt == 1)) && [[ "${SETUP}" == "1" ]]; then set_up; fi
+    if ((attempt == 1)) && run_alive; then  # this script restarted beside a live run: watch it
+      echo "attempt 1: the run is already going on ${TPU_NAME}; watching it"
+      installed=1
+      watch
+      continue
+    fi
     if ((attempt > 1)); then bash "${here}/stop.sh" || true; fi  # a crashed run's survivors
   else
     if ! pending "${state}"; then
       echo "attempt ${attempt}: the slice is ${state}; (re)creating it"
       if [[ "${state}" != GONE ]]; then bash "${here}/delete.sh" || true; fi
-      bash "${here}/create.sh"
+      if ! bash "${here}/create.sh"; then retry "creating the slice"; continue; fi
     fi
     wait_usable || continue
-    set_up
+    installed=0  # a new slice is a fresh VM
+  fi
+  if ((installed == 0)); then
+    if ! set_up; then retry "setting up the slice"; continue; fi
+    installed=1
   fi
   echo "attempt ${attempt}: launching with --run-dir ${RUN_DIR}"
-  bash "${here}/launch.sh" "${config}" --run-dir "${RUN_DIR}" "$@"
-  while true; do
-    sleep "${POLL_S}"
-    if report_exists; then break; fi
-    state="$(slice_state)"
-    if ! usable "${state}"; then
-      echo "attempt ${attempt}: the slice is ${state} (preempted?)"
-      break
-    fi
-    if ! running; then
-      echo "attempt ${attempt}: the run is not running on every worker"
-      break
-    fi
-  done
+  if ! bash "${here}/launch.sh" "${config}" --run-dir "${RUN_DIR}" "$@"; then
+    retry "the launch"
+    continue
+  fi
+  launches=$((launches + 1))
+  watch
 done

@@ -6,7 +6,7 @@ set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "$0")/common.sh"
 : "${GRACE:=30}"
-tpu_ssh "pkill -TERM -f persyn_jax.train || true; \
-for _ in \$(seq ${GRACE}); do pgrep -f persyn_jax.train >/dev/null || exit 0; sleep 1; done; \
-pkill -KILL -f persyn_jax.train || true"
+tpu_ssh "pkill -TERM -f '${TRAIN_PATTERN}' || true; \
+for _ in \$(seq ${GRACE}); do pgrep -f '${TRAIN_PATTERN}' >/dev/null || exit 0; sleep 1; done; \
+pkill -KILL -f '${TRAIN_PATTERN}' || true"
 echo "stopped the run on every worker of ${TPU_NAME} (the VM is kept)"
