@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from persyn_jax.config import ConfigError
+
 
 def _scalar(v: Any):
   if isinstance(v, (bool, np.bool_)):
@@ -49,11 +51,16 @@ class WandbConfig:
       raise ValueError("wandb.project is empty: name the W&B project (or set wandb: null)")
 
 
+class MissingExtraError(ConfigError, ImportError):
+  """An optional extra the config asks for is not installed: bad input (the CLI prints one line
+  and exits 2, as for any ConfigError), and still an ImportError for callers that catch that."""
+
+
 def import_wandb():
   try:
     import wandb
   except ImportError:
-    raise ImportError("the run config sets `wandb:` but the wandb package is not installed: "
+    raise MissingExtraError("the run config sets `wandb:` but the wandb package is not installed: "
                       'install the extra with `pip install "persyn-jax[wandb]"` (or set '
                       "wandb: null)") from None
   return wandb

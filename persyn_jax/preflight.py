@@ -12,6 +12,14 @@ from typing import Mapping, Sequence
 
 from persyn_jax.run_config import STAGES, RunConfig
 
+# The earlier stages whose outputs each stage reads (each stage module's Stage.reads). Kept here
+# as data because importing the stages' graph imports every stage module (jax, the trainer), which
+# --dry-run must not; tests/test_dry_run_checks.py checks that it equals GRAPH's.
+READS: dict[str, tuple[str, ...]] = {
+    "probe": (), "score": ("probe",), "router": ("score",), "route": ("score", "router"),
+    "generate": ("probe", "score", "route"), "sft": ("generate",), "eval": ("sft",),
+    "study": ("probe", "score")}
+
 
 def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
              architectures: Mapping[str, object] | None = None,
@@ -25,6 +33,7 @@ def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
   sel = set(stages)
   world = cfg.world is not None
   scoring = sel & {"score", "generate"}  # the oracle scores in generate
+  out += _run_dir_problems(cfg, stages)
   out += _prompt_problems(cfg, world, num_prompts)
   out += _model_problems(cfg, sel, architectures or {})
   names = {t.name for t in cfg.teachers}
@@ -54,6 +63,9 @@ def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
                    f"({fam!r}); set teachers' `family`, or policies.family_strong, or drop it")
     if "mix" in cfg.compare and len(cfg.teachers) < 2:
       out.append("compare has mix, which needs at least 2 teachers")
+  if cfg.wandb is not None and cfg.wandb.mode != "disabled" and not _installed("wandb"):
+    out.append(f"wandb.mode={cfg.wandb.mode} needs the wandb package: install the extra with "
+               '`pip install "persyn-jax[wandb]"` (or set wandb: null)')
   if "eval" in sel:
     out += _eval_problems(cfg, refs, num_prompts)
   if "study" in sel and cfg.study.enabled:
@@ -64,6 +76,28 @@ def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
       out.append("study.enabled needs eval.verifier (its gains are measured accuracies)")
     if cfg.prompts.eval == 0:
       out.append("study.enabled needs held-out prompts: set prompts.eval (a count or a fraction)")
+  return out
+
+
+def _run_dir_problems(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
+  """The run dir is a file (the run would refuse it), or a selected stage reads an earlier stage that neither runs now nor finished in the run dir
+  (its DONE.json): the real run would fail in that stage, with a missing file. A gs:// run dir
+  is not checked (a dry run does not reach the bucket)."""
+  run_dir = cfg.out_dir
+  if "://" in run_dir:
+    return []
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    return [f"{run_dir}: the run directory is a file, not a directory (use another --run-dir, "
+            "or move the file away)"]
+  sel = set(stages)
+  out, seen = [], set()
+  for s in STAGES:
+    for r in READS.get(s, ()) if s in sel else ():
+      if r in sel or r in seen or os.path.exists(os.path.join(run_dir, r, "DONE.json")):
+        continue
+      seen.add(r)
+      out.append(f"stage {s} reads stage {r}, which is not selected and has not finished in "
+                 f"{run_dir} (no {r}/DONE.json): add {r} to --stages")
   return out
 
 
@@ -81,6 +115,11 @@ def _prompt_problems(cfg: RunConfig, world: bool, num_prompts: int | None) -> li
     if int(probe) > train:
       out.append(f"prompts.probe={cfg.prompts.probe} exceeds the {train} training prompts")
   return out
+
+
+def _installed(module: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(module) is not None
 
 
 def _dir_or_url(path: str) -> bool:
@@ -151,6 +190,9 @@ def _eval_problems(cfg: RunConfig, refs: bool, num_prompts: int | None) -> list[
     if not refs:
       out.append(f"eval.verifier={c.verifier!r} needs reference answers, but "
                  "prompts.source.reference_field is not set (or set eval.verifier: null)")
+  for b in c.benchmarks:  # read after SFT: a missing file would fail hours in
+    if "://" not in b.path and not os.path.exists(b.path):
+      out.append(f"eval.benchmarks {b.name!r}: path={b.path!r}: no such file or directory")
   bad = [f for f in c.exports if f not in EXPORTS]
   if bad:
     out.append(f"eval.exports: unknown formats {bad}; known: {list(EXPORTS)}")

@@ -1,6 +1,7 @@
 """--dry-run finds every problem that would fail a stage later, all at once, before any work
 (persyn_jax.preflight), and a real run checks them again first; --help lists every config key."""
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -152,3 +153,63 @@ def test_help_lists_every_config_key_with_type_and_default(flag):
   assert lines["sampling.temperature"].split()[1:] == ["float", "default:", "0.7"]
   assert lines["eval.base_student"].endswith("default: true")
   assert lines["sampling.stop_token_ids"].split()[1:5] == ["list", "of", "int", "|"]
+
+
+def test_the_preflight_reads_table_is_the_graphs():
+  """preflight.READS is a copy (the dry run imports no stage module): it must match GRAPH."""
+  from persyn_jax.stages import GRAPH
+  assert preflight.READS == {s.name: s.reads for s in GRAPH}
+
+
+def test_a_stage_whose_input_stage_is_neither_selected_nor_done_is_refused(tmp_path):
+  run_dir = tmp_path / "run"
+  out = train("--config", INSTRUCT, "--dry-run", "--stages", "eval", "--run-dir", str(run_dir))
+  assert out.returncode == 2
+  assert (f"stage eval reads stage sft, which is not selected and has not finished in {run_dir} "
+          "(no sft/DONE.json): add sft to --stages") in out.stderr
+  # a real run refuses it before any work (it used to evaluate the base student, then fail)
+  out = train("--config", INSTRUCT, "--stages", "eval", "--run-dir", str(run_dir),
+              env={"HF_HUB_OFFLINE": "1"})
+  assert out.returncode == 2 and "add sft to --stages" in out.stderr
+  assert not run_dir.exists()
+  # selected, or finished earlier: fine
+  cfg = load(INSTRUCT, f"run_dir={run_dir}")
+  assert preflight.problems(cfg, STAGES) == []
+  assert [p.split(",")[0] for p in preflight.problems(cfg, ["sft", "eval"])] == [
+      "stage sft reads stage generate"]
+  (run_dir / "sft").mkdir(parents=True)
+  (run_dir / "sft" / "DONE.json").write_text("{}")
+  assert preflight.problems(cfg, ["eval"]) == []
+  assert preflight.problems(load(INSTRUCT, "run_dir=gs://bucket/run"), ["eval"]) == []
+
+
+def test_a_run_dir_that_is_a_file_is_refused_by_the_dry_run(tmp_path):
+  f = tmp_path / "afile"
+  f.write_text("x")
+  out = train("--config", INSTRUCT, "--dry-run", "--run-dir", str(f))
+  assert out.returncode == 2
+  assert (f"{f}: the run directory is a file, not a directory (use another --run-dir, or move "
+          "the file away)") in out.stderr
+
+
+def test_a_missing_benchmark_file_is_refused_before_sft(tmp_path):
+  cfg = load(INSTRUCT, f"eval.benchmarks=[{{name: ae, format: alpaca_eval, "
+                       f"path: {tmp_path}/nope.json}}, {{name: gs, format: ifeval, "
+                       f"path: gs://b/input_data.jsonl}}]")
+  assert preflight.problems(cfg, STAGES) == [
+      f"eval.benchmarks 'ae': path='{tmp_path}/nope.json': no such file or directory"]
+  assert preflight.problems(cfg, ["probe"]) == []  # only the eval stage reads it
+
+
+def test_wandb_without_the_package_is_bad_input():
+  if importlib.util.find_spec("wandb") is not None:
+    pytest.skip("checks the error when the wandb extra is missing")
+  out = train("--config", INSTRUCT, "--dry-run", "--set", "wandb={project: p, mode: offline}")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert 'pip install "persyn-jax[wandb]"' in out.stderr
+  # the preflight names it too (for a config built without the load-time check)
+  from persyn_jax.metrics import WandbConfig
+  cfg = load(INSTRUCT)
+  object.__setattr__(cfg, "wandb", WandbConfig(project="p", mode="offline"))
+  assert any(p.startswith("wandb.mode=offline needs the wandb package") and
+             "persyn-jax[wandb]" in p for p in preflight.problems(cfg, STAGES))
