@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from persyn_jax.config import ConfigError
+
 # Environment variables under which a launcher tells a process it is one of several; with any of
 # them present, jax.distributed.initialize() finds the rest itself.
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
@@ -62,7 +64,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, local_device_ids=None,
                timeout_s: int = 300) -> bool:
   """`jax.distributed.initialize()` when this process is one of several (see should_initialize);
-  must run before anything touches a device. Returns whether it initialized.
+  must run before anything touches a device. Returns whether it initialized. Flags that do not
+  fit together are bad input: a ConfigError (a ValueError; the CLI prints one line, exit 2).
 
   On a TPU pod and under SLURM or OpenMPI every argument is optional. On a GPU or CPU cluster give
   the coordinator `host:port` (process 0's address), the number of processes and this one's id.
@@ -71,11 +74,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if not should_initialize(coordinator, num_processes):
     return False
   if coordinator and (num_processes is None or process_id is None) and _cluster_size_hint() == 1:
-    raise ValueError("--coordinator needs --num-processes and --process-id (outside SLURM, "
+    raise ConfigError("--coordinator needs --num-processes and --process-id (outside SLURM, "
                      f"OpenMPI and TPU pods); got num_processes={num_processes}, "
                      f"process_id={process_id}")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"process_id={process_id} is not in [0, {num_processes})")
+    raise ConfigError(f"process_id={process_id} is not in [0, {num_processes})")
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     try:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from persyn_jax.config import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 
 
@@ -143,20 +145,22 @@ class MeshConfig:
   tensor: int = 1
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
+    """The axis sizes on `num_devices`. A mesh that does not fit them is bad input: a ConfigError
+    (a ValueError), which the CLI reports in one line with exit 2."""
     sizes = [self.data, self.fsdp, self.tensor]
     if sizes.count(-1) > 1:
-      raise ValueError(f"mesh {self}: at most one axis may be -1")
+      raise ConfigError(f"mesh {self}: at most one axis may be -1")
     for name, s in zip(AXES, sizes):
       if s == 0 or s < -1:
-        raise ValueError(f"mesh.{name}={s}: sizes are positive, or -1 for the rest")
+        raise ConfigError(f"mesh.{name}={s}: sizes are positive, or -1 for the rest")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
       if num_devices % known:
-        raise ValueError(f"mesh {self}: the fixed axes ({known} devices) do not divide the "
+        raise ConfigError(f"mesh {self}: the fixed axes ({known} devices) do not divide the "
                          f"{num_devices} devices")
       sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-      raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+      raise ConfigError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
                        f"but {num_devices} are available")
     return tuple(sizes)
 

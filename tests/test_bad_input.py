@@ -456,6 +456,22 @@ def test_a_mesh_that_does_not_divide_the_devices_is_named(model_dir, tmp_path):
     Run(cfg, log=lambda m: None)
 
 
+def test_the_cli_reports_a_mesh_that_does_not_fit_in_one_line(model_dir, tmp_path, capsys):
+  """A real run (not only --dry-run) gives one line and exit 2, not a ValueError traceback."""
+  import yaml
+
+  from persyn_jax import train
+  p = tmp_path / "prompts.jsonl"
+  p.write_text('{"id": "a", "prompt": "hi"}\n')
+  cfg = explicit_config(model_dir, tmp_path, p, mesh={"data": 3, "fsdp": -1, "tensor": 1})
+  y = tmp_path / "run.yaml"
+  y.write_text(yaml.safe_dump(C.to_dict(cfg)))
+  assert train.main(["--config", str(y), "--stages", "probe"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ConfigError: mesh ") and err.count("\n") == 1, err
+  assert "the fixed axes (3 devices) do not divide the 8 devices" in err
+
+
 def test_a_batch_size_that_does_not_divide_the_mesh_still_gives_the_same_results(model_dir):
   """The batch axis is kept whole on the mesh axes it does not divide (less data parallelism,
   the same numbers): sampling 3 rows on 8 devices equals 1 device. (SFT and scoring place their

@@ -51,6 +51,17 @@ def test_single_process_is_left_alone_and_bad_flags_are_named(clean_env):
     dist.initialize("127.0.0.1:1234", 2, 2)
 
 
+@pytest.mark.parametrize("flags,want", [
+    (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes and --process-id"),
+    (["--num-processes", "2", "--process-id", "5"], "process_id=5 is not in [0, 2)")])
+def test_the_cli_reports_flags_that_do_not_fit_as_bad_input(clean_env, capsys, flags, want):
+  """They were ValueError tracebacks; now one line and exit 2, before any config is read."""
+  from persyn_jax import train
+  assert train.main([*flags, "--config", "/no/such/config.yaml"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: ConfigError: {want}") and err.count("\n") == 1, err
+
+
 def test_explicit_flags_turn_jax_cluster_detection_off(clean_env):
   """tpu/slurm.sbatch passes --coordinator/--num-processes/--process-id inside srun: jax must not
   detect SLURM on top of them (it would take local_device_ids from SLURM_LOCALID: GPU 0 alone)."""
