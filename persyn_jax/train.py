@@ -20,13 +20,18 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "toy.yaml")
 def parse_args(argv=None) -> argparse.Namespace:
   argv = sys.argv[1:] if argv is None else list(argv)
   # the key table imports the config dataclasses: only built when help is asked for
-  epilog = ("config keys (YAML, or --set KEY=VALUE):\n" + config_help()
-            if {"-h", "--help"} & set(argv) else None)
+  helping = bool({"-h", "--help"} & set(argv))
+  epilog = "config keys (YAML, or --set KEY=VALUE):\n" + config_help() if helping else None
+  if helping:
+    from persyn_jax.run_config import STAGES
+    stage_names = ",".join(STAGES)
+  else:
+    stage_names = "the stages"
   ap = argparse.ArgumentParser(prog="python -m persyn_jax.train", description=__doc__,
                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default=None, help="YAML run config (default: the embedded toy world)")
   ap.add_argument("--stages", default="all",
-                  help="comma-separated subset of probe,score,router,route,generate,sft,eval")
+                  help=f"comma-separated subset of {stage_names} (default: all)")
   ap.add_argument("--redo", default="", metavar="STAGE[,STAGE]",
                   help="run these stages again even if done: their complete shards are checked and "
                        "kept, the missing or corrupt ones regenerated")
@@ -35,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--run-dir", default=None, help="output directory (default runs/<name>)")
   ap.add_argument("--dry-run", action="store_true",
                   help="print the plan (stages, generations, mesh, tokens, memory per device) and exit")
-  ap.add_argument("--num-prompts", type=int, default=None,
+  ap.add_argument("--num-prompts", type=_positive_int, default=None,
                   help="--dry-run: the number of prompts to plan for (default: read the prompt file)")
   ap.add_argument("--help-config", action="store_true",
                   help="list every config section and key with its type and default, and exit")
@@ -43,6 +48,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--num-processes", type=int, default=None)
   ap.add_argument("--process-id", type=int, default=None)
   return ap.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1 (a count of prompts: 0 or fewer plans nothing)."""
+  try:
+    n = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"{n} is not a positive count (>= 1)")
+  return n
+
+
+def _stage_list(text: str) -> tuple[str, ...]:
+  """Comma-separated stage names, in their first order, each once."""
+  return tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
 
 
 def main(argv=None) -> int:
@@ -98,8 +119,11 @@ def _main(args: argparse.Namespace) -> int:
   from persyn_jax.run_config import STAGES, load_run_config
   overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
   cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
-  stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(",") if s.strip())
-  redo = tuple(s.strip() for s in args.redo.split(",") if s.strip())
+  stages = STAGES if args.stages == "all" else _stage_list(args.stages)
+  redo = _stage_list(args.redo)
+  if not stages:
+    raise ConfigError(f"--stages {args.stages!r} names no stage; stages: {','.join(STAGES)} "
+                      "(or all)")
   bad = [s for s in stages + redo if s not in STAGES]
   if bad:
     raise ConfigError(f"--stages / --redo: unknown {bad}; stages: {','.join(STAGES)}")

@@ -213,3 +213,28 @@ def test_wandb_without_the_package_is_bad_input():
   object.__setattr__(cfg, "wandb", WandbConfig(project="p", mode="offline"))
   assert any(p.startswith("wandb.mode=offline needs the wandb package") and
              "persyn-jax[wandb]" in p for p in preflight.problems(cfg, STAGES))
+
+
+@pytest.mark.parametrize("n", ["0", "-3", "x"])
+def test_num_prompts_must_be_a_positive_count(n, capsys):
+  from persyn_jax import train
+  with pytest.raises(SystemExit) as e:
+    train.parse_args(["--dry-run", "--num-prompts", n])
+  assert e.value.code == 2 and "argument --num-prompts" in capsys.readouterr().err
+  assert train.parse_args(["--num-prompts", "1"]).num_prompts == 1
+
+
+def test_an_empty_stage_list_is_refused_and_repeated_names_are_deduped(capsys):
+  from persyn_jax import train
+  assert train.main(["--dry-run", "--stages", ","]) == 2
+  assert capsys.readouterr().err.startswith("error: ConfigError: --stages ',' names no stage; "
+                                            f"stages: {','.join(STAGES)}")
+  assert train._stage_list("eval, sft,eval,,sft") == ("eval", "sft")
+
+
+def test_the_stages_help_lists_every_stage(capsys):
+  from persyn_jax import train
+  with pytest.raises(SystemExit):
+    train.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert f"comma-separated subset of {','.join(STAGES)}" in out
