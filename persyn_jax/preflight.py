@@ -80,8 +80,9 @@ def problems(cfg: RunConfig, stages: Sequence[str] = STAGES, *,
 
 
 def _run_dir_problems(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
-  """The run dir is a file (the run would refuse it), or a selected stage reads an earlier stage that neither runs now nor finished in the run dir
-  (its DONE.json): the real run would fail in that stage, with a missing file. A gs:// run dir
+  """The run dir is a file (the run would refuse it), or a selected stage reads an earlier stage
+  that neither runs now nor finished in the run dir (its DONE.json): the real run would fail in
+  that stage, with a missing file. A gs:// run dir
   is not checked (a dry run does not reach the bucket)."""
   run_dir = cfg.out_dir
   if "://" in run_dir:
@@ -109,11 +110,18 @@ def _prompt_problems(cfg: RunConfig, world: bool, num_prompts: int | None) -> li
   elif not world and src.format != "hub" and "://" not in src.path and not os.path.exists(src.path):
     out.append(f"prompts.source.path={src.path!r}: no such file or directory")
   if num_prompts:
-    ev = cfg.prompts.eval if cfg.prompts.eval >= 1 else cfg.prompts.eval * num_prompts
-    train = num_prompts - int(ev)
-    probe = cfg.prompts.probe if cfg.prompts.probe >= 1 else cfg.prompts.probe * train
-    if int(probe) > train:
-      out.append(f"prompts.probe={cfg.prompts.probe} exceeds the {train} training prompts")
+    # eval first: held-out prompts are taken before the probe's, so an eval count past the prompt
+    # count is its own problem (the probe check would blame probe, against a negative count)
+    p = cfg.prompts
+    ev = int(p.eval) if p.eval >= 1 else round(p.eval * num_prompts)  # as split_prompts
+    if ev >= num_prompts:
+      out.append(f"prompts.eval={p.eval:g} leaves no training prompts: the prompt set has "
+                 f"{num_prompts} (set a smaller count, or a fraction)")
+      return out
+    train = num_prompts - ev
+    probe = int(p.probe) if p.probe >= 1 else round(p.probe * train)
+    if probe > train:
+      out.append(f"prompts.probe={p.probe:g} exceeds the {train} training prompts")
   return out
 
 

@@ -238,3 +238,16 @@ def test_the_stages_help_lists_every_stage(capsys):
     train.parse_args(["--help"])
   out = " ".join(capsys.readouterr().out.split())
   assert f"comma-separated subset of {','.join(STAGES)}" in out
+
+
+def test_an_eval_count_past_the_prompt_count_names_prompts_eval():
+  """It blamed prompts.probe, against a negative count of training prompts."""
+  found = preflight.problems(load(INSTRUCT, "prompts.eval=100", "prompts.probe=16"), ["probe"],
+                             num_prompts=64)
+  assert found == ["prompts.eval=100 leaves no training prompts: the prompt set has 64 (set a "
+                   "smaller count, or a fraction)"]
+  found = preflight.problems(load(INSTRUCT, "prompts.eval=32", "prompts.probe=40"), ["probe"],
+                             num_prompts=64)
+  assert found == ["prompts.probe=40 exceeds the 32 training prompts"]
+  assert preflight.problems(load(INSTRUCT, "prompts.eval=32", "prompts.probe=32"), ["probe"],
+                            num_prompts=64) == []
