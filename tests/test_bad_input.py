@@ -389,7 +389,8 @@ def test_a_run_started_from_python_is_checked_before_any_work(model_dir, tmp_pat
   p = tmp_path / "prompts.jsonl"
   p.write_text("".join(f'{{"id": "p{i}", "prompt": "question {i}"}}\n' for i in range(4)))
   cfg = explicit_config(model_dir, tmp_path, p, prompts={"source": {"path": str(p)}, "eval": 0})
-  with pytest.raises(C.ConfigError, match=r"(?s)3 problem.*router.backbone is empty.*"
+  with pytest.raises(C.ConfigError, match=r"(?s)5 problem.*stage router reads stage score.*"
+                                          r"stage eval reads stage sft.*router.backbone is empty.*"
                                           r"prompts.eval=0.0 leaves no held-out prompts.*"
                                           r"eval.verifier=.math. needs reference answers"):
     Run(cfg, log=lambda m: None).run(["probe", "router", "eval"])
