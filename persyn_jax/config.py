@@ -22,6 +22,30 @@ class ConfigError(ValueError):
   pass
 
 
+# The dtype names configs use most; `check_dtype` takes any floating dtype that
+# persyn_jax.models.as_dtype accepts (these, numpy's names such as float64, and the short forms).
+DTYPE_NAMES = ("bfloat16", "float32", "float16", "bf16", "fp32", "f32", "fp16")
+
+
+def check_dtype(value: Any, key: str, *, also: Sequence[str] = ()) -> None:
+  """Raises ValueError naming `key` when `value` is not a floating dtype name that
+  models.as_dtype accepts (or one of `also`, e.g. "auto"): caught when the config is built, not
+  as a raw `unknown dtype` deep inside a stage."""
+  if isinstance(value, str) and value in also:
+    return
+  allowed = [*also, *DTYPE_NAMES]
+  if isinstance(value, str) and value:
+    import jax.numpy as jnp  # here, not at the top: this module stays importable without jax
+    from persyn_jax.models.loading import as_dtype
+    try:
+      if jnp.issubdtype(as_dtype(value), jnp.floating):
+        return
+    except (TypeError, ValueError):
+      pass
+  raise ValueError(f"{key}={value!r}: unknown dtype; expected a floating dtype such as "
+                   f"{', '.join(allowed)}")
+
+
 def _type_name(tp) -> str:
   return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -44,6 +68,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
       if type(None) in args:
         return None
       raise ConfigError(f"{where}: null is not allowed (expected {_type_name(tp)})")
+    # One candidate only (`X | None`, or a mapping meeting a single dataclass member): its own
+    # error says what is wrong (a missing key, a bad value), not "matches none of X | None".
+    members = [a for a in args if a is not type(None)]
+    if isinstance(value, Mapping):
+      members = [a for a in members if dataclasses.is_dataclass(a)] or members
+    if len(members) == 1:
+      return _coerce(value, members[0], where)
     errors = []
     # A member of exactly the value's type first: `stop: int | str` keeps the string "42".
     args = sorted(args, key=lambda a: a is not type(value))
@@ -116,6 +147,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
   unknown = sorted(set(data) - set(fields))
   if unknown:
     raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+  missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where}: missing required key(s) {missing}")
   kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
   try:
     return cls(**kwargs)

@@ -67,6 +67,8 @@ class RouterConfig:
   mesh: shd.MeshConfig | None = None  # the router stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      cfglib.check_dtype(getattr(self, name), f"router.{name}")
     if self.pooling not in ("appended_token", "last_token"):
       raise ValueError(f"router.pooling={self.pooling!r}: expected appended_token or last_token")
     if not 0.0 <= self.held_out_fraction < 1.0:

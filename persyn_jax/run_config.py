@@ -46,6 +46,7 @@ class ModelRef:
   def __post_init__(self):
     if self.quantize not in ("", "int8"):
       raise ValueError(f"model {self.name!r}: quantize={self.quantize!r}: expected int8 or nothing")
+    C.check_dtype(self.dtype, f"model {self.name!r}: dtype")
     engine_config(self.engine, self.openai, f"model {self.name!r}")
 
   @property

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persyn_jax import config as cfglib
 from persyn_jax import models
 from persyn_jax import sharding as shd
 from persyn_jax.data import chat
@@ -63,6 +64,7 @@ class ScoringConfig:
   mesh: shd.MeshConfig | None = None  # the score stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
+    cfglib.check_dtype(self.dtype, "scoring.dtype")
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"scoring.alpha={self.alpha}: must be in [0, 1]")
     for name in ("max_len", "pack_len", "batch_tokens", "max_batch_size", "min_bucket", "logits_chunk"):

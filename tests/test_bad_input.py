@@ -508,3 +508,38 @@ def test_an_sft_dataset_with_nothing_to_train_on_is_named(tok, tmp_path):
     epoch_batches(str(tmp_path), tok, cfg)
   with pytest.raises(ValueError, match="the SFT data has no batches"):
     total_steps(cfg, 0)
+
+
+@pytest.mark.parametrize("key", ["sft.compute_dtype", "sft.param_dtype", "sft.export_dtype",
+                                 "scoring.dtype", "router.dtype", "router.param_dtype",
+                                 "sampling.cache_dtype", "eval.sampling.cache_dtype",
+                                 "teachers", "student.dtype"])
+def test_an_unknown_dtype_in_the_config_is_named_when_it_is_loaded(tmp_path, key):
+  """Every dtype field is checked when the config is built: a ConfigError naming the key and the
+  names it takes, not a raw `unknown dtype` ValueError from the stage that first uses it."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML)
+  sets = (["teachers=[{name: a, path: /a, dtype: float99}]"] if key == "teachers"
+          else [f"{key}=float99"])
+  with pytest.raises(C.ConfigError, match=r"dtype='float99': unknown dtype; expected a floating "
+                                          r"dtype such as .*bfloat16, float32"):
+    load_run_config(str(y), sets)
+  with pytest.raises(C.ConfigError, match="unknown dtype"):
+    load_run_config(str(y), ["sft.param_dtype=int8"])  # a dtype, but not a floating one
+  # the accepted spellings still load: the short forms and sampling's "auto"
+  cfg = load_run_config(str(y), ["sft.compute_dtype=bf16", "router.param_dtype=fp32",
+                                 "sampling.cache_dtype=auto", "sft.export_dtype=null"])
+  assert (cfg.sft.compute_dtype, cfg.sft.export_dtype) == ("bf16", None)
+
+
+def test_an_optional_section_reports_its_own_error(tmp_path):
+  """`student: X | None` given a mapping: X's own error (the missing key, the bad value), not
+  "{...} matches none of ModelRef | None"."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML)
+  with pytest.raises(C.ConfigError, match=r"run.yaml.student: missing required key\(s\) \['path'\]"):
+    load_run_config(str(y), ["student={name: x}"])
+  with pytest.raises(C.ConfigError, match=r"student.mesh.data: expected an integer, got 'two'"):
+    load_run_config(str(y), ["student.mesh.data=two"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from persyn_jax.config import check_dtype
 from persyn_jax.sharding import MeshConfig
 
 FINISH_REASONS = ("stop", "length", "skipped")
@@ -69,6 +70,7 @@ class SamplingConfig:
     for name, ok, why in checks:
       if not ok:
         raise ValueError(f"sampling.{name}={getattr(self, name)!r}: {why}")
+    check_dtype(self.cache_dtype, "sampling.cache_dtype", also=("auto",))
     # lists from YAML or callers become tuples, so the config stays hashable
     if self.stop_token_ids is not None:
       object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from persyn_jax.config import check_dtype
 from persyn_jax.models.lora import LoRAConfig
 from persyn_jax.sharding import MeshConfig
 
@@ -56,6 +57,10 @@ class SFTConfig:
   mesh: MeshConfig | None = None  # the SFT stage's own mesh; None = the run's mesh
 
   def __post_init__(self):
+    for name in ("compute_dtype", "param_dtype"):
+      check_dtype(getattr(self, name), f"sft.{name}")
+    if self.export_dtype is not None:
+      check_dtype(self.export_dtype, "sft.export_dtype")
     positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
                 "log_every")
     for name in positive:
