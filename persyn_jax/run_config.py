@@ -7,6 +7,7 @@ key.sub=value` overrides those.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from persyn_jax import config as C
@@ -65,7 +66,7 @@ class PromptsConfig:
   def __post_init__(self):
     for name in ("probe", "eval"):
       v = getattr(self, name)
-      if v < 0 or (v >= 1 and not float(v).is_integer()):
+      if not math.isfinite(v) or v < 0 or (v >= 1 and not float(v).is_integer()):
         raise ValueError(f"prompts.{name}={v}: a count (whole number >= 1) or a fraction in [0, 1)")
 
 
@@ -171,6 +172,8 @@ class SweepConfig:
     if odd or not self.policies:
       raise ValueError(f"sweep.policies={list(self.policies)}: persyn and/or oracle (the others "
                        "do not read the reward)")
+    if len(set(self.policies)) != len(self.policies):  # else found only after the main run
+      raise ValueError(f"sweep.policies lists a policy twice: {list(self.policies)}")
 
 
 # The default comparison: PerSyn, every baseline, and the oracle (Generate then Select, k*N
@@ -207,6 +210,13 @@ class RunConfig:
   records_per_shard: int = 4096
 
   def __post_init__(self):
+    # the run directory is runs/<name>: an empty name would be runs/ itself, the parent of all runs
+    if (not self.name.strip() or self.name in (".", "..") or "/" in self.name
+        or "\\" in self.name):
+      raise ValueError(f"name={self.name!r}: a non-empty run name without '/' (the run directory "
+                       "is runs/<name>)")
+    if self.seed < 0:  # numpy's RNG refuses it, at the very end of a run
+      raise ValueError(f"seed={self.seed}: must be >= 0")
     bad = [p for p in self.compare if p not in POLICIES]
     if bad:
       raise ValueError(f"compare: unknown policies {bad}; policies: {list(POLICIES)}")

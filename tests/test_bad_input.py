@@ -543,3 +543,32 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     load_run_config(str(y), ["student={name: x}"])
   with pytest.raises(C.ConfigError, match=r"student.mesh.data: expected an integer, got 'two'"):
     load_run_config(str(y), ["student.mesh.data=two"])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sft.lr", ".nan", r"\.sft: sft.lr=nan: must be a finite number > 0"),
+    ("sft.lr", ".inf", r"sft.lr=inf: must be a finite number > 0"),
+    ("sft.lr", "0", r"sft.lr=0.0: must be a finite number > 0"),
+    ("sft.epochs", ".inf", r"sft.epochs=inf: must be a finite number >= 0"),
+    ("sft.b1", "1", r"sft.b1=1.0: must be in \[0, 1\)"),
+    ("sft.b2", "-0.1", r"sft.b2=-0.1: must be in \[0, 1\)"),
+    ("sft.grad_clip", "-1", r"sft.grad_clip=-1.0: must be a finite number >= 0"),
+    ("sft.weight_decay", ".nan", r"sft.weight_decay=nan: must be a finite number >= 0"),
+    ("sft.weight_decay", "-0.1", r"sft.weight_decay=-0.1: must be a finite number >= 0"),
+    ("sft.lora.alpha", ".nan", r"\.sft\.lora: lora.alpha=nan: must be a finite number > 0"),
+    ("prompts.probe", ".nan", r"\.prompts: prompts.probe=nan: a count"),
+    ("seed", "-1", r"run.yaml: seed=-1: must be >= 0"),
+    ("name", "''", r"run.yaml: name='': a non-empty run name"),
+    ("name", "../x", r"run.yaml: name='../x': a non-empty run name without '/'"),
+    ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),
+])
+def test_bad_numbers_names_and_lists_are_refused_when_the_config_is_loaded(tmp_path, key, value,
+                                                                          match):
+  """Values that used to pass the config and fail later (a NaN loss, numpy's RNG at the end of a
+  run, the run dir becoming runs/ itself, a sweep failing after the main run) or never (an
+  endless run): each is a ConfigError naming the key at load time."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML)
+  with pytest.raises(C.ConfigError, match=match):
+    load_run_config(str(y), [f"{key}={value}"])

@@ -12,6 +12,7 @@ original structure, which `save_pretrained` writes like any other.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ class LoRAConfig:
   def __post_init__(self):
     if self.rank < 0:
       raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 = full fine-tuning)")
+    if not (math.isfinite(self.alpha) and self.alpha > 0):  # NaN would make every adapter NaN
+      raise ValueError(f"lora.alpha={self.alpha}: must be a finite number > 0")
     bad = sorted(set(self.targets) - set(ATTN_TARGETS + MLP_TARGETS))
     if bad:
       raise ValueError(f"lora.targets: unknown projection(s) {bad}; known: "

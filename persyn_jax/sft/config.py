@@ -3,6 +3,7 @@ lives with the adapters in models/lora.py)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from persyn_jax.config import check_dtype
@@ -61,6 +62,18 @@ class SFTConfig:
       check_dtype(getattr(self, name), f"sft.{name}")
     if self.export_dtype is not None:
       check_dtype(self.export_dtype, "sft.export_dtype")
+    # optimizer numbers: a NaN or inf would train to NaN (or never stop), b1/b2 >= 1 never forget
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"sft.lr={self.lr}: must be a finite number > 0")
+    if not (math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"sft.eps={self.eps}: must be a finite number > 0")
+    for name in ("b1", "b2"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"sft.{name}={getattr(self, name)}: must be in [0, 1)")
+    for name in ("grad_clip", "weight_decay", "z_loss", "peak_tflops", "epochs"):
+      v = getattr(self, name)
+      if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"sft.{name}={v}: must be a finite number >= 0")
     positive = ("batch_size", "seq_len", "grad_accum", "checkpoint_every", "keep_checkpoints",
                 "log_every")
     for name in positive:
