@@ -207,12 +207,45 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
   return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+  def __init__(self, key, line: int, first: int):
+    super().__init__(f"line {line}: key {key!r} is given twice (first on line {first})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """yaml.SafeLoader whose mappings refuse a key given twice (PyYAML keeps the last silently, so
+  a second `sft:` block would replace the first without a word). Keys a `<<` merge brings in may
+  still be overridden, as YAML means them to be."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      seen: dict = {}
+      for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+          continue
+        key = self.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+          if key in seen:
+            raise _DuplicateKey(key, line, seen[key])
+          seen[key] = line
+        except TypeError:  # an unhashable key: SafeLoader's own error names it
+          continue
+    return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+      data = yaml.load(f, Loader=_UniqueKeyLoader)
   except FileNotFoundError:
     raise ConfigError(f"{path}: config file not found") from None
+  except IsADirectoryError:
+    raise ConfigError(f"{path}: a directory, not a config file") from None
+  except _DuplicateKey as e:
+    raise ConfigError(f"{path}: {e}") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
   except yaml.YAMLError as e:
     raise ConfigError(f"{path}: invalid YAML ({e})") from None
   if data is None:

@@ -572,3 +572,30 @@ def test_bad_numbers_names_and_lists_are_refused_when_the_config_is_loaded(tmp_p
   y.write_text(RUN_YAML)
   with pytest.raises(C.ConfigError, match=match):
     load_run_config(str(y), [f"{key}={value}"])
+
+
+def test_a_config_path_that_is_a_directory_or_not_utf8_is_named(tmp_path):
+  """No IsADirectoryError or UnicodeDecodeError traceback: a ConfigError naming the file."""
+  from persyn_jax.run_config import load_run_config
+  with pytest.raises(C.ConfigError, match=r": a directory, not a config file"):
+    load_run_config(str(tmp_path))
+  y = tmp_path / "latin1.yaml"
+  y.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+  with pytest.raises(C.ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 9: "):
+    load_run_config(str(y))
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+  """PyYAML keeps the last of two equal keys silently (a second `sft:` block replaces the first);
+  the config loader names the file, the line and the key. `<<` merge keys may still be overridden."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML + "sft:\n  lr: 1.0e-5\n  epochs: 1\nseed: 3\nsft:\n  lr: 1.0e-3\n")
+  with pytest.raises(C.ConfigError, match=r"run.yaml: line 8: key 'sft' is given twice "
+                                          r"\(first on line 4\)"):
+    load_run_config(str(y))
+  y.write_text(RUN_YAML + "sft: {lr: 1.0e-5, lr: 2.0e-5}\n")
+  with pytest.raises(C.ConfigError, match=r"run.yaml: line 4: key 'lr' is given twice"):
+    load_run_config(str(y))
+  y.write_text(RUN_YAML + "sft:\n  <<: {lr: 1.0e-5, epochs: 1}\n  lr: 3.0e-5\n")
+  assert load_run_config(str(y)).sft.lr == 3e-5  # a merged key overridden: allowed
