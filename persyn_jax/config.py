@@ -260,7 +260,40 @@ def load(cls: type[T], path: str | None = None, overrides: Sequence[str] = (), *
   """`cls` from `base`, then the YAML file at `path`, then dotted `overrides` (later wins)."""
   data = _deep_merge(dict(base or {}), load_yaml(path) if path else {})
   data = apply_overrides(data, overrides)
-  return from_dict(cls, data, where=path or "config")
+  try:
+    return from_dict(cls, data, where=_ROOT)
+  except ConfigError as e:
+    raise ConfigError(_blame(str(e), path or "config", overrides)) from None
+
+
+_ROOT = "\0root"  # `where` of a whole config in load(), replaced by _blame
+
+
+def _blame(msg: str, source: str, overrides: Sequence[str]) -> str:
+  """The message of a ConfigError raised at `where` = _ROOT + ".key.sub" blamed on its cause: the
+  `--set` override that gave the key (`--set sft.lr=fast: expected a number`), else the file
+  (`run.yaml.sft.lr: ...`, as before), naming the overrides of the section it fails in."""
+  if not msg.startswith(_ROOT):
+    return msg
+  key, _, problem = msg[len(_ROOT):].partition(": ")
+  key = key.lstrip(".")
+  segs = [p for p in re.sub(r"\[\d+\]", "", key).split(".") if p]
+  below = []  # overrides of keys inside the failing section: a __post_init__ check failed there
+  for item in reversed(overrides):  # the last override of a key is the one that counts
+    path = item.split("=", 1)[0].split(".")
+    if segs[:len(path)] == path:  # the override set this key, or a section holding it
+      inner = "" if key == ".".join(path) else f"{key}: "
+      return f"--set {item}: {inner}{problem}"
+    if path[:len(segs)] == segs:
+      # a section-level check naming the key (`sft.lr=nan: ...`, `unknown key(s) ['lorra']`)
+      last = re.escape(path[-1])
+      if re.search(rf"(?<!\w){last}=|'{last}'", problem):
+        return f"--set {item}: {problem}"
+      below.append(item)
+  where = f"{source}.{key}" if key else source
+  if below:
+    where += " (with " + ", ".join(f"--set {b}" for b in reversed(below)) + ")"
+  return f"{where}: {problem}"
 
 
 def _deep_merge(a: dict, b: Mapping) -> dict:

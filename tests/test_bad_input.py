@@ -539,14 +539,16 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
   from persyn_jax.run_config import load_run_config
   y = tmp_path / "run.yaml"
   y.write_text(RUN_YAML)
-  with pytest.raises(C.ConfigError, match=r"run.yaml.student: missing required key\(s\) \['path'\]"):
+  with pytest.raises(C.ConfigError, match=r"--set student=\{name: x\}: missing required key\(s\) "
+                                          r"\['path'\]"):
     load_run_config(str(y), ["student={name: x}"])
-  with pytest.raises(C.ConfigError, match=r"student.mesh.data: expected an integer, got 'two'"):
+  with pytest.raises(C.ConfigError, match=r"--set student.mesh.data=two: expected an integer, "
+                                          r"got 'two'"):
     load_run_config(str(y), ["student.mesh.data=two"])
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("sft.lr", ".nan", r"\.sft: sft.lr=nan: must be a finite number > 0"),
+    ("sft.lr", ".nan", r"^--set sft.lr=.nan: sft.lr=nan: must be a finite number > 0$"),
     ("sft.lr", ".inf", r"sft.lr=inf: must be a finite number > 0"),
     ("sft.lr", "0", r"sft.lr=0.0: must be a finite number > 0"),
     ("sft.epochs", ".inf", r"sft.epochs=inf: must be a finite number >= 0"),
@@ -555,11 +557,11 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     ("sft.grad_clip", "-1", r"sft.grad_clip=-1.0: must be a finite number >= 0"),
     ("sft.weight_decay", ".nan", r"sft.weight_decay=nan: must be a finite number >= 0"),
     ("sft.weight_decay", "-0.1", r"sft.weight_decay=-0.1: must be a finite number >= 0"),
-    ("sft.lora.alpha", ".nan", r"\.sft\.lora: lora.alpha=nan: must be a finite number > 0"),
-    ("prompts.probe", ".nan", r"\.prompts: prompts.probe=nan: a count"),
-    ("seed", "-1", r"run.yaml: seed=-1: must be >= 0"),
-    ("name", "''", r"run.yaml: name='': a non-empty run name"),
-    ("name", "../x", r"run.yaml: name='../x': a non-empty run name without '/'"),
+    ("sft.lora.alpha", ".nan", r"--set sft.lora.alpha=.nan: lora.alpha=nan: must be a finite"),
+    ("prompts.probe", ".nan", r"--set prompts.probe=.nan: prompts.probe=nan: a count"),
+    ("seed", "-1", r"--set seed=-1: seed=-1: must be >= 0"),
+    ("name", "''", r"--set name='': name='': a non-empty run name"),
+    ("name", "../x", r"name='../x': a non-empty run name without '/'"),
     ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),
 ])
 def test_bad_numbers_names_and_lists_are_refused_when_the_config_is_loaded(tmp_path, key, value,
@@ -587,7 +589,8 @@ def test_a_config_path_that_is_a_directory_or_not_utf8_is_named(tmp_path):
 
 def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
   """PyYAML keeps the last of two equal keys silently (a second `sft:` block replaces the first);
-  the config loader names the file, the line and the key. `<<` merge keys may still be overridden."""
+  the config loader names the file, the line and the key. `<<` merge keys may still be
+  overridden."""
   from persyn_jax.run_config import load_run_config
   y = tmp_path / "run.yaml"
   y.write_text(RUN_YAML + "sft:\n  lr: 1.0e-5\n  epochs: 1\nseed: 3\nsft:\n  lr: 1.0e-3\n")
@@ -599,3 +602,25 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
     load_run_config(str(y))
   y.write_text(RUN_YAML + "sft:\n  <<: {lr: 1.0e-5, epochs: 1}\n  lr: 3.0e-5\n")
   assert load_run_config(str(y)).sft.lr == 3e-5  # a merged key overridden: allowed
+
+
+def test_an_error_is_blamed_on_the_override_that_caused_it(tmp_path):
+  """An error from a `--set` override names the override, not the file glued to the key; one from
+  the file names the file and key as before, and the overrides of the section it fails in."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML + "sft: {batch_size: 0}\n")
+  with pytest.raises(C.ConfigError, match=r"^--set sft.lr=fast: expected a number, got 'fast'$"):
+    load_run_config(str(y), ["sft.lr=fast"])
+  with pytest.raises(C.ConfigError, match=r"^--set sft.lorra=1: unknown key\(s\) \['lorra'\]"):
+    load_run_config(str(y), ["sft.lorra=1", "seed=1"])
+  with pytest.raises(C.ConfigError, match=r"^--set teachers=.*: teachers\[0\]: model 'a': "
+                                          r"dtype='x': unknown dtype"):
+    load_run_config(str(y), ["teachers=[{name: a, path: /a, dtype: x}]"])
+  # the file's own error: the file and the key, with the section's overrides named
+  with pytest.raises(C.ConfigError, match=r"run.yaml.sft \(with --set sft.lr=0.1\): "
+                                          r"batch_size=0: must be >= 1"):
+    load_run_config(str(y), ["sft.lr=0.1", "seed=1"])
+  y.write_text(RUN_YAML + "sft: {lr: fast}\n")
+  with pytest.raises(C.ConfigError, match=r"run.yaml.sft.lr: expected a number"):
+    load_run_config(str(y), ["sft.epochs=1"])

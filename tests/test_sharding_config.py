@@ -63,7 +63,7 @@ def test_wrong_type_names_key_and_file(tmp_path):
   p.write_text("inner:\n  steps: ten\n")
   with pytest.raises(C.ConfigError, match=r"bad.yaml.inner.steps: expected an integer, got 'ten'"):
     C.load(Outer, str(p))
-  with pytest.raises(C.ConfigError, match=r"config.inner.lr: expected a number"):
+  with pytest.raises(C.ConfigError, match=r"^--set inner.lr=fast: expected a number"):
     C.load(Outer, None, ["inner.lr=fast"])
 
 
