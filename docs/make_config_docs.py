@@ -55,15 +55,23 @@ def _source_comments(cls) -> dict[str, str]:
     return out
   names = {f.name for f in dataclasses.fields(cls)}
   above = ""  # a comment line right above a field, when it explains (holds a colon)
+  last, col = None, -1  # the field whose end-of-line comment may go on, and its '#' column
   for line in lines:
     if re.match(r"^\s+#", line):
       text = line.strip().lstrip("#").strip()
+      if last and line.index("#") == col:  # a comment continued under the field's own comment
+        out[last] += " " + text
+        continue
       above = text if ":" in text else ""
+      last = None
       continue
     m = re.match(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.+))?$", line)
+    last = None
     if m and m.group(1) in names:
       if m.group(2) or above:
         out[m.group(1)] = (m.group(2) or above).strip()
+      if m.group(2):
+        last, col = m.group(1), line.rindex("#", 0, m.start(2))
     above = ""
   return out
 

@@ -136,6 +136,16 @@ def test_the_config_tables_list_every_field_with_its_default():
     assert f"| `{f.name}` |" in section and f"`{default!r}`" in section, f.name
 
 
+def test_a_field_comment_continued_on_the_next_lines_is_shown_whole():
+  """A comment that runs on under the field's own `#` (study.epochs, eval.benchmarks[].format)
+  is one meaning, not cut at the end of its first line."""
+  text = _script("make_config_docs").render()
+  assert ("| `category_field` | `str` | `'kind'` | the prompt field the gains are grouped by (kept "
+          "by the prompt source: prompts.source.keep_fields); \"\": one group |") in text
+  assert "more epochs give a studied student about the steps of a policy's student) |" in text
+  assert "ifeval (input_data.jsonl: key, prompt) |" in text
+
+
 def test_every_relative_link_in_the_docs_exists():
   bad = []
   for doc in DOCS:
