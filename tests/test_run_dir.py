@@ -141,6 +141,7 @@ def test_the_cli_prints_known_errors_in_one_line_with_exit_2_or_1(model_dir, tmp
   from persyn_jax import train
   cfg = explicit_config(model_dir, tmp_path)
   y = write_yaml(cfg, tmp_path)
+  capsys.readouterr()  # what making the tiny model printed (run alone, this test makes it)
   ro = read_only_dir(tmp_path)  # bad input: 2
   assert train.main(["--config", y, "--stages", "probe", "--run-dir", ro]) == 2
   err = capsys.readouterr().err
