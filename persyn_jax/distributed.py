@@ -86,17 +86,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       pass
   if jax.distributed.is_initialized():
     return True
-  kw = {}
-  if coordinator and num_processes is not None and process_id is not None:
-    # Every argument given: jax's cluster detection must not fill in the rest. Under srun it would
-    # take local_device_ids from SLURM_LOCALID (0 with one task per node), so each process of
-    # tpu/slurm.sbatch would see its node's GPU 0 alone instead of all of them.
-    import inspect
-    if "cluster_detection_method" in inspect.signature(jax.distributed.initialize).parameters:
-      kw["cluster_detection_method"] = "deactivate"
+  # Every argument given: jax's cluster detection must not fill in the rest. Under srun it would
+  # take local_device_ids from SLURM_LOCALID (0 with one task per node), so each process of
+  # tpu/slurm.sbatch would see its node's GPU 0 alone instead of all of them.
+  explicit = bool(coordinator) and num_processes is not None and process_id is not None
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids,
-                             initialization_timeout=timeout_s, **kw)
+                             cluster_detection_method="deactivate" if explicit else None,
+                             initialization_timeout=timeout_s)
   return True
 
 

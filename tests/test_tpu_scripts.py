@@ -22,12 +22,19 @@ elif "describe" in sys.argv:
 """
 
 
+def stand_ins(bin_dir, **scripts):
+  """Writes each stand-in command (name: script text) into bin_dir, executable; returns bin_dir,
+  to go first on PATH."""
+  bin_dir.mkdir(exist_ok=True)
+  for name, text in scripts.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  return bin_dir
+
+
 @pytest.fixture
 def tpu(tmp_path):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "gcloud").write_text(RECORDER)
-  (bin_dir / "gcloud").chmod(0o755)
+  bin_dir = stand_ins(tmp_path / "bin", gcloud=RECORDER)
   calls = tmp_path / "calls.jsonl"
 
   def run(script, *args, **env):
@@ -121,10 +128,7 @@ elif "ssh" in args:
 
 @pytest.fixture
 def local_ssh(tmp_path):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "gcloud").write_text(LOCAL_SSH)
-  (bin_dir / "gcloud").chmod(0o755)
+  bin_dir = stand_ins(tmp_path / "bin", gcloud=LOCAL_SSH)
   token = f"persyn_stand_in_{os.getpid()}_{tmp_path.name}"
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              GCLOUD_CALLS=str(tmp_path / "calls.jsonl"), TPU_NAME="pj", ZONE="z",
@@ -167,8 +171,7 @@ def test_launch_returns_at_once_and_the_run_goes_on(local_ssh, tmp_path):
   (remote_dir / ".venv" / "bin" / "activate").write_text("")
   marker = tmp_path / "ran"
   # the workers' python: it runs for a while, then leaves a mark
-  (bin_dir / "python").write_text(f"#!/usr/bin/env bash\nsleep 4\necho \"$*\" > {marker}\n")
-  (bin_dir / "python").chmod(0o755)
+  stand_ins(bin_dir, python=f"#!/usr/bin/env bash\nsleep 4\necho \"$*\" > {marker}\n")
   (tmp_path / "run.yaml").write_text("name: x\n")
   import time
   t0 = time.monotonic()
@@ -235,12 +238,8 @@ def test_the_remote_setup_ignores_a_python3_of_3_10(tpu, tmp_path):
   worker = tmp_path / "worker"  # the VM's home directory, with the checkout in persyn_jax/
   (worker / "persyn_jax" / "tpu").mkdir(parents=True)
   shutil.copy(os.path.join(ROOT, "tpu", "remote_venv.sh"), worker / "persyn_jax" / "tpu")
-  stubs = tmp_path / "stubs"
-  stubs.mkdir()
   uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
-  for name, text in [("python3", PYTHON3_310), ("uv", UV_WRAPPER.format(uv=uv))]:
-    (stubs / name).write_text(text)
-    (stubs / name).chmod(0o755)
+  stubs = stand_ins(tmp_path / "stubs", python3=PYTHON3_310, uv=UV_WRAPPER.format(uv=uv))
   managed = managed_python(tmp_path / "uv_pythons")
   env = {"HOME": str(worker), "PATH": f"{stubs}:/usr/bin:/bin",
          "PYTHON3_CALLS": str(tmp_path / "python3.log"), "UV_CALLS": str(tmp_path / "uv.log"),
@@ -319,10 +318,7 @@ sys.exit(code)
 
 
 def run_loop(tmp_path, **env):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir(exist_ok=True)
-  (bin_dir / "gcloud").write_text(SLICE)
-  (bin_dir / "gcloud").chmod(0o755)
+  bin_dir = stand_ins(tmp_path / "bin", gcloud=SLICE)
   calls = tmp_path / "calls.jsonl"
   e = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GCLOUD_CALLS=str(calls),
            SLICE=str(tmp_path / "slice.json"), TPU_NAME="pj", ZONE="us-east5-a",
@@ -431,11 +427,7 @@ def test_the_sbatch_script_parses_and_starts_one_process_per_node(tmp_path):
   subprocess.run(["bash", "-n", script], check=True)
   text = open(script).read()
   assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --requeue" in text
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  for name, body in [("srun", SRUN), ("scontrol", SCONTROL), ("python", PYTHON)]:
-    (bin_dir / name).write_text(body)
-    (bin_dir / name).chmod(0o755)
+  bin_dir = stand_ins(tmp_path / "bin", srun=SRUN, scontrol=SCONTROL, python=PYTHON)
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              SRUN_CALLS=str(tmp_path / "srun.jsonl"), PYTHON_CALLS=str(tmp_path / "python.jsonl"),
              SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(tmp_path),
