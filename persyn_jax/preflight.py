@@ -161,23 +161,25 @@ def _model_problems(cfg: RunConfig, sel: set[str], archs: Mapping[str, object]) 
 
 
 def _stop_problems(cfg: RunConfig, archs: Mapping[str, object]) -> list[str]:
-  """Stop token ids every in-process teacher can emit (an id past the vocabulary never stops)."""
-  ids = cfg.sampling.stop_token_ids or ()
-  if not ids:
-    return []
+  """Stop token ids each in-process model that samples with them can emit (an id past the
+  vocabulary never stops): `sampling`'s for the teachers, `eval.sampling`'s for the student."""
   from persyn_jax import zoo
   out = []
-  for t in cfg.teachers:
-    if t.served:
-      continue
-    try:
-      vocab = (archs[t.path] if t.path in archs else zoo.architecture(t.path)).vocab_size
-    except (KeyError, ValueError, OSError):
-      continue  # an unknown architecture: planning says so
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-      out.append(f"sampling.stop_token_ids {bad} are outside teacher {t.name!r}'s vocabulary "
-                 f"(0..{vocab - 1})")
+  for key, ids, models in (
+      ("sampling", cfg.sampling.stop_token_ids, [("teacher", t) for t in cfg.teachers]),
+      ("eval.sampling", cfg.eval.sampling.stop_token_ids,
+       [("student", cfg.student)] if cfg.student else [])):
+    for role, m in models:
+      if not ids or m.served:
+        continue
+      try:
+        vocab = (archs[m.path] if m.path in archs else zoo.architecture(m.path)).vocab_size
+      except (KeyError, ValueError, OSError):
+        continue  # an unknown architecture: planning says so
+      bad = [i for i in ids if not 0 <= i < vocab]
+      if bad:
+        out.append(f"{key}.stop_token_ids {bad} are outside the vocabulary of {role} {m.name!r} "
+                   f"(0..{vocab - 1})")
   return out
 
 

@@ -254,4 +254,29 @@ class RunConfig:
 
 
 def load_run_config(path: str | None = None, overrides=()) -> RunConfig:
-  return C.load(RunConfig, path, overrides)
+  cfg = C.load(RunConfig, path, overrides)
+  ignored = world_ignores(cfg)
+  if ignored:
+    keys = [o.split("=", 1)[0] for o in overrides]
+    blamed = [f"--set {o}" for o, k in zip(overrides, keys)
+              if any(i == k or i.startswith(k + ".") for i in ignored)]
+    raise C.ConfigError(
+        f"{', '.join(blamed) or path or 'config'}: world is set (the embedded toy world: its own "
+        f"teachers, student and prompts), so {', '.join(ignored)} would be ignored; set "
+        "`world: null` to use them")
+  return cfg
+
+
+def world_ignores(cfg: RunConfig) -> list[str]:
+  """The keys a config sets that `world:` replaces (its models, prompt file and split counts);
+  only `prompts.seed` of the prompts section is the run's own under a world."""
+  if cfg.world is None:
+    return []
+  out = [k for k, v in (("teachers", cfg.teachers), ("student", cfg.student)) if v]
+  default = PromptsConfig()
+  for f in dataclasses.fields(PromptSourceConfig):
+    if getattr(cfg.prompts.source, f.name) != getattr(default.source, f.name):
+      out.append(f"prompts.source.{f.name}")
+  out += [f"prompts.{k}" for k in ("probe", "eval")
+          if getattr(cfg.prompts, k) != getattr(default, k)]
+  return out

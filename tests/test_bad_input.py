@@ -402,6 +402,25 @@ def test_a_run_started_from_python_is_checked_before_any_work(model_dir, tmp_pat
 RUN_YAML = "world: null\nstudent: {name: s, path: /m}\nteachers: [{name: a, path: /a}]\n"
 
 
+def test_keys_the_world_would_replace_are_refused_while_world_is_set(tmp_path):
+  """`world:` defaults to the toy world, whose resolution replaced a config's own teachers, student,
+  prompt file and split counts without a word (a user's YAML without `world: null` ran the toy
+  world), and the dry-run planned the world's prompt count while the run honoured max_prompts."""
+  from persyn_jax.run_config import load_run_config
+  y = tmp_path / "run.yaml"
+  y.write_text(RUN_YAML.replace("world: null\n", "") + "prompts: {source: {path: p.jsonl}}\n")
+  with pytest.raises(C.ConfigError, match=r"^\S*run.yaml: world is set .* so teachers, student, "
+                                          r"prompts.source.path would be ignored; set `world: nul"):
+    load_run_config(str(y))
+  assert load_run_config(str(y), ["world=null"]).teachers[0].name == "a"
+  with pytest.raises(C.ConfigError, match=r"^--set prompts.source.max_prompts=5: world is set .*"
+                                          r"so prompts.source.max_prompts would be ignored"):
+    load_run_config(None, ["prompts.source.max_prompts=5"])
+  with pytest.raises(C.ConfigError, match=r"^--set prompts=\{eval: 3\}: .* so prompts.eval would"):
+    load_run_config(None, ["prompts={eval: 3}"])
+  assert load_run_config(None, ["prompts.seed=3"]).prompts.seed == 3  # the run's own under a world
+
+
 def test_numbers_that_yaml_reads_as_strings_are_taken_by_numeric_fields(tmp_path):
   """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a float field takes it, an int
   field takes an integer string, and any other string is still an error naming the key and file."""
@@ -563,6 +582,7 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     ("name", "''", r"--set name='': name='': a non-empty run name"),
     ("name", "../x", r"name='../x': a non-empty run name without '/'"),
     ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),
+    ("prompts.source.max_prompts", "0", r"max_prompts=0: must be at least 1"),
 ])
 def test_bad_numbers_names_and_lists_are_refused_when_the_config_is_loaded(tmp_path, key, value,
                                                                           match):

@@ -50,13 +50,17 @@ def test_eval_0_with_the_eval_stage_is_refused_before_any_work(tmp_path):
 def test_every_problem_is_listed_at_once():
   cfg = load(MATH, "prompts.source.reference_field=null", "prompts.eval=0",
              "router.backbone=", "policies.strong=gpt-x", "sampling.stop_token_ids=[151643,999999]",
-             "student.family=mistral", "eval.exports=[jsonl,helm]")
+             "student.family=mistral", "eval.exports=[jsonl,helm]",
+             "eval.sampling.stop_token_ids=[151645,200000]")
   found = preflight.problems(cfg, STAGES)
   want = ["scoring.quality=verifier (math) needs reference answers",
           "router.backbone is empty",
           "policies.strong='gpt-x' is not a teacher",
           "compare has family_strong, but no teacher shares the student's family ('mistral')",
-          "sampling.stop_token_ids [999999] are outside teacher 'qwen2.5-math-1.5b'",
+          "sampling.stop_token_ids [999999] are outside the vocabulary of teacher "
+          "'qwen2.5-math-1.5b'",
+          "eval.sampling.stop_token_ids [200000] are outside the vocabulary of student "
+          "'qwen2.5-1.5b'",
           "prompts.eval=0.0 leaves no held-out prompts",
           "eval.verifier='math' needs reference answers",
           "eval.exports: unknown formats ['helm']"]

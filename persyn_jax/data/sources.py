@@ -68,6 +68,9 @@ class PromptSourceConfig:
       raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
     if self.max_prompt_chars < 1:
       raise ValueError(f"max_prompt_chars={self.max_prompt_chars}: must be positive")
+    if self.max_prompts is not None and self.max_prompts < 1:
+      raise ValueError(f"max_prompts={self.max_prompts}: must be at least 1 (null keeps every "
+                       f"prompt)")
     if self.streaming and "[" in self.split:
       raise ValueError(f"split={self.split!r}: a streamed source cannot be sliced; use max_prompts")
 
