@@ -39,8 +39,8 @@ class ModelRef:
   path: str
   family: str = ""          # e.g. qwen, llama, gemma: family_strong picks within the student's
   dtype: str = "bfloat16"   # compute and storage dtype when the model is loaded
-  quantize: str = ""        # teachers: "int8" stores the decoder weights in int8 (models/quant.py)
-  mesh: MeshConfig | None = None  # teachers: this teacher's own sampling mesh (else sampling.mesh)
+  quantize: str = ""        # teachers only: "int8": int8 decoder weights (models/quant.py)
+  mesh: MeshConfig | None = None  # teachers only: its own sampling mesh (else sampling.mesh)
   engine: Literal["jax", "openai"] = "jax"  # openai: an OpenAI-compatible server answers (engines/)
   openai: OpenAIEngineConfig | None = None
 
@@ -238,6 +238,12 @@ class RunConfig:
     if self.student is not None and self.student.served:
       raise ValueError(f"student {self.student.name!r}: engine must be 'jax' (the student is "
                        "trained in-process)")
+    if self.student is not None and self.student.quantize:
+      raise ValueError(f"student {self.student.name!r}: quantize={self.student.quantize!r} is for "
+                       "teachers (the student is scored and trained in its dtype)")
+    if self.student is not None and self.student.mesh is not None:
+      raise ValueError(f"student {self.student.name!r}: mesh is a teacher's sampling mesh; the "
+                       "student's stages take scoring.mesh, sft.mesh and eval.sampling.mesh")
     if self.world is None and (not self.teachers or self.student is None):
       raise ValueError("teachers and student are required when world is null")
     if self.records_per_shard < 1:
