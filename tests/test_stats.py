@@ -63,6 +63,26 @@ def test_known_cases():
   assert const["policies"]["strong"]["ci"] == [1.0, 1.0] and "delta" not in const["policies"]["strong"]
 
 
+def test_a_policy_whose_every_answer_is_strongs_gets_exactly_strongs_interval_and_zero_delta():
+  """eval's same_as twin (car trained on strong's very data): the same correctness as strong, beside
+  other policies and averaged over seeds. Its difference is 0 on every resample, so its interval
+  is [0, 0] exactly (not +-1e-16 of a matrix product's rounding), and its own interval is
+  strong's."""
+  rng = np.random.default_rng(0)
+  strong = (rng.random((3, 200)) < 0.7).astype(float)
+  c = {"base_student": rng.random((1, 200)) < 0.5, "persyn": rng.random((3, 200)) < 0.6,
+       "strong": strong, "car": strong.copy(), "mix": rng.random((3, 200)) < 0.6}
+  out = stats.compare(c, kinds=["a", "b"] * 100)
+  blocks = [out["policies"]] + list(out["by_kind"].values())
+  for b in blocks:
+    assert b["car"]["delta"] == 0 and b["car"]["delta_ci"] == [0.0, 0.0]
+    assert not b["car"]["significant"] and b["car"]["ci"] == b["strong"]["ci"]
+  # a policy's own interval does not depend on which other policies are compared beside it
+  alone = stats.compare({"strong": strong, "persyn": c["persyn"]})["policies"]["persyn"]
+  assert alone["ci"] == out["policies"]["persyn"]["ci"]
+  assert stats.delta_interval(strong.mean(0), strong.mean(0))[1] == (0.0, 0.0)
+
+
 def test_seeds_are_averaged_per_problem_and_their_spread_reported():
   c = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0.0]])  # 3 seeds x 4 problems
   out = stats.compare({"strong": c}, baseline=None, resamples=100)["policies"]["strong"]

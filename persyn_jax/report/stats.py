@@ -31,8 +31,12 @@ def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
 
 
 def bootstrap_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-  """The mean of each row of `values` (m, n) under each resample of `counts` (B, n): (m, B)."""
-  return np.asarray(values, np.float64) @ counts.T / counts.sum(1)
+  """The mean of each row of `values` (m, n) under each resample of `counts` (B, n): (m, B).
+  Row by row: one row's means never depend on the rows beside it (a matrix product may round a
+  row differently by its place in the matrix), so equal rows get equal means."""
+  values = np.atleast_2d(np.asarray(values, np.float64))
+  counts = np.asarray(counts, np.float64)
+  return np.stack([counts @ v for v in values]) / counts.sum(1)
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -63,8 +67,11 @@ def delta_interval(a: np.ndarray, b: np.ndarray, *, paired: bool = True,
     raise ValueError(f"delta_interval: per-problem vectors of one length, got {a.shape}, {b.shape}")
   rng = np.random.default_rng(seed)
   ca = resample_counts(len(a), resamples, rng)
-  cb = ca if paired else resample_counts(len(b), resamples, rng)
-  d = bootstrap_means(a[None], ca)[0] - bootstrap_means(b[None], cb)[0]
+  if paired:  # the mean difference on each draw: exactly 0 where a and b agree on every problem
+    d = bootstrap_means((a - b)[None], ca)[0]
+  else:
+    cb = resample_counts(len(b), resamples, rng)
+    d = bootstrap_means(a[None], ca)[0] - bootstrap_means(b[None], cb)[0]
   return float(a.mean() - b.mean()), percentile_interval(d, level)
 
 
@@ -78,8 +85,10 @@ def _block(per_problem: Mapping[str, np.ndarray], baseline: str | None, counts: 
     lo, hi = percentile_interval(m[i], level)
     e = {"accuracy": float(per_problem[p].mean()), "ci": [lo, hi]}
     if baseline in per_problem and p != baseline:
-      j = names.index(baseline)
-      dlo, dhi = percentile_interval(m[i] - m[j], level)
+      # the mean difference on each draw (not m[i] - m[j]): exactly 0 for a policy whose every
+      # answer is strong's (eval's same_as twin), so its interval is [0, 0], never significant
+      d = bootstrap_means((per_problem[p] - per_problem[baseline])[None], counts)[0]
+      dlo, dhi = percentile_interval(d, level)
       e.update(delta=float(per_problem[p].mean() - per_problem[baseline].mean()),
                delta_ci=[dlo, dhi], significant=bool(dlo > 0 or dhi < 0))
     out[p] = e
