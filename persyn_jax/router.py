@@ -150,11 +150,15 @@ def bt_loss_np(scores: np.ndarray, wins: np.ndarray) -> float:
 
 
 def router_metrics(scores: np.ndarray, rewards: np.ndarray, teachers: Sequence[str],
-                   tie_tolerance: float = 1e-6) -> dict:
+                   tie_tolerance: float = 1e-6, routable: Sequence[str] | None = None) -> dict:
   """Pairwise accuracy on the non-tie pairs, Hit@1 / Hit@3 of the router's top teachers against
   the oracle (argmax reward; tied best teachers all count as the oracle), per-teacher shares of
   the router's and the oracle's assignments (a tie on the best reward splits its prompt's share
-  among the tied teachers), and a uniform random router's expected Hit@k."""
+  among the tied teachers), and a uniform random router's expected Hit@k.
+
+  The router's top teachers, its shares and the random router's picks are among `routable`
+  (default: every teacher), as route() chooses: an unroutable teacher's untrained score never
+  counts as the router's pick."""
   s, r = np.asarray(scores, np.float64), np.asarray(rewards, np.float64)
   wins, counts = build_pairs(r, tie_tolerance)
   gap = s[:, :, None] - s[:, None, :]
@@ -162,13 +166,16 @@ def router_metrics(scores: np.ndarray, rewards: np.ndarray, teachers: Sequence[s
   keep = ~np.all(np.isnan(r), axis=1)
   s, r = s[keep], r[keep]
   P, K = r.shape
+  ok = np.array([routable is None or t in routable for t in teachers])
+  R = int(ok.sum())
   best = np.nanmax(r, axis=1, keepdims=True)
   oracle = r >= best - tie_tolerance  # NaN compares False
-  order = np.argsort(-s, axis=1, kind="stable")
+  order = np.argsort(-np.where(ok, s, -np.inf), axis=1, kind="stable")[:, :R]
   top = lambda k: np.take_along_axis(oracle, order[:, :k], axis=1).any(1)
   n_best = oracle.sum(1)
-  rand = lambda k: float(np.mean(1.0 - np.asarray([math.comb(K - int(o), k) for o in n_best])
-                                 / math.comb(K, k))) if P else float("nan")
+  n_hit = (oracle & ok).sum(1)  # the oracle teachers a router may pick
+  rand = lambda k: float(np.mean(1.0 - np.asarray([math.comb(R - int(o), k) for o in n_hit])
+                                 / math.comb(R, k))) if P else float("nan")
   choice = order[:, 0]
   share = lambda c: {t: float(np.mean(c == j)) if P else 0.0 for j, t in enumerate(teachers)}
   # a prompt whose best reward several teachers share counts 1/n for each, never for the first
@@ -178,8 +185,8 @@ def router_metrics(scores: np.ndarray, rewards: np.ndarray, teachers: Sequence[s
   return {"prompts": int(P), "pairs": counts["pairs"],
           "pairwise_accuracy": float(correct / counts["pairs"]) if counts["pairs"] else float("nan"),
           "hit@1": float(top(1).mean()) if P else float("nan"),
-          "hit@3": float(top(min(3, K)).mean()) if P else float("nan"),
-          "random_hit@1": rand(1), "random_hit@3": rand(min(3, K)),
+          "hit@3": float(top(min(3, R)).mean()) if P else float("nan"),
+          "random_hit@1": rand(1), "random_hit@3": rand(min(3, R)),
           "shares": share(choice), "oracle_shares": oracle_shares}
 
 

@@ -153,12 +153,12 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
       "best_step": early.best_step if best is not None else done, "stopped_early": early.stopped,
       "history": history, "seconds": time.time() - t0,
       "train": router_metrics(router.scores(train_prompts), rewards[train_idx], router.teachers,
-                              cfg.tie_tolerance),
+                              cfg.tie_tolerance, router.routable),
   }
   if held_idx.size:
     held_scores = router.scores(held_prompts)
     report["held_out"] = {**router_metrics(held_scores, rewards[held_idx], router.teachers,
-                                           cfg.tie_tolerance),
+                                           cfg.tie_tolerance, router.routable),
                           "loss": bt_loss_np(held_scores, held_wins)}
   return router, report
 

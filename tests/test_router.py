@@ -71,6 +71,37 @@ def test_router_metrics_on_a_hand_made_case():
   assert m["random_hit@3"] == pytest.approx((3 / 4 + 1.0 + 3 / 4) / 3)
 
 
+def test_router_metrics_count_only_the_teachers_route_may_pick():
+  """An unroutable teacher (no training pair compared it) keeps an untrained score that may top
+  the others; route() never picks it, so Hit@k, the shares and the random router's Hit@k are over
+  the routable teachers, as route() chooses."""
+  teachers = ["A", "B", "C", "D"]
+  rewards = np.array([[1.0, 0.0, 0.5, np.nan],   # oracle A
+                      [0.0, 1.0, 1.0, np.nan],   # oracle B and C
+                      [0.3, 0.9, 0.1, np.nan],   # oracle B
+                      [0.2, 0.1, 0.9, np.nan]])  # oracle C
+  scores = np.array([[1.0, 0.0, 2.0, 9.0],       # routable top: C (miss); D tops every row
+                     [0.0, 1.0, 3.0, 9.0],       # C (hit)
+                     [4.0, 3.0, 2.0, 9.0],       # A (miss), top-2 A, B (hit at 3)
+                     [0.0, 1.0, 2.0, 9.0]])      # C (hit)
+  routable = ["A", "B", "C"]
+  m = router_metrics(scores, rewards, teachers, routable=routable)
+  # independent: route()'s pick (argmax over the routable columns) and its top 3 of those
+  ok = np.array([t in routable for t in teachers])
+  masked = np.where(ok, scores, -np.inf)
+  pick = masked.argmax(1)
+  oracle = [{0}, {1, 2}, {1}, {2}]
+  assert m["hit@1"] == pytest.approx(np.mean([p in o for p, o in zip(pick, oracle)])) == 0.5
+  top3 = np.argsort(-masked, axis=1)[:, :3]
+  assert m["hit@3"] == pytest.approx(np.mean([bool(set(t) & o) for t, o in zip(top3, oracle)]))
+  assert m["shares"] == {"A": 0.25, "B": 0.0, "C": 0.75, "D": 0.0}
+  # a random router over the 3 routable teachers: |oracle| / 3 at 1, and certain at 3
+  assert m["random_hit@1"] == pytest.approx(np.mean([len(o) / 3 for o in oracle]))
+  assert m["random_hit@3"] == 1.0
+  # every teacher routable: the pick is the plain argmax (D here), as before
+  assert router_metrics(scores, rewards, teachers)["shares"]["D"] == 1.0
+
+
 def test_held_out_split_is_seeded_and_disjoint():
   tr, ho = held_out_split(50, 0.2, seed=3)
   assert len(ho) == 10 and not set(tr) & set(ho) and sorted([*tr, *ho]) == list(range(50))
@@ -174,8 +205,13 @@ def test_a_teacher_no_probe_pair_compares_is_never_routed(model_dir, tmp_path):
   cfg = RouterConfig(backbone=path, **{**TINY, "epochs": 1, "freeze_backbone": True,
                                        "held_out_fraction": 0.0})
   router = Router.from_backbone(path, TEACHERS + ["t_dead"], cfg)
+  b = router.model.head.b
+  b.set_value(b.get_value().at[4].set(1e6))  # no pair moves it: it wins every argmax
   router, report = train_router(router, prompts, rewards)
   assert report["unroutable"] == ["t_dead"] and router.routable == TEACHERS
+  # the report's router picks are route()'s: never the unroutable teacher
+  assert report["train"]["shares"]["t_dead"] == 0.0
+  assert sum(report["train"]["shares"].values()) == pytest.approx(1.0)
   b = router.model.head.b
   b.set_value(b.get_value().at[4].set(1e6))  # the untrained column wins every argmax
   names, scores = router.route(prompts[:8])
