@@ -60,13 +60,14 @@ def _ranks(v: np.ndarray) -> np.ndarray:
   return r
 
 
-def best_set(values: Mapping[str, float], tol: float = pol.TIE_TOL) -> list[str]:
-  """The teachers sharing the highest finite value (all of them when they tie)."""
+def best_set(values: Mapping[str, float]) -> list[str]:
+  """The teachers sharing the highest finite value (all of them when they tie, by the policies'
+  rule: within TIE_TOL relative to the values' size, at least absolute)."""
   finite = {t: v for t, v in values.items() if v is not None and np.isfinite(v)}
   if not finite:
     return []
   top = max(finite.values())
-  return sorted(t for t, v in finite.items() if v >= top - tol)
+  return sorted(t for t, v in finite.items() if pol._tied(v, top))
 
 
 def agreement(signal: Mapping[str, float], gain: Mapping[str, float]) -> float:
