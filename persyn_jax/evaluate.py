@@ -19,7 +19,9 @@ EXPORTS = ("jsonl", "alpaca_eval", "arena_hard", "ifeval")
 
 def score_generations(prompts: Sequence[Mapping[str, Any]], texts: Sequence[str], *,
                       verifier: str | None, reference_field: str = "reference") -> dict:
-  """Accuracy of `texts` against the prompts' references (and per `kind`, when prompts have one)."""
+  """Accuracy of `texts` against the prompts' references (and per `kind`, when prompts have one),
+  and `correct`: each prompt's verifier score in prompt order (0 and 1 as ints; a verifier's
+  partial credit as it gave it), whose mean is the accuracy."""
   rows = []
   check = get_verifier(verifier) if verifier else None
   for p, t in zip(prompts, texts):
@@ -35,6 +37,8 @@ def score_generations(prompts: Sequence[Mapping[str, Any]], texts: Sequence[str]
   out: dict[str, Any] = {"n": len(rows), "rows": rows}
   if check is not None:
     out["score"] = sum(r["correct"] for r in rows) / max(len(rows), 1)
+    out["correct"] = [int(r["correct"]) if r["correct"] in (0.0, 1.0) else r["correct"]
+                      for r in rows]
     kinds = sorted({r["kind"] for r in rows if "kind" in r})
     out["by_kind"] = {k: sum(r["correct"] for r in rows if r.get("kind") == k) /
                       max(1, sum(r.get("kind") == k for r in rows)) for k in kinds}

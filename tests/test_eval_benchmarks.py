@@ -192,3 +192,22 @@ def test_the_eval_stage_answers_each_benchmark_with_each_student(tmp_path, model
   assert [x["choices"][0]["turns"][0]["token_len"] for x in lines] == [
       lens[q["turns"][0]["content"]] for q in ARENA]
   assert all(0 <= n <= cfg.eval.sampling.max_new_tokens for n in lens.values())
+
+
+def test_per_prompt_correctness_keeps_a_verifiers_partial_credit():
+  """eval.json's `correct` (the report's bootstrap reads it) is each prompt's verifier score: its
+  mean is the accuracy, also for a verifier that gives partial credit (not truncated to 0)."""
+  from persyn_jax import verify
+  if "partial_credit_test" not in verify.verifier_names():
+    verify.register_verifier("partial_credit_test",
+                             lambda r, a: {"right": 1.0, "half": 0.5}.get(r.strip(), 0.0))
+  prompts = [{"id": str(i), "prompt": "q", "reference": "x", "kind": k}
+             for i, k in enumerate(["a", "a", "b", "b"])]
+  out = ev.score_generations(prompts, ["right", "half", "wrong", "half"],
+                             verifier="partial_credit_test")
+  assert out["correct"] == [1, 0.5, 0, 0.5] and isinstance(out["correct"][0], int)
+  assert out["score"] == sum(out["correct"]) / 4 == 0.5
+  assert out["by_kind"] == {"a": 0.75, "b": 0.25}
+  math_out = ev.score_generations(prompts[:2], ["#### 3", "#### 4"], verifier="math")
+  assert math_out["correct"] == [0, 0] and ev.score_generations(
+      [dict(prompts[0], reference="3")], ["#### 3"], verifier="math")["correct"] == [1]

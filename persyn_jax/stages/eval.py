@@ -96,9 +96,7 @@ def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benc
       row["token_len"] = ev.token_len(r)
     if ctx.is_writer():
       ev.export(scored["rows"], model_name, out_dir, c.exports)
-    out = {k: v for k, v in scored.items() if k != "rows"}
-    if c.verifier:
-      out["correct"] = [int(r["correct"]) for r in scored["rows"]]
+    out = {k: v for k, v in scored.items() if k != "rows"}  # with "correct", per prompt
   for bname, (b, items) in benchmarks.items():
     got = generations(model, tok, [x["prompt"] for x in items], c.sampling, mesh,
                       f"eval/{name}/{bname}")
