@@ -89,8 +89,20 @@ def test_seeds_are_averaged_per_problem_and_their_spread_reported():
   assert out["accuracy"] == pytest.approx(0.5) and out["seeds"] == 3
   assert out["seed_scores"] == [0.5, 0.25, 0.75]
   assert out["seed_sd"] == pytest.approx(0.25)
-  half = 4.303 * 0.25 / np.sqrt(3)
-  assert out["seed_ci"] == pytest.approx([0.5 - half, 0.5 + half])
+  half = 4.302652729749464 * 0.25 / np.sqrt(3)  # scipy.stats.t.ppf(0.975, 2)
+  assert out["seed_ci"] == pytest.approx([0.5 - half, 0.5 + half], rel=1e-12)
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5, 12, 31, 32, 45])
+def test_the_seed_interval_is_scipys_t_interval(seeds):
+  """Student's t at seeds - 1 degrees of freedom, exactly (not a 3-digit table, nor the normal's
+  1.96 past 30 degrees of freedom)."""
+  scipy_stats = pytest.importorskip("scipy.stats")
+  x = np.random.default_rng(seeds).uniform(0.5, 0.8, seeds)
+  want = scipy_stats.t.interval(0.95, seeds - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+  assert stats.seed_interval(x) == pytest.approx(want, rel=1e-12)
+  for df in (1, 2, seeds, 100):
+    assert stats.t_quantile(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-12)
 
 
 def test_intervals_are_seeded():

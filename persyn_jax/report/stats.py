@@ -11,6 +11,7 @@ of the seed means). A difference is "significant" when its interval excludes 0.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -18,10 +19,37 @@ import numpy as np
 LEVEL = 0.95
 RESAMPLES = 2000
 
-# Student t quantiles at 0.975 for 1..30 degrees of freedom (beyond: the normal's 1.96).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+def _t_central(x: float, df: int) -> float:
+  """P(|T| <= x) for Student's t with `df` (integer) degrees of freedom: the closed forms of
+  Abramowitz & Stegun 26.7.3-4."""
+  th = math.atan(x / math.sqrt(df))
+  c2, s = math.cos(th) ** 2, math.sin(th)
+  if df % 2:  # (2/pi) (theta + sin theta (cos theta + 2/3 cos^3 theta + ...)), up to cos^(df-2)
+    term = acc = math.cos(th) if df > 1 else 0.0
+    for k in range(3, df - 1, 2):
+      term *= c2 * (k - 1) / k
+      acc += term
+    return 2.0 / math.pi * (th + s * acc)
+  term = acc = 1.0  # sin theta (1 + 1/2 cos^2 theta + 1.3/(2.4) cos^4 theta + ...)
+  for k in range(2, df - 1, 2):
+    term *= c2 * (k - 1) / k
+    acc += term
+  return s * acc
+
+
+def t_quantile(df: int, level: float = LEVEL) -> float:
+  """The two-sided `level` quantile of Student's t with `df` degrees of freedom (4.3027 for
+  df = 2 at 95%), to float precision (bisection on the exact CDF)."""
+  lo, hi = 0.0, 1.0
+  while _t_central(hi, df) < level:
+    hi *= 2.0
+  for _ in range(200):
+    mid = (lo + hi) / 2.0
+    lo, hi = (mid, hi) if _t_central(mid, df) < level else (lo, mid)
+    if hi - lo <= 1e-15 * hi:
+      break
+  return (lo + hi) / 2.0
 
 
 def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -51,8 +79,7 @@ def seed_interval(scores: Sequence[float]) -> tuple[float, float] | None:
   x = np.asarray(scores, np.float64)
   if len(x) < 2:
     return None
-  t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
-  half = t * x.std(ddof=1) / np.sqrt(len(x))
+  half = t_quantile(len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
   return float(x.mean() - half), float(x.mean() + half)
 
 
