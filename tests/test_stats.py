@@ -97,7 +97,7 @@ def test_seeds_are_averaged_per_problem_and_their_spread_reported():
 def test_the_seed_interval_is_scipys_t_interval(seeds):
   """Student's t at seeds - 1 degrees of freedom, exactly (not a 3-digit table, nor the normal's
   1.96 past 30 degrees of freedom)."""
-  scipy_stats = pytest.importorskip("scipy.stats")
+  import scipy.stats as scipy_stats  # jax's own dependency: always installed
   x = np.random.default_rng(seeds).uniform(0.5, 0.8, seeds)
   want = scipy_stats.t.interval(0.95, seeds - 1, loc=x.mean(), scale=scipy_stats.sem(x))
   assert stats.seed_interval(x) == pytest.approx(want, rel=1e-12)
