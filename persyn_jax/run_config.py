@@ -109,6 +109,9 @@ class EvalConfig:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
       raise ValueError(f"eval.benchmarks: names {dup} are used twice")
+    if self.sampling.num_samples != 1:  # scored and exported: one answer per prompt
+      raise ValueError(f"eval.sampling.num_samples={self.sampling.num_samples}: eval scores one "
+                       "answer per prompt; set it to 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -583,6 +583,8 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     ("name", "../x", r"name='../x': a non-empty run name without '/'"),
     ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),
     ("prompts.source.max_prompts", "0", r"max_prompts=0: must be at least 1"),
+    ("eval.sampling.num_samples", "4", r"--set eval.sampling.num_samples=4: eval.sampling."
+                                       r"num_samples=4: eval scores one answer per prompt"),
     ("student.quantize", "int8", r"--set student.quantize=int8: student 's': quantize='int8' is for "
                                  r"teachers"),
     ("student.mesh", "{data: 2}", r"student 's': mesh is a teacher's sampling mesh; the student's "
