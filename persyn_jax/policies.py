@@ -1,10 +1,10 @@
-"""Routing policies: which teacher answers which prompt (PAPER.md, "Baselines").
+"""Routing policies: which teacher answers which prompt (the paper's baselines).
 
 Pure functions over the probe's score table. Every policy returns {prompt id: teacher name}
 for the training prompts; randomness comes from a seeded hash of the prompt id, so a policy is
 the same on every host and every rerun.
 
-Robustness rules (PAPER.md): a teacher with no usable probe response (every one failed: NaN) is
+Robustness rules (ours): a teacher with no usable probe response (every one failed: NaN) is
 never a baseline's choice; teachers are compared on the probe prompts every candidate answered,
 never by `nanmean` over different subsets; ties (in a prompt's reward, in a mean) go to the
 highest seeded hash of (prompt id or policy, teacher), never to the first-listed teacher.

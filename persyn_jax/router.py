@@ -1,4 +1,4 @@
-"""The router (PAPER.md): a decoder backbone plus a linear coefficient head, one output per
+"""The router (PerSyn, arXiv 2510.10925): a decoder backbone plus a linear coefficient head, one output per
 teacher, read at a token appended to the prompt; each prompt goes to argmax_m pi(x)_m.
 
     router = Router.from_backbone("qwen2.5-1.5b_dir", teachers, RouterConfig(), mesh=mesh)
@@ -114,7 +114,7 @@ def router_forward(model: RouterModel, input_ids, segment_ids):
 # pairs, loss, metrics (pure)
 
 def build_pairs(rewards: np.ndarray, tie_tolerance: float = 1e-6) -> tuple[np.ndarray, dict]:
-  """All teacher pairs of each prompt labelled by the higher combined reward (PAPER.md Eq. 3).
+  """All teacher pairs of each prompt labelled by the higher combined reward (the paper's Eq. 3).
 
   Returns wins [P, K, K] (wins[p, i, j] = 1: teacher i beat j on prompt p) and counts: candidate
   pairs (both scored), kept pairs, ties dropped, pairs with a missing score.

@@ -1,4 +1,4 @@
-"""Bradley-Terry training of the router (PAPER.md Eq. 3) with a held-out split and early stopping.
+"""Bradley-Terry training of the router (the paper's Eq. 3) with a held-out split and early stopping.
 
 One step takes `batch_size` probe prompts and *all* their teacher pairs: the router runs once per
 prompt and the loss averages -log sigma(pi_win - pi_lose) over every pair in the batch, which is

@@ -1,4 +1,4 @@
-"""Answer verifiers: the quality reward of verifiable prompts (PAPER.md: math, 1 if the final answer
+"""Answer verifiers: the quality reward of verifiable prompts (the paper's math setting: 1 if the final answer
 matches the reference, else 0).
 
     verify_math("... so the answer is \\boxed{\\frac{3}{4}}.", "0.75")   # -> 1.0
@@ -90,8 +90,13 @@ def extract_answer(text: str) -> str | None:
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
     if rest:
       return rest
-  nums = _NUM_RE.findall(_strip_latex(text))
-  return nums[-1].strip() if nums else None
+  flat = _strip_latex(text)
+  nums = list(_NUM_RE.finditer(flat))
+  if not nums:
+    return None
+  # a percent sign right after the number is part of it ("so 50%" answers a fraction 0.5 too)
+  pct = re.match(r"\s*(?:\\?%|percent\b)", flat[nums[-1].end():], re.IGNORECASE)
+  return nums[-1].group().strip() + ("%" if pct else "")
 
 
 def _strip_latex(s: str) -> str:
@@ -303,7 +308,7 @@ def reference_answer(reference: str) -> str | None:
 
 
 def verify_math(response: str, reference: str, *, timeout_s: float | None = None) -> float:
-  """1.0 if the final answer of `response` matches `reference`, else 0.0 (PAPER.md, math quality);
+  """1.0 if the final answer of `response` matches `reference`, else 0.0 (the paper's math quality);
   a symbolic comparison that runs past `timeout_s` is 0.0."""
   pred, ref = extract_answer(response), reference_answer(reference)
   return 1.0 if answers_match(pred, ref, timeout_s=timeout_s) else 0.0

@@ -92,9 +92,22 @@ def test_table_is_large_and_balanced():
     ("The answer is 7. Then we check.", "7"),
     ("the final answer is 3.25.", "3.25"),
     ("only 1 and 2 and 3", "3"),
+    ("a rise of 20 to 50%", "50%"),       # the last-number fallback keeps its percent sign
+    (r"so 12.5 \% of them", "12.5%"),
+    ("about 30 percent", "30%"),
+    ("it grew 40 percentage points", "40"),
 ])
 def test_extract_answer(text, answer):
   assert verify.extract_answer(text) == answer
+
+
+def test_a_bare_percentage_answers_a_fraction_as_a_boxed_one_does():
+  """math-verify takes `50%` for 0.5; the last-number fallback dropped the sign, so "so 50%" was
+  wrong against 0.5 while "\\boxed{50\\%}" was right."""
+  check = verify.get_verifier("math")
+  for text in ("so 50%", r"\boxed{50\%}", "The answer is 50%"):
+    assert check(text, "0.5") == 1.0 and check(text, "50") == 1.0, text
+  assert check("so 50%", "0.6") == 0.0
 
 
 def test_registry_names_and_errors():

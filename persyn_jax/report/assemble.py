@@ -55,7 +55,7 @@ def assemble(ctx: "Context", m: dict[str, dict]) -> tuple[dict, dict[str, list[t
   curves = {p: loss_curve(ctx.path("sft", safe_name(p), *first, "metrics.jsonl"))
             for p in cfg.compare}
   oracle = m["generate"]["counts"].get("oracle", {})
-  # prompts whose top reward several teachers share, broken by the seeded hash (PAPER.md)
+  # prompts whose top reward several teachers share, broken by the seeded hash (policies.py)
   ties = {"probe": {"ties": table.ties, "prompts": len(table.ids)},
           "oracle": ({"ties": oracle["ties"], "prompts": oracle["prompts"]} if oracle else None),
           "seed": cfg.policies.seed}

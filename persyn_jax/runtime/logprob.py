@@ -1,5 +1,5 @@
 """The chunked fp32 log-probability of target tokens, shared by SFT (the loss) and scoring
-(learnability, PAPER.md Eq. 1).
+(learnability, the paper's Eq. 1).
 
 The logits of a [B, T] batch over a 128K+ vocabulary would need B x T x V fp32 values at once
 (2 GB per row at 4K tokens); both functions here run the log-softmax over `chunk` tokens of the
