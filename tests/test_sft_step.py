@@ -187,3 +187,28 @@ def test_no_weight_decay_on_norms_and_biases(model_dir):
   assert not mask["model/layers/attn/q_bias/b"]  # 3-D ([layers, heads, head_dim]) but a bias
   assert not mask["model/layers/mlp/up_bias/b"] and not mask["model/final_norm/scale"]
   assert not mask["model/layers/attn_norm/scale"]  # 2-D ([layers, width]) but a norm
+
+
+def test_an_all_padding_batch_leaves_parameters_and_adam_state_as_they_were(model):
+  """A step without response tokens (sft_batches(num_batches=) pads an epoch with such batches)
+  trains as if the batch were not there: AdamW at a zero gradient would still move every weight
+  by its momentum and weight decay, and advance the schedule's count."""
+  m, tok = model
+  data = batches(tok, 2, 2, SEQ)
+  empty = {k: np.zeros_like(v) for k, v in data[0].items()}
+  mesh = one_device()
+  # the same optimizer in both runs (weight decay, a constant schedule): the lengths differ
+  runs = {}
+  for name, seq in (("padded", [data[0], empty, data[1]]), ("plain", data)):
+    session = make_session(m, cfg(weight_decay=0.1, lr=1e-3), mesh, 3)
+    with jax.set_mesh(mesh):
+      state = session.init_state()
+      for b in seq:
+        state, metrics = session.step(state, session.frozen, session.put_batch([b]))
+        assert bool(metrics["loss_finite"]) and bool(metrics["grad_finite"])
+    runs[name] = jax.device_get(state)
+  padded, plain = runs["padded"], runs["plain"]
+  assert int(padded.step) == int(plain.step) == 2
+  for a, b in zip(jax.tree.leaves((padded.params, padded.opt_state)),
+                  jax.tree.leaves((plain.params, plain.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

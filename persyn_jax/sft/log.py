@@ -47,7 +47,8 @@ class StepLog:
     self.fpt, self.peak, self.devices = flops_per_token, peak_flops(config), devices
     self.losses: dict[int, float] = {}
     self.pending: list[tuple[int, Any, int, int]] = []
-    self.window = {"t": None, "tokens": 0, "real": 0, "steps": 0, "timed": 0, "loss": 0.0}
+    # loss and trained: the summed loss of the steps with response tokens, and their number
+    self.window = {"t": None, "tokens": 0, "real": 0, "timed": 0, "loss": 0.0, "trained": 0}
     self.bar = tqdm(total=total, initial=start, desc="sft", dynamic_ncols=True,
                     disable=not config.progress or jax.process_index() != 0)
 
@@ -80,8 +81,9 @@ class StepLog:
       w["tokens"] += positions
       w["real"] += real
       w["timed"] += 1
-    w["steps"] += 1
-    w["loss"] += float(m["loss"])
+    if m["tokens"] > 0:  # an all-padding step changed nothing and has no loss to average
+      w["trained"] += 1
+      w["loss"] += float(m["loss"])
     self.bar.update(1)
     if n % self.config.log_every == 0 or n == self.total:
       self._write(n, m, now)
@@ -89,8 +91,10 @@ class StepLog:
   def _write(self, n: int, m, now: float) -> None:
     w = self.window
     dt = now - w["t"]
-    row = {"loss": float(m["loss"]), "loss_avg": w["loss"] / w["steps"], "lr": float(m["lr"]),
-           "grad_norm": float(m["grad_norm"]), "response_tokens": float(m["tokens"])}
+    row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+           "response_tokens": float(m["tokens"])}
+    if w["trained"]:
+      row["loss_avg"] = w["loss"] / w["trained"]
     if self.config.z_loss:
       row["z_loss"] = float(m["z_loss"])
     if w["timed"] and dt > 0:
@@ -100,7 +104,7 @@ class StepLog:
         row["mfu"] = self.fpt * tps / (self.peak * self.devices)
     self.metrics.write(n, row, prefix="train")
     self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-    w.update(t=now, tokens=0, real=0, steps=0, timed=0, loss=0.0)
+    w.update(t=now, tokens=0, real=0, timed=0, loss=0.0, trained=0)
 
   def close(self) -> None:
     self.bar.close()

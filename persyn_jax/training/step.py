@@ -54,7 +54,9 @@ def make_train_step(loss: Loss, tx: optax.GradientTransformation, *,
   summed loss must report aux["loss"]), "loss" (the objective of a mean loss), "grad_norm",
   "lr" (schedule(step), when given). With `guard_nonfinite`, a step whose loss or gradient norm is
   not finite leaves the state as it was and says so ("loss_finite", "grad_finite"), so that a NaN
-  never reaches the parameters or a checkpoint.
+  never reaches the parameters or a checkpoint. When normalizing, a step whose count is 0 (an
+  all-padding batch: nothing to learn from) also leaves the state as it was: AdamW would otherwise
+  move the weights by its momentum and weight decay at a zero gradient, and advance the schedule.
   """
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -78,14 +80,19 @@ def make_train_step(loss: Loss, tx: optax.GradientTransformation, *,
     metrics["grad_norm"] = gnorm
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
-    if not guard_nonfinite:
+    if not guard_nonfinite and normalize_by is None:
       return TrainState(state.step + 1, new_params, opt_state), metrics
-    loss_ok, grad_ok = jnp.isfinite(metrics["loss"]), jnp.isfinite(gnorm)
-    ok = loss_ok & grad_ok
+    ok = jnp.asarray(True)
+    if guard_nonfinite:
+      loss_ok, grad_ok = jnp.isfinite(metrics["loss"]), jnp.isfinite(gnorm)
+      metrics.update(loss_finite=loss_ok, grad_finite=grad_ok)
+      ok = loss_ok & grad_ok
+    if normalize_by is not None:
+      ok = ok & (aux[normalize_by] > 0)  # no response token: nothing to update
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(state.step + ok.astype(jnp.int32), keep(new_params, params),
                            keep(opt_state, state.opt_state))
-    return new_state, {**metrics, "loss_finite": loss_ok, "grad_finite": grad_ok}
+    return new_state, metrics
 
   return step
 
