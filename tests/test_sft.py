@@ -183,3 +183,28 @@ def test_lora_merged_equals_unmerged(llama):
   assert float(jnp.abs(unmerged - forward(model, ids)).max()) > 1e-2
   np.testing.assert_allclose(np.asarray(forward(merged, ids)), np.asarray(unmerged), atol=2e-5,
                              rtol=1e-5)
+
+
+def test_merged_lora_weights_are_the_base_plus_scaled_b_times_a_in_peft_convention(llama, tmp_path):
+  """The exported weight of an adapted projection is W + (alpha/r)·B·A with PEFT's factors
+  (A: [r, in], B: [out, r], in torch's [out, in] layout), computed here from the torch base."""
+  from safetensors.numpy import load_file
+  from persyn_jax.models import save_pretrained
+  model, tok, torch_base = llama
+  rank, alpha = 3, 7.0
+  adapted = apply_lora(recast(model, "float32"), LoRAConfig(rank=rank, alpha=alpha), seed=1)
+  hf_name = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+             "down": "mlp.down_proj"}
+  want = {k: v.numpy().astype(np.float64) for k, v in torch_base.state_dict().items()}
+  for i, (path, m) in enumerate((p, m) for p, m in nnx.iter_graph(adapted) if isinstance(m, LoRAEinsum)):
+    m.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(i), m.lora_b.get_value().shape))
+    a, b = np.asarray(m.lora_a.get_value(), np.float64), np.asarray(m.lora_b.get_value(), np.float64)
+    for layer in range(a.shape[0]):  # stacked: [layers, in dims..., r], [layers, r, out dims...]
+      peft_a, peft_b = a[layer].reshape(-1, rank).T, b[layer].reshape(rank, -1).T
+      want[f"model.layers.{layer}.{hf_name[path[-1]]}.weight"] += alpha / rank * peft_b @ peft_a
+  save_pretrained(merge_lora(adapted), None, str(tmp_path), dtype="float32")
+  got = load_file(str(tmp_path / "model.safetensors"))
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
