@@ -13,7 +13,7 @@ from persyn_jax import sharding as shd
 from persyn_jax.metrics import read_metrics
 from persyn_jax.models import from_pretrained
 from persyn_jax.sft import (LoRAConfig, LoRAEinsum, NonFiniteError, SFTConfig, apply_lora,
-                            merge_lora, recast, train)
+                            make_session, merge_lora, recast, train)
 from persyn_jax.checkpoints import CheckpointManager
 from test_sft_batches import batches
 
@@ -128,6 +128,14 @@ def test_kill_and_resume_gives_the_losses_of_an_uninterrupted_run(llama, mesh, t
   pa = jax.tree.leaves(jax.device_get(nnxstate(full.model)))
   pb = jax.tree.leaves(jax.device_get(nnxstate(resumed.model)))
   assert all(np.array_equal(a, b) for a, b in zip(pa, pb))
+  # ...and so are the final checkpoints: parameters, Adam's moments and counts, the step
+  target = make_session(model, config, mesh, 5).abstract_state()
+  with jax.set_mesh(mesh):
+    sa, ma, _ = CheckpointManager(full.checkpoint_dir, keep=2).restore(target)
+    sb, mb, _ = CheckpointManager(resumed.checkpoint_dir, keep=2).restore(target)
+  assert ma["position"] == mb["position"] == 10 and int(sa.step) == int(sb.step) == 5
+  la, lb = jax.tree.leaves(jax.device_get(sa)), jax.tree.leaves(jax.device_get(sb))
+  assert len(la) == len(lb) and all(np.array_equal(a, b) for a, b in zip(la, lb))
   steps = [r["step"] for r in read_metrics(resumed.metrics_path, "train")]
   assert steps == sorted(set(steps))  # no step logged twice
 
