@@ -216,3 +216,25 @@ def test_merged_lora_weights_are_the_base_plus_scaled_b_times_a_in_peft_conventi
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_loss_avg_leaves_out_steps_without_response_tokens(tmp_path):
+  """An all-padding step changes nothing (test_sft_step) and has no loss: loss_avg is the mean of
+  the other steps' losses, and a window of only such steps has none."""
+  from persyn_jax.metrics import MetricsWriter
+  from persyn_jax.sft.log import StepLog
+  from persyn_jax.training import StepInfo
+  config = cfg(log_every=2, max_steps=4, tensorboard=False)
+  metrics = MetricsWriter(str(tmp_path), tensorboard=False)
+  log = StepLog(config, total=4, start=0, flops_per_token=1.0, devices=1, metrics=metrics,
+                last_checkpoint=lambda: "none")
+  batch = [{"segment_ids": np.ones((2, SEQ), np.int32)}]
+  for n, (loss, tokens) in enumerate([(3.0, 7.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)], 1):
+    m = {"loss": np.float32(loss), "tokens": np.float32(tokens), "lr": np.float32(1e-3),
+         "grad_norm": np.float32(0.5), "loss_finite": True, "grad_finite": True}
+    log(StepInfo(n, None, m, batch, None))
+  log.flush()
+  metrics.close()
+  rows = read_metrics(metrics.path, "train")
+  assert [r["step"] for r in rows] == [2, 4]
+  assert rows[0]["loss_avg"] == 3.0 and "loss_avg" not in rows[1]
