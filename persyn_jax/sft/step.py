@@ -73,19 +73,13 @@ def batch_shardings(mesh, shape: tuple[int, ...]) -> dict[str, Any]:
   return {k: s for k in BATCH_KEYS}
 
 
-def _remat(fn, mode: str):
-  if mode == "dots":
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return fn
-
-
-def make_loss(graphdef, trained: ParamTree, frozen: ParamTree, *, z_loss: float, chunk: int,
-              remat: str = "none") -> Callable:
+def make_loss(graphdef, trained: ParamTree, frozen: ParamTree, *, z_loss: float,
+              chunk: int) -> Callable:
   """loss(params, frozen, batch) -> (objective sum, aux) for one microbatch [rows, seq]; aux holds
   the sums the train step normalizes ("loss": cross-entropy, "z_loss") and their count ("tokens":
-  response tokens)."""
+  response tokens). Rematerialization is the model's (`set_remat`, per scanned block)."""
   def loss(params, frozen_flat, batch):
     model = nnx.merge(graphdef, trained.state(params), frozen.state(frozen_flat))
     total, aux = loss_sums(model, batch, z_loss=z_loss, chunk=chunk)
     return total, {"loss": aux["ce"], "z_loss": aux["z"], "tokens": aux["count"]}
-  return _remat(loss, remat)
+  return loss
