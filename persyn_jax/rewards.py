@@ -81,12 +81,15 @@ def normalize(values, method: str = "minmax") -> np.ndarray:
 
 def combine(quality, learnability, alpha: float = 0.4, normalizer: str = "minmax") -> np.ndarray:
   """Eq. 2: (1 - alpha) * norm(quality) + alpha * norm(learnability), per prompt across teachers.
-  A teacher missing either score gets NaN."""
+  A teacher missing either score gets NaN and is left out of both normalizations (its other score
+  does not move the other teachers' rewards)."""
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha={alpha}: must be in [0, 1]")
   q, l = np.asarray(quality, np.float64), np.asarray(learnability, np.float64)
   if q.shape != l.shape:
     raise ValueError(f"quality {q.shape} and learnability {l.shape} differ in shape")
+  missing = np.isnan(q) | np.isnan(l)
+  q, l = np.where(missing, np.nan, q), np.where(missing, np.nan, l)
   return (1.0 - alpha) * normalize(q, normalizer) + alpha * normalize(l, normalizer)
 
 

@@ -83,6 +83,40 @@ def test_combine_weights_quality_by_one_minus_alpha(q, l):
   assert np.all((r >= 0) & (r <= 1))
 
 
+def reference_norm(row, method):
+  """One prompt's normalization from the definitions in docs/SCORING.md (NaN: left out)."""
+  out, ok = np.full(row.shape, np.nan), ~np.isnan(row)
+  x = row[ok]
+  if x.size == 0:
+    return out
+  if method == "minmax":
+    out[ok] = 0.5 if x.max() == x.min() else (x - x.min()) / (x.max() - x.min())
+  elif method == "zscore":
+    out[ok] = 0.0 if x.std() == 0 else (x - x.mean()) / x.std()
+  else:  # average rank of ties, scaled to [0, 1]
+    ranks = np.array([(x < v).sum() + ((x == v).sum() - 1) / 2 for v in x])
+    out[ok] = 0.5 if x.size == 1 else ranks / (x.size - 1)
+  return out
+
+
+@pytest.mark.parametrize("method", ["minmax", "zscore", "rank"])
+def test_combine_leaves_a_response_missing_either_score_out_of_both_normalizations(method):
+  nan = np.nan
+  q = np.array([[1.0, 0.0, 10.0], [1.0, nan, 10.0], [-5.0, -2.5, -7.0], [2.0, 2.0, nan], [-3.0, nan, nan]])
+  l = np.array([[-1.0, -0.5, nan], [-1.0, -0.5, -2.0], [-0.3, -1.1, -0.9], [-1.0, -1.0, -4.0],
+                [-1.2, -0.7, nan]])
+  want = []
+  for qr, lr in zip(q, l):  # a response with a missing score is no candidate at all
+    both = ~np.isnan(qr) & ~np.isnan(lr)
+    qr, lr = np.where(both, qr, nan), np.where(both, lr, nan)
+    want.append(0.6 * reference_norm(qr, method) + 0.4 * reference_norm(lr, method))
+  got = rewards.combine(q, l, 0.4, method)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  # row 0: teacher C has quality 10 but no learnability; A (q 1, l -1) still beats B (q 0, l -0.5)
+  if method == "minmax":
+    np.testing.assert_allclose(got[0], [0.6, 0.4, nan])
+
+
 def test_normalizer_examples():
   x = np.array([[1.0, 3.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
   np.testing.assert_allclose(rewards.minmax(x), [[0, 1, 0.5, 1], [0.5] * 4])
