@@ -124,13 +124,25 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
   return min(cap, max(multiple, -(-n // multiple) * multiple))
 
 
+def score_offset(ids: Sequence[int], pad_id: int | None) -> int:
+  """Where a sequence classifier reads a sequence (transformers' rule): its last token that is
+  not `pad_id` (with pad = EOS, before a trailing EOS); 0 if every token is `pad_id`."""
+  if pad_id is not None:
+    for t in range(len(ids) - 1, -1, -1):
+      if ids[t] != pad_id:
+        return t
+    return 0
+  return len(ids) - 1
+
+
 def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: ScoringConfig,
-                   multiple: int = 1):
+                   multiple: int = 1, pad_id: int | None = None):
   """The packed batches of (ids, response mask) pairs: yields (items per row, numpy batch) with
   the SFT batch keys plus `response_index`/`response_targets` [R, K] (the positions whose target
-  is a response token, in row order, zero-padded) and `last_index` [R, S] (each segment's last
-  token). K and S are fixed per row length (the most any row of that length needs, K rounded up
-  to 64), so each (rows, length) shape compiles once. Items are indices into `pairs`."""
+  is a response token, in row order, zero-padded) and `last_index` [R, S] (where each segment is
+  scored: its last token not equal to `pad_id`, `score_offset`). K and S are fixed per row length
+  (the most any row of that length needs, K rounded up to 64), so each (rows, length) shape
+  compiles once. Items are indices into `pairs`."""
   buckets = bucket_lengths(config.max_len, config.min_bucket)
   rows = pack_decreasing([len(ids) for ids, _ in pairs], buckets, config.pack_len)
   plan = plan_batches([length for length, _ in rows], buckets, batch_tokens=config.batch_tokens,
@@ -151,7 +163,9 @@ def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: Scoring
       where = np.flatnonzero(batch["loss_mask"][r])
       batch["response_index"][r, :where.size] = where
       batch["response_targets"][r, :where.size] = batch["targets"][r, where]
-      batch["last_index"][r, :len(items)] = np.cumsum([len(pairs[i][0]) for i in items]) - 1
+      starts = np.cumsum([0] + [len(pairs[i][0]) for i in items[:-1]])
+      batch["last_index"][r, :len(items)] = starts + [score_offset(pairs[i][0], pad_id)
+                                                      for i in items]
     yield group, batch
 
 
@@ -176,6 +190,7 @@ def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config:
 
 class _PairScorer:
   kind = ""
+  score_pad_id = None  # packed: a segment is read at its last token that is not this id
 
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -215,7 +230,8 @@ class _PairScorer:
 
   def _run_packed(self, pairs, kept, stats) -> tuple[list, dict]:
     results, padded, shapes = [], 0, set()
-    for group, batch in packed_batches([pairs[i] for i in kept], self.config, self.runner.shards):
+    for group, batch in packed_batches([pairs[i] for i in kept], self.config, self.runner.shards,
+                                       self.score_pad_id):
       inputs = self.runner.put_batch({k: batch[k] for k in self._packed_keys})
       results.append(([[kept[i] for i in items] for items in group], self._forward(inputs)))
       padded += batch["input_ids"].size
@@ -295,6 +311,8 @@ class RewardScorer(_PairScorer):
     if width != 1:  # reading column 0 of a k-class classifier would be silently wrong
       raise ValueError(f"scoring.reward_model {config.reward_model or '(given model)'}: its score "
                        f"head has width {width} (num_labels={width}); a reward model has one output")
+    # transformers reads the last token that is not pad_token_id (pad = EOS: the one before EOS)
+    self.score_pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     super().__init__(model, tokenizer, config, mesh)
 
   def _batch_fn(self):

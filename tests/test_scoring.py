@@ -5,6 +5,9 @@ chat template directly (not via our chat helpers) and computes log-softmax per p
 float64. Tolerance 2e-5: fp32 forward passes
 of a 2-layer model agree to ~1e-6; a wrong mask, shift or tokenizer is off by > 1e-2.
 """
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +163,41 @@ def test_reward_model_matches_sequence_classification(model_dir, arch):
   np.testing.assert_allclose(got, want, atol=TOL, rtol=1e-5)
   assert stats["scored"] == 4
   assert np.ptp(want) > 1e-3  # the scores differ between responses: a mix-up would show
+
+
+EOS_LAST_TEMPLATE = (  # no newline after the end of a turn: a conversation ends with EOS
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_reward_model_with_pad_equal_to_eos_reads_the_token_before_eos(tmp_path, tok, packing):
+  """transformers scores the rightmost token that is not pad_token_id: with pad = EOS and a
+  conversation that ends with EOS, the token before it (also in a left-padded batch)."""
+  tok2 = copy.deepcopy(tok)
+  tok2.chat_template = EOS_LAST_TEMPLATE
+  tok2.pad_token = tok2.eos_token
+  path = str(tmp_path)
+  tmodel = tiny.make_model("qwen2", path, tok2, seed=2, classifier=True,
+                           pad_token_id=tok2.eos_token_id)
+  htok = AutoTokenizer.from_pretrained(path)
+  texts = [htok.apply_chat_template(messages(p) + [{"role": "assistant", "content": r}],
+                                    tokenize=False) for p, r in zip(PROMPTS, RESPONSES)]
+  single = []
+  for t in texts:
+    ids = htok(t, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == htok.eos_token_id == tmodel.config.pad_token_id
+    with torch.no_grad():
+      single.append(tmodel(torch.tensor([ids])).logits[0, 0].item())
+  htok.padding_side = "left"
+  with torch.no_grad():
+    batched = tmodel(**htok(texts, add_special_tokens=False, padding=True,
+                            return_tensors="pt")).logits[:, 0].numpy()
+  np.testing.assert_allclose(batched, single, atol=TOL, rtol=1e-5)
+  cfg = dataclasses.replace(CFG, packing=packing, min_bucket=32, pack_len=64, batch_tokens=128)
+  mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+  got, _ = scoring.RewardScorer.from_pretrained(path, cfg, mesh=mesh).score(PROMPTS, RESPONSES)
+  np.testing.assert_allclose(got, single, atol=TOL, rtol=1e-5)
 
 
 def test_plan_batches_covers_every_sequence_once():

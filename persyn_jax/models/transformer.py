@@ -153,7 +153,8 @@ def pool_last(hidden: Array, attention_mask: Array) -> Array:
 
 class SequenceClassifier(nnx.Module):
   """Transformer + a linear score head (no bias) read at the last non-pad token, as transformers'
-  `*ForSequenceClassification` reward models (e.g. Skywork-Reward-Llama-3.1-8B)."""
+  `*ForSequenceClassification` reward models (e.g. Skywork-Reward-Llama-3.1-8B): the rightmost
+  token that is in the mask and is not `pad_token_id` (with pad = EOS, a trailing EOS is skipped)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     if cfg.num_labels < 1:
@@ -173,7 +174,10 @@ class SequenceClassifier(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     positions, segment_ids = _inputs(input_ids, attention_mask, positions, segment_ids)
     h, _ = self.model(input_ids, positions=positions, segment_ids=segment_ids)
-    pooled = pool_last(h, attention_mask)
+    read = attention_mask > 0
+    if self.config.pad_token_id is not None:
+      read &= input_ids != self.config.pad_token_id
+    pooled = pool_last(h, read)
     return jnp.einsum("BD,DL->BL", pooled, self.score[...].astype(pooled.dtype),
                       preferred_element_type=jnp.float32)
 
