@@ -116,6 +116,58 @@ def test_learnability_student_tokenizer_differs_from_teacher(model_dir, tok, oth
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+# Qwen2's pre-tokenizer: `\s*[\r\n]+` joins the generation prompt's last newline with a
+# response's leading ones, so the full conversation does not extend the prompt's ids.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen2_style_tokenizer():
+  """ChatML template, end of turn <|im_end|>, EOS <|endoftext|> (as Qwen2.5 base models)."""
+  from tokenizers import Regex, Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  from persyn_jax.tokenizer import CHAT_TEMPLATE
+  t = Tokenizer(tmodels.BPE())
+  t.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  t.decoder = decoders.ByteLevel()
+  t.train_from_iterator(tiny.CORPUS + ["user\nassistant\n\n\nThe answer\n\n"] * 5, trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def test_learnability_of_a_response_that_merges_with_the_generation_prompt(tmp_path):
+  """A response starting with a newline: the full conversation's ids do not extend the prompt's
+  (the newlines merge), so the response is what the template adds after the generation prompt,
+  tokenized apart: the template's end of turn `<|im_end|>\n` is scored, not the tokenizer's EOS."""
+  from persyn_jax.data import chat
+  qtok = qwen2_style_tokenizer()
+  path = str(tmp_path)
+  tmodel = tiny.make_model("qwen2", path, qtok, seed=4)
+  htok = AutoTokenizer.from_pretrained(path)
+  prompts = ["What is 3 + 4?", "hello world"]
+  responses = ["\nThe answer is 7.", "\n\n12 - 5 = 7"]
+  want = []
+  for p, r in zip(prompts, responses):
+    ptext = htok.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True)
+    ftext = htok.apply_chat_template(messages(p) + [{"role": "assistant", "content": r}],
+                                     tokenize=False)
+    p_ids = htok(ptext, add_special_tokens=False)["input_ids"]
+    assert htok(ftext, add_special_tokens=False)["input_ids"][:len(p_ids)] != p_ids  # merged
+    r_ids = htok(ftext[len(ptext):], add_special_tokens=False)["input_ids"]
+    assert htok.decode(r_ids[-2:]) == "<|im_end|>\n" and htok.eos_token_id not in r_ids
+    want.append(torch_mean_logprob(tmodel, p_ids + r_ids, len(p_ids)))
+  assert chat.pair_ids_batch(htok, prompts, responses) == [
+      chat.pair_ids(htok, p, r) for p, r in zip(prompts, responses)]
+  for packing in (True, False):
+    cfg = dataclasses.replace(CFG, packing=packing, min_bucket=32, pack_len=64)
+    got, _ = scoring.LogProbScorer.from_pretrained(path, cfg).learnability(prompts, responses)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
 def test_overlong_pairs_truncated_or_skipped(model_dir, tok):
   path, tmodel = model_dir("llama")
   long_prompt = "hello world, how are you today? " * 6

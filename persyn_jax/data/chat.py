@@ -107,19 +107,35 @@ def pair_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None
   With a chat template: the full conversation (prompt turns + an assistant turn) is tokenized, and
   the tokens after the generation prompt are the response (they include the template's
   end-of-turn token). If the template's full conversation does not extend its generation prompt
-  token-for-token, and for base models: prompt ids + response ids + EOS.
+  token-for-token (a response starting with a newline merges with the one ending the generation
+  prompt), the response is the text the template adds after the generation prompt, tokenized
+  apart and appended to the prompt ids (its end-of-turn tokens too, as in the main case). If the
+  template's full conversation does not even start with the generation prompt's text, and for
+  base models: prompt ids + response ids + EOS.
   """
   p_ids = prompt_ids(tokenizer, prompt, system)
   if has_chat_template(tokenizer):
     msgs = to_messages(prompt, system) + [{"role": "assistant", "content": response}]
-    full = encode(tokenizer, apply_template(tokenizer, msgs))
+    text = apply_template(tokenizer, msgs)
+    full = encode(tokenizer, text)
     if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
       return full, [0] * len(p_ids) + [1] * (len(full) - len(p_ids))
+    r_ids = _template_suffix(tokenizer, prompt_text(tokenizer, prompt, system), text)
+    if r_ids:
+      return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
   r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
   eos = eos_id(tokenizer)
   if eos is not None:
     r_ids.append(eos)
   return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
+
+
+def _template_suffix(tokenizer, ptext: str, text: str) -> list[int] | None:
+  """Ids of what the full conversation's text `text` adds after the generation prompt's text
+  `ptext`, tokenized on its own; None if `text` does not extend `ptext`."""
+  if not (text.startswith(ptext) and len(text) > len(ptext)):
+    return None
+  return list(tokenizer(text[len(ptext):], add_special_tokens=False)["input_ids"]) or None
 
 
 def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
@@ -130,8 +146,8 @@ def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str
     raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
   if not prompts:
     return []
-  p_all = tokenizer([prompt_text(tokenizer, p, system) for p in prompts],
-                    add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+  p_texts = [prompt_text(tokenizer, p, system) for p in prompts]
+  p_all = tokenizer(p_texts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
   out: list = [None] * len(prompts)
   if has_chat_template(tokenizer):
     turns = [to_messages(p, system) + [{"role": "assistant", "content": r}]
@@ -140,6 +156,10 @@ def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str
     for i, (p_ids, full) in enumerate(zip(p_all, tokenizer(fulls, add_special_tokens=False)["input_ids"])):
       if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
         out[i] = (list(full), [0] * len(p_ids) + [1] * (len(full) - len(p_ids)))
+    for i in [i for i, o in enumerate(out) if o is None]:  # rare: one call each
+      r_ids = _template_suffix(tokenizer, p_texts[i], fulls[i])
+      if r_ids:
+        out[i] = (list(p_all[i]) + r_ids, [0] * len(p_all[i]) + [1] * len(r_ids))
   rest = [i for i, o in enumerate(out) if o is None]
   if rest:
     eos = eos_id(tokenizer)
