@@ -8,7 +8,8 @@
     scored, stats = score_records(records, config, student=student, reward_model=rm)
 
 Each model tokenizes the (prompt, response) text itself with its own chat template
-(`data.chat.pair_ids`). With `packing` (the default) pairs are packed longest first into rows of
+(`data.chat.pair_ids`; the reward model reads the conversation tokenized in one piece,
+`data.chat.conversation_ids`). With `packing` (the default) pairs are packed longest first into rows of
 a few bucket lengths (`data.batches.pack_decreasing`, laid out with segment ids and per-segment
 positions by `data.batches.build_batch`), so padding is only the tail of each row; the student's
 LM head runs only on response tokens (gathered before the vocabulary projection), and the reward
@@ -169,14 +170,16 @@ def packed_batches(pairs: Sequence[tuple[list[int], list[int]]], config: Scoring
     yield group, batch
 
 
-def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config: ScoringConfig):
-  """Token ids and response masks of the pairs, over-long ones truncated or dropped (None).
+def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config: ScoringConfig,
+                 pair_fn=chat.pair_ids):
+  """Token ids and response masks of the pairs (`pair_fn`: `chat.pair_ids` for the student,
+  `chat.conversation_ids` for a reward model), over-long ones truncated or dropped (None).
   Returns (list of (ids, mask) or None, {"truncated": n, "skipped": n})."""
   if len(prompts) != len(responses):
     raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
   out, truncated, skipped = [], 0, 0
   for prompt, response in zip(prompts, responses):
-    ids, mask = chat.pair_ids(tokenizer, prompt, response, config.system)
+    ids, mask = pair_fn(tokenizer, prompt, response, config.system)
     if len(ids) > config.max_len:
       if config.overlong == "skip":
         out.append(None)
@@ -191,6 +194,7 @@ def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence[str], config:
 class _PairScorer:
   kind = ""
   score_pad_id = None  # packed: a segment is read at its last token that is not this id
+  pair_fn = staticmethod(chat.pair_ids)  # (tokenizer, prompt, response, system) -> (ids, mask)
 
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -201,7 +205,7 @@ class _PairScorer:
 
   def _run(self, prompts, responses) -> tuple[list, list, dict]:
     cfg = self.config
-    pairs, stats = encode_pairs(self.tokenizer, prompts, responses, cfg)
+    pairs, stats = encode_pairs(self.tokenizer, prompts, responses, cfg, self.pair_fn)
     kept = [i for i, p in enumerate(pairs) if p is not None]
     if cfg.packing:
       return pairs, *self._run_packed(pairs, kept, stats)
@@ -305,6 +309,7 @@ class RewardScorer(_PairScorer):
   conversation, formatted with the reward model's own chat template."""
 
   kind = "quality"
+  pair_fn = staticmethod(chat.conversation_ids)  # the full conversation tokenized as one text
 
   def __init__(self, model, tokenizer, config: ScoringConfig, mesh=None):
     width = getattr(getattr(model, "config", None), "num_labels", 1)

@@ -168,6 +168,31 @@ def test_learnability_of_a_response_that_merges_with_the_generation_prompt(tmp_p
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_reward_model_reads_a_merged_conversation_as_one_text(tmp_path, tok):
+  """The reward model gets the full conversation's ids as transformers tokenizes it in one piece
+  (`apply_chat_template(tokenize=True)`), also when a leading newline merges with the prompt."""
+  from persyn_jax.data import chat
+  for p, r in zip(PROMPTS, RESPONSES):  # no merge: the student's ids
+    assert chat.conversation_ids(tok, p, r) == chat.pair_ids(tok, p, r)
+  qtok = qwen2_style_tokenizer()
+  path = str(tmp_path)
+  tmodel = tiny.make_model("qwen2", path, qtok, seed=5, classifier=True)
+  htok = AutoTokenizer.from_pretrained(path)
+  prompts, responses = ["What is 3 + 4?", "hello world", "hi"], ["\nThe answer is 7.",
+                                                                  "\n\n12 - 5 = 7", "plain"]
+  want = []
+  for p, r in zip(prompts, responses):
+    text = htok.apply_chat_template(messages(p) + [{"role": "assistant", "content": r}],
+                                    tokenize=False)
+    with torch.no_grad():
+      want.append(tmodel(torch.tensor([htok(text, add_special_tokens=False)["input_ids"]]))
+                  .logits[0, 0].item())
+  for packing in (True, False):
+    cfg = dataclasses.replace(CFG, packing=packing, min_bucket=32, pack_len=64)
+    got, _ = scoring.RewardScorer.from_pretrained(path, cfg).score(prompts, responses)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=1e-5)
+
+
 def test_overlong_pairs_truncated_or_skipped(model_dir, tok):
   path, tmodel = model_dir("llama")
   long_prompt = "hello world, how are you today? " * 6

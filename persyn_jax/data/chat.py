@@ -138,6 +138,23 @@ def _template_suffix(tokenizer, ptext: str, text: str) -> list[int] | None:
   return list(tokenizer(text[len(ptext):], add_special_tokens=False)["input_ids"]) or None
 
 
+def conversation_ids(tokenizer, prompt: Prompt, response: str, system: str | None = None
+                     ) -> tuple[list[int], list[int]]:
+  """(ids, response_mask) of the full conversation tokenized as one text, as a reward model reads
+  it (transformers: `apply_chat_template(..., tokenize=True)`); the mask is 1 after the longest
+  prefix shared with the generation prompt's ids. Equals `pair_ids` unless the response's first
+  tokens merge with the prompt's; without a chat template it is `pair_ids`."""
+  if not has_chat_template(tokenizer):
+    return pair_ids(tokenizer, prompt, response, system)
+  p_ids = prompt_ids(tokenizer, prompt, system)
+  msgs = to_messages(prompt, system) + [{"role": "assistant", "content": response}]
+  full = encode(tokenizer, apply_template(tokenizer, msgs))
+  n = 0
+  while n < min(len(full), len(p_ids)) and full[n] == p_ids[n]:
+    n += 1
+  return full, [0] * n + [1] * (len(full) - n)
+
+
 def pair_ids_batch(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
                    system: str | None = None) -> list[tuple[list[int], list[int]]]:
   """[pair_ids(tokenizer, p, r, system) for p, r in zip(prompts, responses)], with one batched
