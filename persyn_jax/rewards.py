@@ -1,4 +1,4 @@
-"""The combined reward (PAPER.md Eq. 2): per-prompt normalization across teachers, then
+"""The combined reward (the paper's Eq. 2): per-prompt normalization across teachers, then
 r = (1 - alpha) * norm(quality) + alpha * norm(learnability).
 
 Pure numpy. Arrays are [prompts, teachers]; NaN marks a missing score (a teacher that did not

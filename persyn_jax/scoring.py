@@ -1,4 +1,5 @@
-"""Scores of every teacher response: learnability, quality and the combined reward (PAPER.md).
+"""Scores of every teacher response: learnability, quality and the combined reward (the paper's
+Eqs. 1-2).
 
     student = LogProbScorer.from_pretrained("student_dir", config, mesh=mesh)
     learn, stats = student.learnability(prompts, responses)        # Eq. 1, [n] float
@@ -43,7 +44,7 @@ from persyn_jax.verify import get_verifier
 
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
-  """The score stage. Defaults: PAPER.md (alpha = 0.4; the normalizer is our choice)."""
+  """The score stage. Defaults: the paper's (alpha = 0.4; the normalizer is our choice)."""
 
   alpha: float = 0.4  # Eq. 2: weight of learnability in the combined reward
   normalizer: Literal["minmax", "zscore", "rank"] = "minmax"  # per prompt, across teachers
@@ -346,7 +347,7 @@ class RewardScorer(_PairScorer):
 
 def verifier_quality(responses: Sequence[str], references: Sequence[str | None],
                      name: str = "math") -> np.ndarray:
-  """Quality from a verifier: 1/0 per response (PAPER.md, math); NaN where there is no reference."""
+  """Quality from a verifier: 1/0 per response (the paper's math setting); NaN where there is no reference."""
   fn = get_verifier(name)
   return np.asarray([np.nan if ref is None else fn(resp, str(ref))
                      for resp, ref in zip(responses, references)], np.float64)

@@ -181,9 +181,14 @@ def test_every_file_path_written_in_the_docs_exists():
 
 
 def test_the_docs_name_no_file_outside_the_repository():
-  """Design notes kept outside the repository are never referred to."""
-  for doc in DOCS + [os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
-                     if f.endswith(".py")]:
+  """Design notes kept outside the repository are never referred to, in the docs nor in the code,
+  configs and scripts (docstrings cite the paper itself)."""
+  code = [os.path.join(d, f) for top in ("persyn_jax", "bench", "tpu", "configs", "tests")
+          for d, _, fs in os.walk(os.path.join(ROOT, top)) for f in fs
+          if f.endswith((".py", ".sh", ".sbatch", ".yaml")) and f != "test_docs.py"]
+  assert len(code) > 100
+  for doc in DOCS + code + [os.path.join(ROOT, "docs", f)
+                            for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".py")]:
     with open(doc, encoding="utf-8") as f:
       text = f.read()
     for name in ("PAPER.md", "DESIGN.md", "STYLE.md", "../shared", "/work/"):

@@ -1,5 +1,5 @@
 """Routing policies on small hand-made score tables: what each policy selects, and the robustness
-rules (PAPER.md "Baselines", "Robustness rules"): non-negative quality for CAR, failed teachers
+rules (the paper's baselines, our robustness rules): non-negative quality for CAR, failed teachers
 never chosen, fair comparisons on shared prompts, seeded tie-breaking, the best of several samples.
 
 Rewards are computed with `rewards.combine` (Eq. 2), the same function the score stage uses."""

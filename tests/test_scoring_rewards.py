@@ -1,4 +1,4 @@
-"""The combined reward (PAPER.md Eq. 2): properties of the per-prompt normalizers, and records."""
+"""The combined reward (the paper's Eq. 2): properties of the per-prompt normalizers, and records."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""The math verifier on tricky final answers, right and wrong (PAPER.md: math quality is 0/1)."""
+"""The math verifier on tricky final answers, right and wrong (the paper's math quality is 0/1)."""
 import threading
 import time
 

@@ -1,6 +1,6 @@
 """Chat formatting and tokenization shared by the sampler, scoring and SFT.
 
-Each model tokenizes text itself, with its own chat template (PAPER.md, Eq. 1): the response span
+Each model tokenizes text itself, with its own chat template (the paper's Eq. 1): the response span
 of a (prompt, response) pair is what the template adds after the generation prompt.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The record: one dict per prompt, generation, score or route (DESIGN.md "Records").
+"""The record: one dict per prompt, generation, score or route (docs/DATA.md, "Records").
 
 A record is serialized as JSON (UTF-8, a leading `{`) or msgpack (a map, first byte 0x80-0x8f or
 0xde/0xdf), never pickle, so any program can read our shards. `decode` tells the two apart by the

@@ -6,7 +6,7 @@ crash keeps every complete shard (data.shards.complete_shards) and samples only 
 file (`<stage>-<host>.plan.json`) records the config hash, teacher, prompt ids and shard layout: a
 rerun with other inputs refuses to mix them.
 
-Random keys derive from (seed, teacher, prompt id, sample) (PAPER.md, "Robustness rules"): the
+Random keys derive from (seed, teacher, prompt id, sample) (our robustness rules): the
 prompt's key component is `prompt_key(teacher, id)`, a hash, never its position in the job. The
 same prompt therefore gets the same sample whatever else the job asks, in whatever order, batch,
 bucket, shard, host or mesh, and a resumed job writes the same records as an uninterrupted one.
@@ -62,7 +62,7 @@ def prompt_of(item: Mapping[str, Any]):
 
 def default_record(item: Mapping[str, Any], result: GenerationResult, *, teacher: str,
                    provenance: Mapping[str, Any]) -> dict:
-  """The DESIGN.md generation record: the prompt record's fields, plus teacher, sample, response,
+  """The generation record (docs/DATA.md): the prompt record's fields, plus teacher, sample, response,
   finish_reason, tokens {prompt, response} and provenance."""
   out = {k: v for k, v in item.items() if k not in GENERATED}
   out.update(schema=rec.SCHEMA_VERSION, teacher=teacher, sample=result.sample,

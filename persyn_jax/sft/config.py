@@ -1,4 +1,4 @@
-"""The SFT stage's configuration: one frozen dataclass, defaults from PAPER.md (LoRA's own config
+"""The SFT stage's configuration: one frozen dataclass, defaults from the paper (LoRA's own config
 lives with the adapters in models/lora.py)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class SFTConfig:
   The run is `max_steps` optimizer steps, or (max_steps = 0) `epochs` passes over the data.
   """
 
-  # optimizer (optax AdamW) and schedule: PAPER.md's default is lr 2e-5, cosine with warmup
+  # optimizer (optax AdamW) and schedule: the paper's default is lr 2e-5, cosine with warmup
   lr: float = 2e-5
   schedule: Literal["cosine", "linear", "constant"] = "cosine"
   warmup_steps: int = 0  # > 0 overrides warmup_ratio
