@@ -51,6 +51,30 @@ def test_compare_signal_per_category_and_overall():
   assert out["agreement"] == 0.5 and out["rank_correlation"] == pytest.approx(0.0)
 
 
+def test_signals_normalize_each_sample_as_the_score_stage_does():
+  """With several samples per teacher, a signal is the mean of the per-response normalized values
+  (the score stage's reward, which the policies average): it normalized each teacher's mean
+  instead, which differs for min-max."""
+  from persyn_jax.stages.study import signal_matrix
+  q = {("p0", "A"): [1.0, 0.0], ("p0", "B"): [0.6, 0.6], ("p0", "C"): [0.2, 0.9],
+       ("p1", "A"): [0.0, 0.0], ("p1", "B"): [1.0, 0.5], ("p1", "C"): [0.3, 0.3]}
+  learn = {k: [-v[0] - 1.0, -2.0 * v[1]] for k, v in q.items()}
+  records = [{"id": i, "teacher": t, "sample": s, "scores": {"quality": q[(i, t)][s],
+                                                             "learnability": learn[(i, t)][s]}}
+             for (i, t) in q for s in (0, 1)]
+  for alpha in (0.0, 0.4, 1.0):
+    ids, got = signal_matrix(records, ["A", "C"], alpha, "minmax")
+    assert ids == ["p0", "p1"]
+    for r, i in enumerate(ids):  # numpy from the definition: min-max over the prompt's responses
+      cells = [(t, s) for t in "ABC" for s in (0, 1)]
+      qq = np.array([q[(i, t)][s] for t, s in cells])
+      ll = np.array([learn[(i, t)][s] for t, s in cells])
+      mm = lambda v: (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else v * 0 + 0.5
+      reward = dict(zip(cells, (1 - alpha) * mm(qq) + alpha * mm(ll)))
+      for j, t in enumerate(["A", "C"]):
+        assert got[r, j] == pytest.approx((reward[(t, 0)] + reward[(t, 1)]) / 2, abs=1e-12)
+
+
 def test_accuracy_by_category():
   rows = [{"id": "1", "correct": 1.0}, {"id": "2", "correct": 0.0}, {"id": "3", "correct": 1.0}]
   assert by_category(rows, {"1": "a", "2": "a", "3": "b"}) == {"a": 0.5, "b": 1.0,

@@ -27,7 +27,6 @@ from persyn_jax import sft
 from persyn_jax.data import shards
 from persyn_jax.data.batches import epoch_batches
 from persyn_jax.io_utils import safe_name
-from persyn_jax.rewards import combine
 from persyn_jax.run_config import ModelRef
 from persyn_jax.stages.context import Context
 from persyn_jax.stages.eval import answers
@@ -218,19 +217,29 @@ def run(ctx: Context) -> dict:
           "agreement": {s: v["agreement"] for s, v in out["signals"].items()}}
 
 
+def signal_matrix(records: Sequence[Mapping], teachers: Sequence[str], alpha: float,
+                  normalizer: str) -> tuple[list, np.ndarray]:
+  """(prompt ids, [prompts, teachers] matrix) of score records' reward recombined at `alpha`:
+  normalized per response across every teacher's samples of a prompt, as the score stage does,
+  then each teacher's samples averaged (the policies' table), the `teachers` kept."""
+  from persyn_jax.scoring import reward_matrix
+  from persyn_jax.stages.sweep import rescored
+  scored = [r for r in rescored(list(records), alpha, normalizer) if r["teacher"] in teachers]
+  ids, _, matrix = reward_matrix(scored, teachers, "reward")
+  return ids, matrix
+
+
 def signals(ctx: Context, teachers: Sequence[str], category: Mapping[str, str],
             gains: Mapping[str, Mapping[str, float]], cats: Sequence[str]) -> dict:
   """Quality alone, learnability alone and the combined reward (α = scoring.alpha), each
   normalized per prompt across all teachers as the score stage does, compared with the measured
   gains."""
   sc = ctx.cfg.scoring
-  table = ctx.score_table()
-  cols = [table.teachers.index(t) for t in teachers]
+  records = ctx.records("score")
   out = {}
   for name, alpha in (("quality", 0.0), ("learnability", 1.0), ("combined", sc.alpha)):
-    # normalized across every teacher, as the run's reward is, then the studied ones kept
-    r = combine(table.quality, table.learnability, alpha, sc.normalizer)[:, cols]
-    means = category_means(r, table.ids, teachers, category)
+    ids, r = signal_matrix(records, teachers, alpha, sc.normalizer)
+    means = category_means(r, ids, teachers, category)
     out[name] = {"alpha": alpha, "mean": means, **compare_signal(means, gains, cats)}
   return out
 
