@@ -1,6 +1,7 @@
 """The record codec: JSON / msgpack round trips, schema validation with named fields, no pickle."""
 import json
 import pickle
+import re
 
 import msgpack
 import pytest
@@ -81,3 +82,20 @@ def test_pickle_is_refused():
 def test_encode_rejects_non_json_values():
   with pytest.raises(R.RecordError, match=r"'extra' = .*set"):
     R.encode({"schema": R.SCHEMA_VERSION, "id": "x", "prompt": "p", "extra": {1, 2}})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("field,make", [
+    ("scores.quality", lambda v: {"scores": {"quality": v}}),
+    ("route.scores.big", lambda v: {"route": {"teacher": "big", "scores": {"big": v}}}),
+    ("extra[1]", lambda v: {"extra": [0.5, v]}),
+])
+def test_non_finite_numbers_are_refused_as_json_has_none(field, make, value):
+  """RFC 8259 has no NaN or infinity: json.dumps would write the non-JSON tokens NaN / Infinity,
+  which strict readers of our shards (and of the export's `record` column) refuse."""
+  r = {"schema": R.SCHEMA_VERSION, "id": "x", "prompt": "p", **make(value)}
+  with pytest.raises(R.RecordError, match=rf"'{re.escape(field)}' = .*(nan|inf).*no JSON form"):
+    R.encode(r)
+  data = json.dumps(r).encode()  # written by an older version: refused when read, named
+  with pytest.raises(R.RecordError, match=rf"'{re.escape(field)}'.*no JSON form.*record 4"):
+    R.decode(data, where="f.array_record, record 4")

@@ -6,7 +6,8 @@ first byte and validates the result: a record written by another schema version,
 of the wrong type, fails with the field name and value in the message.
 
 Known fields are typed; other top-level fields are allowed (stages may add their own) as long as
-they hold plain JSON values.
+they hold plain JSON values (no NaN or infinity, which JSON lacks: json.dumps would write them as
+the non-JSON tokens NaN / Infinity).
 """
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_plain(value: Any, field: str, where: str | None) -> None:
-  """JSON-compatible: None, bool, int, float, str, lists of these, dicts with str keys."""
+  """JSON-compatible: None, bool, int, finite float, str, lists of these, dicts with str keys."""
   if isinstance(value, str):
     if _SURROGATE.search(value):
       _fail(field, value, "is not valid Unicode text (a lone surrogate; it has no UTF-8 "
             "encoding)", where)
     return
+  if isinstance(value, float) and not math.isfinite(value):
+    _fail(field, value, "has no JSON form (RFC 8259 has no NaN or infinity; a missing number is "
+          "None)", where)
   if value is None or isinstance(value, (bool, int, float)):
     return
   if isinstance(value, (list, tuple)):
