@@ -154,10 +154,13 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
                                 "instruction": r["prompt"], "output": r["response"],
                                 "generator": model_name} for r in rows])
     else:  # arena_hard: model_answer/<model>.jsonl, one answer object per question
-      path = fs.join(out_dir, "arena_hard", f"{safe_name(model_name, 'model name')}.jsonl")
+      # Arena-Hard names a model by its file's name and by model_id (the judgments' model, which
+      # show_result looks up among the files): one name, the file's
+      model_id = safe_name(model_name, "model name")
+      path = fs.join(out_dir, "arena_hard", f"{model_id}.jsonl")
       lines = [json.dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
                            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
-                           f"{model_name}/{r['id']}").hex, "model_id": model_name,
+                           f"{model_name}/{r['id']}").hex, "model_id": model_id,
                            "choices": [{"index": 0, "turns": [{"content": r["response"],
                                                                "token_len": r["token_len"]}]}],
                            "tstamp": time.time()}) for r in rows]

@@ -130,6 +130,22 @@ def test_answers_are_written_as_each_tool_reads_them(tmp_path):
       {"prompt": q["prompt"], "response": "answer to " + q["prompt"]} for q in IFEVAL]
 
 
+def test_an_arena_hard_model_id_is_its_answer_file_name(tmp_path):
+  """Arena-Hard names a model by its answer file (load_model_answers: the name less .jsonl) and
+  by its answers' model_id (gen_judgment writes it as the judgment's model; show_result looks
+  that model up among the answer files for its length, and keys style control by model_id): the
+  two must agree, also for a run name that is no file name as is."""
+  model = "my run/2-persyn"
+  p = ev.export(answered(ev.read_benchmark("arena_hard", write_files(tmp_path)["arena_hard"])),
+                model, str(tmp_path / "out"), ["arena_hard"])["arena_hard"]
+  stem = os.path.basename(p)[:-len(".jsonl")]
+  assert stem == "my_run_2-persyn"
+  lines = [json.loads(x) for x in open(p)]
+  assert {x["model_id"] for x in lines} == {stem}
+  judged = {x["model_id"] for x in lines}  # gen_judgment's "model" of each judgment
+  assert {m: arena_hard_lengths(os.path.dirname(p)).get(m) for m in judged} == {stem: 21}
+
+
 def test_an_arena_hard_answer_without_its_token_count_is_refused(tmp_path):
   rows = answered(ev.read_benchmark("arena_hard", write_files(tmp_path)["arena_hard"]))
   del rows[1]["token_len"]
