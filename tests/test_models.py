@@ -73,11 +73,17 @@ TRIMMED = [
     ("gemma3", {}, {}, ["query_pre_attn_scalar", "sliding_window"]),  # 256, 4096
     ("gemma3", {}, {"attn_logit_softcapping": 5.0}, []),  # transformers' Gemma 3 ignores it
     ("phi3", {}, {}, ["rms_norm_eps"]),  # 1e-5
+    # keys a family's transformers model does not read: Llama has no sliding window, Phi-3 slides
+    # on every layer and has no biases, Mistral has no biases
+    ("llama", {}, {"sliding_window": 5, "layer_types": ["sliding_attention"] * 2}, []),
+    ("phi3", {}, {"layer_types": ["full_attention", "sliding_attention"],
+                  "attention_bias": True}, []),
+    ("mistral", {}, {"attention_bias": True, "mlp_bias": True}, []),
 ]
 
 
 @pytest.mark.parametrize("arch,made,setk,drop", TRIMMED,
-                         ids=[f"{a}-{'-'.join(d) or 'set'}" for a, _, _, d in TRIMMED])
+                         ids=[f"{a}-{'-'.join(d) or '-'.join(k)}" for a, _, k, d in TRIMMED])
 def test_a_trimmed_config_means_what_it_means_to_transformers(arch, made, setk, drop, model_dir,
                                                              tmp_path):
   import json
@@ -179,6 +185,21 @@ def test_save_pretrained_roundtrips_through_transformers(arch, model_dir, tmp_pa
   assert rel_err(forward(again, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_save_pretrained_keeps_gemma_attention_biases(arch, model_dir, tmp_path):
+  """Gemma's q/k/v/o biases (attention_bias) are in the saved config.json, so transformers reads
+  the saved model with them."""
+  path, tm = model_dir(arch, attention_bias=True)
+  model, _ = from_pretrained(path, dtype="float32")
+  out_dir = str(tmp_path / "saved")
+  save_pretrained(model, None, out_dir)
+  loaded = T.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+  ids, mask = batch(model.config.vocab_size, seed=3)
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_reward_head_matches_sequence_classification(arch, model_dir):
   path, tm = model_dir(arch, classifier=True)
@@ -204,6 +225,30 @@ def test_unsupported_model_type_lists_supported(model_dir, tmp_path):
   path = copy_dir(model_dir("llama")[0], tmp_path / "m")
   tiny.edit_config(path, model_type="gpt2")
   with pytest.raises(CheckpointError, match=r"'gpt2' is not supported; supported: llama, mistral"):
+    from_pretrained(path)
+
+
+# Configs transformers reads but that ask for what the decoder does not compute: a clear error,
+# not other logits.
+UNSUPPORTED = [
+    # transformers' Phi-3 rotates only the first half of each head here
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                  "partial_rotary_factor": 0.5}},
+     r"rope_parameters.partial_rotary_factor=0.5: partial rotary is not supported"),
+    # transformers' Gemma 3 attends both ways (EmbeddingGemma)
+    ("gemma3", {"use_bidirectional_attention": True},
+     r"use_bidirectional_attention=true .* is not supported"),
+    ("qwen3", {"layer_types": ["full_attention", "chunked_attention"]},
+     r"layer_types \['chunked_attention'\] are not supported"),
+]
+
+
+@pytest.mark.parametrize("arch,fields,match", UNSUPPORTED, ids=[a for a, _, _ in UNSUPPORTED])
+def test_a_config_asking_for_what_we_do_not_compute_is_refused(arch, fields, match, model_dir,
+                                                               tmp_path):
+  path = copy_dir(model_dir(arch)[0], tmp_path / "m")
+  tiny.edit_config(path, **fields)
+  with pytest.raises(CheckpointError, match=match):
     from_pretrained(path)
 
 

@@ -123,6 +123,9 @@ def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str
   if rtype not in ("default", "linear", "llama3"):
     raise CheckpointError(f"{source}: {key}: rope type {rtype!r} is not supported (default, "
                           "linear, llama3)")
+  if params.get("partial_rotary_factor") not in (None, 1, 1.0):
+    raise CheckpointError(f"{source}: {key}.partial_rotary_factor="
+                          f"{params['partial_rotary_factor']!r}: partial rotary is not supported")
   real = lambda k, default: _real(source, f"{key}.{k}", params.get(k, default))
   return RopeConfig(
       theta=real("rope_theta", fallback_theta), rope_type=rtype, factor=real("factor", 1.0),
@@ -200,12 +203,17 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   K = count("num_key_value_heads", N, limit="MAX_HEADS")
   H = count("head_dim", D // N, limit="MAX_WIDTH")
   gemma = mt in GEMMA
-  act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+  # Gemma's MLP reads hidden_activation, the others hidden_act
+  act = (hf.get("hidden_activation") if gemma else None) or hf.get("hidden_act") or \
+      ("gelu_pytorch_tanh" if gemma else "silu")
   acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
   if act not in acts:
     raise CheckpointError(f"{source}: hidden activation {act!r} is not supported ({', '.join(acts)})")
-  if hf.get("partial_rotary_factor", 1.0) != 1.0:
+  if hf.get("partial_rotary_factor") not in (None, 1, 1.0):
     raise CheckpointError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+  if mt == "gemma3_text" and hf.get("use_bidirectional_attention"):
+    raise CheckpointError(f"{source}: use_bidirectional_attention=true (an embedding model) is not "
+                          "supported: the decoder attends causally")
 
   # RoPE: v5 `rope_parameters` (for Gemma 3: one dict per layer type), else v4 keys.
   rp = hf.get("rope_parameters")
@@ -223,10 +231,19 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   if mt == "gemma3_text" and rope_local is None:
     rope_local = RopeConfig(theta=real("rope_local_base_freq", 10000.0))
 
-  window = hf.get("sliding_window")
+  # Sliding windows as transformers' model of each family reads them: Llama has none, Phi-3 (and
+  # Mistral without layer_types) slides on every layer; a Mistral file with layer_types loads as
+  # Ministral, which follows them, as Qwen and Gemma do.
+  window = hf.get("sliding_window") if mt != "llama" else None
   if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
     window = None
-  layer_types = hf.get("layer_types")
+  layer_types = hf.get("layer_types") if mt in ("mistral", "qwen2", "qwen3") + GEMMA else None
+  if layer_types:
+    layer_types = ["full_attention" if t == "attention" else t for t in layer_types]  # v5 alias
+    odd = sorted({str(t) for t in layer_types} - {"full_attention", "sliding_attention"})
+    if odd:
+      raise CheckpointError(f"{source}: layer_types {odd} are not supported (full_attention, "
+                            "sliding_attention)")
   if window and layer_types:
     sliding = tuple(t == "sliding_attention" for t in layer_types)
   elif window and mt == "gemma2":
@@ -241,7 +258,9 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     sliding = (True,) * L
   else:
     sliding = ()
-  attn_bias = bool(hf.get("attention_bias", False))
+  # biases as transformers' model of each family makes them: Qwen2 has q/k/v biases, Mistral and
+  # Phi-3 none, the others follow attention_bias (and Llama mlp_bias)
+  attn_bias = mt in ("llama", "qwen3") + GEMMA and bool(hf.get("attention_bias", False))
   num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 0) or 0)
   return ModelConfig(
       model_type=mt, vocab_size=vocab, hidden_size=D, intermediate_size=F, num_layers=L,
@@ -249,7 +268,8 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
       rope=rope, rope_local=rope_local,
       tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias and mt != "qwen2",
-      mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
+      mlp_bias=mt == "llama" and bool(hf.get("mlp_bias", False)),
+      qk_norm=mt in ("qwen3", "gemma3_text"),
       activation=acts[act], gemma_norm=gemma, embed_scale=gemma, post_norms=gemma,
       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]) if gemma and hf.get("query_pre_attn_scalar") else None,
       # transformers' Gemma 3 attention does not apply attn_logit_softcapping: neither do we
@@ -305,7 +325,7 @@ def config_to_hf(cfg: ModelConfig, *, classifier: bool = False) -> dict[str, Any
   if mt == "llama":
     hf["attention_bias"] = cfg.qkv_bias
     hf["mlp_bias"] = cfg.mlp_bias
-  if mt == "qwen3":
+  if mt == "qwen3" or mt in GEMMA:
     hf["attention_bias"] = cfg.qkv_bias
   if cfg.rope_local is not None:
     hf["rope_parameters"] = {"full_attention": rope_dict(cfg.rope),
