@@ -79,6 +79,7 @@ TRIMMED = [
     ("phi3", {}, {"layer_types": ["full_attention", "sliding_attention"],
                   "attention_bias": True}, []),
     ("mistral", {}, {"attention_bias": True, "mlp_bias": True}, []),
+    ("llama", {}, {"hidden_activation": "gelu_pytorch_tanh"}, []),  # Gemma's key; Llama's is silu
 ]
 
 
