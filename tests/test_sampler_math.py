@@ -86,6 +86,22 @@ def test_top_k_and_top_p_masks_are_exact_with_ties():
     np.testing.assert_array_equal(got, ref, err_msg=f"p={p}")
 
 
+def test_top_k_keeps_a_signed_zero_tied_with_the_kth_value():
+  """-0.0 == +0.0: a zero at the k-th value keeps the other zeros, whatever their sign, as
+  transformers' TopKLogitsWarper (scores < k-th value removed) and numpy's sort do."""
+  import torch
+  from transformers.generation.logits_process import TopKLogitsWarper
+  x = np.array([[1.0, 0.0, -0.0, -1.0, 0.5, -0.0],
+                [1.0, -0.0, 0.0, -1.0, 0.5, 0.0],
+                [-0.0, -0.0, 2.0, -3.0, -0.0, 0.0]], np.float32)
+  for k in (1, 2, 3, 4):
+    ref = x >= np.sort(x, axis=1)[:, ::-1][:, k - 1:k]
+    hf = np.isfinite(TopKLogitsWarper(k)(None, torch.from_numpy(x)).numpy())
+    np.testing.assert_array_equal(hf, ref, err_msg=f"k={k}")
+    np.testing.assert_array_equal(np.asarray(L.top_k_mask(jnp.asarray(x), k)), ref,
+                                  err_msg=f"k={k}")
+
+
 def test_greedy_is_the_first_argmax():
   x = jnp.asarray([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 0.0, 5.0]])
   keys = L.row_keys(0, jnp.arange(2), jnp.zeros(2, jnp.int32))

@@ -30,8 +30,10 @@ def step_keys(keys: Array, step: Array | int) -> Array:
 
 
 def _ordered_key(x: Array) -> Array:
-  """uint32 whose unsigned order is the float32 order of `x` (sign-magnitude to two's offset)."""
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  """uint32 whose unsigned order is the float32 order of `x` (sign-magnitude to two's offset);
+  -0.0 maps to +0.0's key, since the two compare equal (a tie at the k-th value)."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
   sign = bits >> 31
   return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
 
