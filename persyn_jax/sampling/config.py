@@ -15,14 +15,16 @@ class SamplingConfig:
   """How teachers sample. Defaults follow the paper (temperature 0.7, top-p 0.95).
 
   stop_token_ids: None = the tokenizer's EOS plus the model config's eos ids (which include
-    generation_config.json's); () = no stop token (always max_new_tokens tokens).
+    generation_config.json's; transformers' generate stops on generation_config.json's alone
+    when the file exists); () = no stop token (always max_new_tokens tokens).
   stop_strings: checked on the decoded text after generation; the text is cut before the first one.
   batch_size: rows (prompt x sample) per compiled batch; padded up to a multiple of the mesh's
     data x fsdp size. Smaller final batches use the next power of two.
   max_prompt_len: prompt tokens (after the chat template); longer prompts are cut from the left
     (`overlong="truncate_left"`, keeping the generation prompt) or not generated
     (`overlong="skip"`, finish_reason "skipped").
-  min_bucket: the shortest prompt bucket; buckets are 2^n and 1.5 * 2^n tokens up to max_prompt_len.
+  min_bucket: the shortest prompt bucket; buckets are min_bucket * 2^n and 1.5x that (rounded
+    up), up to max_prompt_len.
   cache_dtype: "auto" = the model's compute dtype.
   mesh: the sampling stage's own mesh; None = the run's mesh.
   batching: "continuous" = batch_size decode slots, each refilled with the next waiting prompt
