@@ -99,7 +99,8 @@ def _head(hf: dict, head: str, path: str) -> bool:
 
 def _runtime_config(cfg: ModelConfig, hf: dict, classifier: bool) -> ModelConfig:
   """The config as loaded: a classifier has at least one label; generation_config.json's eos ids
-  join config.json's (transformers stops on either)."""
+  join config.json's (we stop on either; transformers' generate stops on generation_config.json's
+  alone when the file exists: docs/SAMPLER.md)."""
   if classifier and cfg.num_labels < 1:
     cfg = cfg.replace(num_labels=1)
   gen_eos = hf.get("_generation_config", {}).get("eos_token_id")
