@@ -224,6 +224,39 @@ def test_auto_is_xla_on_cpu_and_the_env_variable_forces_an_impl(monkeypatch):
     choose("splash", q, None)
 
 
+def test_auto_on_gpu_picks_cudnn_only_for_even_lengths(monkeypatch):
+  """jax's cuDNN refuses a masked attention of odd query or key length under differentiation, in
+  its custom_vjp forward rule: under the model's scanned layers that runs outside the fallback in
+  `attention` (an odd-length SFT step would fail), so "auto" on a GPU keeps those shapes on xla."""
+  monkeypatch.delenv(ENV_VAR, raising=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q = lambda T, dtype=jnp.bfloat16, H=64: jnp.zeros((1, T, 4, H), dtype)
+  assert choose("auto", q(8), None) == "cudnn"
+  assert choose("auto", q(8), None, kv_len=16) == "cudnn"
+  assert choose("auto", q(7), None) == "xla"
+  assert choose("auto", q(8), None, kv_len=15) == "xla"
+  assert choose("auto", q(1), None, kv_len=16) == "xla"  # decode
+  assert choose("auto", q(8), 50.0) == "xla"  # softcap
+  assert choose("auto", q(8, jnp.float32), None) == "xla"
+  assert choose("auto", q(8, H=12), None) == "xla"
+
+  # the refusal's path, modelled on CPU: a custom_vjp whose forward rule raises, in a scan
+  @jax.custom_vjp
+  def refuses(x):
+    return x
+  refuses.defvjp(lambda x: (_ for _ in ()).throw(NotImplementedError("odd")), lambda r, g: (g,))
+
+  def fallback(x):
+    try:
+      return refuses(x)
+    except NotImplementedError:
+      return x
+  scanned = lambda x: jax.lax.scan(lambda c, _: (c + fallback(x).sum(), None), 0.0, None,
+                                   length=2)[0]
+  with pytest.raises(NotImplementedError):
+    jax.grad(scanned)(jnp.ones(3))
+
+
 def _gemma_like_model():
   """GQA, a sliding-window layer, a logit softcap: every switch the kernels take."""
   from persyn_jax.models import build_model

@@ -13,10 +13,10 @@ Implementations (`impl`):
   "pallas_decode" ragged decode (kernels/decode.py): one query per row, reads only the keys in
                   each row's filled range; requires T == 1 and a contiguous visible range.
   "auto"          xla on CPU; on GPU cudnn for T > 1 where it applies (bf16/fp16, no softcap,
-                  head dim <= 128; a shape cuDNN rejects falls back to xla), else xla; on TPU
-                  pallas_decode for a single query token and pallas_flash otherwise, each only
-                  once it has compiled there (`kernel_compiles`; else xla, with a warning) and
-                  only on one device (no shard_map around the kernels yet; else xla).
+                  head dim <= 128, even T and S; a shape cuDNN rejects falls back to xla), else
+                  xla; on TPU pallas_decode for a single query token and pallas_flash otherwise,
+                  each only once it has compiled there (`kernel_compiles`; else xla, with a
+                  warning) and only on one device (no shard_map around the kernels yet; else xla).
 The environment variable PERSYN_JAX_ATTENTION (one of the names above) replaces "auto" at trace
 time, so a run can force a path without a code change (e.g. PERSYN_JAX_ATTENTION=xla to compare).
 """
@@ -118,13 +118,19 @@ def cudnn_attention(q, k, v, **kw):
   return jnp.where(seen, out, jnp.zeros((), out.dtype))
 
 
-def _cudnn_applies(q, softcap) -> bool:
+def _cudnn_applies(q, kv_len: int, softcap) -> bool:
+  """Whether "auto" may pick cuDNN. Even query and key lengths: jax's cuDNN rejects a masked
+  (biased) attention of odd length when it is differentiated, and it does so in the forward rule
+  of its custom_vjp, which under a scanned or rematerialized layer (the model's) runs outside the
+  try in `attention`, so an odd-length SFT step would fail instead of falling back to xla."""
   return (not softcap and q.dtype in (jnp.bfloat16, jnp.float16)
-          and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+          and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+          and q.shape[1] % 2 == 0 and kv_len % 2 == 0)
 
 
-def choose(impl: str, q: Array, softcap) -> str:
-  """The implementation `impl` resolves to for this call (the env variable overrides "auto")."""
+def choose(impl: str, q: Array, softcap, kv_len: int | None = None) -> str:
+  """The implementation `impl` resolves to for this call (the env variable overrides "auto");
+  kv_len: the number of key slots (default: q's length)."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
   if impl == "auto":
@@ -135,7 +141,8 @@ def choose(impl: str, q: Array, softcap) -> str:
     return impl
   backend = jax.default_backend()
   if backend == "gpu":  # decode (one query) gains little from a masked flash kernel: XLA
-    return "cudnn" if q.shape[1] > 1 and _cudnn_applies(q, softcap) else "xla"
+    kv_len = q.shape[1] if kv_len is None else kv_len
+    return "cudnn" if q.shape[1] > 1 and _cudnn_applies(q, kv_len, softcap) else "xla"
   if backend == "tpu" and _one_device():
     pick = "pallas_decode" if q.shape[1] == 1 else "pallas_flash"
     return pick if kernel_compiles(pick, str(q.dtype)) else "xla"
@@ -205,7 +212,8 @@ def attention(q: Array, k: Array, v: Array, *, q_idx: Array, q_seg: Array, k_idx
   triangle block by block (`xla_attention`).
   """
   if window_on is not None and window:
-    if choose(impl, q, softcap).startswith("pallas"):  # the kernels take a static window
+    # the kernels take a static window
+    if choose(impl, q, softcap, k.shape[1]).startswith("pallas"):
       on = lambda: attention(q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
                              window=window, softcap=softcap, scale=scale, impl=impl)
       off = lambda: attention(q, k, v, q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg,
@@ -215,7 +223,7 @@ def attention(q: Array, k: Array, v: Array, *, q_idx: Array, q_seg: Array, k_idx
     window_on = None
   kw = dict(q_idx=q_idx, q_seg=q_seg, k_idx=k_idx, k_seg=k_seg, window=window, softcap=softcap,
             scale=scale)
-  which = choose(impl, q, softcap)
+  which = choose(impl, q, softcap, k.shape[1])
   if which == "xla":
     return xla_attention(q, k, v, **kw, window_on=window_on, in_order=in_order)
   if which == "cudnn":
