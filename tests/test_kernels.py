@@ -173,6 +173,9 @@ def test_decode_ignores_whatever_lies_outside_the_range():
   dirty = lambda x: jnp.where(outside[:, :, None, None], 1e4, x)
   np.testing.assert_allclose(decode_attention(q, dirty(k), dirty(v), start, end, block_k=8,
                                               interpret=True), clean, **TOL)
+  poison = lambda x: jnp.where(outside[:, :, None, None], jnp.nan, x)
+  np.testing.assert_allclose(decode_attention(q, poison(k), poison(v), start, end, block_k=8,
+                                              interpret=True), clean, **TOL)
 
 
 def test_attention_dispatch_routes_decode_through_the_filled_range():

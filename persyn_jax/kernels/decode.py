@@ -55,7 +55,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, *, block_k: i
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(keep[None, :], jnp.exp(s - m_new[:, None]), 0.0)
-    v = v_ref[sl, :]
+    # slots of the block outside the range may hold anything (a slot cache's stale rows): a zero
+    # weight times a NaN or infinite value would still be NaN
+    v = jnp.where(keep[:, None], v_ref[sl, :], jnp.zeros((), v_ref.dtype))
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + pv
