@@ -60,6 +60,72 @@ def test_flash_equals_xla_on_packed_rows(B, T, N, K, H, window, softcap, bq, bk)
   assert np.isfinite(np.asarray(got)).all()
 
 
+def _torch_reference(q, k, v, q_idx, q_seg, k_idx, k_seg, window, softcap, scale):
+  """Attention from its definition in float64 torch (independent of the code under test): key s
+  is visible to query t when k_idx <= q_idx, the segments are equal and non-zero and, with a
+  window, q_idx - k_idx < window (transformers' sliding_window_overlay: kv > q - window); scores
+  scale * q.k, then softcap * tanh(s / softcap), then the mask. Rows that see nothing give 0."""
+  import torch
+  f64 = lambda x: (x if isinstance(x, torch.Tensor)
+                   else torch.tensor(np.array(x), dtype=torch.float64))
+  q, k, v = f64(q), f64(k), f64(v)
+  qi, qs, ki, ks = (torch.tensor(np.array(x)) for x in (q_idx, q_seg, k_idx, k_seg))
+  m = (ki[:, None] <= qi[:, :, None]) & (qs[:, :, None] == ks[:, None]) & (ks != 0)[:, None]
+  if window:
+    m &= (qi[:, :, None] - ki[:, None]) < window
+  G = q.shape[2] // k.shape[2]
+  s = torch.einsum("btnh,bsnh->bnts", q * scale, k.repeat_interleave(G, dim=2))
+  if softcap:
+    s = torch.tanh(s / softcap) * softcap
+  seen = m.any(-1)
+  s = s.masked_fill(~m[:, None], float("-inf")).masked_fill(~seen[:, None, :, None], 0.0)
+  out = torch.einsum("bnts,bsnh->btnh", torch.softmax(s, -1), v.repeat_interleave(G, dim=2))
+  return out * seen[:, :, None, None]
+
+
+def test_every_cpu_path_equals_attention_from_its_definition():
+  """xla, flash (values and gradients) and decode against float64 torch: GQA, packed rows with
+  left padding, a window, a softcap, a scale like Gemma's query_pre_attn_scalar ** -0.5, blocks
+  that do not divide the lengths; decode rows of 1 key, a middle range, the whole cache and a
+  window shorter than the filled range."""
+  import torch
+  rng = np.random.default_rng(11)
+  B, T, N, K, H, window, softcap, scale = 2, 13, 4, 2, 16, 5, 8.0, 24.0 ** -0.5
+  q, k, v = _qkv(rng, B, T, T, N, K, H)
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  seg = jnp.asarray([[0] * 3 + [1] * 6 + [2] * 4, [1] * 13], jnp.int32)
+  kw = dict(q_idx=idx, q_seg=seg, k_idx=idx, k_seg=seg, window=window, softcap=softcap,
+            scale=scale)
+  real = np.asarray(seg != 0)
+  w = np.asarray(rng.standard_normal((B, T, N, H)), np.float32) * real[:, :, None, None]
+  tq, tk, tv = (torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True)
+                for x in (q, k, v))
+  ref = _torch_reference(tq, tk, tv, idx, seg, idx, seg, window, softcap, scale)
+  (ref * torch.as_tensor(w, dtype=torch.float64)).sum().backward()
+  paths = {"xla": lambda q, k, v: xla_attention(q, k, v, **kw),
+           "flash": lambda q, k, v: flash_attention(q, k, v, **kw, block_q=8, block_k=8,
+                                                    interpret=True)}
+  for name, f in paths.items():
+    np.testing.assert_allclose(np.asarray(f(q, k, v))[real], ref.detach().numpy()[real], **TOL,
+                               err_msg=name)
+    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+    for d, g, r in zip("qkv", grads, (tq, tk, tv)):
+      np.testing.assert_allclose(g, r.grad.numpy(), **TOL, err_msg=f"{name} d{d}")
+
+  S = 21
+  _, k, v = _qkv(rng, 4, 1, S, N, K, H)
+  qd = jnp.asarray(rng.standard_normal((4, N, H)), jnp.float32)
+  start, end = np.array([0, 4, 0, 2], np.int32), np.array([1, 12, S, S], np.int32)
+  slot = np.broadcast_to(np.arange(S, dtype=np.int32), (4, S))
+  k_seg = ((slot >= start[:, None]) & (slot < end[:, None])).astype(np.int32)
+  for win in (None, window):
+    got = decode_attention(qd, k, v, jnp.asarray(start), jnp.asarray(end), window=win,
+                           softcap=softcap, scale=scale, block_k=8, interpret=True)
+    ref = _torch_reference(qd[:, None], k, v, (end - 1)[:, None], np.ones((4, 1), np.int32),
+                           slot, k_seg, win, softcap, scale)
+    np.testing.assert_allclose(got, ref.numpy()[:, 0], **TOL, err_msg=f"decode window={win}")
+
+
 def test_flash_attends_a_left_padded_cache_with_more_slots_than_queries():
   """Queries [end, end + T) over a cache of S slots, left padded, as in a chunked prefill."""
   rng = np.random.default_rng(1)
