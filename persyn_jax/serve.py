@@ -72,8 +72,9 @@ def sampling_config(body: dict, base: SamplingConfig, eos_ids: tuple[int, ...]) 
   Stop tokens as vLLM reads them: EOS (`eos_ids`) plus any `stop_token_ids`; with
   `ignore_eos`, only the listed ids (none: always max_tokens tokens).
   """
-  max_tokens = _number(body, "max_tokens", _number(body, "max_completion_tokens",
-                                                   base.max_new_tokens, True), True)
+  # max_completion_tokens supersedes OpenAI's deprecated max_tokens (vLLM and SGLang read it first)
+  max_tokens = _number(body, "max_completion_tokens", _number(body, "max_tokens",
+                                                              base.max_new_tokens, True), True)
   stop = body.get("stop") or ()
   stop = (stop,) if isinstance(stop, str) else stop
   if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):

@@ -162,3 +162,12 @@ def test_the_api_key_is_required_and_a_4xx_is_not_retried(server, monkeypatch):
   client = Client(OpenAIEngineConfig(server.url, "tiny", api_key_env="RIGHT_KEY"))
   out = client.chat("hi", GREEDY, 1)
   assert out["usage"]["completion_tokens"] == 16 and client.attempts == 1
+
+
+def test_max_completion_tokens_supersedes_max_tokens(server):
+  """As vLLM and SGLang read them: OpenAI deprecated max_tokens for max_completion_tokens."""
+  body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+          "ignore_eos": True, "max_tokens": 16, "max_completion_tokens": 4}
+  code, resp = post(server.url, body, AUTH)
+  assert code == 200 and resp["usage"]["completion_tokens"] == 4
+  assert resp["choices"][0]["finish_reason"] == "length"
