@@ -171,6 +171,10 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
       self.send_response(status)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(data)))
+      if self.command == "POST" and not self.body_read:
+        # an answer before the body was read (a refusal): the rest of the body would be taken
+        # for the next request on this keep-alive connection, so it is closed
+        self.send_header("Connection", "close")
       self.end_headers()
       self.wfile.write(data)
 
@@ -198,6 +202,7 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
         self._error(404, f"no route GET {self.path}")
 
     def do_POST(self) -> None:
+      self.body_read = False
       if self.path != "/v1/chat/completions":
         self._error(404, f"no route POST {self.path}")
         return
@@ -215,12 +220,18 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
         self._send(200, completion(p, model_name))
 
     def _parse(self) -> Pending:
-      length = int(self.headers.get("Content-Length") or 0)
-      if not 0 < length <= MAX_BODY:
-        raise RequestError(413 if length else 411, f"a JSON body of 1 to {MAX_BODY} bytes, with "
-                           "Content-Length, is required")
       try:
-        body = json.loads(self.rfile.read(length).decode("utf-8"))
+        length = int(self.headers.get("Content-Length") or 0)
+      except ValueError:
+        length = -1
+      if not 0 < length <= MAX_BODY:
+        raise RequestError(413 if length > MAX_BODY else 400 if length else 411,
+                           f"a JSON body of 1 to {MAX_BODY} bytes, with Content-Length, is "
+                           "required")
+      data = self.rfile.read(length)
+      self.body_read = True
+      try:
+        body = json.loads(data.decode("utf-8"))
       except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, f"the body is not JSON: {e}") from None
       if not isinstance(body, dict):

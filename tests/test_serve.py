@@ -1,6 +1,7 @@
 """python -m persyn_jax.serve over real HTTP on localhost: the OpenAI API, concurrent clients in one
 batching loop, greedy answers equal to the in-process sampler's, seeds, refusals, API keys."""
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import re
@@ -171,3 +172,24 @@ def test_max_completion_tokens_supersedes_max_tokens(server):
   code, resp = post(server.url, body, AUTH)
   assert code == 200 and resp["usage"]["completion_tokens"] == 4
   assert resp["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_refusal_before_the_body_is_read_leaves_the_connection_usable(server):
+  """A keep-alive client (the openai SDK's pool) sends its next request on the same connection:
+  a body the server did not read (unknown route, no key) must not be taken for that request."""
+  conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+  chat_body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                          "temperature": 0, "max_tokens": 4})
+  try:
+    for path, headers, status in [("/v1/completions", AUTH, 404), ("/v1/chat/completions", {}, 401),
+                                  ("/v1/chat/completions", AUTH, 200)]:
+      conn.request("POST", path, chat_body, {"Content-Type": "application/json", **headers})
+      resp = conn.getresponse()
+      data = json.loads(resp.read())
+      assert resp.status == status, data
+    assert data["usage"]["completion_tokens"] == 4
+    conn.request("POST", "/v1/chat/completions", chat_body, {**AUTH, "Content-Length": "ten"})
+    resp = conn.getresponse()
+    assert resp.status == 400 and "Content-Length" in json.loads(resp.read())["error"]["message"]
+  finally:
+    conn.close()
