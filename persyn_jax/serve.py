@@ -247,6 +247,10 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
         raise RequestError(400, f"messages: {e}") from None
       if not messages:
         raise RequestError(400, "messages: at least one message is required")
+      try:  # here, so that messages the chat template refuses fail alone (not their batch)
+        chat.prompt_text(batcher.tokenizer, messages)
+      except (TypeError, ValueError) as e:  # chat.ChatTemplateError included
+        raise RequestError(400, f"messages: {e}") from None
       seed = body.get("seed")
       if seed is None:
         seed = random.randrange(2 ** 32)

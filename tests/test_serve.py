@@ -1,12 +1,14 @@
 """python -m persyn_jax.serve over real HTTP on localhost: the OpenAI API, concurrent clients in one
 batching loop, greedy answers equal to the in-process sampler's, seeds, refusals, API keys."""
 import concurrent.futures as cf
+import copy
 import http.client
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from persyn_jax import models
 from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig, wait_ready
 from persyn_jax.sampling.config import SamplingConfig
 from persyn_jax.sampling.generate import generate
+from persyn_jax.serve import make_server
 
 # Every test here and in test_openai_engine.py uses these shapes (one prompt bucket of 32 tokens,
 # batches of 1 or 2 rows, 16 new tokens), so the server and the in-process sampler compile a
@@ -193,3 +196,29 @@ def test_a_refusal_before_the_body_is_read_leaves_the_connection_usable(server):
     assert resp.status == 400 and "Content-Length" in json.loads(resp.read())["error"]["message"]
   finally:
     conn.close()
+
+
+def test_messages_the_chat_template_refuses_are_a_400_that_fails_alone(tiny_model):
+  """As vLLM answers them: a 400 for that request (a retry cannot fix it), not a 500 for every
+  request batched with it."""
+  _, model, tok = tiny_model
+  strict = copy.copy(tok)
+  strict.chat_template = (
+      "{% for m in messages %}{% if m['role'] not in ('system', 'user', 'assistant') %}"
+      "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}<|im_start|>{{ m['role'] }}\n"
+      "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  srv = make_server(model, strict, "tiny", port=0, base=GREEDY)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+  good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+          "max_tokens": 16}
+  bad = {**good, "messages": [{"role": "tool", "content": "hi"}]}
+  try:
+    with cf.ThreadPoolExecutor(2) as pool:
+      (code_good, resp_good), (code_bad, resp_bad) = pool.map(lambda b: post(url, b), [good, bad])
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  assert code_bad == 400 and "unknown role tool" in resp_bad["error"]["message"], resp_bad
+  assert code_good == 200, resp_good
