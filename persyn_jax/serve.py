@@ -52,6 +52,7 @@ class Pending:
   messages: list
   config: SamplingConfig
   index: int
+  eos: int | None = None  # the tokenizer's EOS when it ends responses (stop_reason null, as vLLM)
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   results: list | None = None
   error: str | None = None
@@ -147,8 +148,10 @@ class Batcher:
 def completion(p: Pending, model_name: str) -> dict:
   """The chat.completion object of a served request."""
   rs = p.results
+  # vLLM's stop_reason: the stop string or listed stop token id, null for EOS (or none)
   choices = [{"index": r.sample, "message": {"role": "assistant", "content": r.text},
-              "finish_reason": r.finish_reason, "stop_reason": r.stop,
+              "finish_reason": r.finish_reason,
+              "stop_reason": None if p.eos is not None and r.stop == p.eos else r.stop,
               "completion_tokens": r.response_tokens, "logprobs": None} for r in rs]
   completion_tokens = sum(r.response_tokens for r in rs)
   return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
@@ -256,7 +259,8 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
         seed = random.randrange(2 ** 32)
       if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
         raise RequestError(400, f"seed={seed!r}: an integer in [0, 2^32)")
-      return Pending(messages, sampling_config(body, base, eos_ids), seed)
+      eos = None if body.get("ignore_eos") is True else batcher.tokenizer.eos_token_id
+      return Pending(messages, sampling_config(body, base, eos_ids), seed, eos)
 
     def log_message(self, fmt: str, *args) -> None:
       sys.stderr.write(f"{self.address_string()} {fmt % args}\n")

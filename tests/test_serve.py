@@ -17,9 +17,9 @@ import pytest
 
 from persyn_jax import models
 from persyn_jax.engines.openai import Client, EngineError, OpenAIEngineConfig, wait_ready
-from persyn_jax.sampling.config import SamplingConfig
+from persyn_jax.sampling.config import GenerationResult, SamplingConfig
 from persyn_jax.sampling.generate import generate
-from persyn_jax.serve import make_server
+from persyn_jax.serve import Pending, completion, make_server
 
 # Every test here and in test_openai_engine.py uses these shapes (one prompt bucket of 32 tokens,
 # batches of 1 or 2 rows, 16 new tokens), so the server and the in-process sampler compile a
@@ -222,3 +222,18 @@ def test_messages_the_chat_template_refuses_are_a_400_that_fails_alone(tiny_mode
     srv.server_close()
   assert code_bad == 400 and "unknown role tool" in resp_bad["error"]["message"], resp_bad
   assert code_good == 200, resp_good
+
+
+def test_stop_reason_is_vllms():
+  """vLLM's stop_reason: the stop string or listed stop token id; null for the tokenizer's EOS
+  (unless ignore_eos made it an ordinary listed id) and for a response cut by max_tokens."""
+  eos = 3
+  results = [GenerationResult(0, 0, "a", (5, eos), "stop", 4, 2, eos),
+             GenerationResult(0, 1, "b", (7,), "stop", 4, 1, 7),
+             GenerationResult(0, 2, "c", (5,), "stop", 4, 1, "\n"),
+             GenerationResult(0, 3, "d", (5, 6), "length", 4, 2, None)]
+  p = Pending([{"role": "user", "content": "hi"}], GREEDY, 0, eos)
+  p.results = results
+  assert [c["stop_reason"] for c in completion(p, "tiny")["choices"]] == [None, 7, "\n", None]
+  p.eos = None  # ignore_eos: only the listed ids end a response
+  assert [c["stop_reason"] for c in completion(p, "tiny")["choices"]] == [eos, 7, "\n", None]
