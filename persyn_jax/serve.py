@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     return 2
   api_key = None
   if args.api_key_env:
-    api_key = os.environ.get(args.api_key_env)
+    api_key = (os.environ.get(args.api_key_env) or "").strip()  # as the client reads it
     if not api_key:
       print(f"error: --api-key-env {args.api_key_env}: the variable is not set", file=sys.stderr)
       return 2

@@ -240,6 +240,20 @@ def test_the_api_key_is_sent_but_written_nowhere(fault, tmp_path, monkeypatch):
     Client(cfg)
 
 
+def test_a_key_with_a_trailing_newline_is_sent_without_it_and_a_bad_one_never_shown(
+    fault, tmp_path, monkeypatch):
+  """A key read from a secret file often ends in a newline, which no HTTP header can carry:
+  http.client's error quoted the header, key included, into the progress file and StageError."""
+  monkeypatch.setenv("TEACHER_KEY", "sk-test-SECRET-4242\n")
+  srv = fault()
+  run(engine(srv.url, api_key_env="TEACHER_KEY"), tmp_path)
+  assert {h["Authorization"] for _, _, h in srv.requests} == {"Bearer sk-test-SECRET-4242"}
+  monkeypatch.setenv("TEACHER_KEY", "sk-test-SECRET\n4242")
+  with pytest.raises(EngineError, match="TEACHER_KEY") as e:
+    Client(engine(srv.url, api_key_env="TEACHER_KEY"))
+  assert "SECRET" not in str(e.value)
+
+
 @pytest.mark.parametrize("url", ["ftp://h/v1", "file:///etc/passwd", "http://user:pw@h:8000/v1",
                                  "http:///v1", "h:8000", "http://h/v1?key=abc"])
 def test_only_plain_http_urls_are_accepted(url):

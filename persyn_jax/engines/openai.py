@@ -117,10 +117,13 @@ def public_url(url: str) -> str:
 def api_key(cfg: OpenAIEngineConfig) -> str | None:
   if cfg.api_key_env is None:
     return None
-  key = os.environ.get(cfg.api_key_env)
+  key = (os.environ.get(cfg.api_key_env) or "").strip()  # a secret file's trailing newline
   if not key:
     raise EngineError(f"engine.api_key_env: the environment variable {cfg.api_key_env} is not "
                       "set or empty")
+  if not all("!" <= c <= "~" for c in key):  # http.client's error would quote the header
+    raise EngineError(f"engine.api_key_env: the value of {cfg.api_key_env} has a space, control "
+                      "or non-ASCII character, which an HTTP header cannot carry (not shown)")
   return key
 
 
