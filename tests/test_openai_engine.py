@@ -149,6 +149,40 @@ def test_retries_end_in_an_error_and_other_4xx_are_not_retried(fault):
   assert client.attempts == 1
 
 
+def answer_with(body, **choice):
+  """good_answer(body) with every choice updated by `choice` (its message by `message`)."""
+  status, headers, data = good_answer(body)
+  resp = json.loads(data)
+  for c in resp["choices"]:
+    c["message"].update(choice.get("message", {}))
+    c.update({k: v for k, v in choice.items() if k != "message"})
+  return status, headers, json.dumps(resp).encode()
+
+
+def test_a_finish_reason_other_than_stop_or_length_is_retried(fault, tmp_path):
+  """vLLM's "abort" and "error" end a response the engine did not finish: such an answer is
+  retried like a malformed one, and no record carries a finish reason the sampler has not."""
+  srv = fault(lambda body, k, h: answer_with(body, finish_reason=["abort", "error"][k])
+              if k < 2 else answer_with(body, finish_reason="length"))
+  waits = []
+  client = Client(engine(srv.url), sleep=waits.append)
+  out = client.chat("hello", SAMPLING, seed=9)
+  assert client.attempts == 3 and len(waits) == 2
+  assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
+  srv = fault(lambda body, k, h: answer_with(body, finish_reason="abort"))
+  with pytest.raises(StageError, match="finish_reason 'abort'"):
+    run(engine(srv.url, retries=1), tmp_path)
+
+
+def test_a_null_content_is_an_empty_response(fault):
+  """The API's message.content is a string or null (e.g. vLLM with a reasoning parser when the
+  whole response was reasoning): an answer, recorded as "" and not retried."""
+  srv = fault(lambda body, k, h: answer_with(body, message={"content": None}))
+  client = Client(engine(srv.url), sleep=lambda s: None)
+  out = client.chat("hello", SAMPLING, seed=9)
+  assert client.attempts == 1 and [c["text"] for c in out["choices"]] == ["", ""]
+
+
 def test_requests_carry_the_sampling_settings_and_a_seed_per_prompt(fault, tmp_path):
   srv = fault()
   run(engine(srv.url), tmp_path / "a")

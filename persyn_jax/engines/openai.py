@@ -4,8 +4,8 @@ SGLang, JetStream's OpenAI front end, or `python -m persyn_jax.serve`).
 One call of `chat` is one request for `n` samples of one prompt. It is retried with exponential
 backoff on what a busy or restarting server does (refused or reset connections, timeouts, HTTP
 429 and 5xx, honouring Retry-After) and on answers that cannot be used (malformed or truncated
-JSON, a wrong number of choices, no usage counts); never on another 4xx, which a retry cannot
-fix. The API key is read from the environment variable the config names, sent only in the
+JSON, a wrong number of choices, no usage counts, a finish_reason other than stop or length);
+never on another 4xx, which a retry cannot fix. The API key is read from the environment variable the config names, sent only in the
 Authorization header, and scrubbed from every error message, so it reaches no record, log or
 report. Plain http.client, no redirects followed: a redirect could carry the key elsewhere.
 """
@@ -158,7 +158,8 @@ def request_body(cfg: OpenAIEngineConfig, prompt: chat.Prompt, sampling: Samplin
 
 def parse_response(data: bytes, n: int) -> dict:
   """{"choices": [{"text", "finish_reason", "stop", "tokens"}] in sample order, "usage",
-  "prompt_truncated"} of a response body; _Retryable when it cannot be used."""
+  "prompt_truncated"} of a response body; _Retryable when it cannot be used (a finish_reason
+  other than "stop" or "length" included). A null message.content is the text ""."""
   try:
     resp = json.loads(data.decode("utf-8"))
   except (UnicodeDecodeError, ValueError) as e:
@@ -177,11 +178,15 @@ def parse_response(data: bytes, n: int) -> dict:
     idx = c.get("index", j) if isinstance(c, dict) else None
     msg = c.get("message") if isinstance(c, dict) else None
     text = msg.get("content") if isinstance(msg, dict) else None
+    if text is None and isinstance(msg, dict) and "content" in msg:
+      text = ""  # the API's content is a string or null: an answer without text
     reason = c.get("finish_reason") if isinstance(c, dict) else None
     if not isinstance(idx, int) or not 0 <= idx < n or out[idx] is not None \
         or not isinstance(text, str) or not isinstance(reason, str):
       raise _Retryable(f"choice {j} lacks a unique index < {n}, message.content or "
                        f"finish_reason: {str(c)[:200]}")
+    if reason not in ("stop", "length"):  # vLLM's abort / error: the engine did not finish it
+      raise _Retryable(f"choice {j} has finish_reason {reason!r}, not 'stop' or 'length'")
     stop = c.get("stop_reason")
     tokens = c.get("completion_tokens")  # persyn_jax.serve's per-choice count
     if not isinstance(tokens, int):
