@@ -149,6 +149,13 @@ def test_retries_end_in_an_error_and_other_4xx_are_not_retried(fault):
   assert client.attempts == 1
 
 
+def test_a_408_request_timeout_is_retried(fault):
+  """RFC 9110: after a 408 the client may repeat the request (the openai SDK retries it too)."""
+  srv = fault(lambda body, k, h: (408, {}, b"request timeout") if k == 0 else good_answer(body))
+  client = Client(engine(srv.url), sleep=lambda s: None)
+  assert len(client.chat("hello", SAMPLING, seed=9)["choices"]) == 2 and client.attempts == 2
+
+
 def answer_with(body, **choice):
   """good_answer(body) with every choice updated by `choice` (its message by `message`)."""
   status, headers, data = good_answer(body)

@@ -3,11 +3,12 @@ SGLang, JetStream's OpenAI front end, or `python -m persyn_jax.serve`).
 
 One call of `chat` is one request for `n` samples of one prompt. It is retried with exponential
 backoff on what a busy or restarting server does (refused or reset connections, timeouts, HTTP
-429 and 5xx, honouring Retry-After) and on answers that cannot be used (malformed or truncated
-JSON, a wrong number of choices, no usage counts, a finish_reason other than stop or length);
-never on another 4xx, which a retry cannot fix. The API key is read from the environment variable the config names, sent only in the
-Authorization header, and scrubbed from every error message, so it reaches no record, log or
-report. Plain http.client, no redirects followed: a redirect could carry the key elsewhere.
+408, 429 and 5xx, honouring Retry-After) and on answers that cannot be used (malformed or
+truncated JSON, a wrong number of choices, no usage counts, a finish_reason other than stop or
+length); never on another 4xx, which a retry cannot fix. The API key is read from the
+environment variable the config names, sent only in the Authorization header, and scrubbed from
+every error message, so it reaches no record, log or report. Plain http.client, no redirects
+followed: a redirect could carry the key elsewhere.
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ class Client:
       return data
     detail = data[:300].decode("utf-8", "replace")
     msg = f"HTTP {resp.status} {resp.reason}: {detail}"
-    if resp.status == 429 or resp.status >= 500:
+    if resp.status in (408, 429) or resp.status >= 500:  # 408: RFC 9110 lets the client repeat
       raise _Retryable(msg, _retry_after(resp.getheader("Retry-After")))
     raise EngineError(msg)
 
