@@ -35,6 +35,12 @@ from persyn_jax.data import chat
 from persyn_jax.sampling.config import SamplingConfig
 
 MAX_BODY = 16 << 20  # bytes of one request body
+# OpenAI / vLLM request fields the sampler cannot honour, with the values that ask for nothing:
+# any other value is refused (400) rather than silently ignored
+UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "repetition_penalty": (1,), "min_p": (0,),
+               "min_tokens": (0,), "logit_bias": ({},), "include_stop_str_in_output": (False,),
+               "use_beam_search": (False,), "tools": ([],), "response_format": ({"type": "text"},)}
 
 
 class RequestError(ValueError):
@@ -244,6 +250,9 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
                                 f"(this server serves {model_name!r})")
       if body.get("stream"):
         raise RequestError(400, "stream=true is not supported")
+      for key, off in UNSUPPORTED.items():
+        if body.get(key) is not None and body[key] not in off:
+          raise RequestError(400, f"{key}={body[key]!r:.80} is not supported by this server")
       try:
         messages = chat.to_messages(body.get("messages"))
       except (TypeError, ValueError) as e:

@@ -144,11 +144,23 @@ def test_a_seed_names_the_sampler_stream(server, tiny_model):
     ({"temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user"}]}, 400, "messages"),
     ({"seed": -1}, 400, "seed"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"repetition_penalty": 1.2}, 400, "repetition_penalty"),
 ])
 def test_bad_requests_are_refused_with_the_reason(server, body, status, match):
   full = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
   code, resp = post(server.url, full, AUTH)
   assert code == status and match in resp["error"]["message"]
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(server):
+  """Fields the sampler cannot honour are refused (above) unless they ask for nothing."""
+  body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+          "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+          "response_format": {"type": "text"}, "tools": None}
+  code, resp = post(server.url, body, AUTH)
+  assert code == 200, resp
 
 
 def test_the_api_key_is_required_and_a_4xx_is_not_retried(server, monkeypatch):
