@@ -253,6 +253,9 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
       for key, off in UNSUPPORTED.items():
         if body.get(key) is not None and body[key] not in off:
           raise RequestError(400, f"{key}={body[key]!r:.80} is not supported by this server")
+      if not isinstance(body.get("messages"), list):  # the API's messages is an array
+        raise RequestError(400, f"messages: a list of {{'role', 'content'}} messages is required, "
+                                f"got {body.get('messages')!r:.80}")
       try:
         messages = chat.to_messages(body.get("messages"))
       except (TypeError, ValueError) as e:

@@ -143,6 +143,7 @@ def test_a_seed_names_the_sampler_stream(server, tiny_model):
     ({"n": 0}, 400, "num_samples"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user"}]}, 400, "messages"),
+    ({"messages": "hi"}, 400, "messages"),
     ({"seed": -1}, 400, "seed"),
     ({"logprobs": True}, 400, "logprobs"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
