@@ -189,7 +189,8 @@ def make_handler(batcher: Batcher, model_name: str, base: SamplingConfig, api_ke
 
     def _error(self, status: int, message: str) -> None:
       kind = "invalid_request_error" if status < 500 else "server_error"
-      self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+      self._send(status, {"error": {"message": message, "type": kind, "param": None,
+                                    "code": status}})  # OpenAI's error object, as vLLM fills it
 
     def _authorized(self) -> bool:
       if api_key is None:

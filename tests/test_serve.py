@@ -153,6 +153,7 @@ def test_bad_requests_are_refused_with_the_reason(server, body, status, match):
   full = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
   code, resp = post(server.url, full, AUTH)
   assert code == status and match in resp["error"]["message"]
+  assert set(resp["error"]) == {"message", "type", "param", "code"}
 
 
 def test_parameters_that_ask_for_nothing_are_accepted(server):
