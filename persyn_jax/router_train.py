@@ -54,7 +54,8 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
   it, and the report names it (`unroutable`).
 
   Early stopping on the held-out Bradley-Terry loss: training stops after `patience` evaluations
-  without improvement and the best evaluated parameters are kept. Returns (router, report).
+  without improvement and the best evaluated parameters are kept; held-out prompts without a pair
+  give no loss (no early stopping). Returns (router, report).
   """
   cfg = router.config
   rewards = np.asarray(rewards, np.float64)
@@ -113,13 +114,16 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
                "wins": put(w)}
 
   held_wins = wins[held_idx]
+  # held-out prompts without a pair (one scored teacher, or ties) give no held-out loss: no early
+  # stopping on a constant 0
+  held_pairs = bool(held_wins.sum())
   held_prompts = [prompts[i] for i in held_idx]
   history, losses = [], []
   early = EarlyStopping(patience=cfg.patience, min_delta=cfg.min_delta)
 
   def evaluate(info):
     nnx.update(router.model, info.state.params)
-    held_loss = bt_loss_np(router.scores(held_prompts), held_wins) if held_idx.size else None
+    held_loss = bt_loss_np(router.scores(held_prompts), held_wins) if held_pairs else None
     train_loss = float(np.mean(jax.device_get(losses)))
     losses.clear()
     entry = {"step": info.step, "epoch": (info.step - 1) // steps_per_epoch,
@@ -159,7 +163,8 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
     held_scores = router.scores(held_prompts)
     report["held_out"] = {**router_metrics(held_scores, rewards[held_idx], router.teachers,
                                            cfg.tie_tolerance, router.routable),
-                          "loss": bt_loss_np(held_scores, held_wins)}
+                          "loss": bt_loss_np(held_scores, held_wins) if held_pairs
+                                  else float("nan")}
   return router, report
 
 

@@ -196,6 +196,22 @@ def test_frozen_backbone_trains_the_head_only(model_dir):
   assert not np.array_equal(before["head"]["w"], after["head"]["w"])
 
 
+def test_held_out_prompts_without_pairs_do_not_stop_training(model_dir):
+  """Held-out prompts with one scored teacher have no pair, hence no held-out loss: a constant 0
+  must not stop training early (and keep the first evaluation's parameters)."""
+  path, _ = model_dir("llama")
+  prompts, rewards = synthetic(40, seed=3)
+  cfg = RouterConfig(backbone=path, **{**TINY, "epochs": 4, "patience": 1, "evals_per_epoch": 1,
+                                       "freeze_backbone": True})
+  _, held = held_out_split(40, cfg.held_out_fraction, cfg.seed)
+  rewards[held, 1:] = np.nan
+  router, report = train_router(Router.from_backbone(path, TEACHERS, cfg), prompts, rewards)
+  assert report["steps"] == report["total_steps"] == 8 and not report["stopped_early"]
+  assert report["best_step"] == 8
+  assert [h["held_out_loss"] for h in report["history"]] == [None] * 4
+  assert report["held_out"]["pairs"] == 0 and np.isnan(report["held_out"]["loss"])
+
+
 def test_a_teacher_no_probe_pair_compares_is_never_routed(model_dir, tmp_path):
   """Every probe response of t_dead failed (NaN): its head output never learned anything, so even
   a score far above the others' must not route a prompt to it, also after save and load."""
