@@ -74,7 +74,10 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
   unroutable = [t for t, c in zip(router.teachers, compared) if not c]
   steps_per_epoch = math.ceil(train_idx.size / cfg.batch_size)
   total = cfg.epochs * steps_per_epoch
-  eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+  # evaluations after the last step of each evals_per_epoch-th of every epoch (every step of an
+  # epoch shorter than that), the last step included
+  marks = {j * steps_per_epoch // cfg.evals_per_epoch for j in range(1, cfg.evals_per_epoch + 1)}
+  eval_steps = {e * steps_per_epoch + m for e in range(cfg.epochs) for m in marks if m}
   tx = make_optimizer(param_groups(cfg, total), grad_clip=cfg.grad_clip,
                       labels=label_by_path({"head": "head"}, "backbone"))
 
@@ -143,7 +146,7 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
     bar.update(1)
 
   loop.add_hook(step_done, every=1)
-  loop.add_hook(evaluate, every=eval_every, at_end=True)
+  loop.add_hook(lambda info: evaluate(info) if info.step in eval_steps else None, every=1)
   with bar, jax.set_mesh(mesh):
     state, done = loop.run(state, batches())
   best = early.best_params

@@ -212,6 +212,19 @@ def test_held_out_prompts_without_pairs_do_not_stop_training(model_dir):
   assert report["held_out"]["pairs"] == 0 and np.isnan(report["held_out"]["loss"])
 
 
+def test_the_held_out_split_is_evaluated_evals_per_epoch_times_per_epoch(model_dir):
+  """8 steps per epoch, 3 evaluations each: after steps 2, 5 and 8 of every epoch (every 2 steps
+  would be 4 per epoch, and patience counts evaluations)."""
+  path, _ = model_dir("llama")
+  prompts, rewards = synthetic(40, seed=3)
+  cfg = RouterConfig(backbone=path, **{**TINY, "epochs": 2, "batch_size": 4, "patience": 100,
+                                       "evals_per_epoch": 3, "freeze_backbone": True})
+  router, report = train_router(Router.from_backbone(path, TEACHERS, cfg), prompts, rewards)
+  assert report["train_prompts"] == 32 and report["steps"] == 16
+  assert [h["step"] for h in report["history"]] == [2, 5, 8, 10, 13, 16]
+  assert [h["epoch"] for h in report["history"]] == [0, 0, 0, 1, 1, 1]
+
+
 def test_a_teacher_no_probe_pair_compares_is_never_routed(model_dir, tmp_path):
   """Every probe response of t_dead failed (NaN): its head output never learned anything, so even
   a score far above the others' must not route a prompt to it, also after save and load."""
