@@ -12,12 +12,18 @@ the others the TRAINING layout (weights over fsdp x tensor, rows over data x fsd
 gets a serving plan (`serving_plan`): weights (int8 where it sets `quantize: int8`), KV cache,
 rows per replica and the most rows a replica could hold; a teacher whose weights do not fit
 split over `tensor` alone, or whose heads do not split over it, is refused by name, since the
-only other way would gather weights inside decode. The planner knows no particular world:
+only other way would gather weights inside decode. Weights are counted parameter by parameter
+(biases and extra norms included), each split only over the mesh axes that divide it, as
+sharding.logical_to_spec places it. Rows per device: the sampler, scoring and router pad their
+batches to a multiple of data x fsdp; SFT pads none, so its rows split only over the batch axes
+that divide sft.batch_size (the other axes hold copies). The planner knows no particular world:
 architectures of models that have no config.json (the toy world's, before it is built) come in `architectures`.
 """
 from __future__ import annotations
 
+import math
 import os
+import types
 from typing import Mapping
 
 import jax
@@ -27,7 +33,9 @@ from persyn_jax.models import as_dtype
 from persyn_jax.models.config import ModelConfig
 from persyn_jax.run_config import ModelRef, RunConfig
 from persyn_jax.sampling.config import SamplingConfig
-from persyn_jax.sharding import AXES, MeshConfig, kv_head_replicas
+from persyn_jax.runtime.buckets import bucket_lengths
+from persyn_jax.sharding import (AXES, SERVING, TRAINING, MeshConfig, Rules, kv_head_replicas,
+                                 logical_to_spec)
 
 GB = 1024**3
 
@@ -79,16 +87,93 @@ def _host_rows(cfg: RunConfig, n_train: int, prompt_toks: int, resp_toks: int) -
            "parts": gen}]
 
 
-def _layout(mesh: dict[str, int], layout: str) -> tuple[int, int]:
-  """(ways the weights are split, ways the rows are split) of a stage's mesh and layout."""
-  weights = mesh["tensor"] if layout == "serving" else mesh["fsdp"] * mesh["tensor"]
-  return weights, mesh["data"] * mesh["fsdp"]
-
-
 def _split(n: int, ways: int) -> int:
   """Ways a dimension of size n is split: the rule sets keep a dimension whole when the mesh
   axis does not divide it (sharding.logical_to_spec)."""
   return ways if n % ways == 0 else 1
+
+
+def _ways(shape: tuple[int, ...], axes: tuple[str, ...], mesh: dict[str, int], rules: Rules) -> int:
+  """Devices an array of `shape` with logical `axes` is split over by `rules` on `mesh` (the
+  placement's own rule: sharding.logical_to_spec, a mesh axis only where it divides)."""
+  spec = logical_to_spec(axes, shape, types.SimpleNamespace(shape=mesh), rules=rules)
+  used = [a for e in spec if e for a in ((e,) if isinstance(e, str) else e)]
+  return math.prod(mesh[a] for a in used)
+
+
+def _tensors(a: ModelConfig, *, head: str = "lm") -> list[tuple[tuple, tuple, tuple | None]]:
+  """Every parameter of `a` as the model holds it (models/transformer.py, models/layers.py):
+  (shape, logical axes, int8 scale) where the scale, (shape, axes) of one value per output
+  channel, is given for the seven decoder projections (models/quant.py) and None otherwise.
+  head: "lm" (the LM head, unless tied) or "score" (a reward model's [D, num_labels] head)."""
+  D, N, K, H, F, V, L = (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                         a.intermediate_size, a.vocab_size, a.num_layers)
+
+  def lay(shape, axes, out=None):  # stacked over the layers; `out`: a projection's output dims
+    scale = None if out is None else ((L,) + tuple(shape[i] for i in out),
+                                      ("layers",) + tuple(axes[i] for i in out))
+    return (L,) + shape, ("layers",) + axes, scale
+
+  qh, kvh = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+  out = [((V, D), ("vocab", "embed"), None), ((D,), ("norm",), None),  # embedding, final norm
+         lay((D, N, H), qh, (1, 2)), lay((D, K, H), kvh, (1, 2)), lay((D, K, H), kvh, (1, 2)),
+         lay((N, H, D), ("heads", "head_dim", "embed"), (2,)),
+         lay((D, F), ("embed", "mlp"), (1,)), lay((D, F), ("embed", "mlp"), (1,)),
+         lay((F, D), ("mlp", "embed"), (1,))]
+  out += [lay((D,), ("norm",))] * (4 if a.post_norms else 2)
+  if a.qkv_bias:
+    out += [lay((N, H), qh[1:]), lay((K, H), kvh[1:]), lay((K, H), kvh[1:])]
+  if a.o_bias:
+    out.append(lay((D,), ("embed",)))
+  if a.qk_norm:
+    out += [lay((H,), ("norm",))] * 2
+  if a.mlp_bias:
+    out += [lay((F,), ("mlp",)), lay((F,), ("mlp",)), lay((D,), ("embed",))]
+  if head == "score":
+    out.append(((D, a.num_labels), ("embed", "labels"), None))
+  elif not a.tie_embeddings:
+    out.append(((D, V), ("embed", "vocab"), None))
+  return out
+
+
+def weight_bytes(a: ModelConfig, mesh: dict[str, int], rules: Rules, nbytes: float, *,
+                 int8: bool = False, head: str = "lm") -> float:
+  """Bytes per device of `a`'s parameters placed by `rules` on `mesh`, `nbytes` per value; with
+  int8, the decoder projections take 1 byte per value plus their scales in `nbytes`."""
+  total = 0.0
+  for shape, axes, scale in _tensors(a, head=head):
+    n = math.prod(shape) / _ways(shape, axes, mesh, rules)
+    if int8 and scale is not None:
+      total += n + math.prod(scale[0]) / _ways(*scale, mesh, rules) * nbytes
+    else:
+      total += n * nbytes
+  return total
+
+
+def num_params(a: ModelConfig, *, head: str = "lm") -> int:
+  """Every parameter of `a`, biases and extra norms included."""
+  return sum(math.prod(shape) for shape, _, _ in _tensors(a, head=head))
+
+
+def _rows(n: int, mesh: dict[str, int], *, padded: bool) -> float:
+  """Rows per device of a batch of n rows over the mesh's batch axes (data x fsdp): padded to a
+  multiple of them (the runner's and the router's batches), or, unpadded (SFT's), split only over
+  the axes that divide n (the others hold copies)."""
+  if padded:
+    return -(-n // (mesh["data"] * mesh["fsdp"]))
+  return n / _ways((n,), ("batch",), mesh, TRAINING)
+
+
+def _score_rows(sc, mesh: dict[str, int], cap: int | None = None) -> tuple[int, int]:
+  """(rows, tokens) per device of the scoring batch with the most tokens (each row's first `cap`
+  of them, when given): runtime.buckets.plan_batches makes a bucket's batches batch_tokens //
+  length rows, clipped to [shards, max_batch_size] and a multiple of the shards (data x fsdp)."""
+  m = mesh["data"] * mesh["fsdp"]
+  best = (0, 0)
+  for length in bucket_lengths(sc.max_len, sc.min_bucket):
+    rows = max(m, min(sc.max_batch_size, sc.batch_tokens // length) // m * m) // m
+    best = max(best, (rows * min(length, cap or length), rows))
+  return best[1], best[0]
 
 
 def serving_plan(a: ModelConfig, ref: ModelRef, s: SamplingConfig, mesh: dict[str, int],
@@ -99,26 +184,21 @@ def serving_plan(a: ModelConfig, ref: ModelRef, s: SamplingConfig, mesh: dict[st
   Returns (plan, problems)."""
   t, replicas = mesh["tensor"], mesh["data"] * mesh["fsdp"]
   who = f"teacher {ref.name} ({ref.path})"
-  D, N, K, H, F, V, L = (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
-                         a.intermediate_size, a.vocab_size, a.num_layers)
+  N, K, H, V, L = a.num_heads, a.num_kv_heads, a.head_dim, a.vocab_size, a.num_layers
   try:
     copies = kv_head_replicas(N, K, t, what=who)
   except ValueError as e:
     return {"name": ref.name}, [f"{e} (sampling.mesh.tensor={t})"]
   K2 = K * copies
   wb = _bytes(ref.dtype)
-  qb = 1 if ref.quantize == "int8" else wb
-  # per layer, per device: q and o, the (copied) k and v, gate/up/down; int8 adds one scale per
-  # output channel in the model's dtype
-  attn = 2 * D * N * H / _split(N, t) + 2 * D * K2 * H / _split(K2, t)
-  mlp = 3 * D * F / _split(F, t)
-  scales = (N * H / _split(N, t) + 2 * K2 * H / _split(K2, t) + 2 * D + 2 * F / _split(F, t)) \
-      if ref.quantize == "int8" else 0
-  table = V * D * wb / _split(V, t) * (1 if a.tie_embeddings else 2)
-  weights = L * ((attn + mlp) * qb + scales * wb + 2 * D * wb) + D * wb + table
+  # the weights as loaded (kv heads copied, models/loading.serving_layout), placed by SERVING;
+  # int8 keeps the projections in 1 byte plus one scale per output channel in the model's dtype
+  weights = weight_bytes(a.replace(num_kv_heads=K2), mesh, SERVING, wb,
+                         int8=ref.quantize == "int8")
   cb = wb if s.cache_dtype == "auto" else _bytes(s.cache_dtype)
   slots = s.max_prompt_len + s.max_new_tokens
-  kv_row = 2 * L * slots * K2 / _split(K2, t) * H * cb
+  # per row: k and v [L, slots, K2, H] split over tensor, and the cache's int32 segment ids
+  kv_row = 2 * L * slots * K2 / _split(K2, t) * H * cb + slots * 4
   logits_row = 2 * V * 4  # fp32 logits and the sampler's working copy, whole vocab
   rows = -(-s.batch_size // replicas)
   out = {"name": ref.name, "quantize": ref.quantize or None, "mesh": mesh, "replicas": replicas,
@@ -162,9 +242,8 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
   def arch(path: str) -> ModelConfig:
     return archs[path] if path in archs else zoo.architecture(path)
 
-  def stage_mesh(field: str, mc: MeshConfig | None, layout: str):
-    m = mesh if mc is None else _mesh(mc, devices, field)
-    return m, *_layout(m, layout)
+  def stage_mesh(field: str, mc: MeshConfig | None) -> dict[str, int]:
+    return mesh if mc is None else _mesh(mc, devices, field)
 
   mem = cfg.plan.device_memory_gb * GB
   if not mem:
@@ -185,9 +264,9 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
   P = int(cfg.prompts.probe) if cfg.prompts.probe >= 1 else int(cfg.prompts.probe * N)
   stages, problems = [], []
 
-  def add(stage, model, stage_mesh_, **m):
+  def add(stage, model, stage_mesh_, rows=None, **m):
     total = sum(m.values())
-    row = {"stage": stage, "model": model, "mesh": stage_mesh_,
+    row = {"stage": stage, "model": model, "mesh": stage_mesh_, "rows_per_device": rows,
            **{k2: round(v / GB, 3) for k2, v in m.items()}, "total_gb": round(total / GB, 3)}
     stages.append(row)
     if mem and total > mem:
@@ -196,7 +275,7 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
                       f"but a device has {mem / GB:.1f} GB")
 
   teachers, serving = [], []
-  smesh, _, _ = stage_mesh("sampling.mesh", s.mesh, "serving")
+  smesh = stage_mesh("sampling.mesh", s.mesh)
   for t in cfg.teachers:
     if t.served:  # answered by its own server: no memory on this run's devices
       teachers.append({"name": t.name, "path": t.path, "params_b": None, "engine": "openai",
@@ -212,45 +291,53 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
         problems.append(f"teacher {t.name}: it fits with `mesh: {{data: {devices // hint}, fsdp: 1, "
                         f"tensor: {hint}}}` on this teacher")
     if "weights" in sp:
-      add("probe/generate", t.name, tmesh, params=sp["weights"], kv_cache=sp["kv_cache"],
+      add("probe/generate", t.name, tmesh, sp["rows_per_replica"], params=sp["weights"], kv_cache=sp["kv_cache"],
           activations=sp["activations"])
       serving.append({k2: round(v / GB, 3) if k2 in ("weights", "kv_cache", "activations") else v
                       for k2, v in sp.items()})
-    teachers.append({"name": t.name, "path": t.path, "params_b": round(a.num_params() / 1e9, 2),
+    teachers.append({"name": t.name, "path": t.path, "params_b": round(num_params(a) / 1e9, 2),
                      "quantize": t.quantize or None, "engine": "jax",
                      "probe_generations": P * s.num_samples})
   if cfg.student is not None:
     a = arch(cfg.student.path)
     c = cfg.sft
-    tmesh, shard_w, shard_b = stage_mesh("sft.mesh", c.mesh, "training")
+    tmesh = stage_mesh("sft.mesh", c.mesh)
     pb = _bytes(c.param_dtype)
-    n = a.num_params()
-    rows = c.batch_size
-    params = n * pb / shard_w
-    opt = 2 * n * 4 / shard_w
-    grads = n * pb / shard_w
+    n = weight_bytes(a, tmesh, TRAINING, 1)  # parameters per device, as placed by TRAINING
+    # SFT does not pad its rows: they split over the batch axes that divide sft.batch_size
+    rows = _rows(c.batch_size, tmesh, padded=False)
+    # AdamW's two moments take the parameters' dtype (optax); grad_accum > 1 adds the step's
+    # fp32 accumulator (training/step.py) to one microbatch's gradients
+    grads = n * pb + (n * 4 if c.grad_accum > 1 else 0)
     # saved activations per layer per token: ~ (residual, norms, q/k/v, attention out, MLP in/out)
     act = rows * c.seq_len * a.num_layers * (10 * a.hidden_size + 3 * a.intermediate_size) * \
-        _bytes(c.compute_dtype) / shard_b
-    act += rows * c.seq_len * a.vocab_size * 4 / shard_b / (1 if not c.loss_chunk else c.seq_len // c.loss_chunk)
-    add("sft", cfg.student.name, tmesh, params=params, grads=grads, optimizer=opt, activations=act)
+        _bytes(c.compute_dtype)
+    act += rows * min(c.loss_chunk or c.seq_len, c.seq_len) * a.vocab_size * 4
+    add("sft", cfg.student.name, tmesh, rows, params=n * pb, grads=grads, optimizer=2 * n * pb,
+        activations=act)
     sc = cfg.scoring
-    cmesh, shard_w, shard_b = stage_mesh("scoring.mesh", sc.mesh, "training")
-    add("score", cfg.student.name, cmesh, params=n * _bytes(sc.dtype) / shard_w,
-        activations=sc.max_batch_size * min(sc.logits_chunk, sc.max_len) * a.vocab_size * 4 / shard_b)
+    cmesh = stage_mesh("scoring.mesh", sc.mesh)
+    rows, tokens = _score_rows(sc, cmesh, sc.logits_chunk)  # [rows, chunk, V] fp32 logits
+    add("score", cfg.student.name, cmesh, rows,
+        params=weight_bytes(a, cmesh, TRAINING, _bytes(sc.dtype)),
+        activations=tokens * a.vocab_size * 4)
   if cfg.scoring.quality == "reward_model" and cfg.scoring.reward_model:
     a = arch(cfg.scoring.reward_model)
-    cmesh, shard_w, shard_b = stage_mesh("scoring.mesh", cfg.scoring.mesh, "training")
-    add("score", "reward_model", cmesh, params=a.num_params() * _bytes(cfg.scoring.dtype) / shard_w,
-        activations=cfg.scoring.batch_tokens * a.hidden_size * 4 * 4 / shard_b)
+    sc = cfg.scoring
+    cmesh = stage_mesh("scoring.mesh", sc.mesh)
+    rows, tokens = _score_rows(sc, cmesh)
+    add("score", "reward_model", cmesh, rows,
+        params=weight_bytes(a, cmesh, TRAINING, _bytes(sc.dtype), head="score"),
+        activations=tokens * a.hidden_size * 4 * 4)
   if cfg.router.backbone:
     a = arch(cfg.router.backbone)
-    n = a.num_params()
-    rmesh, shard_w, shard_b = stage_mesh("router.mesh", cfg.router.mesh, "training")
-    add("router", "router", rmesh, params=n * 4 / shard_w, optimizer=2 * n * 4 / shard_w,
-        grads=n * 4 / shard_w,
-        activations=cfg.router.batch_size * cfg.router.max_len * a.num_layers * 12 * a.hidden_size
-        * _bytes(cfg.router.dtype) / shard_b)
+    r = cfg.router
+    rmesh = stage_mesh("router.mesh", r.mesh)
+    pb = _bytes(r.param_dtype)
+    n = weight_bytes(a, rmesh, TRAINING, 1)
+    rows = _rows(r.batch_size, rmesh, padded=True)  # router_train pads rows to the batch shards
+    add("router", "router", rmesh, rows, params=n * pb, optimizer=2 * n * pb, grads=n * pb,
+        activations=rows * r.max_len * a.num_layers * 12 * a.hidden_size * _bytes(r.dtype))
   host_mem = int(cfg.plan.host_memory_gb * GB) or host_memory()
   host = []
   for r in _host_rows(cfg, N, prompt_toks, resp_toks):
@@ -309,9 +396,11 @@ def format_plan(p: dict) -> str:
   lines.append("  memory per device (GB):")
   for r in p["memory_per_device"]:
     parts = ", ".join(f"{k} {v}" for k, v in r.items()
-                      if k not in ("stage", "model", "total_gb", "mesh"))
+                      if k not in ("stage", "model", "total_gb", "mesh", "rows_per_device"))
     m = "x".join(str(r["mesh"][a]) for a in AXES)
-    lines.append(f"    {r['stage']:<15} {r['model']:<28} {r['total_gb']:>8.2f}  ({parts}; mesh {m})")
+    rows = "" if r.get("rows_per_device") is None else f", rows/device {r['rows_per_device']:g}"
+    lines.append(f"    {r['stage']:<15} {r['model']:<28} {r['total_gb']:>8.2f}  ({parts}; mesh {m}"
+                 f"{rows})")
   lines.append(f"  host memory per process (GB; a host has {p.get('host_memory_gb') or 'unknown'}):")
   for r in p.get("memory_per_host", []):
     parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stage", "total_gb"))

@@ -119,6 +119,7 @@ teachers:
   - {{name: llama3.1-70b, path: meta-llama/Llama-3.1-70B-Instruct{extra}}}
 student: {{name: qwen2.5-0.5b, path: Qwen/Qwen2.5-0.5B}}
 sampling: {{max_new_tokens: 2048, batch_size: 64, max_prompt_len: 1024, mesh: {mesh}}}
+sft: {{batch_size: 64}}  # one row per chip of the run's mesh (1x64x1)
 """
 
 
@@ -189,3 +190,90 @@ def test_a_decode_step_on_the_serving_layout_gathers_nothing(model_dir, data, fs
     hlo = jax.jit(step).lower(state, ids, cache).compile().as_text()
   assert "all-reduce" in hlo          # the tensor-parallel sums are there: the program is split
   assert "all-gather" not in hlo
+
+
+@pytest.mark.parametrize("arch,tensor,quantize", [
+    ("qwen2", 4, ""), ("qwen2", 4, "int8"), ("gemma2", 4, ""), ("qwen3", 2, "int8"),
+    ("llama_bias", 4, "")])
+def test_the_planned_serving_weights_are_the_loaded_models_bytes(model_dir, arch, tensor,
+                                                                 quantize):
+  """The plan's weights per device equal the bytes a device holds once the teacher is loaded
+  (kv heads copied, int8 scales), biases (Qwen2 q/k/v, Llama's attention and MLP), Gemma 2's
+  post norms and Qwen3's q/k norms included."""
+  from flax import nnx
+  from persyn_jax import plan, zoo
+  from persyn_jax.run_config import ModelRef
+  path, _ = model_dir(arch)
+  mesh = shd.make_mesh(shd.MeshConfig(data=8 // tensor, fsdp=1, tensor=tensor), jax.devices()[:8])
+  model, _ = load_model(path, dtype="bfloat16", mesh=mesh, rules=shd.SERVING, tokenizer=False,
+                        quantize=quantize or None)
+  dev = jax.devices()[0]
+  held = sum(s.data.nbytes for leaf in jax.tree.leaves(nnx.state(model))
+             for s in leaf.addressable_shards if s.device == dev)
+  ref = ModelRef(name="t", path=path, quantize=quantize)
+  sp, bad = plan.serving_plan(zoo.architecture(path), ref, SamplingConfig(),
+                              {"data": 8 // tensor, "fsdp": 1, "tensor": tensor}, 0)
+  assert not bad and sp["weights"] == held
+
+
+# -- the training-layout stages of the plan (SFT, score, router) --------------------------------
+
+def _stage(p, stage, model=None):
+  return next(r for r in p["memory_per_device"] if r["stage"] == stage
+              and (model is None or r["model"] == model))
+
+
+def test_training_weights_split_only_where_the_mesh_divides_them():
+  """Qwen2.5-0.5B on 4x16x4: its 14 query and 2 kv heads do not split over tensor 4, so q/k/v/o
+  (and their biases) split over fsdp alone; norms are whole on every chip (hand count, fp32)."""
+  from persyn_jax import plan
+  D, L, N, K, H, F, V = 896, 24, 14, 2, 64, 4864, 151936
+  layer = (2 * D * N * H + 2 * D * K * H) / 16 + 3 * D * F / 64 + 2 * D + N * H + 2 * K * H
+  n = V * D / 64 + L * layer + D  # tied embedding over vocab x embed = 64
+  p = _plan("configs/instruct.yaml")
+  sft = _stage(p, "sft")
+  assert sft["mesh"] == {"data": 4, "fsdp": 16, "tensor": 4}
+  assert sft["params"] == sft["grads"] == round(n * 4 / plan.GB, 3)
+  assert sft["optimizer"] == round(2 * n * 4 / plan.GB, 3)   # AdamW's mu and nu, fp32
+  assert _stage(p, "score", "qwen2.5-0.5b")["params"] == round(n * 2 / plan.GB, 3)  # bf16
+
+
+SFT_ROWS = """
+name: sft-rows
+world: null
+mesh: {mesh}
+plan: {{devices: 256, device_memory_gb: 95}}
+prompts: {{source: {{path: p.jsonl, format: jsonl}}}}
+teachers:
+  - {{name: a, path: Qwen/Qwen2.5-1.5B-Instruct}}
+  - {{name: b, path: Qwen/Qwen2.5-7B-Instruct}}
+student: {{name: s, path: Qwen/Qwen2.5-1.5B}}
+sampling: {{mesh: {{data: 64, fsdp: 1, tensor: 4}}}}
+sft: {{batch_size: 64, seq_len: 8192, loss_chunk: 1024}}
+"""
+
+
+@pytest.mark.parametrize("mesh,rows", [("{data: 8, fsdp: 16, tensor: 2}", 8),
+                                       ("{data: 4, fsdp: 16, tensor: 4}", 1)])
+def test_sft_rows_per_device_are_those_the_mesh_splits(tmp_path, mesh, rows):
+  """SFT pads no rows: 64 rows over data 8 x fsdp 16 split over data alone (fsdp does not divide
+  them), so each chip holds 8 rows, not half of one; over data 4 x fsdp 16 one each."""
+  from persyn_jax import plan
+  D, L, F, V, T = 1536, 28, 8960, 151936, 8192
+  act = rows * T * L * (10 * D + 3 * F) * 2 + rows * 1024 * V * 4
+  sft = _stage(_plan(SFT_ROWS.format(mesh=mesh), tmp_path), "sft")
+  assert sft["rows_per_device"] == rows
+  assert sft["activations"] == round(act / plan.GB, 3)
+
+
+def test_router_rows_are_padded_and_the_reward_model_has_no_lm_head():
+  """The router pads its 16 rows to the 64 batch shards (one row per chip, not a quarter); the
+  reward model holds a [D, 1] score head, not a [D, V] LM head (Llama-3.1-8B, bf16, 4x16x4)."""
+  from persyn_jax import plan
+  p = _plan("configs/instruct.yaml")
+  router = _stage(p, "router")
+  assert router["rows_per_device"] == 1
+  assert router["activations"] == round(1 * 1024 * 28 * 12 * 1536 * 2 / plan.GB, 3)
+  D, L, N, K, H, F, V = 4096, 32, 32, 8, 128, 14336, 128256
+  n = V * D / 64 + L * ((2 * D * N * H + 2 * D * K * H + 3 * D * F) / 64 + 2 * D) + D + D / 16
+  assert _stage(p, "score", "reward_model")["params"] == round(n * 2 / plan.GB, 3)
