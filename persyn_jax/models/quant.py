@@ -7,7 +7,7 @@ bf16/fp32 scale per output channel (qwix post-training quantization, symmetric a
 contracted axis); activations stay in the compute dtype and qwix dequantizes inside each einsum.
 The embedding, the LM head and the norms stay as loaded: the tied embedding is also a lookup
 table, and the head's error would reach every logit directly. A 70B teacher's weights drop from
-140 GB (bf16) to about 72 GB; the error on tiny models is in docs/INT8.md and tests/test_int8.py.
+141.1 GB (bf16) to 72.7 GB; the error on tiny models is in docs/INT8.md and tests/test_int8.py.
 
 qwix is an optional dependency: `pip install 'persyn_jax[int8]'`.
 """
