@@ -117,3 +117,25 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
     f.write(cfg)
   with pytest.raises(CheckpointError, match="does not match"):
     models.from_orbax(bad, tokenizer=False)
+
+
+def test_a_damaged_output_is_named_as_damaged(converted, tmp_path):
+  """Junk in persyn_orbax.json or in params/ is a CheckpointError naming the damaged file, not a
+  raw JSONDecodeError nor a 'does not match the model' (the config was never the problem)."""
+  import shutil
+  _, out, _ = converted
+  for junk in ("{cut", "", "[1]"):
+    d = str(tmp_path / "marker")
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(out, d)
+    with open(os.path.join(d, models.MARKER), "w") as f:
+      f.write(junk)
+    with pytest.raises(CheckpointError, match=rf"{d}/{models.MARKER}: .*convert again"):
+      models.from_orbax(d, tokenizer=False)
+  d = str(tmp_path / "params")
+  shutil.copytree(out, d)
+  manifest = os.path.join(d, "params", "manifest.ocdbt")
+  os.truncate(manifest, os.path.getsize(manifest) // 2)
+  with pytest.raises(CheckpointError, match="not a readable orbax checkpoint, damaged") as e:
+    models.from_orbax(d, dtype="float32", tokenizer=False)
+  assert "does not match" not in str(e.value)

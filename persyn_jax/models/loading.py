@@ -242,8 +242,14 @@ def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = 
   marker = os.path.join(path, MARKER)
   if not os.path.exists(marker):
     raise CheckpointError(f"{path}: no {MARKER}; not a persyn_jax.convert output")
-  with open(marker) as f:
-    meta = json.load(f)
+  try:
+    with open(marker, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:  # cut short, junk, not UTF-8
+    raise CheckpointError(f"{marker}: unreadable ({type(e).__name__}: {e}); convert again") \
+        from None
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{marker}: not a JSON object; convert again")
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{marker}: format {meta.get('format')!r}, this version reads {FORMAT}")
   cfg, hf = load_config(path)
@@ -256,6 +262,8 @@ def from_orbax(path: str, *, dtype="bfloat16", mesh: jax.sharding.Mesh | None = 
   target = abstract_tree(nnx.to_pure_dict(state), shardings)
   try:
     restored = restore_tree(os.path.join(path, "params"), target)
+  except CheckpointError:  # damaged files: restore_tree names them
+    raise
   except (ValueError, KeyError) as e:
     raise CheckpointError(f"{path}/params does not match the model of {path}/config.json "
                           f"({type(e).__name__}: {e})") from None
