@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -109,8 +110,12 @@ class MetricsWriter:
     self._f = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter
+      # tensorboardX names its file by the second it opens it, and opens it "wb": a writer
+      # resumed within the same second would empty the previous one's. The nanoseconds keep the
+      # names apart, sorted in the order written (TensorBoard reads the files in name order).
       self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=(
-          resume_step + 1 if resume_step is not None else None))
+          resume_step + 1 if resume_step is not None else None),
+          filename_suffix=f".{time.time_ns()}")
     if wandb is not None:
       self._wandb = _start_wandb(wandb, out_dir, wandb_name, resume=resume_step is not None)
 

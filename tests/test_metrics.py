@@ -70,3 +70,49 @@ def test_scoring_shows_its_progress_per_batch_of_pairs(model_dir, tok, capsys):
   err = capsys.readouterr().err
   assert "score/learnability" in err and "2/2" in err
   assert stats["scored"] == 2
+
+
+def tensorboard_scalars(logdir: str) -> dict:
+  """{tag: [(step, value)]} as TensorBoard shows the event files of `logdir`: read in name order,
+  a SessionLog START at step s (a writer's purge_step) hides the earlier events of steps >= s."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out: dict = {}
+  for name in sorted(os.listdir(logdir)):
+    data, i = open(os.path.join(logdir, name), "rb").read(), 0
+    while i < len(data):  # TFRecord: length (8), its crc (4), the record, its crc (4)
+      n = struct.unpack("<Q", data[i:i + 8])[0]
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+        out = {t: [(s, v) for s, v in rows if s < ev.step] for t, rows in out.items()}
+      for v in ev.summary.value:
+        out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+  return out
+
+
+def test_tensorboard_shows_the_jsonl_after_a_resume_in_the_same_second(tmp_path, monkeypatch):
+  """A writer resumed from step 6 drops the later lines and events; a resume within the same
+  second (tensorboardX names its file by the second) keeps the first writer's events."""
+  import types
+
+  import numpy as np
+  from tensorboardX import event_file_writer
+  monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.8e9))
+  out = str(tmp_path / "m")
+  for resume, steps, scale in ((None, range(1, 9), 1.0), (6, range(7, 11), 2.0)):
+    with MetricsWriter(out, enabled=True, resume_step=resume) as mw:
+      for s in steps:
+        mw.write(s, {"loss": scale / s, "lr": 1e-3 * s}, prefix="train")
+        if s % 2 == 0:
+          mw.write(s, {"loss": scale / (s + 1)}, prefix="eval")
+  want: dict = {}
+  for r in read_metrics(os.path.join(out, "metrics.jsonl")):
+    for k, v in r.items():
+      if k not in ("step", "split"):
+        want.setdefault(f"{r['split']}/{k}", []).append((r["step"], float(np.float32(v))))
+  assert [s for s, _ in want["train/loss"]] == list(range(1, 11))
+  assert [s for s, _ in want["eval/loss"]] == [2, 4, 6, 8, 10]
+  assert want["train/loss"][5:7] == [(6, np.float32(1 / 6)), (7, np.float32(2 / 7))]
+  assert tensorboard_scalars(os.path.join(out, "tb")) == want
