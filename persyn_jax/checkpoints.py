@@ -46,8 +46,12 @@ class CheckpointManager:
                             f"(damaged or replaced); move it away to train from the start")
     # (step, why) of each damaged step that restore() skipped and moved aside
     self.skipped: list[tuple[int, str]] = []
+    # A save killed midway on local disk leaves `<step>.orbax-checkpoint-tmp-*`; orbax removes
+    # them here. Left there, a step saved again later would outlive `keep`: orbax deletes a step
+    # through its tmp dir when one exists. (On gs:// a step commits in place, by a file.)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=not fs.is_remote(self.directory))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

@@ -189,6 +189,26 @@ def test_a_half_written_checkpoint_is_never_restored(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4,), 2.0))
 
 
+def test_a_half_written_checkpoint_does_not_keep_its_step_past_keep(tmp_path):
+  """A save of step 3 killed midway, then step 3 saved again after the resume: the newest `keep`
+  steps stay, no more (orbax deleted a step through its leftover tmp dir, keeping the step)."""
+  import jax.numpy as jnp
+  from persyn_jax.checkpoints import CheckpointManager
+  d = str(tmp_path / "ckpt")
+  c = CheckpointManager(d, keep=2, async_save=False)
+  for step in (1, 2):
+    c.save(step, {"w": jnp.full((4,), float(step))}, {"step": step})
+  c.close()
+  shutil.copytree(os.path.join(d, "2"), os.path.join(d, "3.orbax-checkpoint-tmp-1234"))
+  c = CheckpointManager(d, keep=2, async_save=False)
+  assert c.latest_step() == 2
+  for step in (3, 4, 5):
+    c.save(step, {"w": jnp.full((4,), float(step))}, {"step": step})
+  c.close()
+  assert sorted(os.listdir(d)) == ["4", "5"]
+  assert CheckpointManager(d, keep=2).all_steps() == [4, 5]
+
+
 def test_fault_helpers_are_exact_and_undoable(tmp_path):
   calls = []
   real = os.replace
