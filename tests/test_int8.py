@@ -70,6 +70,26 @@ def test_int8_error_against_bf16_on_tiny_models(model_dir, tok, arch):
   assert e["rel_logit_err"] < 0.05, e
   assert e["next_token_agreement"] >= 0.9, e
   assert e["greedy_prefix_agreement"] >= 0.5, e
+  # docs/INT8.md reports these numbers: its row agrees up to its rounding, and a token or two
+  doc = documented_error(arch)
+  assert abs(doc["max_abs_logit_err"] - e["max_abs_logit_err"]) <= 0.05 * doc["max_abs_logit_err"]
+  assert abs(doc["rel_logit_err"] - e["rel_logit_err"]) <= 0.001, (doc, e)
+  assert abs(doc["next_token_agreement"] - e["next_token_agreement"]) <= 1.01 / 91, (doc, e)
+  assert abs(doc["greedy_prefix_agreement"] - e["greedy_prefix_agreement"]) <= 2.01 / 128, (doc, e)
+  assert abs(doc["greedy_identical"] - e["greedy_identical"]) <= 1 / 8, (doc, e)
+
+
+def documented_error(arch: str) -> dict:
+  """The row of `arch` in docs/INT8.md's error table, as int8_error's numbers."""
+  import os
+  with open(os.path.join(os.path.dirname(__file__), "..", "docs", "INT8.md")) as f:
+    row = next(line for line in f if line.startswith(f"| {arch} |"))
+  cells = [c.strip() for c in row.strip().strip("|").split("|")][1:]
+  pct = lambda c: float(c.rstrip("%")) / 100
+  same, n = map(int, cells[4].split("/"))
+  return {"max_abs_logit_err": float(cells[0]), "rel_logit_err": pct(cells[1]),
+          "next_token_agreement": pct(cells[2]), "greedy_prefix_agreement": pct(cells[3]),
+          "greedy_identical": same / n}
 
 
 def test_an_int8_teacher_samples_on_the_serving_layout(model_dir, tok):
