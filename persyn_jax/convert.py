@@ -51,10 +51,10 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   try:
     mesh_config = parse_mesh(args.mesh)
+    n = mesh_size(mesh_config)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  n = mesh_size(mesh_config)
   flags = os.environ.get("XLA_FLAGS", "")
   if n and "xla_force_host_platform_device_count" not in flags and (args.num_processes or 1) == 1:
     # on a CPU host, the target mesh as fake devices (ignored by GPU and TPU backends)

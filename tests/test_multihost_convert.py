@@ -106,6 +106,11 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
   assert "AXIS=SIZE" in capsys.readouterr().err
   assert convert.main([path, out, "--mesh", "fsdp=64"]) == 2
   assert "needs 64 devices" in capsys.readouterr().err
+  for bad in ("fsdp=-2", "data=0,fsdp=2"):  # refused before the size could reach XLA_FLAGS
+    with pytest.raises(ValueError, match="sizes are positive"):
+      convert.mesh_size(convert.parse_mesh(bad))
+    assert convert.main([path, out, "--mesh", bad]) == 2
+    assert "sizes are positive" in capsys.readouterr().err
   with pytest.raises(CheckpointError, match="not a persyn_jax.convert output"):
     models.from_orbax(path)
   other, _ = model_dir("llama")  # orbax weights of one model under the config of another

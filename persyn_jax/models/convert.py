@@ -17,9 +17,13 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
 def mesh_size(mesh_config) -> int | None:
-  """Devices the mesh needs, or None when one axis is -1 (the rest of the devices)."""
+  """Devices the mesh needs, or None when one axis is -1 (the rest of the devices). A size of 0
+  or below -1 is a ConfigError naming it (before it could reach XLA_FLAGS as a device count)."""
   sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
-  return None if -1 in sizes else math.prod(sizes)
+  if -1 in sizes:
+    return None
+  mesh_config.shape(abs(math.prod(sizes)))  # checks every size
+  return math.prod(sizes)
 
 
 def _hf_dtype(hf: dict) -> str:
