@@ -125,7 +125,7 @@ class MetricsWriter:
       for line in f:
         try:
           if json.loads(line).get("step", -1) <= step:
-            keep.append(line)
+            keep.append(line if line.endswith("\n") else line + "\n")  # cut before its newline
         except json.JSONDecodeError:  # a line cut by a kill: drop it
           continue
     tmp = self.path + ".tmp"

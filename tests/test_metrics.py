@@ -116,3 +116,18 @@ def test_tensorboard_shows_the_jsonl_after_a_resume_in_the_same_second(tmp_path,
   assert [s for s, _ in want["eval/loss"]] == [2, 4, 6, 8, 10]
   assert want["train/loss"][5:7] == [(6, np.float32(1 / 6)), (7, np.float32(2 / 7))]
   assert tensorboard_scalars(os.path.join(out, "tb")) == want
+
+
+def test_a_resume_after_a_line_cut_before_its_newline_appends_on_a_new_line(tmp_path):
+  out = str(tmp_path / "m")
+  with MetricsWriter(out, tensorboard=False, enabled=True) as mw:
+    for s in (1, 2, 3):
+      mw.write(s, {"loss": 1.0 / s}, prefix="train")
+  path = os.path.join(out, "metrics.jsonl")
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  with open(path, "w") as f:  # killed after step 2's line, before its newline
+    f.writelines(lines[:1] + [lines[1].rstrip("\n")])
+  with MetricsWriter(out, tensorboard=False, enabled=True, resume_step=2) as mw:
+    mw.write(3, {"loss": 0.5}, prefix="train")
+  assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
