@@ -39,7 +39,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m persyn_jax.convert", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("hf_dir", help="a local Hugging Face model directory (safetensors)")
-  ap.add_argument("out_dir", help="the orbax checkpoint directory to write (replaced)")
+  ap.add_argument("out_dir", help="the orbax checkpoint directory to write (replaced whole; "
+                                  "neither hf_dir nor a folder above it)")
   ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
                   help="the mesh the checkpoint is laid out for, e.g. data=1,fsdp=64,tensor=4 "
                        "(the run's `mesh:` config); -1 = the rest of this host's devices")

@@ -113,6 +113,13 @@ def test_cli_and_errors(model_dir, tmp_path, capsys):
     assert "sizes are positive" in capsys.readouterr().err
   with pytest.raises(CheckpointError, match="not a persyn_jax.convert output"):
     models.from_orbax(path)
+  import shutil
+  src = str(tmp_path / "src" / "model")
+  shutil.copytree(path, src)
+  for target in (src, os.path.dirname(src)):  # would delete the HF weights: refused
+    assert convert.main([src, target, "--mesh", "fsdp=2"]) == 2
+    assert "would replace the model directory" in capsys.readouterr().err
+  assert any(n.endswith(".safetensors") for n in os.listdir(src))
   other, _ = model_dir("llama")  # orbax weights of one model under the config of another
   bad = str(tmp_path / "mismatch")
   convert.convert(path, bad, shd.MeshConfig(1, 2, 1))

@@ -46,6 +46,10 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
   from persyn_jax.models import FORMAT, MARKER, from_pretrained, load_config
 
   mesh_config = mesh_config or shd.MeshConfig()
+  src, dst = os.path.realpath(hf_dir), os.path.realpath(out_dir)
+  if src == dst or src.startswith(dst.rstrip("/") + "/"):  # the output replaces out_dir whole
+    raise ValueError(f"{out_dir}: the output directory would replace the model directory "
+                     f"{hf_dir}; write it elsewhere")
   _, hf = load_config(hf_dir)
   dtype = dtype or _hf_dtype(hf)
   if devices is None:
