@@ -277,3 +277,18 @@ def test_router_rows_are_padded_and_the_reward_model_has_no_lm_head():
   D, L, N, K, H, F, V = 4096, 32, 32, 8, 128, 14336, 128256
   n = V * D / 64 + L * ((2 * D * N * H + 2 * D * K * H + 3 * D * F) / 64 + 2 * D) + D + D / 16
   assert _stage(p, "score", "reward_model")["params"] == round(n * 2 / plan.GB, 3)
+
+
+def test_the_70b_weights_docs_int8_md_quotes(tmp_path):
+  """docs/INT8.md: Llama-3.1-70B's weights take 141.1 GB in bf16 and 72.7 GB in int8 (the plan's
+  figures on one tensor shard, in GiB: 131.4 and 67.7)."""
+  import os
+  mesh = "{data: 64, fsdp: 1, tensor: 1}"
+  gb = lambda extra: _plan(V5E_64.format(extra=extra, mesh=mesh), tmp_path)["serving"][0][
+      "weights"] * 2**30 / 1e9
+  assert (round(gb(""), 1), round(gb(", quantize: int8"), 1)) == (141.1, 72.7)
+  assert round(gb("") * 1e9 / 2**30, 1) == 131.4  # what --dry-run shows (GB of 2^30 bytes)
+  assert round(gb(", quantize: int8") * 1e9 / 2**30, 1) == 67.7
+  with open(os.path.join(os.path.dirname(__file__), "..", "docs", "INT8.md")) as f:
+    doc = " ".join(f.read().split())
+  assert "from 141.1 GB in bf16 to 72.7 GB" in doc and "shows 131.4 and 67.7" in doc
