@@ -7,7 +7,7 @@ answer, a pair skipped as over-long) and stays NaN, ignored by the other teacher
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -115,8 +115,13 @@ def group_matrix(keys: Sequence, columns: Sequence, values: Sequence[float],
     return rows, cols, np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def per_record(keys: Iterable, matrix_rows: Sequence, values: np.ndarray, positions: np.ndarray
-               ) -> np.ndarray:
-  """Values of a [rows, n] matrix read back per record, given each record's row key and column."""
-  r_of = {k: i for i, k in enumerate(matrix_rows)}
-  return np.asarray([values[r_of[k], j] for k, j in zip(keys, positions)], np.float64)
+def response_rewards(keys: Sequence, columns: Sequence, quality: Sequence[float],
+                     learnability: Sequence[float], alpha: float, normalizer: str) -> np.ndarray:
+  """Eq. 2 per response: the reward of each (prompt key, column) response, normalized per prompt
+  across all its responses (columns: (teacher, sample)), in the order given; NaN where either
+  score is missing. The score stage's rewards, and the sweep's and the study's recombinations."""
+  rows, cols, q = group_matrix(keys, columns, quality)
+  _, _, l = group_matrix(keys, columns, learnability, cols)
+  reward = combine(q, l, alpha, normalizer)
+  r_of, c_of = {k: i for i, k in enumerate(rows)}, {c: j for j, c in enumerate(cols)}
+  return np.asarray([reward[r_of[k], c_of[c]] for k, c in zip(keys, columns)], np.float64)

@@ -1,8 +1,8 @@
 """The run's configuration: one frozen dataclass per stage, collected in `RunConfig`.
 
 Defaults are the embedded toy world (`python -m persyn_jax.train` with no arguments) and, where
-the paper is silent, our own choices (docs/SCORING.md, docs/SFT.md). YAML files in configs/ override them; `--set
-key.sub=value` overrides those.
+the paper is silent, our own choices (docs/SCORING.md, docs/SFT.md). YAML files in configs/
+override them; `--set key.sub=value` overrides those.
 """
 from __future__ import annotations
 

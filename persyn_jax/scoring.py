@@ -35,7 +35,8 @@ from persyn_jax import sharding as shd
 from persyn_jax.data import chat
 from persyn_jax.data.batches import build_batch, pack_decreasing
 from persyn_jax.metrics import progress
-from persyn_jax.rewards import combine, group_matrix, normalize, NORMALIZERS  # noqa: F401
+from persyn_jax.rewards import (combine, group_matrix, normalize, NORMALIZERS,  # noqa: F401
+                                response_rewards)
 from persyn_jax.runtime import logprob
 from persyn_jax.runtime.buckets import bucket_lengths, fit_prompt_response, pad_rows, plan_batches
 from persyn_jax.runtime.runner import Runner
@@ -390,18 +391,13 @@ def score_records(records: Sequence[Mapping[str, Any]], config: ScoringConfig, *
                                config.verifier)
     qstats = {"pairs": len(records), "verified": len(records)}
   keys = [r["id"] for r in records]
-  cols = [(r["teacher"], r.get("sample", 0)) for r in records]
-  rows, colnames, q = group_matrix(keys, cols, quality)
-  _, _, l = group_matrix(keys, cols, learn, colnames)
-  reward = combine(q, l, config.alpha, config.normalizer)
-  r_of, c_of = {k: i for i, k in enumerate(rows)}, {c: j for j, c in enumerate(colnames)}
-  out = []
-  for rec, lv, qv, k, c in zip(records, learn, quality, keys, cols):
-    rv = reward[r_of[k], c_of[c]]
-    out.append({**rec, "scores": {"quality": _finite(qv), "learnability": _finite(lv),
-                                  "reward": _finite(rv)}})
-  stats = {"records": len(records), "prompts": len(rows), "learnability": lstats, "quality": qstats,
-           "unscored": int(sum(o["scores"]["reward"] is None for o in out))}
+  reward = response_rewards(keys, [(r["teacher"], r.get("sample", 0)) for r in records], quality,
+                            learn, config.alpha, config.normalizer)
+  out = [{**rec, "scores": {"quality": _finite(qv), "learnability": _finite(lv),
+                            "reward": _finite(rv)}}
+         for rec, lv, qv, rv in zip(records, learn, quality, reward)]
+  stats = {"records": len(records), "prompts": len(set(keys)), "learnability": lstats,
+           "quality": qstats, "unscored": int(sum(o["scores"]["reward"] is None for o in out))}
   return out, stats
 
 

@@ -21,7 +21,7 @@ from persyn_jax import distributed as dist
 from persyn_jax import fs
 from persyn_jax.data import shards
 from persyn_jax.io_utils import atomic_write_json
-from persyn_jax.rewards import combine, group_matrix
+from persyn_jax.rewards import response_rewards
 from persyn_jax.run_config import RunConfig, SweepConfig
 
 if TYPE_CHECKING:
@@ -48,17 +48,12 @@ def rescored(records: list[dict], alpha: float, normalizer: str) -> list[dict]:
   """Score records with their reward recombined at `alpha` from their own quality and
   learnability (per prompt across its responses, as the score stage does)."""
   nan = lambda v: np.nan if v is None else v  # noqa: E731
-  keys = [r["id"] for r in records]
-  cols = [(r["teacher"], r.get("sample", 0)) for r in records]
-  rows, names, q = group_matrix(keys, cols, [nan(r["scores"]["quality"]) for r in records])
-  _, _, l = group_matrix(keys, cols, [nan(r["scores"]["learnability"]) for r in records], names)
-  reward = combine(q, l, alpha, normalizer)
-  r_of, c_of = {k: i for i, k in enumerate(rows)}, {c: j for j, c in enumerate(names)}
-  out = []
-  for rec, k, c in zip(records, keys, cols):
-    v = float(reward[r_of[k], c_of[c]])
-    out.append({**rec, "scores": {**rec["scores"], "reward": v if np.isfinite(v) else None}})
-  return out
+  reward = response_rewards([r["id"] for r in records],
+                            [(r["teacher"], r.get("sample", 0)) for r in records],
+                            [nan(r["scores"]["quality"]) for r in records],
+                            [nan(r["scores"]["learnability"]) for r in records], alpha, normalizer)
+  return [{**rec, "scores": {**rec["scores"], "reward": float(v) if np.isfinite(v) else None}}
+          for rec, v in zip(records, reward)]
 
 
 def seed_child(parent: "Run", child: "Run") -> None:
