@@ -291,8 +291,8 @@ def plan(cfg: RunConfig, *, num_prompts: int | None = None,
         problems.append(f"teacher {t.name}: it fits with `mesh: {{data: {devices // hint}, fsdp: 1, "
                         f"tensor: {hint}}}` on this teacher")
     if "weights" in sp:
-      add("probe/generate", t.name, tmesh, sp["rows_per_replica"], params=sp["weights"], kv_cache=sp["kv_cache"],
-          activations=sp["activations"])
+      add("probe/generate", t.name, tmesh, sp["rows_per_replica"], params=sp["weights"],
+          kv_cache=sp["kv_cache"], activations=sp["activations"])
       serving.append({k2: round(v / GB, 3) if k2 in ("weights", "kv_cache", "activations") else v
                       for k2, v in sp.items()})
     teachers.append({"name": t.name, "path": t.path, "params_b": round(num_params(a) / 1e9, 2),
