@@ -176,21 +176,37 @@ def export_policy(data_dir: str, policy: str, out_dir: str, formats: Sequence[st
   return {f: WRITERS[f](rows, fs.join(d, FILES[f])) for f in formats}
 
 
+def read_dataset_info(path: str) -> dict:
+  """The entries of an existing LLaMA-Factory dataset_info.json (other runs', other datasets'),
+  kept when ours are added; {} when there is none. A file that is not a JSON object is refused,
+  naming it: LLaMA-Factory could not read it either."""
+  if not fs.exists(path):
+    return {}
+  try:
+    info = json.loads(fs.read_bytes(path))
+  except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+    raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it (LLaMA-Factory reads it "
+                     "too)") from None
+  if not isinstance(info, dict):
+    raise ValueError(f"{path}: holds a {type(info).__name__}, not an object of dataset entries "
+                     "(LLaMA-Factory's dataset_info.json: dataset name -> entry)")
+  return info
+
+
 def export_run(run_dir: str, policies: Sequence[str], config: ExportConfig, *, name: str = "run"
                ) -> dict[str, dict[str, str]]:
   """Exports every policy's dataset of a run (see the module doc) to <dir>/<name>_<policy>/; with
   jsonl, also merges one entry per policy (`<name>_<policy>`) into <dir>/dataset_info.json,
   keeping the other entries there. Returns {policy: paths}."""
   out_dir = config.dir or fs.join(run_dir, "export")
+  info_path = fs.join(out_dir, "dataset_info.json")
+  llama_factory = "jsonl" in config.formats and bool(policies)
+  info = read_dataset_info(info_path) if llama_factory else {}  # checked before writing anything
   out = {}
   for policy in policies:
     out[policy] = export_policy(fs.join(run_dir, "data", safe_name(policy, "policy")), policy,
                                 out_dir, config.formats, config.system, name=name)
-  if "jsonl" in config.formats and policies:
-    info_path = fs.join(out_dir, "dataset_info.json")
-    info = {}
-    if fs.exists(info_path):  # other runs' entries in a shared dir are kept
-      info = json.loads(fs.read_bytes(info_path))
+  if llama_factory:
     for policy in policies:
       rel = (posixpath if fs.is_remote(out_dir) else os.path).relpath(out[policy]["jsonl"], out_dir)
       info[dataset_name(name, policy)] = llama_factory_entry(rel)

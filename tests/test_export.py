@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,3 +318,23 @@ def test_an_unknown_format_is_refused_naming_the_known_ones():
 def test_the_default_run_config_exports_jsonl():
   from persyn_jax.run_config import RunConfig
   assert RunConfig().export.formats == ("jsonl",)
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"mine": {"file_name": "mine.json"},}', r"not valid JSON \(Expecting property name"),
+    ("", r"not valid JSON \(Expecting value"),
+    ("[1, 2]", r"holds a list, not an object of dataset entries"),
+])
+def test_an_unreadable_dataset_info_is_refused_naming_it_before_anything_is_written(
+    tmp_path, content, match):
+  """A dataset_info.json already in the export dir (a LLaMA-Factory dataset_dir, maintained by
+  hand) that is not a JSON object: the error names the file (it was a bare JSONDecodeError or
+  TypeError), and no policy's files are written first."""
+  run = make_run(tmp_path)
+  out = tmp_path / "lf"
+  out.mkdir()
+  info = out / "dataset_info.json"
+  info.write_text(content)
+  with pytest.raises(ValueError, match=re.escape(str(info)) + ": " + match):
+    ex.export_run(run, ["persyn"], ex.ExportConfig(formats=("jsonl",), dir=str(out)), name="toy")
+  assert info.read_text() == content and sorted(os.listdir(out)) == ["dataset_info.json"]
