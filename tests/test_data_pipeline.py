@@ -242,3 +242,133 @@ def test_tokenized_once_gives_the_same_batches_every_epoch(tok, tmp_path, packin
     assert gs == ws and (ws["truncated"] or ws["skipped_overlong"])
   with pytest.raises(ValueError, match=r"seq_len, overlong, system\) = \(50"):
     batches(tok, data=None, tokenized=cached, seq_len=64, overlong=overlong)
+
+
+# Chat templates of the model families, as their tokenizer_config.json files have them (Qwen2.5's
+# without its tool branches).
+FAMILY_TEMPLATES = {
+    # family: (template, bos, eos, other special tokens, the tokenizer itself adds bos)
+    "llama3": ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content "
+               "= '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content']"
+               " | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + "
+               "content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ "
+               "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+               "<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>"], True),
+    "qwen2.5": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]"
+                "['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, "
+                "created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+                "{%- for message in messages %}{%- if (message.role == 'user') or (message.role == "
+                "'system' and not loop.first) or (message.role == 'assistant') %}{{- '<|im_start|>' +"
+                " message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- "
+                "endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
+                None, "<|im_end|>", [], False),
+    "gemma2": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System "
+               "role not supported') }}{% endif %}{% for message in messages %}{% if (message['role']"
+               " == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+               "alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] =="
+               " 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{%"
+               " endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + "
+               "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>"
+               "model\n'}}{% endif %}", "<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"], True),
+    "mistral": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+                "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+                "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only "
+                "user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+                "<s>", "</s>", [], True),
+    # v0.3: the system prompt goes into the last user turn, so appending the answer moves it
+    "mistral-v0.3": ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]"
+                     "['content'] %}{%- set loop_messages = messages[1:] %}{%- else %}{%- set "
+                     "loop_messages = messages %}{%- endif %}{{- bos_token }}{%- for message in "
+                     "loop_messages %}{%- if message['role'] == 'user' %}{%- if loop.last and "
+                     "system_message is defined %}{{- '[INST] ' + system_message + '\n\n' + "
+                     "message['content'] + '[/INST]' }}{%- else %}{{- '[INST] ' + message['content']"
+                     " + '[/INST]' }}{%- endif %}{%- elif message['role'] == 'assistant' %}{{- ' ' "
+                     "+ message['content']|trim + eos_token}}{%- endif %}{%- endfor %}",
+                     "<s>", "</s>", ["[INST]", "[/INST]"], True),
+    "phi3": ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + "
+             "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + "
+             "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{"
+             "'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if "
+             "add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+             "<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], False),
+}
+
+
+# templates without a system turn, and how they refuse one
+NO_SYSTEM = {"gemma2": "System role not supported", "mistral": "Conversation roles must alternate"}
+
+
+def family_tokenizer(tok, family, path):
+  """The test tokenizer with a family's special tokens and chat template, saved and reloaded; a
+  family whose tokenizer adds BOS itself gets that post-processor too."""
+  import copy
+
+  from tokenizers import processors
+  from transformers import AutoTokenizer
+  template, bos, eos, extra, adds_bos = FAMILY_TEMPLATES[family]
+  t = copy.deepcopy(tok)
+  t.add_special_tokens({"additional_special_tokens": [s for s in (bos, eos, *extra) if s]})
+  if bos:
+    t.bos_token = bos
+  t.eos_token, t.chat_template = eos, template
+  if adds_bos:
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, t.convert_tokens_to_ids(bos))])
+  t.save_pretrained(str(path))
+  return AutoTokenizer.from_pretrained(str(path))
+
+
+def hf_ids(tok, messages, **kw):
+  """transformers' own token ids of a chat (apply_chat_template(tokenize=True))."""
+  return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+def test_family_chat_templates_give_transformers_ids_and_mask_the_answer(tok, tmp_path, family):
+  """Each family's template: the example's ids are transformers' apply_chat_template ids of the
+  whole conversation (one BOS, whether or not the tokenizer adds one itself), and the loss mask
+  is 1 exactly after the ids of its generation prompt (the answer and the end of the turn), as
+  TRL masks a prompt-completion pair; also through sft_batches, cut at seq_len. Gemma's and
+  Mistral v0.1's templates refuse a system turn; Mistral v0.3's moves the system prompt when the answer is appended, so
+  the example is the generation prompt's ids, then the answer's, then EOS (chat.pair_ids)."""
+  t = family_tokenizer(tok, family, tmp_path)
+  assert t("x")["input_ids"][0] == t.bos_token_id or not FAMILY_TEMPLATES[family][4]
+  prompts = ["2+2?", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]]
+  responses = ["The answer is 4.", "  spaced  ", "\nleading newline"]
+  recs = []
+  for i, prompt in enumerate(prompts):
+    msgs = chat.to_messages(prompt)
+    for response in responses:
+      if family in NO_SYSTEM and msgs[0]["role"] == "system":
+        with pytest.raises(chat.ChatTemplateError, match=NO_SYSTEM[family]):
+          chat.pair_ids(t, prompt, response)
+        continue
+      p = hf_ids(t, msgs, add_generation_prompt=True)
+      full = hf_ids(t, msgs + [{"role": "assistant", "content": response}])
+      ids, mask = chat.pair_ids(t, prompt, response)
+      assert chat.pair_ids_batch(t, [prompt], [response]) == [(ids, mask)]
+      if "bos_token" in t.chat_template:  # the template's BOS, once (not the tokenizer's too)
+        assert ids[0] == t.bos_token_id and ids.count(t.bos_token_id) == 1
+      if family == "mistral-v0.3" and msgs[0]["role"] == "system":
+        assert full[:len(p)] != p
+        r = t(response, add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+        assert (ids, mask) == (p + r, [0] * len(p) + [1] * len(r))
+        continue
+      assert full[:len(p)] == p
+      assert (ids, mask) == (full, [0] * len(p) + [1] * (len(full) - len(p)))
+      recs.append(R.make(f"{i}-{len(recs)}", "x", messages=msgs, response=response))
+  pairs = [chat.pair_ids(t, r["messages"], r["response"]) for r in recs]
+  seq = sorted(len(ids) for ids, _ in pairs)[len(pairs) // 2]  # about half the examples are cut
+  want = []
+  for ids, mask in pairs:
+    ids, mask = ids[:seq], mask[:seq]
+    if any(mask[1:]):
+      want.append((tuple(ids), tuple(ids[1:]) + (0,), tuple(float(m) for m in mask[1:]) + (0.0,)))
+  it = P.sft_batches(recs, t, seq_len=seq, batch_size=2)
+  assert sorted(segments(it)) == sorted(want)
+  assert it.stats["truncated"] > 0
