@@ -274,3 +274,28 @@ def test_three_steps_equal_torch_adamw_with_clipping_decay_mask_and_schedule(mod
   # near-zero gradient shows as a fraction of lr at a few weights (weights moved by up to ~3·lr)
   for n, p in named:
     np.testing.assert_allclose(ours[n], p.detach().numpy(), rtol=0, atol=0.02 * lr, err_msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_packed_loss_is_the_sum_of_torch_per_example_losses(model_dir, arch):
+  """Examples packed into rows (segment ids, positions restarting per segment) give the summed
+  response-token cross-entropy that transformers computes on each example alone; also with
+  sliding windows shorter than the examples (Mistral's: there a leak across segments would not
+  reach the answers, Llama's full attention and Gemma 2's global layers show one) and Gemma 2's
+  logit soft-capping."""
+  import torch
+  path, tmodel = model_dir(arch)
+  m, tok = from_pretrained(path, dtype="float32")
+  exs = examples(tok, 5)
+  want, count = 0.0, 0
+  for ids, mask in exs:
+    with torch.no_grad():
+      logp = torch.log_softmax(tmodel(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    resp = np.asarray(mask[1:], bool)  # targets ids[1:], response tokens only
+    want -= logp[np.arange(len(ids) - 1), ids[1:]][resp].sum()
+    count += resp.sum()
+  batch = pack(exs, 2, SEQ, per_row=3)
+  assert batch["segment_ids"].max() == 3
+  total, aux = nnx.jit(loss_sums)(m, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert float(aux["count"]) == count
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
