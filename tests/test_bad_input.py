@@ -579,6 +579,7 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     ("sft.lora.alpha", ".nan", r"--set sft.lora.alpha=.nan: lora.alpha=nan: must be a finite"),
     ("prompts.probe", ".nan", r"--set prompts.probe=.nan: prompts.probe=nan: a count"),
     ("seed", "-1", r"--set seed=-1: seed=-1: must be >= 0"),
+    ("sft.seed", "-1", r"--set sft.seed=-1: sft.seed=-1: must be >= 0"),
     ("name", "''", r"--set name='': name='': a non-empty run name"),
     ("name", "../x", r"name='../x': a non-empty run name without '/'"),
     ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),

@@ -86,6 +86,8 @@ class SFTConfig:
       raise ValueError(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
     if not 0.0 <= self.min_lr_ratio <= 1.0:
       raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+    if self.seed < 0:  # numpy's SeedSequence would refuse it in the SFT stage, after the teachers
+      raise ValueError(f"sft.seed={self.seed}: must be >= 0")
     if self.max_steps == 0 and self.epochs <= 0:
       raise ValueError("either max_steps > 0 or epochs > 0 is needed")
     if self.loss_chunk and self.seq_len % self.loss_chunk:
