@@ -107,7 +107,7 @@ def test_a_resume_in_any_epoch_continues_the_uninterrupted_stream(tok):
   (here 8, then 9); a resumed position is walked through each epoch's own count."""
   import itertools
   import types
-  c = types.SimpleNamespace(seq_len=SEQ, batch_size=3, seed=0)
+  c = types.SimpleNamespace(seq_len=SEQ, batch_size=3, seed=0, unfinished="drop")
   fn, per_epoch = P.epoch_batches(RECS, tok, c)
   tk = P.TokenizedRecords(RECS, tok, seq_len=SEQ)
   counts = [sum(1 for _ in P.sft_batches(RECS, tok, seq_len=SEQ, batch_size=3, seed=0, epoch=e,
@@ -119,6 +119,30 @@ def test_a_resume_in_any_epoch_continues_the_uninterrupted_stream(tok):
   for p in range(n):
     got = list(itertools.islice(fn(p), 3))
     assert all(same(a, b) for a, b in zip(got, full[p:p + 3])), p
+
+
+def test_responses_cut_by_max_new_tokens_are_left_out_unless_kept(tok):
+  """A response whose teacher hit max_new_tokens (finish_reason "length") would be trained with
+  the template's end-of-turn token, teaching the student to stop mid-answer: unfinished="drop"
+  (the default) gives exactly the batches of the records without them; "keep" those of all."""
+  recs = [dict(r, finish_reason="length" if i % 3 == 0 else "stop") for i, r in enumerate(RECS)]
+  cut = sum(r["finish_reason"] == "length" for r in recs)
+  finished = [r for r in recs if r["finish_reason"] == "stop"]
+  same = lambda a, b: len(a) == len(b) and all(
+      all((x[k] == y[k]).all() for k in P.KEYS) for x, y in zip(a, b))
+  dropped, stats = batches(tok, data=recs, shuffle=False)
+  assert stats["skipped_unfinished"] == cut > 0 and stats["examples"] == len(finished)
+  assert same(dropped, batches(tok, data=finished, shuffle=False)[0])
+  kept, stats = batches(tok, data=recs, shuffle=False, unfinished="keep")
+  assert stats["examples"] == len(recs) and not stats["skipped_unfinished"]
+  assert same(kept, batches(tok, shuffle=False)[0]) and not same(kept, dropped)
+  tk = P.TokenizedRecords(recs, tok, seq_len=SEQ)  # tokenized once: the same outcome
+  assert same(dropped, list(P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, shuffle=False,
+                                          tokenized=tk)))
+  with pytest.raises(ValueError, match="unfinished"):
+    P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, tokenized=tk, unfinished="keep")
+  with pytest.raises(ValueError, match="unfinished='cut'"):
+    P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, unfinished="cut")
 
 
 def test_shard_directory_gives_the_same_batches_as_the_records(tok, tmp_path):
@@ -240,7 +264,7 @@ def test_tokenized_once_gives_the_same_batches_every_epoch(tok, tmp_path, packin
     assert len(got) == len(want) > 1
     assert all((a[k] == b[k]).all() for a, b in zip(got, want) for k in P.KEYS), epoch
     assert gs == ws and (ws["truncated"] or ws["skipped_overlong"])
-  with pytest.raises(ValueError, match=r"seq_len, overlong, system\) = \(50"):
+  with pytest.raises(ValueError, match=r"seq_len, overlong, system, unfinished\) = \(50"):
     batches(tok, data=None, tokenized=cached, seq_len=64, overlong=overlong)
 
 

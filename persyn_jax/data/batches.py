@@ -43,10 +43,12 @@ class SFTDataConfig:
   shuffle: bool = True
   system: str | None = None      # system prompt given to the chat template
   drop_remainder: bool = False   # drop the last, partly filled batch of an epoch
+  unfinished: str = "drop"       # a response cut by max_new_tokens: "drop" it or "keep" it
 
   def __post_init__(self):
     if self.overlong not in ("truncate", "skip"):
       raise ValueError(f"overlong={self.overlong!r}: 'truncate' or 'skip'")
+    check_unfinished(self.unfinished)
     if self.seq_len < 2 or self.batch_size < 1:
       raise ValueError(f"seq_len={self.seq_len}, batch_size={self.batch_size}: seq_len >= 2, "
                        "batch_size >= 1")
@@ -96,6 +98,17 @@ def _check_response(record: Mapping[str, Any]) -> None:
   if not isinstance(record.get("response"), str):
     raise rec.RecordError(f"record {record.get('id')!r}: no 'response' to train on "
                           f"(response = {record.get('response')!r})")
+
+
+def check_unfinished(value: str, name: str = "unfinished") -> None:
+  if value not in ("drop", "keep"):
+    raise ValueError(f"{name}={value!r}: 'drop' or 'keep'")
+
+
+def unfinished_response(record: Mapping[str, Any]) -> bool:
+  """Whether the teacher stopped at max_new_tokens, not at its own end (finish_reason "length"):
+  trained as it is, the template's end-of-turn token would teach the student to stop mid-answer."""
+  return record.get("finish_reason") == "length"
 
 
 def tokenize(record: Mapping[str, Any], tokenizer, system: str | None = None
@@ -213,18 +226,26 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: 
 
 
 def tokenize_records(ds, tokenizer, seq_len: int, overlong: str, system: str | None,
-                     chunk: int = 64) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | None, Counter]]:
+                     chunk: int = 64, unfinished: str = "drop"
+                     ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | None, Counter]]:
   """Per record of `ds` (in order): its example cut to seq_len, or None when skipped, and the
-  stats it adds (examples, truncated, skipped_overlong, skipped_no_response)."""
+  stats it adds (examples, truncated, skipped_overlong, skipped_no_response, and
+  skipped_unfinished: a response cut by max_new_tokens, with unfinished="drop")."""
   # indexing, not iter(): grain's prefetch threads cost more than they give on a few cores, and
   # tokenization (batched: the Rust tokenizer encodes a chunk in parallel) is the bottleneck
   for start in range(0, len(ds), chunk):
     recs = [ds[i] for i in range(start, min(len(ds), start + chunk))]
     for record in recs:
       _check_response(record)
-    pairs = chat.pair_ids_batch(tokenizer, [r.get("messages") or r["prompt"] for r in recs],
-                                [r["response"] for r in recs], system)
-    for ids, mask in pairs:
+    dropped = [unfinished == "drop" and unfinished_response(r) for r in recs]
+    kept = [r for r, d in zip(recs, dropped) if not d]
+    pairs = iter(chat.pair_ids_batch(tokenizer, [r.get("messages") or r["prompt"] for r in kept],
+                                     [r["response"] for r in kept], system))
+    for d in dropped:
+      if d:
+        yield None, Counter(skipped_unfinished=1)
+        continue
+      ids, mask = next(pairs)
       outcome: Counter = Counter()
       ex = fit_length(np.asarray(ids, np.int32), np.asarray(mask, np.int8), seq_len, overlong,
                       outcome)
@@ -273,7 +294,7 @@ class SFTBatches:
       outcomes = (self.tokenized[ds[i]] for i in range(len(ds)))
     else:
       outcomes = tokenize_records(ds, self.tokenizer, self.cfg.seq_len, self.cfg.overlong,
-                                  self.cfg.system)
+                                  self.cfg.system, unfinished=self.cfg.unfinished)
     for ex, outcome in outcomes:
       self.stats.update(outcome)
       if ex is not None:
@@ -315,7 +336,8 @@ def sft_batches(data, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0
                 packing: bool = True, overlong: str = "truncate", shuffle: bool = True,
                 system: str | None = None, drop_remainder: bool = False, start_step: int = 0,
                 num_batches: int | None = None, stage: str | None = None,
-                tokenized: "TokenizedRecords | None" = None) -> SFTBatches:
+                tokenized: "TokenizedRecords | None" = None, unfinished: str = "drop"
+                ) -> SFTBatches:
   """The SFT batches of one epoch of `data` (a shard directory or a list of records).
 
   Deterministic in (data, tokenizer, seed, epoch); `start_step` skips that many batches for an
@@ -324,7 +346,8 @@ def sft_batches(data, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0
   the same, epoch after epoch, without the chat template's cost (`data` is then unused).
   """
   cfg = SFTDataConfig(seq_len=seq_len, batch_size=batch_size, packing=packing, overlong=overlong,
-                      shuffle=shuffle, system=system, drop_remainder=drop_remainder)
+                      shuffle=shuffle, system=system, drop_remainder=drop_remainder,
+                      unfinished=unfinished)
   return SFTBatches(data, tokenizer, cfg, seed=seed, epoch=epoch, start_step=start_step,
                     num_batches=num_batches, stage=stage, tokenized=tokenized)
 
@@ -335,10 +358,11 @@ class TokenizedRecords:
   epochs of a run (sft_batches(tokenized=...)); about 5 bytes per token of host memory."""
 
   def __init__(self, data, tokenizer, *, seq_len: int, overlong: str = "truncate",
-               system: str | None = None, stage: str | None = None):
-    self.seq_len, self.overlong, self.system = seq_len, overlong, system
+               system: str | None = None, stage: str | None = None, unfinished: str = "drop"):
+    check_unfinished(unfinished)
+    self.seq_len, self.overlong, self.system, self.unfinished = seq_len, overlong, system, unfinished
     self._items = list(tokenize_records(record_dataset(data, stage), tokenizer, seq_len,
-                                        overlong, system))
+                                        overlong, system, unfinished=unfinished))
 
   def __len__(self) -> int:
     return len(self._items)
@@ -347,10 +371,11 @@ class TokenizedRecords:
     return self._items[i]
 
   def check(self, cfg: SFTDataConfig) -> None:
-    got = (self.seq_len, self.overlong, self.system)
-    want = (cfg.seq_len, cfg.overlong, cfg.system)
+    got = (self.seq_len, self.overlong, self.system, self.unfinished)
+    want = (cfg.seq_len, cfg.overlong, cfg.system, cfg.unfinished)
     if got != want:
-      raise ValueError(f"tokenized with (seq_len, overlong, system) = {got}, batches ask {want}")
+      raise ValueError(f"tokenized with (seq_len, overlong, system, unfinished) = {got}, batches "
+                       f"ask {want}")
 
 
 def to_device(batch: Mapping[str, np.ndarray], mesh) -> dict:
@@ -372,9 +397,12 @@ def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
 
   Each epoch is shuffled, then packed first-fit, so epochs may differ by a batch or so: a resumed
   position is walked through each epoch's own count (counted once, when a resume first needs it),
-  never divided by epoch 0's, so `batches(p)` is the uninterrupted stream from microbatch p on."""
-  tokenized = TokenizedRecords(data_dir, tokenizer, seq_len=c.seq_len, stage="data")
-  kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, tokenized=tokenized)
+  never divided by epoch 0's, so `batches(p)` is the uninterrupted stream from microbatch p on.
+  `batches.stats` holds epoch 0's counts (examples, truncated, skipped_* by reason)."""
+  tokenized = TokenizedRecords(data_dir, tokenizer, seq_len=c.seq_len, stage="data",
+                               unfinished=c.unfinished)
+  kw = dict(seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed, tokenized=tokenized,
+            unfinished=c.unfinished)
   first = sft_batches(data_dir, tokenizer, epoch=0, **kw)
   counts = [sum(1 for _ in first)]
   if counts[0] == 0:
@@ -394,4 +422,5 @@ def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
       yield from sft_batches(data_dir, tokenizer, epoch=epoch, start_step=skip, **kw)
       epoch, skip = epoch + 1, 0
 
+  batches.stats = dict(first.stats)  # epoch 0's counts: examples, truncated, skipped_*
   return batches, counts[0]

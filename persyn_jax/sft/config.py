@@ -35,6 +35,7 @@ class SFTConfig:
   seq_len: int = 4096
   epochs: float = 2.0
   max_steps: int = 0
+  unfinished: Literal["drop", "keep"] = "drop"  # a response cut by max_new_tokens (SFT.md)
   # numerics
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"  # master weights of the trained parameters
@@ -88,6 +89,8 @@ class SFTConfig:
       raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
     if self.seed < 0:  # numpy's SeedSequence would refuse it in the SFT stage, after the teachers
       raise ValueError(f"sft.seed={self.seed}: must be >= 0")
+    if self.unfinished not in ("drop", "keep"):
+      raise ValueError(f"sft.unfinished={self.unfinished!r}: 'drop' or 'keep'")
     if self.max_steps == 0 and self.epochs <= 0:
       raise ValueError("either max_steps > 0 or epochs > 0 is needed")
     if self.loss_chunk and self.seq_len % self.loss_chunk:

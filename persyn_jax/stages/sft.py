@@ -94,6 +94,9 @@ def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
   model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)
   batches, per_epoch = epoch_batches(ctx.path("data", safe_name(policy)), tok, c)
   ctx.log(f"[sft] {label}: {per_epoch} batches per epoch")
+  if batches.stats.get("skipped_unfinished"):
+    ctx.log(f"[sft] {label}: {batches.stats['skipped_unfinished']} responses cut by "
+            "max_new_tokens left out (sft.unfinished: drop)")
   run_name = f"{cfg.name}-{policy}" + ("" if seed is None else f"-seed{seed}")
   # gs://: checkpoints straight into the run dir (every process, and a machine replacing a
   # preempted one, sees them); metrics and the exported student in a local working dir
