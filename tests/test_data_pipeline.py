@@ -350,6 +350,35 @@ def hf_ids(tok, messages, **kw):
   return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
 
 
+# the part of Llama 3.1-3.3's template that dates the system header (today's date unless given)
+DATED_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}"
+    "{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+    "{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}")
+
+
+def test_a_dated_template_gives_the_same_ids_on_any_day(tok):
+  """A template that dates its system header (Llama 3.1-3.3) is rendered with a fixed date, not
+  today's: the ids of a prompt (so SFT packing, learnability, a resume) do not depend on the day.
+  They equal transformers' ids given that date_string."""
+  import copy
+  import datetime
+  t = copy.deepcopy(tok)
+  t.chat_template = DATED_TEMPLATE
+  msgs = [{"role": "user", "content": "2 + 3?"}]
+  text = chat.prompt_text(t, msgs)
+  assert "Today Date: 26 Jul 2024" in text, text
+  assert datetime.date.today().strftime("%d %b %Y") not in text
+  ids, mask = chat.pair_ids(t, msgs, "5")
+  want = list(t.apply_chat_template(msgs + [{"role": "assistant", "content": "5"}],
+                                    tokenize=True, return_dict=False, date_string="26 Jul 2024"))
+  assert list(ids) == want and sum(mask) > 0
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
 def test_family_chat_templates_give_transformers_ids_and_mask_the_answer(tok, tmp_path, family):
   """Each family's template: the example's ids are transformers' apply_chat_template ids of the

@@ -64,10 +64,19 @@ def template_source(tokenizer) -> str:
   return f"the chat template of tokenizer {where or type(tokenizer).__name__!r}"
 
 
+# Llama 3.1-3.3's templates put "Today Date: <date_string>" in the system header and, given no
+# date_string, take today's date (transformers' strftime_now): the ids of every prompt would then
+# depend on the day a stage runs (a resume after midnight would pack other SFT batches, scoring
+# and SFT on different days would see other prompts). Every template is rendered with this fixed
+# date instead: the one those templates fall back to when the renderer has no clock.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def apply_template(tokenizer, messages: Messages, *, add_generation_prompt: bool = False) -> str:
-  """The tokenizer's chat template rendered on `messages` (text, not ids)."""
+  """The tokenizer's chat template rendered on `messages` (text, not ids), with `date_string`
+  fixed to TEMPLATE_DATE for the templates that read it."""
   try:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+    return tokenizer.apply_chat_template(messages, tokenize=False, date_string=TEMPLATE_DATE,
                                          add_generation_prompt=add_generation_prompt)
   except Exception as e:  # jinja2.TemplateError (raise_exception, syntax), or any error in it
     model = getattr(tokenizer, "name_or_path", "") or "?"
