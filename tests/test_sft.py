@@ -178,6 +178,19 @@ def test_lora_trains_only_adapters_and_merged_equals_unmerged(llama, mesh, tmp_p
                              atol=2e-4, rtol=2e-4)
 
 
+def test_lora_config_refuses_adapters_on_no_projection_or_one_twice():
+  """rank > 0 with no targets used to train nothing (SFT ran, its loss never moved, the base model
+  was exported); a target listed twice failed in apply_lora with 'already carries LoRA adapters'."""
+  from persyn_jax import config as cfglib
+  with pytest.raises(ValueError, match=r"lora.targets is empty with lora.rank=4"):
+    LoRAConfig(rank=4, targets=())
+  with pytest.raises(ValueError, match=r"run.yaml.sft.lora.*lora.targets is empty"):
+    cfglib.from_dict(LoRAConfig, {"rank": 4, "targets": []}, where="run.yaml.sft.lora")
+  with pytest.raises(ValueError, match=r"lora.targets: \['q'\] listed more than once"):
+    LoRAConfig(rank=2, targets=("q", "v", "q"))
+  assert LoRAConfig(rank=0, targets=()).enabled is False  # full fine-tuning needs no targets
+
+
 def test_lora_merged_equals_unmerged(llama):
   model, _, _ = llama
   adapted = apply_lora(recast(model, "float32"), LoRAConfig(rank=3, alpha=6.0), seed=1)

@@ -44,6 +44,12 @@ class LoRAConfig:
     if bad:
       raise ValueError(f"lora.targets: unknown projection(s) {bad}; known: "
                        f"{list(ATTN_TARGETS + MLP_TARGETS)}")
+    if self.rank > 0 and not self.targets:  # adapters on nothing: a run that trains nothing
+      raise ValueError(f"lora.targets is empty with lora.rank={self.rank}: name at least one of "
+                       f"{list(ATTN_TARGETS + MLP_TARGETS)} (rank 0 = full fine-tuning)")
+    dup = sorted({t for t in self.targets if list(self.targets).count(t) > 1})
+    if dup:
+      raise ValueError(f"lora.targets: {dup} listed more than once")
 
   @property
   def enabled(self) -> bool:
