@@ -45,6 +45,12 @@ def param_groups(config: RouterConfig, total_steps: int) -> list[ParamGroup]:
           ParamGroup("backbone", sched(config.lr), config.weight_decay, matrices)]
 
 
+def optimizer(config: RouterConfig, total_steps: int) -> optax.GradientTransformation:
+  """The router's optimizer: global-norm clipping, then AdamW per group (`param_groups`)."""
+  return make_optimizer(param_groups(config, total_steps), grad_clip=config.grad_clip,
+                        labels=label_by_path({"head": "head"}, "backbone"))
+
+
 def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
                  log: Callable[[dict], None] | None = None) -> tuple[Router, dict]:
   """Fits `router` on the probe prompts' [prompts, teachers] combined rewards (NaN = missing).
@@ -78,8 +84,7 @@ def train_router(router: Router, prompts: Sequence, rewards: np.ndarray, *,
   # epoch shorter than that), the last step included
   marks = {j * steps_per_epoch // cfg.evals_per_epoch for j in range(1, cfg.evals_per_epoch + 1)}
   eval_steps = {e * steps_per_epoch + m for e in range(cfg.epochs) for m in marks if m}
-  tx = make_optimizer(param_groups(cfg, total), grad_clip=cfg.grad_clip,
-                      labels=label_by_path({"head": "head"}, "backbone"))
+  tx = optimizer(cfg, total)
 
   trainable_filter = (nnx.All(nnx.Param, nnx.PathContains("head")) if cfg.freeze_backbone
                       else nnx.Param)

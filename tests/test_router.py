@@ -110,6 +110,32 @@ def test_held_out_split_is_seeded_and_disjoint():
   assert len(held_out_split(5, 0.01, seed=0)[1]) == 1
 
 
+def test_router_weight_decay_spares_stacked_norm_scales_and_biases(model_dir):
+  """AdamW decays the weight matrices only (docs/SCORING.md): with zero gradients one update is
+  -lr * wd * p on the matrices and nothing on the norm scales and biases, which the scanned
+  decoder stores stacked ([layers, dim], [layers, heads, head_dim]): rank >= 2, yet no matrix."""
+  from flax import nnx
+  from persyn_jax.router_train import optimizer
+  path, _ = model_dir("llama_bias")
+  cfg = RouterConfig(backbone=path, dtype="float32", warmup_ratio=0.0, weight_decay=0.1,
+                     lr=1e-2, head_lr=1e-1)
+  router = Router.from_backbone(path, ["a", "b"], cfg)
+  _, params, _ = nnx.split(router.model, nnx.Param, ...)
+  tx = optimizer(cfg, total_steps=10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  spared = []
+  for key, u in nnx.to_flat_state(updates):
+    name = "/".join(map(str, key))
+    p = np.asarray(dict(nnx.to_flat_state(params))[key].get_value())
+    lr = cfg.head_lr if key[0] == "head" else cfg.lr
+    matrix = key[-1] in ("w", "embed")
+    want = -lr * cfg.weight_decay * p if matrix else np.zeros_like(p)
+    np.testing.assert_allclose(np.asarray(u.get_value()), want, rtol=1e-6, atol=0, err_msg=name)
+    spared += [] if matrix else [name]
+  assert "backbone/layers/attn_norm/scale" in spared and "backbone/layers/attn/q_bias/b" in spared
+  assert "backbone/final_norm/scale" in spared and "head/b" in spared
+
+
 # ---------------------------------------------------------------------------------------------
 # a synthetic routing problem: the best teacher is a function of a keyword in the prompt
 

@@ -37,9 +37,26 @@ class ParamGroup:
                        weight_decay=self.weight_decay, mask=self.decay_mask)
 
 
+# Leaf names (last path key) of the models' norm scales and biases (models/layers.py: RMSNorm.scale,
+# Bias.b; the router's head bias is `b` too), never decayed whatever their rank: the decoder's
+# blocks are stacked, so their norm scales are [layers, dim] and their biases [layers, ...].
+NO_DECAY_LEAVES = ("scale", "b")
+
+
+def _leaf_name(path) -> str | None:
+  """The parameter's name: the last dict key of its path (an nnx Variable adds `.value` after it;
+  a flat {"a/b/scale": x} dict names it after the last slash)."""
+  for k in reversed(path):
+    if isinstance(k, jax.tree_util.DictKey):
+      return str(k.key).rsplit("/", 1)[-1]
+  return None
+
+
 def matrices(params) -> Any:
-  """Weight decay on parameters of rank >= 2 only (not on biases and norm scales)."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on weight matrices only: parameters of rank >= 2 that are not a norm scale or a
+  bias (a stacked layer's [layers, dim] norm scale is no matrix)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim >= 2 and _leaf_name(path) not in NO_DECAY_LEAVES, params)
 
 
 def label_by_path(names: Mapping[str, str], default: str) -> Callable[[Any], Any]:
