@@ -191,6 +191,25 @@ def test_lora_config_refuses_adapters_on_no_projection_or_one_twice():
   assert LoRAConfig(rank=0, targets=()).enabled is False  # full fine-tuning needs no targets
 
 
+def test_lora_scale_is_not_rounded_to_the_compute_dtype():
+  """In bf16, the adapter's output times alpha/rank equals PEFT's `lora_B(lora_A(x)) * scaling`
+  (torch: a bf16 tensor times a Python float, one rounding). The scale used to be cast to bf16
+  first (16/3 -> 5.34375, +0.2%): a third of the outputs were one bf16 step off, all upwards."""
+  import ml_dtypes
+  from persyn_jax.models.layers import Einsum
+  base = Einsum("BTD,DF->BTF", (4, 4), ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                param_dtype=jnp.float32)
+  base.w.set_value(jnp.zeros((4, 4)))  # the adapter's term alone
+  m = LoRAEinsum(base, rank=3, alpha=16.0, rngs=nnx.Rngs(1), param_dtype=jnp.float32)
+  m.lora_a.set_value(jnp.eye(4, 3))  # x·A·B = x on the first three outputs, exactly
+  m.lora_b.set_value(jnp.eye(3, 4))
+  x = np.random.default_rng(0).normal(size=(2, 128, 4)).astype(ml_dtypes.bfloat16)
+  tx = torch.tensor(x.astype(np.float32)).to(torch.bfloat16)
+  want = (tx @ torch.eye(4, 3, dtype=torch.bfloat16) @ torch.eye(3, 4, dtype=torch.bfloat16)
+          * (16.0 / 3)).float().numpy()
+  np.testing.assert_array_equal(np.asarray(m(jnp.asarray(x)), np.float32), want)
+
+
 def test_lora_merged_equals_unmerged(llama):
   model, _, _ = llama
   adapted = apply_lora(recast(model, "float32"), LoRAConfig(rank=3, alpha=6.0), seed=1)

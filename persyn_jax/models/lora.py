@@ -108,7 +108,10 @@ class LoRAEinsum(nnx.Module):
     a = self.lora_a[...].astype(self.dtype)
     b = self.lora_b[...].astype(self.dtype)
     h = token_einsum(f"{xs},{contracted}{RANK}->{batch}{RANK}", x, a)
-    return y + token_einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b) * jnp.asarray(self.scale, y.dtype)
+    z = token_einsum(f"{batch}{RANK},{RANK}{free}->{out}", h, b)
+    # the scale multiplies in fp32 (as PEFT's `lora_B(lora_A(x)) * scaling` with a Python float):
+    # in bf16 alpha/rank itself would round (16/3 -> 5.34375), a bias merge_lora does not have
+    return y + (z.astype(jnp.float32) * self.scale).astype(y.dtype)
 
   def delta(self) -> jax.Array:
     """scale · A·B in the layout of `w` (fp32; stacked like `w`)."""
