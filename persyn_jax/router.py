@@ -77,6 +77,18 @@ class RouterConfig:
                  "max_batch_size", "min_bucket"):
       if getattr(self, name) < 1:
         raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
+    # optimizer and pair numbers: a NaN lr trains the router to NaN scores (route() then sends
+    # every prompt to the first teacher), a negative tie_tolerance labels each pair both ways
+    if not (math.isfinite(self.head_lr) and self.head_lr > 0):
+      raise ValueError(f"router.head_lr={self.head_lr}: must be a finite number > 0")
+    for name in ("lr", "weight_decay", "grad_clip", "min_delta", "tie_tolerance"):
+      v = getattr(self, name)
+      if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"router.{name}={v}: must be a finite number >= 0")
+    if not 0.0 <= self.warmup_ratio < 1.0:
+      raise ValueError(f"router.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+    if self.patience < 1:
+      raise ValueError(f"router.patience={self.patience}: must be >= 1")
     if self.pooling == "appended_token" and not self.appended_token:
       raise ValueError("router.appended_token is empty (pooling = appended_token needs one)")
 

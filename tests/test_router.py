@@ -282,6 +282,27 @@ def nnx_state(model):
   return nnx.to_pure_dict(nnx.state(model))
 
 
+def test_router_numbers_a_run_cannot_use_are_refused_when_the_config_is_built():
+  """A NaN or infinite rate trained the router to NaN scores without a word (route() then sent
+  every prompt to the first teacher); a negative tie_tolerance labelled every pair both ways."""
+  from persyn_jax import config as cfglib
+  bad = [("lr", float("nan"), "must be a finite number >= 0"),
+         ("lr", float("inf"), "must be a finite number >= 0"),
+         ("head_lr", 0.0, "must be a finite number > 0"),
+         ("weight_decay", -0.1, "must be a finite number >= 0"),
+         ("grad_clip", float("nan"), "must be a finite number >= 0"),
+         ("min_delta", float("nan"), "must be a finite number >= 0"),
+         ("tie_tolerance", -1e-6, "must be a finite number >= 0"),
+         ("warmup_ratio", 1.0, r"must be in \[0, 1\)"),
+         ("patience", 0, "must be >= 1")]
+  for name, value, match in bad:
+    with pytest.raises(ValueError, match=rf"run.yaml.router.*router.{name}={value}: {match}"):
+      cfglib.from_dict(RouterConfig, {name: value}, where="run.yaml.router")
+  wins, _ = build_pairs(np.array([[0.2, 0.5]]), tie_tolerance=0.0)  # the allowed bounds still work
+  assert wins[0].tolist() == [[0, 0], [1, 0]]
+  RouterConfig(lr=0.0, weight_decay=0.0, grad_clip=0.0, min_delta=0.0, tie_tolerance=0.0)
+
+
 def test_router_config_and_inputs_are_checked(model_dir):
   with pytest.raises(ValueError, match="held_out_fraction"):
     RouterConfig(held_out_fraction=1.0)
