@@ -47,8 +47,8 @@ class PolicyConfig:
   def __post_init__(self):
     if not 0.0 <= self.mix_ratio <= 1.0:
       raise ValueError(f"policies.mix_ratio={self.mix_ratio} must be in [0, 1]")
-    if self.car_beta < 0:
-      raise ValueError(f"policies.car_beta={self.car_beta} must be >= 0")
+    if not (np.isfinite(self.car_beta) and self.car_beta >= 0):  # NaN: every CAR score NaN
+      raise ValueError(f"policies.car_beta={self.car_beta} must be a finite number >= 0")
 
 
 class Best(NamedTuple):

@@ -384,6 +384,17 @@ def test_oracle_takes_the_full_set_argmax():
     pol.assign("oracle", list(full), t, pol.PolicyConfig())
 
 
+def test_car_beta_must_be_a_finite_number():
+  """car_beta NaN made every CAR score NaN and CAR chose the first-listed teacher; inf made every
+  score 0 and a hash chose (on the zoo: gemma, the worst on quality)."""
+  from persyn_jax import config as cfglib
+  for beta in (float("nan"), float("inf"), -1.0):
+    with pytest.raises(ValueError, match=rf"run.yaml.policies.*policies.car_beta={beta} must be "
+                                         r"a finite number >= 0"):
+      cfglib.from_dict(pol.PolicyConfig, {"car_beta": beta}, where="run.yaml.policies")
+  assert only(choose("car", zoo(), pol.PolicyConfig(car_beta=1e6))) == "qwen-small"
+
+
 def test_an_unknown_policy_is_an_error():
   with pytest.raises(ValueError, match="unknown policy 'best'"):
     choose("best", zoo())
