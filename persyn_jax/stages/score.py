@@ -14,8 +14,8 @@ def score(ctx: Context, records: list[dict]) -> tuple[list[dict], dict]:
   """`records` scored by the student (and the reward model, if any) on the scoring mesh."""
   sc = ctx.cfg.scoring
   mesh = ctx.mesh_for(sc.mesh)
-  # The student in scoring.dtype (float32 by default), not student.dtype: learnability is a
-  # mean log-probability, and its ranking of teachers must not move with a storage dtype.
+  # The student in scoring.dtype (bfloat16 by default; float32 where close learnabilities must
+  # not be reordered by rounding), not student.dtype: the storage dtype does not decide it.
   student, stok = ctx.load(dataclasses.replace(ctx.cfg.student, dtype=sc.dtype), mesh)
   scorer = LogProbScorer(student, stok, sc, mesh=mesh)
   rm = None
