@@ -49,6 +49,8 @@ class PolicyConfig:
       raise ValueError(f"policies.mix_ratio={self.mix_ratio} must be in [0, 1]")
     if not (np.isfinite(self.car_beta) and self.car_beta >= 0):  # NaN: every CAR score NaN
       raise ValueError(f"policies.car_beta={self.car_beta} must be a finite number >= 0")
+    if self.seed < 0:
+      raise ValueError(f"policies.seed={self.seed}: must be >= 0")
 
 
 class Best(NamedTuple):

@@ -89,6 +89,8 @@ class RouterConfig:
       raise ValueError(f"router.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
     if self.patience < 1:
       raise ValueError(f"router.patience={self.patience}: must be >= 1")
+    if self.seed < 0:  # numpy's RNG would refuse it in router training, after the probe
+      raise ValueError(f"router.seed={self.seed}: must be >= 0")
     if self.pooling == "appended_token" and not self.appended_token:
       raise ValueError("router.appended_token is empty (pooling = appended_token needs one)")
 

@@ -68,6 +68,8 @@ class PromptsConfig:
       v = getattr(self, name)
       if not math.isfinite(v) or v < 0 or (v >= 1 and not float(v).is_integer()):
         raise ValueError(f"prompts.{name}={v}: a count (whole number >= 1) or a fraction in [0, 1)")
+    if self.seed < 0:
+      raise ValueError(f"prompts.seed={self.seed}: must be >= 0")
 
 
 BENCHMARK_FORMATS = ("alpaca_eval", "arena_hard", "ifeval")
@@ -154,6 +156,10 @@ class ToyWorldConfig:
   scale: Literal["default", "small", "tiny"] = "default"
   seed: int = 0
   cache_dir: str = ""             # "": $PERSYN_JAX_CACHE or ~/.cache/persyn_jax
+
+  def __post_init__(self):
+    if self.seed < 0:  # numpy's RNG would refuse it once the world is built
+      raise ValueError(f"world.seed={self.seed}: must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
