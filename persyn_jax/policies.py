@@ -51,6 +51,9 @@ class PolicyConfig:
       raise ValueError(f"policies.car_beta={self.car_beta} must be a finite number >= 0")
     if self.seed < 0:
       raise ValueError(f"policies.seed={self.seed}: must be >= 0")
+    if self.weak is not None and self.weak == self.strong:
+      raise ValueError(f"policies.weak={self.weak!r} is policies.strong too: mix would be one "
+                       "teacher; name another teacher as weak")
 
 
 class Best(NamedTuple):
@@ -204,9 +207,12 @@ def strong_teacher(table: ScoreTable, cfg: PolicyConfig) -> str:
 def mix_partner(table: ScoreTable, cfg: PolicyConfig, strong: str | None = None) -> str:
   """Mix's second teacher: `policies.weak`, or the usable teacher ranked right below strong by
   mean quality (right above if strong ranks last; strong itself if it is the only one)."""
-  if cfg.weak is not None:
-    return _configured(cfg.weak, table, "policies.weak")
   strong = strong or strong_teacher(table, cfg)
+  if cfg.weak is not None:
+    if cfg.weak == strong:
+      raise ValueError(f"policies.weak={cfg.weak!r} is the strong teacher (the highest mean "
+                       "probe quality): mix would be one teacher; name another teacher as weak")
+    return _configured(cfg.weak, table, "policies.weak")
   rank = ranking(table, seed=cfg.seed, what="strong")
   at = rank.index(strong)
   return rank[at + 1] if at + 1 < len(rank) else rank[max(at - 1, 0)]

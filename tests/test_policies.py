@@ -254,6 +254,15 @@ def test_mix_partner_is_configurable_and_follows_a_configured_strong():
   assert set(a.values()) == {"bottom", "third"}
 
 
+def test_mix_refuses_a_weak_partner_that_is_the_strong_teacher():
+  """policies.weak naming the strong teacher (configured, or the one the probe ranks first) would
+  make mix a single teacher: refused, naming policies.weak."""
+  with pytest.raises(ValueError, match="policies.weak='top' is policies.strong too"):
+    pol.PolicyConfig(strong="top", weak="top")
+  with pytest.raises(ValueError, match="policies.weak='top' is the strong teacher"):
+    pol.assign("mix", ["x0", "x1"], ladder(), pol.PolicyConfig(weak="top"))
+
+
 def test_mix_shares_follow_the_ratio():
   ids = [f"x{i}" for i in range(2000)]
   for ratio in (0.5, 0.8):
