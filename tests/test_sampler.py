@@ -177,3 +177,18 @@ def test_config_errors_name_the_field():
     sampling.SamplingConfig(top_p=0.0)
   with pytest.raises(ValueError, match="sampling.overlong"):
     sampling.SamplingConfig(overlong="wrap")
+
+
+def test_max_positions_warning_counts_prompt_tokens_not_the_bucket(llama):
+  """Positions are prompt_len + i (i < max_new_tokens): a prompt of n tokens reaches position
+  n + max_new - 1, whatever bucket it is padded to. The tiny llama has max_position_embeddings=64;
+  "hi" is 18 tokens (bucket 64 here), so 18 + 46 fits exactly and 18 + 47 does not."""
+  import warnings
+  model, tok, _, _ = llama
+  n = len(chat.prompt_ids(tok, "hi"))
+  fits = 64 - n
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sampling.generate(model, tok, ["hi"], GREEDY.replace(max_new_tokens=fits))
+  with pytest.warns(UserWarning, match=f"a prompt of {n} tokens \\+ max_new_tokens={fits + 1}"):
+    sampling.generate(model, tok, ["hi"], GREEDY.replace(max_new_tokens=fits + 1))

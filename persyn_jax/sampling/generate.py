@@ -147,11 +147,12 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], config: SamplingConfig
   # how long the other prompts are
   plan = plan_batches([len(tokenized[i][0]) for i, _ in rows_all], buckets,
                       batch_size=config.batch_size, multiple=engine.runner.shards, order="input")
-  longest = max(b.length for b in plan) + config.max_new_tokens
-  if longest > getattr(model.config, "max_position_embeddings", longest):
-    warnings.warn(f"prompts of {longest - config.max_new_tokens} tokens + max_new_tokens="
-                  f"{config.max_new_tokens} go past the model's max_position_embeddings="
-                  f"{model.config.max_position_embeddings}")
+  # positions follow the prompt's own tokens (prompt_len + i), not its padded bucket
+  longest = max(len(tokenized[i][0]) for i, _ in rows_all)
+  max_pos = getattr(model.config, "max_position_embeddings", None)
+  if max_pos is not None and longest + config.max_new_tokens > max_pos:
+    warnings.warn(f"a prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} goes "
+                  f"past the model's max_position_embeddings={max_pos}")
 
   def store(done):  # [(prompt, sample, tokens, stopped)] of finished rows
     done_tokens = 0
