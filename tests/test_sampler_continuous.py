@@ -106,3 +106,30 @@ def test_batching_is_checked():
   with pytest.raises(ValueError, match="sampling.batching"):
     sampling.SamplingConfig(batching="dynamic")
   assert sampling.SamplingConfig().batching == "continuous"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_refilled_slots_equal_transformers_across_sliding_windows(model_dir, arch):
+  """Fewer slots than prompts, prompts of very different lengths (18 to ~100 tokens, four
+  buckets), windows (mistral 5, gemma2 4 on alternate layers) far shorter than prompt + response:
+  every row decodes in a slot an earlier row used, and its greedy tokens are transformers' own
+  (each prompt alone, no padding)."""
+  import torch
+  path, hf = model_dir(arch)
+  model, tok = models.from_pretrained(path, dtype="float32")
+  prompts = PROMPTS[:6] + ["Tom has 12 apples and gives 5 to Ann. " * 6]
+  ids = [chat.prompt_ids(tok, p) for p in prompts]
+  max_new = 24
+  hf.generation_config.eos_token_id = None
+  want = []
+  with torch.no_grad():
+    for i in ids:
+      out = hf.generate(input_ids=torch.tensor([i]), do_sample=False, max_new_tokens=max_new,
+                        attention_mask=torch.ones((1, len(i)), dtype=torch.long),
+                        pad_token_id=tok.pad_token_id)
+      want.append(out[0, len(i):].tolist())
+  buckets = prompt_buckets(BASE.max_prompt_len, BASE.min_bucket)
+  assert len({slots.bucket_of(len(i), buckets) for i in ids}) >= 4, [len(i) for i in ids]
+  cfg = BASE.replace(max_new_tokens=max_new, batching="continuous", batch_size=2, decode_chunk=3)
+  got = sampling.generate(model, tok, prompts, cfg)
+  assert [list(r.token_ids) for r in got] == want
