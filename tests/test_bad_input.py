@@ -118,6 +118,64 @@ def test_a_bad_shape_dtype_or_offset_in_a_header_is_named(model_dir, tmp_path, c
     from_pretrained(path)
 
 
+def _overlap(h):
+  h["model.norm.weight"]["data_offsets"] = h["model.layers.0.input_layernorm.weight"]["data_offsets"]
+  return h
+
+
+def _nan(h):
+  h["model.norm.weight"]["note"] = float("nan")  # json.dumps writes the token NaN
+  return h
+
+
+def _metadata_number(h):
+  h["__metadata__"] = {"format": 1}
+  return h
+
+
+HEADER_FAULTS = {  # a file the reference reader (the safetensors library) refuses -> our error
+    "overlapping_tensors": (_overlap, b"", "tensors overlap or leave a gap"),
+    "trailing_bytes": (lambda h: h, b"\0" * 8, "trailing bytes"),
+    "nan_token": (_nan, b"", r"unreadable safetensors header \(NaN is not JSON\)"),
+    "metadata_not_strings": (_metadata_number, b"", r"__metadata__ \{\"format\": 1\} is not an object of strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_FAULTS))
+def test_a_file_the_reference_reader_refuses_is_refused_and_named(model_dir, tmp_path, case):
+  """Overlapping tensors (a write to one changes another), bytes past the last tensor, a NaN token
+  and a non-string metadata value are all refused by the safetensors library's own reader; ours
+  refuses the same bytes, naming the file."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  path = copy_model(model_dir, tmp_path)
+  edit, tail, problem = HEADER_FAULTS[case]
+  edit_header(path, edit)
+  p = os.path.join(path, "model.safetensors")
+  open(p, "ab").write(tail)
+  with pytest.raises(SafetensorError):
+    load_file(p)
+  with pytest.raises(CheckpointError, match=r"/model.safetensors: .*" + problem):
+    from_pretrained(path)
+
+
+def test_a_header_with_a_byte_order_mark_is_refused_like_the_reference(model_dir, tmp_path):
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  path = copy_model(model_dir, tmp_path)
+  p = os.path.join(path, "model.safetensors")
+  data = open(p, "rb").read()
+  (n,) = struct.unpack("<Q", data[:8])
+  header = b"\xef\xbb\xbf" + data[8:8 + n].rstrip(b" ")
+  header += b" " * (-len(header) % 8)
+  open(p, "wb").write(struct.pack("<Q", len(header)) + header + data[8 + n:])
+  with pytest.raises(SafetensorError):
+    load_file(p)
+  with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable safetensors header "
+                                            r"\(Unexpected UTF-8 BOM"):
+    from_pretrained(path)
+
+
 def test_a_header_number_too_long_to_convert_is_named(model_dir, tmp_path):
   path = copy_model(model_dir, tmp_path)
 

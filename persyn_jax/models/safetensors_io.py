@@ -46,18 +46,25 @@ class SafeFile:
         raise SafetensorsError(f"{path}: header size {n} is over the limit of {MAX_HEADER_BYTES} "
                                "bytes: corrupt or not a safetensors file")
       # ValueError covers an integer of more digits than Python converts; RecursionError, nesting.
+      # Strict JSON in strict UTF-8, as the reference reader wants: no byte-order mark, no
+      # NaN/Infinity tokens.
       try:
-        header = json.loads(f.read(n))
+        header = json.loads(f.read(n).decode("utf-8"), parse_constant=_no_constant)
       except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
     if not isinstance(header, dict):
       raise SafetensorsError(f"{path}: the safetensors header is a {type(header).__name__}, "
                              "not a JSON object")
     self.metadata = header.pop("__metadata__", {}) or {}
+    if not (isinstance(self.metadata, dict)
+            and all(isinstance(v, str) for v in self.metadata.values())):
+      raise SafetensorsError(f"{path}: __metadata__ {json.dumps(self.metadata)[:200]} is not an "
+                             "object of strings: corrupt or not a safetensors file")
     self.base = 8 + n
     self.header = header
     for name, info in header.items():
       _check_entry(path, name, info, size - self.base)
+    _check_layout(path, header, size - self.base)
     self._mm = None
 
   def names(self) -> list[str]:
@@ -102,6 +109,28 @@ def _check_entry(path: str, name: str, info, data_size: int) -> None:
     raise SafetensorsError(
         f"{path}: tensor {name!r} (shape {shape}, {dt}) needs bytes "
         f"[{start}, {end}) of a data section of {data_size} bytes: truncated or corrupt")
+
+
+def _check_layout(path: str, header: dict, data_size: int) -> None:
+  """The tensors tile the data section: in offset order each starts where the one before ends,
+  the first at 0 and the last at the end of the file. Like the reference reader, refuses
+  overlapping tensors (one write would change another), gaps and trailing bytes."""
+  end = 0
+  for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+    start, stop = info["data_offsets"]
+    if start != end:
+      raise SafetensorsError(
+          f"{path}: tensor {name!r} starts at byte {start} of the data section, where the tensor "
+          f"before it in the file ends at {end}: tensors overlap or leave a gap (corrupt or not a "
+          "safetensors file)")
+    end = stop
+  if end != data_size:
+    raise SafetensorsError(f"{path}: the tensors end at byte {end} of a data section of "
+                           f"{data_size} bytes: trailing bytes (corrupt or not a safetensors file)")
+
+
+def _no_constant(token: str):
+  raise ValueError(f"{token} is not JSON")
 
 
 def _count(x) -> bool:
