@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from persyn_jax import fs
 from persyn_jax.io_utils import atomic_write_json, atomic_write_text, safe_name
+from persyn_jax.io_utils import dumps as io_dumps
 from persyn_jax.sampling.records import prompt_of
 from persyn_jax.verify import get_verifier
 
@@ -142,10 +143,10 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
   for f in formats:
     if f == "jsonl":
       path = fs.join(out_dir, "generations.jsonl")
-      atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+      atomic_write_text(path, "".join(io_dumps(r) + "\n" for r in rows))
     elif f == "ifeval":  # IFEval's evaluation script reads {"prompt", "response"} lines
       path = fs.join(out_dir, "ifeval_responses.jsonl")
-      atomic_write_text(path, "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]})
+      atomic_write_text(path, "".join(io_dumps({"prompt": r["prompt"], "response": r["response"]})
                                       + "\n" for r in rows))
     elif f == "alpaca_eval":  # a JSON list of {instruction, output, generator}
       path = fs.join(out_dir, "alpaca_eval_outputs.json")
@@ -158,7 +159,7 @@ def export(rows: Sequence[Mapping[str, Any]], model_name: str, out_dir: str,
       # show_result looks up among the files): one name, the file's
       model_id = safe_name(model_name, "model name")
       path = fs.join(out_dir, "arena_hard", f"{model_id}.jsonl")
-      lines = [json.dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
+      lines = [io_dumps({"question_id": r.get("source", {}).get("question_id", r["id"]),
                            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL,
                            f"{model_name}/{r['id']}").hex, "model_id": model_id,
                            "choices": [{"index": 0, "turns": [{"content": r["response"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -103,17 +104,33 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj, *, indent: int = 2, sort_keys: bool = False) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_default)
-                            + "\n").encode("utf-8"))
+  """`obj` as strict JSON (see `dumps`): a NaN or infinity, undefined here (a rank correlation of
+  equal values, a held-out loss with no pairs), is written as null."""
+  atomic_write_bytes(path, (dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode("utf-8"))
 
 
-def _default(o):
+def dumps(obj, **kw) -> str:
+  """json.dumps that writes strict JSON: json.dumps would write a NaN or infinity as the tokens
+  NaN / Infinity, which JSON lacks (jq, JavaScript and most parsers refuse the file); here they are
+  null. numpy scalars and arrays are their Python values."""
+  return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
+def finite(obj):
+  """`obj` with every non-finite float (Python or numpy) replaced by None, numpy values as Python
+  ones, tuples as lists (what json.dumps writes for them)."""
   import numpy as np
-  if isinstance(o, np.generic):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f"not JSON serializable: {type(o).__name__}")
+  if isinstance(obj, dict):
+    return {k: finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return finite(obj.tolist())
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

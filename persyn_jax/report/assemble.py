@@ -178,6 +178,8 @@ def summarize(report: dict) -> str:
     else:
       lines.append(f"PerSyn vs the strongest teacher: {d:+.3f}.")
   r = report.get("router", {})
-  if "hit@1" in r:
-    lines.append(f"Router Hit@1 {r['hit@1']:.2f} (random {r.get('random_hit@1', float('nan')):.2f}).")
+  if r.get("hit@1") is not None:  # null in router_eval.json: no held-out prompt to route
+    rand = r.get("random_hit@1")
+    lines.append(f"Router Hit@1 {r['hit@1']:.2f} (random "
+                 f"{'n/a' if rand is None else f'{rand:.2f}'}).")
   return " ".join(lines)

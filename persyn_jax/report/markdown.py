@@ -6,6 +6,8 @@ from typing import Any
 
 
 def _fmt(x: Any) -> str:
+  if x is None:  # a number the run could not define (strict JSON writes NaN as null)
+    return "n/a"
   if isinstance(x, float):
     return f"{x:.3f}"
   return str(x)

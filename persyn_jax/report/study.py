@@ -29,7 +29,7 @@ def plot_gains(study: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   teachers, cats = study["teachers"], study["categories"]
-  vals = [[study["gain"][t].get(c, math.nan) for c in cats] for t in teachers]
+  vals = [[_nan(study["gain"][t].get(c)) for c in cats] for t in teachers]
   lim = max([abs(v) for row in vals for v in row if math.isfinite(v)] + [0.01])
   fig, ax = plt.subplots(figsize=(1.1 * len(cats) + 2.6, 0.5 * len(teachers) + 1.6))
   im = ax.imshow(vals, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -44,6 +44,11 @@ def plot_gains(study: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _nan(v) -> float:
+  """A value of study.json as a float: null (strict JSON's NaN) or missing is NaN."""
+  return math.nan if v is None else v
 
 
 def _f(v: float, sign: bool = False) -> str:
