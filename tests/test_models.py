@@ -1,4 +1,5 @@
 """Our Flax decoders against transformers' PyTorch models on the same (random, seeded) weights."""
+import json
 import os
 import shutil
 
@@ -312,6 +313,58 @@ def test_sharded_index_checkpoint_loads(model_dir, tmp_path):
   model, _ = from_pretrained(out, dtype="float32")
   ids, mask = batch(model.config.vocab_size)
   assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), torch_logits(tm, ids, mask), mask) <= 1e-4
+
+
+@pytest.mark.parametrize("first_shard_bytes,second_shard_bytes", [(20_000, 4 << 30),
+                                                                   (4 << 30, 20_000),
+                                                                   (20_000, 40_000)])
+def test_saving_over_an_earlier_save_leaves_only_the_new_weights(model_dir, tmp_path,
+                                                                 first_shard_bytes,
+                                                                 second_shard_bytes):
+  """Model b saved into the directory of model a, sharded differently: the directory holds only b's
+  weight files, and both our loader and transformers read b. Before, a single-file save over a
+  sharded one left the old index (which we read first: model a) and a sharded save over another
+  left old shards."""
+  from persyn_jax.models.hf import save_params
+  a, _ = from_pretrained(model_dir("llama")[0], dtype="float32")
+  path_b, tm_b = model_dir("llama", seed=1)
+  b, _ = from_pretrained(path_b, dtype="float32")
+  out = str(tmp_path / "saved")
+  os.makedirs(out)
+  save_params(a, out, max_shard_bytes=first_shard_bytes)
+  save_params(b, out, max_shard_bytes=second_shard_bytes)
+  names = sorted(n for n in os.listdir(out) if "safetensors" in n)
+  if second_shard_bytes > 1 << 20:
+    assert names == ["model.safetensors"]
+  else:
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert names == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
+  for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(path_b, f), out)
+  ids, mask = batch(b.config.vocab_size)
+  ref = torch_logits(tm_b, ids, mask)
+  loaded = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
+  again, _ = from_pretrained(out, dtype="float32")
+  assert rel_err(forward(again, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+
+
+def test_a_directory_with_both_weight_layouts_loads_what_transformers_loads(model_dir, tmp_path):
+  """model.safetensors beside an index of other weights: transformers reads model.safetensors
+  first; so do we."""
+  path, tm = model_dir("qwen3")
+  other = model_dir("qwen3", seed=1)[1]
+  out = copy_dir(path, tmp_path / "both")
+  other.save_pretrained(str(tmp_path / "other"), max_shard_size="20KB")
+  for f in os.listdir(tmp_path / "other"):
+    if f.startswith("model-") or f.endswith(".index.json"):
+      shutil.copy(tmp_path / "other" / f, out)
+  ids, mask = batch(tm.config.vocab_size)
+  ref = torch_logits(tm, ids, mask)
+  loaded = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
+  model, _ = from_pretrained(out, dtype="float32")
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
 
 
 def test_missing_tokenizer_is_named(model_dir, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable
 
 import jax
@@ -168,6 +169,11 @@ def _open_weights(path: str, allow_pickle: bool, allow_external_links: bool | No
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   inside = lambda p: checks.check_inside(path, p, allow_external_links)
+  # transformers' order: model.safetensors first, then the index (a directory holding both loads
+  # the same weights here as there)
+  if os.path.exists(single):
+    f = _safe(inside(single))
+    return {name: (lambda n=name: f.array(n)) for name in f.names()}
   if os.path.exists(index):
     wmap = read_json(inside(index), max_bytes="MAX_INDEX_BYTES").get("weight_map")
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
@@ -183,9 +189,6 @@ def _open_weights(path: str, allow_pickle: bool, allow_external_links: bool | No
       files[fname] = _safe(inside(fpath))
     return {name: (lambda f=files[fname], n=name: f.array(n)) for name, fname in wmap.items()
             if _has(files[fname], name, index)}
-  if os.path.exists(single):
-    f = _safe(inside(single))
-    return {name: (lambda n=name: f.array(n)) for name in f.names()}
   pickles = [n for n in ("pytorch_model.bin", "model.pt", "model.pth") if os.path.exists(os.path.join(path, n))]
   if pickles:
     if not allow_pickle:
@@ -327,18 +330,33 @@ def save_params(model: nnx.Module, path: str, *, dtype=None, max_shard_bytes: in
     cur.append(it)
     size += n
   shards.append(cur)
+  single = os.path.join(path, "model.safetensors")
   if len(shards) == 1:
-    _atomic_save(shards[0], os.path.join(path, "model.safetensors"))
+    _atomic_save(shards[0], single)
+    _remove_stale_weights(path, {"model.safetensors"})
     return
+  if os.path.exists(single):  # an earlier save's, which loaders would take before the index
+    os.remove(single)
   wmap_out, total = {}, 0
-  for i, sh in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for fname, sh in zip(names, shards):
     _atomic_save(sh, os.path.join(path, fname))
     for name, arr in sh:
       wmap_out[name] = fname
       total += arr.nbytes
   atomic_write_json(os.path.join(path, "model.safetensors.index.json"),
                     {"metadata": {"total_size": total}, "weight_map": wmap_out})
+  _remove_stale_weights(path, {"model.safetensors.index.json", *names})
+
+
+def _remove_stale_weights(path: str, keep: set[str]) -> None:
+  """Removes the weight files an earlier save into `path` left that this one did not write (its
+  index or single file, shards of another count), as transformers' save_pretrained cleans them:
+  left in place, a loader would read the old weights beside the new ones."""
+  stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+  for fname in os.listdir(path):
+    if fname not in keep and stale.fullmatch(fname):
+      os.remove(os.path.join(path, fname))
 
 
 def _atomic_save(items, fpath):
