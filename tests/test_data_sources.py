@@ -235,6 +235,25 @@ def test_a_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
     S.load_prompts(S.PromptSourceConfig(path=str(lines), **CFG))
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_at_the_start_is_not_data(tmp_path, fmt):
+  """Windows editors save UTF-8 with a byte-order mark. datasets' loaders (and our CSV reader)
+  read such a file as without it; the JSON readers refused it (bad.jsonl:1: malformed JSON
+  (Unexpected UTF-8 BOM)). A mark inside a later line is still malformed JSON."""
+  path = write(tmp_path, fmt)
+  plain = load(path, **CFG)
+  data = open(path, "rb").read()
+  open(path, "wb").write(b"\xef\xbb\xbf" + data)
+  assert load(path, **CFG) == plain
+  loader = "csv" if fmt == "csv" else "json"
+  assert len(datasets.load_dataset(loader, data_files=path, split="train")) == len(ROWS)
+  if fmt == "jsonl":
+    lines = data.split(b"\n")
+    open(path, "wb").write(b"\n".join([lines[0], b"\xef\xbb\xbf" + lines[1], *lines[2:]]))
+    with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl:2: malformed JSON"):
+      load(path, **CFG)
+
+
 def test_wrong_field_mapping_is_an_error(tmp_path):
   path = write(tmp_path, "jsonl")
   with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl:1: no field 'prompt' in any row"):

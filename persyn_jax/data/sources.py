@@ -96,7 +96,9 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
-        line = raw.decode("utf-8")
+        # a byte-order mark starting the file (Windows editors write one) is not data, as for
+        # datasets' json loader and the CSV reader
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
       except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}:{lineno}: not UTF-8 ({e})") from None
       if not line.strip():
@@ -125,7 +127,7 @@ def _json_lines(text: str) -> bool:
 
 def _read_json(path: str) -> Iterator[tuple[str, dict]]:
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is not data
       text = f.read()
   except UnicodeDecodeError as e:
     raise PromptFileError(f"{path}: not UTF-8 ({e})") from None
