@@ -646,6 +646,10 @@ def test_an_optional_section_reports_its_own_error(tmp_path):
     ("name", "../x", r"name='../x': a non-empty run name without '/'"),
     ("sweep.policies", "[persyn, persyn]", r"sweep.policies lists a policy twice"),
     ("prompts.source.max_prompts", "0", r"max_prompts=0: must be at least 1"),
+    # make(id, prompt, **kept) failed with "got multiple values for argument 'id'"
+    ("prompts.source.keep_fields", "[kind, id]", r"--set prompts.source.keep_fields=\[kind, id\]: "
+                                                 r"keep_fields=\['kind', 'id'\]: \['id'\] are "
+                                                 r"fields of the record itself"),
     ("eval.sampling.num_samples", "4", r"--set eval.sampling.num_samples=4: eval.sampling."
                                        r"num_samples=4: eval scores one answer per prompt"),
     ("student.quantize", "int8", r"--set student.quantize=int8: student 's': quantize='int8' is for "

@@ -254,6 +254,27 @@ def test_a_byte_order_mark_at_the_start_is_not_data(tmp_path, fmt):
       load(path, **CFG)
 
 
+@pytest.mark.parametrize("field", ["id", "prompt", "reference", "messages", "teacher", "scores"])
+def test_keep_fields_cannot_name_a_field_of_the_record(field):
+  """A kept column named like a record field would replace what the source or a stage sets: a
+  raw TypeError before (make() got multiple values for argument 'id'), or a RecordError naming no
+  file (teacher = 3: must be a string)."""
+  with pytest.raises(ValueError, match=rf"keep_fields=\['kind', '{field}'\]: \['{field}'\] are "
+                                       r"fields of the record itself .*id_field"):
+    S.PromptSourceConfig(path="p.jsonl", keep_fields=("kind", field))
+
+
+def test_a_kept_value_with_no_json_form_names_the_file_and_line(tmp_path):
+  """A float column's infinity (Parquet, or the Infinity token Python's json reads) has no JSON
+  form; the record's error now says where it came from."""
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"id": "1", "prompt": "hi", "kind": "a"}\n'
+                  '{"id": "2", "prompt": "yo", "kind": Infinity}\n')
+  with pytest.raises(S.PromptFileError, match=r"p\.jsonl:2: record field 'kind' = inf: has no "
+                                              r"JSON form"):
+    S.load_prompts(S.PromptSourceConfig(path=str(path), keep_fields=("kind",)))
+
+
 def test_wrong_field_mapping_is_an_error(tmp_path):
   path = write(tmp_path, "jsonl")
   with pytest.raises(S.PromptFileError, match=r"prompts\.jsonl:1: no field 'prompt' in any row"):

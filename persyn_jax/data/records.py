@@ -21,6 +21,9 @@ import msgpack
 SCHEMA_VERSION = 1
 FORMATS = ("json", "msgpack")
 REQUIRED = ("schema", "id", "prompt")
+# every field the schema types (docs/DATA.md); stages set them, a prompt source keeps none of them
+FIELDS = (*REQUIRED, "messages", "reference", "teacher", "sample", "response", "finish_reason",
+          "tokens", "scores", "route", "policy", "provenance")
 SCORE_KEYS = ("quality", "learnability", "reward")
 
 

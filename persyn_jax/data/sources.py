@@ -71,6 +71,12 @@ class PromptSourceConfig:
     if self.max_prompts is not None and self.max_prompts < 1:
       raise ValueError(f"max_prompts={self.max_prompts}: must be at least 1 (null keeps every "
                        f"prompt)")
+    taken = [f for f in self.keep_fields if f in rec.FIELDS]
+    if taken:
+      raise ValueError(f"keep_fields={list(self.keep_fields)}: {taken} are fields of the record "
+                       f"itself ({', '.join(rec.FIELDS)}), which the source or the stages set; "
+                       "map a prompt's id, text, chat or reference with id_field, prompt_field, "
+                       "messages_field or reference_field")
     if self.streaming and "[" in self.split:
       raise ValueError(f"split={self.split!r}: a streamed source cannot be sliced; use max_prompts")
 
@@ -377,7 +383,10 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
     if v is not None and not isinstance(v, (str, int, float, bool)):
       raise PromptFileError(f"{where}: field {name!r} = {v!r:.80}: keep_fields takes plain values")
     kept[name] = v
-  record = rec.make(rid, text, messages=messages, reference=reference, **kept)
+  try:
+    record = rec.make(rid, text, messages=messages, reference=reference, **kept)
+  except rec.RecordError as e:  # a kept value with no JSON form (a float column's inf)
+    raise PromptFileError(f"{where}: {e}") from None
   return record, normalize(full), None
 
 
