@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from persyn_jax.config import ConfigError
+from persyn_jax.io_utils import dumps
 
 
 def _scalar(v: Any):
@@ -29,7 +30,7 @@ def _scalar(v: Any):
     return int(v)
   if isinstance(v, (float, np.floating)) or (hasattr(v, "shape") and np.ndim(v) == 0):
     f = float(v)
-    return f if math.isfinite(f) else str(f)  # JSON has no NaN; keep it readable
+    return f if math.isfinite(f) else None  # JSON has no NaN: null, as in every JSON file we write
   return v
 
 
@@ -138,7 +139,7 @@ class MetricsWriter:
       return
     row = {k: _scalar(v) for k, v in metrics.items()}
     record = {"step": int(step), **({"split": prefix} if prefix else {}), **row}
-    self._f.write(json.dumps(record) + "\n")
+    self._f.write(dumps(record) + "\n")
     self._f.flush()
     if self._tb is not None:
       for k, v in row.items():

@@ -131,3 +131,26 @@ def test_a_resume_after_a_line_cut_before_its_newline_appends_on_a_new_line(tmp_
   with MetricsWriter(out, tensorboard=False, enabled=True, resume_step=2) as mw:
     mw.write(3, {"loss": 0.5}, prefix="train")
   assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+
+
+def test_a_loss_that_is_not_finite_is_logged_as_null(tmp_path):
+  """metrics.jsonl is strict JSON like the run's other files: a NaN loss is null (it was the
+  string "nan", a string in a column of numbers), TensorBoard gets no point for it, and the
+  report's loss curve reads it as NaN."""
+  import math
+
+  import numpy as np
+
+  from persyn_jax.report.assemble import loss_curve
+
+  out = tmp_path / "m"
+  with MetricsWriter(str(out), tensorboard=True, enabled=True) as mw:
+    mw.write(1, {"loss": 2.0, "grad_norm": np.float32(1.5)}, prefix="train")
+    mw.write(2, {"loss": np.float32("nan"), "grad_norm": float("inf")}, prefix="train")
+
+  def refuse(token):
+    raise ValueError(f"non-JSON token {token}")
+  rows = [json.loads(line, parse_constant=refuse) for line in open(out / "metrics.jsonl")]
+  assert [(r["loss"], r["grad_norm"]) for r in rows] == [(2.0, 1.5), (None, None)]
+  curve = loss_curve(str(out / "metrics.jsonl"))
+  assert curve[0] == (1, 2.0) and curve[1][0] == 2 and math.isnan(curve[1][1])

@@ -149,7 +149,8 @@ def loss_curve(path: str) -> list[tuple[int, float]]:
       except json.JSONDecodeError:
         continue
       if "loss" in row and "step" in row and row.get("split", "train") == "train":
-        pts.append((int(row["step"]), float(row["loss"])))
+        loss = row["loss"]  # null: a step whose loss was not finite
+        pts.append((int(row["step"]), float("nan") if loss is None else float(loss)))
   return pts
 
 
