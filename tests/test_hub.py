@@ -119,6 +119,16 @@ def test_an_incomplete_snapshot_is_not_a_model(offline):
   assert "'org/partial' is not a local directory nor in the hub cache" in error
 
 
+@pytest.mark.parametrize("index", ['{"weight_map": ["model-00001-of-00001.safetensors"]}', "[1]"])
+def test_an_index_that_is_not_an_object_is_named_as_missing(tmp_path, index):
+  """An index whose weight_map (or itself) is a list failed with a raw AttributeError / TypeError
+  while the snapshot was checked."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "model.safetensors.index.json").write_text(index)
+  (missing,) = hub.missing_files(str(tmp_path))
+  assert missing.startswith("model.safetensors.index.json (unreadable: ")
+
+
 def test_the_allow_list_fetches_weights_configs_and_tokenizers_never_pickles():
   wanted = ["model.safetensors", "model-00001-of-00004.safetensors", "model.safetensors.index.json",
             "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

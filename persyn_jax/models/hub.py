@@ -70,9 +70,11 @@ def missing_files(snapshot: str) -> list[str]:
   for index in indexes:
     try:
       with open(os.path.join(snapshot, index), encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, ValueError, KeyError) as e:
-      missing.append(f"{index} (unreadable: {e})")
+        wmap = json.load(f)["weight_map"]
+      shards = sorted(set(wmap.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      # TypeError, AttributeError: an index or weight_map that is not an object
+      missing.append(f"{index} (unreadable: {type(e).__name__}: {e})")
       continue
     missing += [s for s in shards if not os.path.isfile(os.path.join(snapshot, s))]
   if not indexes and not any(n.endswith(".safetensors") for n in names):
