@@ -228,7 +228,9 @@ def _is_dataset_repo(path: str) -> bool:
   readme = os.path.join(path, "README.md")
   if not os.path.isfile(readme):
     return False
-  with open(readme, encoding="utf-8", errors="replace") as f:
+  # utf-8-sig: a README saved with a byte-order mark still opens with its front matter, as
+  # datasets reads it (else its splits would be read together as plain files)
+  with open(readme, encoding="utf-8-sig", errors="replace") as f:
     text = f.read(1 << 20)
   m = re.match(r"---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.DOTALL)
   return bool(m and re.search(r"^configs:", m.group(1), re.MULTILINE))
