@@ -363,14 +363,15 @@ def test_a_config_name_and_split_select_one_part_of_a_dataset(tmp_path, streamin
       assert stats["files"] == [root]
 
 
-def test_a_readme_with_a_byte_order_mark_still_declares_the_configs(tmp_path):
-  """A README.md saved with a byte-order mark: datasets reads its `configs:`; the folder was taken
-  for plain files, so every split's rows were read together (the test split's among the train
-  prompts) and a name was refused."""
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b"\n", b"  \r\n"])
+def test_a_readme_with_a_mark_or_blank_lines_before_its_front_matter_declares_the_configs(tmp_path, prefix):
+  """A README.md saved with a byte-order mark, or with blank lines before its front matter:
+  datasets reads its `configs:`; the folder was taken for plain files, so every split's rows were
+  read together (the test split's among the train prompts) and a name was refused."""
   root = dataset_folder(tmp_path)
   readme = os.path.join(root, "README.md")
   text = open(readme, "rb").read()
-  open(readme, "wb").write(b"\xef\xbb\xbf" + text)
+  open(readme, "wb").write(prefix + text)
   want = [r["id"] for r in datasets.load_dataset(root, "main", split="test")]
   assert want == ["main-test-0", "main-test-1"]
   prompts, stats = S.load_prompts(S.PromptSourceConfig(path=root, name="main", split="test", **CFG))

@@ -232,7 +232,9 @@ def _is_dataset_repo(path: str) -> bool:
   # datasets reads it (else its splits would be read together as plain files)
   with open(readme, encoding="utf-8-sig", errors="replace") as f:
     text = f.read(1 << 20)
-  m = re.match(r"---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.DOTALL)
+  # huggingface_hub's front-matter rule (repocard.REGEX_YAML_BLOCK): blank lines may come first
+  m = re.match(r"\s*---[ \t]*(?:\r\n|\r|\n)(.*?)(?:\r\n|\r|\n)---[ \t]*(?:\r\n|\r|\n|$)", text,
+               re.DOTALL)
   return bool(m and re.search(r"^configs:", m.group(1), re.MULTILINE))
 
 
