@@ -187,6 +187,25 @@ def test_missing_manifest_or_shard(tmp_path):
     list(shards.read_records(out, "s"))
 
 
+def test_a_sidecar_or_manifest_that_is_not_an_object_is_named_or_rewritten(tmp_path):
+  """Valid JSON of the wrong shape (a hand edit, another tool's file) failed with a raw
+  AttributeError ('list' object has no attribute 'get'): a damaged sidecar now makes its shard
+  incomplete, so a rerun writes it again, as a torn one does; a damaged manifest is named."""
+  out, path = _small(tmp_path)
+  want = list(shards.read_records(out, "s"))
+  open(shards.manifest_path(out, "s"), "w").write("[1]")
+  with pytest.raises(shards.ShardError, match=r"s\.manifest\.json: unreadable manifest: a JSON "
+                                              r"list, not an object"):
+    list(shards.read_records(out, "s"))
+  open(path + ".meta.json", "w").write("[1, 2]")
+  assert shards.complete_shards(out, "s", 2, host=0) == {0}
+  with pytest.raises(shards.ShardError, match=r"s-0-00001-of-00002\.array_record: no readable "
+                                              r"s-0-00001-of-00002\.array_record\.meta\.json"):
+    shards.write_manifest(out, "s")
+  shards.write_records(out, "s", want, num_shards=2, host=0)  # the rerun rewrites that shard
+  assert list(shards.read_records(out, "s")) == want
+
+
 def test_wrong_schema_version_in_a_shard(tmp_path):
   out = str(tmp_path)
   path = os.path.join(out, "s-0-00000-of-00001.array_record")

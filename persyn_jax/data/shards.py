@@ -154,11 +154,14 @@ def _stage_of(name: str) -> str:
 
 
 def _shard_meta(path: str) -> dict | None:
+  """The shard's sidecar; None when it is missing or damaged (not a JSON object): the shard then
+  counts as incomplete and is written again."""
   try:
     with fs.open(path + ".meta.json", "rb") as f:
-      return json.loads(f.read())
+      meta = json.loads(f.read())
   except (OSError, ValueError):
     return None
+  return meta if isinstance(meta, dict) else None
 
 
 def shard_is_complete(path: str, check_hash: bool = True) -> bool:
@@ -229,8 +232,8 @@ def write_manifest(out_dir: str, stage: str, extra: Mapping[str, Any] | None = N
     path = fs.join(out_dir, name)
     meta = _shard_meta(path)
     if meta is None:
-      raise ShardError(f"{path}: no {name}.meta.json sidecar; the shard was not written by "
-                       "write_shard or its write did not finish (delete it and rerun)")
+      raise ShardError(f"{path}: no readable {name}.meta.json sidecar; the shard was not "
+                       "written by write_shard or its write did not finish (delete it and rerun)")
     if fs.getsize(path) != meta["bytes"] or (verify and sha256_file(path) != meta["sha256"]):
       raise ShardError(f"{path}: contents differ from its sidecar (corrupt or partial shard)")
     shards.append({"file": name, "host": host, "index": index, "count": count,
@@ -264,6 +267,9 @@ def read_manifest(out_dir: str, stage: str) -> dict:
                      "(write_manifest runs after every shard is written)") from None
   except ValueError as e:
     raise ShardError(f"{path}: unreadable manifest: {e}") from None
+  if not isinstance(manifest, dict):
+    raise ShardError(f"{path}: unreadable manifest: a JSON {type(manifest).__name__}, not an "
+                     "object")
   if manifest.get("manifest_version") != MANIFEST_VERSION or manifest.get("stage") != stage:
     raise ShardError(f"{path}: manifest_version {manifest.get('manifest_version')!r} / stage "
                      f"{manifest.get('stage')!r}, expected {MANIFEST_VERSION} / {stage!r}")
