@@ -104,6 +104,18 @@ def test_resume_with_other_inputs_is_refused(llama, tmp_path):
   assert run_small["records"] == len(ITEMS)
 
 
+@pytest.mark.parametrize("text,why", [("{trunc", r"not JSON: Expecting property name"),
+                                      ("[1]", r"a JSON list, not an object")])
+def test_a_damaged_plan_is_named(llama, tmp_path, text, why):
+  """A plan that is not a JSON object failed with a raw JSONDecodeError or AttributeError naming
+  no file."""
+  run(llama, tmp_path)
+  (tmp_path / "probe-0.plan.json").write_text(text)
+  with pytest.raises(shards.ShardError, match=r"probe-0\.plan\.json: the plan of an earlier run "
+                                              r"of stage 'probe' is unreadable \(" + why):
+    run(llama, tmp_path)
+
+
 def test_skipped_prompts_are_counted_not_written(llama, tmp_path):
   model, tok = llama
   items = ITEMS[:3] + [{"schema": 1, "id": "long", "prompt": "Once upon a time " * 20}]

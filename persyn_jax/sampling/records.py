@@ -89,9 +89,16 @@ def _check_plan(out_dir: str, stage: str, host: int, plan: dict) -> None:
   error = None
   if fs.exists(path):
     with fs.open(path, "rb") as f:
-      old = json.loads(f.read())
-    diff = sorted(k for k in plan if old.get(k) != plan[k])
-    if diff:
+      try:
+        old = json.loads(f.read())
+        why = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not an object"
+      except ValueError as e:  # not JSON, or not UTF-8
+        old, why = {}, f"not JSON: {e}"
+    if why:
+      error = (f"{path}: the plan of an earlier run of stage {stage!r} is unreadable ({why}): "
+               f"whether its shards match these inputs cannot be told (delete {out_dir} to start "
+               "over)")
+    elif diff := sorted(k for k in plan if old.get(k) != plan[k]):
       hint = (f"rerun with {old.get('hosts')} processes, or " if "hosts" in diff and
               isinstance(old.get("hosts"), int) else "")
       error = (f"{path}: an earlier run of stage {stage!r} used other {', '.join(diff)}; its "
