@@ -53,6 +53,23 @@ def test_every_stage_writes_its_manifest(finished_run):
   assert all(f"[{s}] running" in logs for s in STAGES)
 
 
+def test_every_json_file_of_the_run_is_strict_json(finished_run):
+  """No NaN / Infinity token (which json.dumps writes and jq, JavaScript and RFC 8259 parsers
+  refuse) in any JSON or JSON Lines file of a finished run; docs/RUN_DIR.md."""
+  cfg, report, logs = finished_run
+
+  def refuse(token):
+    raise ValueError(f"non-JSON token {token}")
+  files = [p for pattern in ("**/*.json", "**/*.jsonl")
+           for p in glob.glob(os.path.join(report["run_dir"], pattern), recursive=True)]
+  assert any(p.endswith("report.json") for p in files)
+  for path in files:
+    text = open(path, encoding="utf-8").read()
+    lines = text.splitlines() if path.endswith(".jsonl") else [text]
+    for line in filter(str.strip, lines):
+      json.loads(line, parse_constant=refuse)
+
+
 def test_rerun_skips_every_stage(finished_run):
   cfg, report, _ = finished_run
   before = {s: open(os.path.join(report["run_dir"], s, "DONE.json")).read() for s in STAGES}
