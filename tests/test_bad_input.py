@@ -486,11 +486,11 @@ def test_numbers_that_yaml_reads_as_strings_are_taken_by_numeric_fields(tmp_path
   from persyn_jax.run_config import load_run_config
   y = tmp_path / "run.yaml"
   y.write_text(RUN_YAML + "sft: {lr: 1e-3, min_lr_ratio: 5E-2, batch_size: '16'}\n"
-               "router: {lr: -2.5e-5}\n")
+               "router: {lr: 2.5e-5}\n")
   assert yaml.safe_load(y.read_text())["sft"]["lr"] == "1e-3"  # the YAML quirk itself
   cfg = load_run_config(str(y), ["sft.weight_decay=1e-2"])
   assert (cfg.sft.lr, cfg.sft.min_lr_ratio, cfg.sft.batch_size) == (1e-3, 5e-2, 16)
-  assert (cfg.router.lr, cfg.sft.weight_decay) == (-2.5e-5, 1e-2)
+  assert (cfg.router.lr, cfg.sft.weight_decay) == (2.5e-5, 1e-2)
   assert isinstance(cfg.sft.batch_size, int)
   Stop = dataclasses.make_dataclass("Stop", [("stop", int | str | None, None)])
   assert C.from_dict(Stop, {"stop": "42"}).stop == "42"  # a union with str keeps the string
