@@ -107,7 +107,7 @@ def test_a_resume_in_any_epoch_continues_the_uninterrupted_stream(tok):
   (here 8, then 9); a resumed position is walked through each epoch's own count."""
   import itertools
   import types
-  c = types.SimpleNamespace(seq_len=SEQ, batch_size=3, seed=0, unfinished="drop")
+  c = types.SimpleNamespace(seq_len=SEQ, batch_size=3, seed=0, unfinished="keep")
   fn, per_epoch = P.epoch_batches(RECS, tok, c)
   tk = P.TokenizedRecords(RECS, tok, seq_len=SEQ)
   counts = [sum(1 for _ in P.sft_batches(RECS, tok, seq_len=SEQ, batch_size=3, seed=0, epoch=e,
@@ -124,25 +124,30 @@ def test_a_resume_in_any_epoch_continues_the_uninterrupted_stream(tok):
 def test_responses_cut_by_max_new_tokens_are_left_out_unless_kept(tok):
   """A response whose teacher hit max_new_tokens (finish_reason "length") would be trained with
   the template's end-of-turn token, teaching the student to stop mid-answer: unfinished="drop"
-  (the default) gives exactly the batches of the records without them; "keep" those of all."""
+  gives exactly the batches of the records without them; "keep" (the default) those of all."""
   recs = [dict(r, finish_reason="length" if i % 3 == 0 else "stop") for i, r in enumerate(RECS)]
   cut = sum(r["finish_reason"] == "length" for r in recs)
   finished = [r for r in recs if r["finish_reason"] == "stop"]
   same = lambda a, b: len(a) == len(b) and all(
       all((x[k] == y[k]).all() for k in P.KEYS) for x, y in zip(a, b))
-  dropped, stats = batches(tok, data=recs, shuffle=False)
+  dropped, stats = batches(tok, data=recs, shuffle=False, unfinished="drop")
   assert stats["skipped_unfinished"] == cut > 0 and stats["examples"] == len(finished)
   assert same(dropped, batches(tok, data=finished, shuffle=False)[0])
-  kept, stats = batches(tok, data=recs, shuffle=False, unfinished="keep")
+  kept, stats = batches(tok, data=recs, shuffle=False)
   assert stats["examples"] == len(recs) and not stats["skipped_unfinished"]
   assert same(kept, batches(tok, shuffle=False)[0]) and not same(kept, dropped)
-  tk = P.TokenizedRecords(recs, tok, seq_len=SEQ)  # tokenized once: the same outcome
+  tk = P.TokenizedRecords(recs, tok, seq_len=SEQ, unfinished="drop")  # tokenized once: the same
   assert same(dropped, list(P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, shuffle=False,
-                                          tokenized=tk)))
+                                          tokenized=tk, unfinished="drop")))
   with pytest.raises(ValueError, match="unfinished"):
-    P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, tokenized=tk, unfinished="keep")
+    P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, tokenized=tk)
   with pytest.raises(ValueError, match="unfinished='cut'"):
     P.sft_batches(recs, tok, seq_len=SEQ, batch_size=4, unfinished="cut")
+  import types  # every response cut: the error says what to change
+  c = types.SimpleNamespace(seq_len=SEQ, batch_size=3, seed=0, unfinished="drop")
+  with pytest.raises(ValueError, match=r"every response was cut by max_new_tokens \(sft.unfinished:"
+                                       r" drop\): raise sampling.max_new_tokens or set sft"):
+    P.epoch_batches([dict(r, finish_reason="length") for r in RECS], tok, c)
 
 
 def test_shard_directory_gives_the_same_batches_as_the_records(tok, tmp_path):

@@ -43,7 +43,7 @@ class SFTDataConfig:
   shuffle: bool = True
   system: str | None = None      # system prompt given to the chat template
   drop_remainder: bool = False   # drop the last, partly filled batch of an epoch
-  unfinished: str = "drop"       # a response cut by max_new_tokens: "drop" it or "keep" it
+  unfinished: str = "keep"       # a response cut by max_new_tokens: "keep" it or "drop" it
 
   def __post_init__(self):
     if self.overlong not in ("truncate", "skip"):
@@ -226,7 +226,7 @@ def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: 
 
 
 def tokenize_records(ds, tokenizer, seq_len: int, overlong: str, system: str | None,
-                     chunk: int = 64, unfinished: str = "drop"
+                     chunk: int = 64, unfinished: str = "keep"
                      ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | None, Counter]]:
   """Per record of `ds` (in order): its example cut to seq_len, or None when skipped, and the
   stats it adds (examples, truncated, skipped_overlong, skipped_no_response, and
@@ -336,7 +336,7 @@ def sft_batches(data, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0
                 packing: bool = True, overlong: str = "truncate", shuffle: bool = True,
                 system: str | None = None, drop_remainder: bool = False, start_step: int = 0,
                 num_batches: int | None = None, stage: str | None = None,
-                tokenized: "TokenizedRecords | None" = None, unfinished: str = "drop"
+                tokenized: "TokenizedRecords | None" = None, unfinished: str = "keep"
                 ) -> SFTBatches:
   """The SFT batches of one epoch of `data` (a shard directory or a list of records).
 
@@ -358,7 +358,7 @@ class TokenizedRecords:
   epochs of a run (sft_batches(tokenized=...)); about 5 bytes per token of host memory."""
 
   def __init__(self, data, tokenizer, *, seq_len: int, overlong: str = "truncate",
-               system: str | None = None, stage: str | None = None, unfinished: str = "drop"):
+               system: str | None = None, stage: str | None = None, unfinished: str = "keep"):
     check_unfinished(unfinished)
     self.seq_len, self.overlong, self.system, self.unfinished = seq_len, overlong, system, unfinished
     self._items = list(tokenize_records(record_dataset(data, stage), tokenizer, seq_len,
@@ -406,8 +406,12 @@ def epoch_batches(data_dir: str, tokenizer, c) -> tuple[Callable, int]:
   first = sft_batches(data_dir, tokenizer, epoch=0, **kw)
   counts = [sum(1 for _ in first)]
   if counts[0] == 0:
+    hint = ("; every response was cut by max_new_tokens (sft.unfinished: drop): raise "
+            "sampling.max_new_tokens or set sft.unfinished: keep"
+            if first.stats.get("skipped_unfinished") == len(tokenized) else "")
     raise ValueError(f"{data_dir}: no SFT examples to train on ({len(tokenized)} records; "
-                     f"{dict(first.stats) or 'none tokenized'}); check sft.seq_len and the data")
+                     f"{dict(first.stats) or 'none tokenized'}); check sft.seq_len and the "
+                     f"data{hint}")
 
   def count(epoch: int) -> int:
     while len(counts) <= epoch:

@@ -35,7 +35,7 @@ class SFTConfig:
   seq_len: int = 4096
   epochs: float = 2.0
   max_steps: int = 0
-  unfinished: Literal["drop", "keep"] = "drop"  # a response cut by max_new_tokens (SFT.md)
+  unfinished: Literal["keep", "drop"] = "keep"  # a response cut by max_new_tokens (SFT.md)
   # numerics
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"  # master weights of the trained parameters
