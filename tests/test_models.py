@@ -242,10 +242,22 @@ UNSUPPORTED = [
      r"use_bidirectional_attention=true .* is not supported"),
     ("qwen3", {"layer_types": ["full_attention", "chunked_attention"]},
      r"layer_types \['chunked_attention'\] are not supported"),
+    # sliding layers without a window: transformers' sliding-window mask raises on these files
+    # (and Gemma 3 would give those layers its local RoPE theta), not a model that attends globally
+    ("gemma3", {"sliding_window": None},
+     r"layer_types has sliding_attention layers, but no sliding window is set "
+     r"\(sliding_window = None\)"),
+    ("gemma2", {"sliding_window": None}, r"no sliding window is set \(sliding_window = None\)"),
+    ("qwen2", {"sliding_window": 4, "use_sliding_window": False,
+               "layer_types": ["sliding_attention", "full_attention"]},
+     r"no sliding window is set \(sliding_window = 4, use_sliding_window = false\)"),
+    ("mistral", {"sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]},
+     r"no sliding window is set \(sliding_window = None\)"),
 ]
 
 
-@pytest.mark.parametrize("arch,fields,match", UNSUPPORTED, ids=[a for a, _, _ in UNSUPPORTED])
+@pytest.mark.parametrize("arch,fields,match", UNSUPPORTED,
+                         ids=[f"{a}-{'-'.join(f)}" for a, f, _ in UNSUPPORTED])
 def test_a_config_asking_for_what_we_do_not_compute_is_refused(arch, fields, match, model_dir,
                                                                tmp_path):
   path = copy_dir(model_dir(arch)[0], tmp_path / "m")

@@ -244,6 +244,13 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     if odd:
       raise CheckpointError(f"{source}: layer_types {odd} are not supported (full_attention, "
                             "sliding_attention)")
+    if not window and "sliding_attention" in layer_types:
+      # transformers cannot run such a file (its sliding-window mask needs a window); attending
+      # globally instead would be a model the file does not describe
+      off = ", use_sliding_window = false" if mt in ("qwen2", "qwen3") and \
+          not hf.get("use_sliding_window", False) else ""
+      raise CheckpointError(f"{source}: layer_types has sliding_attention layers, but no sliding "
+                            f"window is set (sliding_window = {hf.get('sliding_window')!r}{off})")
   if window and layer_types:
     sliding = tuple(t == "sliding_attention" for t in layer_types)
   elif window and mt == "gemma2":
