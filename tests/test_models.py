@@ -81,6 +81,8 @@ TRIMMED = [
                   "attention_bias": True}, []),
     ("mistral", {}, {"attention_bias": True, "mlp_bias": True}, []),
     ("llama", {}, {"hidden_activation": "gelu_pytorch_tanh"}, []),  # Gemma's key; Llama's is silu
+    # llama3 RoPE: a top-level original_max_position_embeddings (32) wins over the table's (16)
+    ("llama", {}, {"original_max_position_embeddings": 32}, []),
 ]
 
 
@@ -117,6 +119,26 @@ def test_qwen_windows_follow_max_window_layers_without_transformers_defaults(mon
   assert mc.config_from_hf({**base, "max_window_layers": 1}).sliding_layers == (False, True, True)
   assert mc.config_from_hf({**base, "max_window_layers": 0}).sliding_layers == (True,) * 3
   assert not any(mc.config_from_hf(base).sliding_layers)  # the default 28 >= 3 layers
+
+
+def test_llama3_pretraining_length_follows_transformers_without_its_defaults(monkeypatch):
+  """transformers' standardize_rope_params: a llama3 table without original_max_position_embeddings
+  takes max_position_embeddings, and a top-level original_max_position_embeddings replaces the
+  table's own; also where transformers' config class fills in nothing (older transformers)."""
+  from persyn_jax.models import config as mc
+  monkeypatch.setattr(mc, "_with_hf_defaults", lambda hf, mt: hf)
+  table = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+  base = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              vocab_size=300, intermediate_size=64, max_position_embeddings=64)
+  omax = lambda **kw: mc.config_from_hf({**base, **kw}).rope.original_max_position_embeddings
+  assert omax(rope_scaling=table) == 64
+  assert omax(rope_parameters=table) == 64
+  assert omax(rope_scaling={**table, "original_max_position_embeddings": 16}) == 16
+  assert omax(rope_scaling={**table, "original_max_position_embeddings": 16},
+              original_max_position_embeddings=32) == 32
+  nested = {"full_attention": table, "sliding_attention": {"rope_type": "default"}}
+  assert mc.config_from_hf({**base, "model_type": "gemma3_text", "rope_parameters": nested}
+                           ).rope.original_max_position_embeddings == 64
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2"])

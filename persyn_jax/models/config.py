@@ -117,7 +117,10 @@ def _real(source: str, key: str, value: Any) -> float:
   return float(value)
 
 
-def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str) -> RopeConfig:
+def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str,
+               original_max: Any = None) -> RopeConfig:
+  """One rotary table; `original_max`: the llama3 pretraining length when the table has none
+  (transformers' rule, given by the caller), or None to read the table's own."""
   params = dict(params or {})
   rtype = params.get("rope_type", params.get("type", "default"))
   if rtype not in ("default", "linear", "llama3"):
@@ -130,7 +133,9 @@ def _rope_from(params: dict | None, fallback_theta: float, source: str, key: str
   return RopeConfig(
       theta=real("rope_theta", fallback_theta), rope_type=rtype, factor=real("factor", 1.0),
       low_freq_factor=real("low_freq_factor", 1.0), high_freq_factor=real("high_freq_factor", 4.0),
-      original_max_position_embeddings=int(real("original_max_position_embeddings", 8192)))
+      original_max_position_embeddings=int(
+          real("original_max_position_embeddings", 8192) if original_max is None else
+          _real(source, "original_max_position_embeddings", original_max)))
 
 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
@@ -219,15 +224,30 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
   rp = hf.get("rope_parameters")
   real = lambda key, default: _real(source, key, hf.get(key, default))
   theta = real("rope_theta", 1_000_000.0 if mt == "gemma3_text" else 10000.0)
+  max_positions = count("max_position_embeddings", 8192)
+  # llama3's pretraining length, as transformers' standardize_rope_params sets it: a top-level
+  # original_max_position_embeddings wins over the table's own (one table only); a table without
+  # one gets max_position_embeddings
+  def original_max(table: dict | None, nested: bool):
+    table = table or {}
+    if table.get("rope_type", table.get("type")) != "llama3":
+      return None
+    top = None if nested else hf.get("original_max_position_embeddings")
+    if top is not None:
+      return top
+    return None if table.get("original_max_position_embeddings") is not None else max_positions
   rope_local = None
   if isinstance(rp, dict) and "full_attention" in rp:
-    rope = _rope_from(rp["full_attention"], theta, source, "rope_parameters.full_attention")
+    rope = _rope_from(rp["full_attention"], theta, source, "rope_parameters.full_attention",
+                      original_max(rp["full_attention"], True))
     rope_local = _rope_from(rp.get("sliding_attention"), real("rope_local_base_freq", 10000.0),
-                            source, "rope_parameters.sliding_attention")
+                            source, "rope_parameters.sliding_attention",
+                            original_max(rp.get("sliding_attention"), True))
   elif rp:
-    rope = _rope_from(rp, theta, source, "rope_parameters")
+    rope = _rope_from(rp, theta, source, "rope_parameters", original_max(rp, False))
   else:
-    rope = _rope_from(hf.get("rope_scaling"), theta, source, "rope_scaling")
+    scaling = hf.get("rope_scaling")
+    rope = _rope_from(scaling, theta, source, "rope_scaling", original_max(scaling, False))
   if mt == "gemma3_text" and rope_local is None:
     rope_local = RopeConfig(theta=real("rope_local_base_freq", 10000.0))
 
@@ -283,7 +303,7 @@ def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
       attn_logit_softcap=hf.get("attn_logit_softcapping") if mt == "gemma2" else None,
       final_logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
       sliding_window=int(window) if window else None, sliding_layers=sliding,
-      max_position_embeddings=count("max_position_embeddings", 8192),
+      max_position_embeddings=max_positions,
       pad_token_id=hf.get("pad_token_id"), bos_token_id=_tupled(hf.get("bos_token_id")),
       eos_token_id=_tupled(hf.get("eos_token_id")), num_labels=num_labels)
 
