@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +295,34 @@ def _rewrite_weights(src_path, dst_path, fn):
   sd = load_file(os.path.join(path, "model.safetensors"))
   save_file(fn(dict(sd)), os.path.join(path, "model.safetensors"))
   return path
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["other-values", "equal"])
+def test_a_head_the_weights_hold_apart_from_a_tied_embedding_loads_as_transformers_does(
+    same, model_dir, tmp_path):
+  """tie_word_embeddings=true, but the weights also hold an lm_head.weight: transformers
+  (PreTrainedModel.tie_weights) leaves the head untied when its values differ from the
+  embedding's, and ties it when they are equal. Saved again, transformers reads the same model."""
+  def add_head(sd):
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb.clone() if same else \
+        torch.randn(emb.shape, generator=torch.Generator().manual_seed(3)) * 0.15
+    return sd
+
+  path = _rewrite_weights(model_dir("qwen2")[0], tmp_path / "m", add_head)  # tied
+  tm = T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model, tok = from_pretrained(path, dtype="float32")
+  assert model.config.tie_embeddings == same
+  assert any("loaded untied" in str(w.message) for w in caught) != same
+  ids, mask = batch(model.config.vocab_size, seed=5)
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+  save_pretrained(model, tok, str(tmp_path / "saved"))
+  loaded = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"),
+                                                  attn_implementation="eager").eval()
+  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
 
 
 def test_missing_tensor_is_named(model_dir, tmp_path):

@@ -151,3 +151,27 @@ def test_a_damaged_output_is_named_as_damaged(converted, tmp_path):
   with pytest.raises(CheckpointError, match="not a readable orbax checkpoint, damaged") as e:
     models.from_orbax(d, dtype="float32", tokenizer=False)
   assert "does not match" not in str(e.value)
+
+
+def test_a_head_loaded_untied_stays_untied_in_the_checkpoint(model_dir, tmp_path):
+  """A tied config whose weights hold an lm_head.weight of other values loads untied, as
+  transformers loads it (test_models.py); the checkpoint's config.json says so, so from_orbax
+  builds the same model."""
+  import shutil
+
+  import torch
+  from safetensors.torch import load_file, save_file
+  path = str(tmp_path / "m")
+  shutil.copytree(model_dir("qwen2")[0], path)  # tie_word_embeddings=true
+  weights = os.path.join(path, "model.safetensors")
+  sd = load_file(weights)
+  sd["lm_head.weight"] = torch.randn(sd["model.embed_tokens.weight"].shape,
+                                     generator=torch.Generator().manual_seed(3)) * 0.15
+  save_file(sd, weights)
+  out = str(tmp_path / "orbax")
+  convert.convert(path, out, shd.MeshConfig(1, 1, 1), dtype="float32")
+  a, tok = from_pretrained(path, dtype="float32")
+  b, _ = models.from_orbax(out, dtype="float32")
+  assert not a.config.tie_embeddings and a.config == b.config
+  ids = np.asarray([tok("12 + 30 = 42")["input_ids"]] * 2, np.int32)
+  np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))

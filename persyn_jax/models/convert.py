@@ -76,6 +76,13 @@ def convert(hf_dir: str, out_dir: str, mesh_config=None, *, dtype: str | None = 
       src = os.path.join(hf_dir, name)
       if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and not name.endswith(".index.json"):
         shutil.copy2(src, os.path.join(tmp, name))
+    if model.config.tie_embeddings is False and hf.get("tie_word_embeddings") is not False:
+      # an lm_head the weights hold apart from the embedding of a tied config (loaded untied,
+      # models.loading): the copy says so, or from_orbax would build a model without that head
+      with open(os.path.join(tmp, "config.json")) as f:
+        copied = json.load(f)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({**copied, "tie_word_embeddings": False}, f, indent=2)
   dist.barrier("convert:tmp")
   state = nnx.state(model)
   save_tree(os.path.join(tmp, "params"), nnx.to_pure_dict(state))  # collective

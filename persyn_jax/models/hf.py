@@ -243,6 +243,26 @@ def check_config(cfg: ModelConfig, path: str, allow_external_links: bool | None 
     _check_sizes(cfg, _open_weights(path, False, allow_external_links), path)
 
 
+def head_is_untied(path: str, allow_external_links: bool | None = None,
+                   chunk_rows: int = 4096) -> bool:
+  """Whether the safetensors of `path` hold an lm_head.weight that is not model.embed_tokens.weight.
+
+  transformers (PreTrainedModel.tie_weights) then leaves the head of a config with
+  tie_word_embeddings=true untied, since the checkpoint contradicts the config; equal tensors
+  (a file that stores both) stay tied. Compared block by block from the memmaps."""
+  if not any(os.path.exists(os.path.join(path, n))
+             for n in ("model.safetensors", "model.safetensors.index.json")):
+    return False
+  tensors = _open_weights(path, False, allow_external_links)
+  if "lm_head.weight" not in tensors or "model.embed_tokens.weight" not in tensors:
+    return False
+  head, embed = tensors["lm_head.weight"](), tensors["model.embed_tokens.weight"]()
+  if head.shape != embed.shape:
+    return True
+  return any(not np.array_equal(head[r:r + chunk_rows], embed[r:r + chunk_rows])
+             for r in range(0, head.shape[0], chunk_rows))
+
+
 def _check_sizes(cfg: ModelConfig, tensors: dict, path: str) -> None:
   checks.check_config_against_weights(
       cfg, lambda n: tuple(tensors[n]().shape) if n in tensors else None, list(tensors),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from persyn_jax.models.config import ModelConfig
 from persyn_jax.io_utils import atomic_write_json
 from persyn_jax.models import checks, hub
 from persyn_jax.models.hf import (CheckpointError, check_config, config_from_hf, config_to_hf,
-                                  load_params, read_json, save_params)
+                                  head_is_untied, load_params, read_json, save_params)
 from persyn_jax.models.transformer import CausalLM, SequenceClassifier
 
 MARKER = "persyn_orbax.json"  # the file that marks (and describes) a convert output
@@ -113,6 +114,10 @@ def _abstract_model(cfg: ModelConfig, hf: dict, head: str, path: str, dtype, par
   """(the abstract model to load into, its storage dtype, the mesh: default one device)."""
   classifier = _head(hf, head, path)
   cfg = _runtime_config(cfg, hf, classifier)
+  if cfg.tie_embeddings and not classifier and head_is_untied(path):
+    warnings.warn(f"{path}: config.json ties the LM head to the embedding, but the weights hold "
+                  "an lm_head.weight of other values; loaded untied, as transformers does")
+    cfg = cfg.replace(tie_embeddings=False)
   dtype = as_dtype(dtype)
   pdtype = as_dtype(param_dtype) if param_dtype is not None else dtype
   mesh = mesh if mesh is not None else shd.single_device_mesh()
