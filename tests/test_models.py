@@ -63,6 +63,19 @@ def test_fp32_logits_match_transformers(arch, model_dir):
   assert rel_err(out, ref, mask) <= 1e-4
 
 
+def test_a_mask_with_zeros_inside_a_row_numbers_positions_as_transformers(model_dir):
+  """An attention mask with a run of zeros between tokens (not only padding at the ends): the
+  tokens after it see those before it and take positions cumsum(mask) - 1, as in transformers'
+  generate; not positions restarted after the gap."""
+  path, tm = model_dir("llama")
+  model, _ = from_pretrained(path, dtype="float32")
+  ids, mask = batch(model.config.vocab_size, seed=6)
+  mask[0, 5:7] = 0
+  mask[1, 8] = 0  # after left padding
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+
+
 # Trimmed or older config.json files: each key left out (or set) means what it means to
 # transformers, whose config class fills in the defaults and the derived keys.
 TRIMMED = [

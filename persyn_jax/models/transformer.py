@@ -90,6 +90,12 @@ class Transformer(nnx.Module):
 def _inputs(input_ids, attention_mask, positions, segment_ids):
   if segment_ids is None:
     segment_ids = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask)
+    if positions is None and attention_mask is not None:
+      # an HF attention mask: a token's position counts the tokens before it (cumsum - 1, as
+      # transformers' generate numbers them), also across zeros inside a row, where the tokens
+      # on both sides see each other; packed rows pass segment_ids and restart per segment
+      tokens = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
+      positions = jnp.maximum(jnp.cumsum(tokens, axis=1) - 1, 0)
   segment_ids = jnp.asarray(segment_ids).astype(jnp.int32)
   if positions is None:
     positions = positions_from_segments(segment_ids)
@@ -132,7 +138,8 @@ class CausalLM(nnx.Module):
                cache: Cache | None = None):
     """Logits [B, T, V] (fp32); with a cache, (logits, new cache).
 
-    Positions follow the mask (or restart per packed segment), so left and right padding both work.
+    Positions count the mask's tokens (or restart per packed segment of `segment_ids`), so left
+    and right padding both work.
     """
     h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions,
                                       segment_ids=segment_ids, cache=cache)
