@@ -338,6 +338,23 @@ def test_a_head_the_weights_hold_apart_from_a_tied_embedding_loads_as_transforme
   assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
 
 
+def test_a_tied_model_stored_through_its_head_only_loads_as_transformers_does(model_dir,
+                                                                             tmp_path):
+  """tie_word_embeddings=true and only lm_head.weight stored (no model.embed_tokens.weight):
+  transformers ties the embedding to the stored head; so do we, rather than refuse the file."""
+  def head_only(sd):
+    sd["lm_head.weight"] = torch.randn(sd.pop("model.embed_tokens.weight").shape,
+                                       generator=torch.Generator().manual_seed(4)) * 0.15
+    return sd
+
+  path = _rewrite_weights(model_dir("qwen2")[0], tmp_path / "m", head_only)  # tied
+  tm = T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+  model, _ = from_pretrained(path, dtype="float32")
+  ids, mask = batch(model.config.vocab_size, seed=7)
+  ref = torch_logits(tm, ids, mask)
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+
+
 def test_missing_tensor_is_named(model_dir, tmp_path):
   path = _rewrite_weights(model_dir("llama")[0], tmp_path / "m",
                           lambda sd: {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k})

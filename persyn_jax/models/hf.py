@@ -277,6 +277,11 @@ def load_params(model: nnx.Module, path: str, mesh, dtype, *, allow_pickle: bool
   environment variable PERSYN_JAX_ALLOW_EXTERNAL_LINKS); config.json's sizes are checked against
   the weights' shapes before anything is allocated."""
   tensors = _open_weights(path, allow_pickle, allow_external_links)
+  if model.config.tie_embeddings and "model.embed_tokens.weight" not in tensors and \
+      "lm_head.weight" in tensors:
+    # a tied model stored through its head only: transformers (PreTrainedModel.tie_weights)
+    # ties the embedding to the tensor that is there
+    tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
   _check_sizes(model.config, tensors, path)
   wmap = weight_map(model)
   graphdef, state = nnx.split(model)
