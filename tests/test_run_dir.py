@@ -339,3 +339,27 @@ def test_generate_sets_its_datasets_aside_with_itself(model_dir, tmp_path):
   assert [d.split(".stale-")[0] for d in moved] == ["data", "generate"], moved
   assert os.path.exists(os.path.join(cfg.run_dir, moved[0], "persyn", "x"))
   assert len(logs) == 2 and "moving data to" in logs[0] + logs[1]
+
+
+@pytest.mark.parametrize("content", [b'{"steps": 4, "final_lo', b"[1, 2]", b""])
+def test_a_damaged_student_marker_is_done_again_or_named(model_dir, tmp_path, content):
+  """A student's sft DONE.json or an evaluation's result.json that is damaged counts as missing
+  (its part is done again, the log names the file); the eval stage's read of a finished sft
+  stage's student summary names the file and what to remove, not a JSONDecodeError."""
+  from persyn_jax.stages.context import Context
+  from persyn_jax.stages.eval import sft_summary
+  from persyn_jax.stages.sft import student_dir
+  cfg = explicit_config(model_dir, tmp_path)
+  logs = []
+  ctx = Context(cfg, log=logs.append)
+  done = os.path.join(student_dir(ctx, "persyn", None), "DONE.json")
+  os.makedirs(os.path.dirname(done))
+  json.dump({"steps": 4, "final_loss": 1.5}, open(done, "w"))
+  assert ctx.read_marker(done) == {"steps": 4, "final_loss": 1.5} == sft_summary(ctx, "persyn", None)
+  open(done, "wb").write(content)
+  assert ctx.read_marker(done) is None
+  assert any(m.startswith(f"{done} is unreadable (") and "doing its part again" in m
+             for m in logs), logs
+  with pytest.raises(ValueError, match=rf"{done}: missing or unreadable, though the sft stage "
+                                       r"finished; rerun with --redo sft"):
+    sft_summary(ctx, "persyn", None)

@@ -3,6 +3,7 @@ loading on a stage's mesh, reading a stage's records, and the names of teachers'
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Callable, Iterator
 
 import jax
@@ -86,6 +87,21 @@ class Context:
     """A shared file of the run: written by process 0 only."""
     if self.is_writer():
       atomic_write_json(self.path(*parts), obj)
+
+  def read_marker(self, path: str) -> dict | None:
+    """A JSON object a stage wrote to mark a finished part of its work (a student's DONE.json,
+    an evaluation's result.json): None when it is missing, or damaged (a disk that failed after
+    the atomic write, a hand edit), which the log names; the part is then done again."""
+    if not fs.exists(path):
+      return None
+    try:
+      obj = json.loads(fs.read_bytes(path).decode("utf-8"))
+      if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object: {str(obj)[:60]!r}")
+    except (OSError, ValueError) as e:
+      self.log(f"{path} is unreadable ({type(e).__name__}: {e}); doing its part again")
+      return None
+    return obj
 
   def records(self, stage: str, prefix: str | None = None) -> list[dict]:
     """The records of `stage` (run_dir/<stage>/), those with shard prefix `prefix` (default: the

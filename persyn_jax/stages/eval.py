@@ -4,7 +4,6 @@ format its tool reads. eval.json keeps each student's per-prompt correctness (th
 bootstrap reads it); a student already scored (its result.json) is not evaluated again."""
 from __future__ import annotations
 
-import json
 import time
 
 from persyn_jax import evaluate as ev
@@ -56,9 +55,8 @@ def run(ctx: Context) -> dict:
     twin = None if name == "base_student" else sft_summary(ctx, name, seed).get("same_as")
     if twin is not None:  # trained on the same examples as twin's (sft): twin's student,
       path = fs.join(student_dir(ctx, twin, seed), "student")  # scored and exported here again
-    if fs.exists(done):
-      res = json.loads(fs.read_bytes(done))
-    else:
+    res = ctx.read_marker(done)
+    if res is None:
       res = evaluate_one(ctx, name if seed is None else f"{name}-seed{seed}", path, out_dir,
                          prompts, benchmarks)
       if twin is not None:
@@ -73,8 +71,14 @@ def run(ctx: Context) -> dict:
 
 
 def sft_summary(ctx: Context, policy: str, seed: int | None) -> dict:
-  """The sft stage's DONE.json of (`policy`, `seed`)."""
-  return json.loads(fs.read_bytes(fs.join(student_dir(ctx, policy, seed), "DONE.json")))
+  """The sft stage's DONE.json of (`policy`, `seed`); a damaged one is an error naming it."""
+  path = fs.join(student_dir(ctx, policy, seed), "DONE.json")
+  summary = ctx.read_marker(path)
+  if summary is None:
+    raise ValueError(f"{path}: missing or unreadable, though the sft stage finished; rerun with "
+                     "--redo sft: it trains again only the students without a readable DONE.json "
+                     "(from their checkpoints)")
+  return summary
 
 
 def evaluate_one(ctx: Context, name: str, path: str, out_dir: str, prompts, benchmarks) -> dict:

@@ -85,10 +85,10 @@ def train_one(ctx: Context, policy: str, seed: int | None) -> dict:
   mesh = ctx.mesh_for(c.mesh)
   d = student_dir(ctx, policy, seed)
   label = policy if seed is None else f"{policy} seed {seed}"
-  done = fs.join(d, "DONE.json")
-  if fs.exists(done):
+  earlier = ctx.read_marker(fs.join(d, "DONE.json"))
+  if earlier is not None:
     ctx.log(f"[sft] {label}: done earlier")
-    return json.loads(fs.read_bytes(done))
+    return earlier
   # The student in sft.param_dtype (the master weights the optimizer updates; float32 by
   # default), not student.dtype, which is how it is stored and served.
   model, tok = ctx.load(dataclasses.replace(cfg.student, dtype=c.param_dtype), mesh)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -179,7 +178,7 @@ def run(ctx: Context) -> dict:
     raise ValueError("study.enabled needs held-out prompts (prompts.eval > 0)")
   category = _categories(p["probe"] + held, c.category_field)
   done_path = ctx.path("study", "students.json")
-  acc = json.loads(fs.read_bytes(done_path)) if fs.exists(done_path) else {}
+  acc = ctx.read_marker(done_path) or {}
   if "base_student" not in acc:
     acc["base_student"] = by_category(_evaluate(ctx, cfg.student.path, "base_student", held),
                                       category)
