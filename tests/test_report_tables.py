@@ -1,5 +1,6 @@
 """report.md's students table and alpha-sweep table, from a report dict made of known numbers."""
 import numpy as np
+import pytest
 
 from persyn_jax.report import stats
 from persyn_jax.report.markdown import markdown
@@ -66,3 +67,24 @@ def test_the_per_kind_table_marks_the_significant_differences():
   md = markdown(r)
   b = r["stats"]["by_kind"]["b"]["x"]["delta"]
   assert b > 0.3 and f"| x | +0.000 | {b:+.3f}* |" in md
+
+
+def test_plots_are_written_whole_and_a_failed_one_keeps_the_old_file(tmp_path):
+  """report.plots.save renders the PNG in memory and writes it with atomic_write_bytes (a kill
+  leaves the old plot or the new one): the file is a whole PNG, nothing else is left in its
+  directory, and a figure that fails to render leaves the earlier plot as it was."""
+  import os
+
+  import matplotlib.pyplot as plt
+
+  from persyn_jax.report.plots import plot_eval, save
+  path = str(tmp_path / "eval.png")
+  plot_eval({"persyn": 0.7, "strong": 0.75}, "accuracy", path,
+            intervals={"persyn": [0.65, 0.75], "strong": [0.7, 0.8]})
+  data = open(path, "rb").read()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND" and os.listdir(tmp_path) == ["eval.png"]
+  fig, ax = plt.subplots()
+  ax.set_title(r"$\frac{1$")  # mathtext that cannot be parsed: savefig raises
+  with pytest.raises(ValueError):
+    save(fig, path)
+  assert open(path, "rb").read() == data and os.listdir(tmp_path) == ["eval.png"]

@@ -1,10 +1,23 @@
 """The report's PNG plots: teacher shares per policy, eval per student, SFT loss per policy."""
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from persyn_jax.io_utils import atomic_write_bytes  # noqa: E402
+
+
+def save(fig, path: str) -> None:
+  """`fig` as a PNG at `path`, written atomically (a kill leaves the old plot or the new one,
+  never a torn file), then closed."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_shares(shares: dict[str, dict[str, float]], teachers: list[str], path: str) -> None:
@@ -22,8 +35,7 @@ def plot_shares(shares: dict[str, dict[str, float]], teachers: list[str], path: 
   ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
   plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_eval(evals: dict[str, float], metric: str, path: str,
@@ -47,8 +59,7 @@ def plot_eval(evals: dict[str, float], metric: str, path: str,
   ax.set_title(f"Student {metric} on held-out prompts" + (" (95% CI)" if intervals else ""))
   plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_sweep(rows: list[dict], path: str) -> None:
@@ -73,8 +84,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
   a2.set_ylim(0, 1)
   a2.set_title("Router Hit@1 vs alpha")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path)
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
@@ -87,5 +97,4 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
   ax.set_title("Student SFT loss per policy")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path)

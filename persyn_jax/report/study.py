@@ -25,9 +25,9 @@ def load_study(run_dir: str) -> dict | None:
 
 def plot_gains(study: dict, path: str) -> None:
   """Teachers (rows) x categories (columns), coloured by the accuracy gain over the base student."""
-  import matplotlib
-  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
+  from persyn_jax.report.plots import save  # matplotlib with the Agg backend
   teachers, cats = study["teachers"], study["categories"]
   vals = [[_nan(study["gain"][t].get(c)) for c in cats] for t in teachers]
   lim = max([abs(v) for row in vals for v in row if math.isfinite(v)] + [0.01])
@@ -42,8 +42,7 @@ def plot_gains(study: dict, path: str) -> None:
                fontsize=9)
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save(fig, path)
 
 
 def _nan(v) -> float:
