@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from persyn_jax.config import ConfigError
-from persyn_jax.io_utils import dumps
+from persyn_jax.io_utils import atomic_write_text, dumps
 
 
 def _scalar(v: Any):
@@ -129,10 +129,7 @@ class MetricsWriter:
             keep.append(line if line.endswith("\n") else line + "\n")  # cut before its newline
         except json.JSONDecodeError:  # a line cut by a kill: drop it
           continue
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    atomic_write_text(self.path, "".join(keep))
 
   def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str | None = None) -> None:
     if not self.enabled:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from persyn_jax import sharding as shd
-from persyn_jax.io_utils import atomic_write_json
+from persyn_jax.io_utils import atomic_write_json, fsync_dir, remove_dead_temps
 from persyn_jax.models import checks
 from persyn_jax.models.checks import CheckpointError
 # config_from_hf and config_to_hf moved to models/config.py; still importable from here.
@@ -385,7 +385,11 @@ def _remove_stale_weights(path: str, keep: set[str]) -> None:
 
 
 def _atomic_save(items, fpath):
-  tmp = fpath + ".tmp"
+  """A safetensors file written under a temp name of this process (fsynced), then renamed; a
+  temp left by a killed writer is removed first."""
+  tmp = f"{fpath}.tmp-{os.getpid()}"
+  remove_dead_temps(fpath)
   save_file(items, tmp, metadata={"format": "pt"})
   os.replace(tmp, fpath)
+  fsync_dir(os.path.dirname(fpath) or ".")
 
