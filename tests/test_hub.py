@@ -129,6 +129,17 @@ def test_an_index_that_is_not_an_object_is_named_as_missing(tmp_path, index):
   assert missing.startswith("model.safetensors.index.json (unreadable: ")
 
 
+def test_a_snapshot_with_model_safetensors_needs_no_shard_of_an_index(tmp_path):
+  """The loader reads model.safetensors before an index (as transformers does), so the shards an
+  index beside it names are not needed: the snapshot is complete without them."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "model.safetensors.index.json").write_text(
+      '{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
+  assert hub.missing_files(str(tmp_path)) == ["model-00001-of-00002.safetensors"]
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  assert hub.missing_files(str(tmp_path)) == []
+
+
 def test_the_allow_list_fetches_weights_configs_and_tokenizers_never_pickles():
   wanted = ["model.safetensors", "model-00001-of-00004.safetensors", "model.safetensors.index.json",
             "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

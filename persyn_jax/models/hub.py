@@ -63,10 +63,13 @@ def download_command(repo_id: str, revision: str | None = None, cache_dir: str |
 
 
 def missing_files(snapshot: str) -> list[str]:
-  """What a snapshot lacks to be loaded: config.json, any weights, or shards its index names."""
+  """What a snapshot lacks to be loaded: config.json, any weights, or shards its index names
+  (unless it has a model.safetensors, which the loader reads before an index, as transformers)."""
   missing = [] if os.path.isfile(os.path.join(snapshot, "config.json")) else ["config.json"]
   names = os.listdir(snapshot) if os.path.isdir(snapshot) else []
   indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+  if "model.safetensors" in names:
+    indexes = []
   for index in indexes:
     try:
       with open(os.path.join(snapshot, index), encoding="utf-8") as f:
