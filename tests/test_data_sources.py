@@ -85,6 +85,18 @@ def test_csv_cells_are_the_text_they_hold_as_in_json_lines(tmp_path):
   assert load(path) == load(jsonl)
 
 
+def test_a_boolean_reference_is_its_json_text_as_in_a_csv_file(tmp_path):
+  """A JSON true is the reference "true" (as the CSV cell true reads), not Python's "True"."""
+  jsonl = tmp_path / "b.jsonl"
+  jsonl.write_text('{"id": "a", "prompt": "2 > 1?", "answer": true}\n'
+                   '{"id": "b", "prompt": "1 > 2?", "answer": false}\n')
+  csv = tmp_path / "b.csv"
+  csv.write_text("id,prompt,answer\na,2 > 1?,true\nb,1 > 2?,false\n")
+  prompts, _ = load(jsonl, reference_field="answer")
+  assert [p["reference"] for p in prompts] == ["true", "false"]
+  assert load(csv, reference_field="answer")[0] == prompts
+
+
 def test_a_float_column_from_pandas_reads_like_json_lines(tmp_path):
   """pandas stores an int column with a missing value as floats with NaN: an integral float id is
   the integer's string (as an int id in JSON Lines), and NaN is no value (id: the content hash;

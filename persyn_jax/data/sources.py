@@ -379,7 +379,10 @@ def _to_record(where: str, row: Mapping[str, Any], cfg: PromptSourceConfig
     if _missing(reference):
       reference = None
     elif not isinstance(reference, str):
-      reference = str(reference) if isinstance(reference, (int, float)) else json.dumps(reference)
+      # a number as its text (2 -> "2"); anything else, a bool included, as its JSON text
+      # (true -> "true", as a CSV cell reads, not Python's "True")
+      number = isinstance(reference, (int, float)) and not isinstance(reference, bool)
+      reference = str(reference) if number else json.dumps(reference)
   kept = {}
   for name in cfg.keep_fields:
     v = row.get(name)
