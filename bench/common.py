@@ -158,6 +158,28 @@ def environment(load_before: dict, threads: int | None) -> dict:
           "load": {"before": load_before, "after": check_load("after")}}
 
 
+def spec_peaks(required: bool = True) -> tuple[float | None, float | None]:
+  """(dense bf16 FLOP/s, HBM bytes/s) of one device of this machine, from the spec sheets
+  (persyn_jax/device_peaks.py); (None, None) on CPU, which has no spec peak. An accelerator whose
+  kind is not in the table stops the benchmark when `required` (its MFU would have no
+  denominator), else gets (None, None) with a warning (the figures that need a spec are left
+  out; e.g. the sampler's roofline on the measured bandwidth still stands)."""
+  import jax
+  from persyn_jax.device_peaks import device_peaks
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return None, None
+  flops, hbm = device_peaks(d.device_kind)
+  if flops is None:
+    msg = (f"device kind {d.device_kind!r} ({d.platform}) has no spec peak in "
+           "persyn_jax/device_peaks.py PEAKS: add its dense bf16 FLOP/s and HBM bytes/s there")
+    if required:
+      raise SystemExit(msg + ", or its MFU cannot be computed")
+    warnings.warn(msg)
+    print("WARNING:", msg + "; the figures that need them are left out", flush=True)
+  return flops, hbm
+
+
 def write_json(path: str, result: dict) -> str:
   result = {**result, "host_malloc": dict(persyn_jax.host_malloc.STATE)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -26,21 +26,6 @@ import numpy as np
 
 import common as C  # bench/common.py (this directory is on sys.path when run as a script)
 
-# device kind (substring, first match) -> (HBM bytes/s, dense bf16 FLOP/s), from the spec sheets
-PEAKS = [
-    ("H100 PCIe", 2.0e12, 756e12),
-    ("H100 NVL", 3.9e12, 835e12),
-    ("H100", 3.35e12, 989e12),     # SXM (device kind "NVIDIA H100 80GB HBM3")
-    ("H200", 4.8e12, 989e12),
-    ("A100", 2.039e12, 312e12),    # 80GB SXM
-    ("TPU v4", 1.2e12, 275e12),
-    ("TPU v5 lite", 0.819e12, 197e12),
-    ("TPU v5e", 0.819e12, 197e12),
-    ("TPU v5", 2.765e12, 459e12),  # v5p
-    ("TPU v6 lite", 1.64e12, 918e12),
-    ("TPU v6e", 1.64e12, 918e12),
-]
-
 PRESETS = {
     # Llama-3.2-1B's shape (tied embeddings, 1.24B parameters)
     "gpu-1b": dict(model=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -56,13 +41,6 @@ PRESETS = {
 }
 SAMPLING = {"greedy": dict(temperature=0.0, top_k=0, top_p=1.0),
             "paper": dict(temperature=0.7, top_k=0, top_p=0.95)}
-
-
-def device_peaks(kind: str):
-  for name, bw, flops in PEAKS:
-    if name.lower() in kind.lower():
-      return bw, flops
-  return None, None
 
 
 def measure_bandwidth(jax, jnp, nbytes: int) -> float:
@@ -247,7 +225,8 @@ def main(argv=None):
                     **preset["model"])
   stops = stop_set(args.workload, cfg.vocab_size, new)
   kind = dev.device_kind
-  spec_bw, peak_flops = (None, None) if on_cpu else device_peaks(kind)
+  # dense bf16 FLOP/s, HBM bytes/s (None on CPU, or with a warning on an unknown accelerator)
+  peak_flops, spec_bw = C.spec_peaks(required=False)
   meas_bw = None if on_cpu else measure_bandwidth(jax, jnp, 1 << 30)
   itemsize = np.dtype(jnp.dtype(dtype)).itemsize
   n_params = cfg.num_params()

@@ -8,7 +8,8 @@ same length-sorted batches, an fp32 log-softmax over the vocabulary and the mean
 response tokens. JAX runs `scoring.LogProbScorer` end to end (tokenization included); torch runs
 its forward on the pre-tokenized batches (tokenization not counted, in its favour). MFU counts
 the model FLOPs of the real (unpadded) tokens, `ModelConfig.flops_per_token`, against the device
-peak (a table for GPUs; on CPU the measured fp32 matmul throughput of this machine).
+peak (the dense bf16 spec sheet, persyn_jax/device_peaks.py; on CPU the measured fp32 matmul
+throughput of this machine; an accelerator missing from the table stops the run).
     python bench/scoring.py --preset tiny         # plumbing check in seconds (figures meaningless)
 The sides alternate over >= 3 repeats with pinned, equal thread counts (bench/common.py); the
 table gives medians with min-max and the machine's load is checked and recorded.
@@ -43,7 +44,6 @@ PRESETS = {
                 dtype="bfloat16", pairs=512, prompt_words=(50, 300), response_words=(200, 900),
                 max_len=2048, batch_tokens=32768, tokenizer_vocab=8192),
 }
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 WORDS = ("the a of to and in is it that for on with as was at by this be from or have an they "
          "which one you were all we her she there been if more when will would who so no apples "
          "number model answer step total each left count world language tiny what how many "
@@ -89,11 +89,10 @@ def measured_matmul_peak(dtype) -> float:
 
 
 def device_info():
+  """(platform, device kind, device count, spec bf16 peak FLOP/s: None on CPU)."""
   import jax
   d = jax.devices()[0]
-  kind = d.device_kind
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-  return d.platform, kind, len(jax.devices()), peak
+  return d.platform, d.device_kind, len(jax.devices()), C.spec_peaks()[0]
 
 
 def run_jax(path, prompts, responses, preset, packing=True, pack_len=512):
@@ -193,9 +192,14 @@ def main(argv=None):
   from persyn_jax import models, scoring
 
   platform_name, kind, ndev, peak = device_info()
-  peak_source = "vendor dense peak" if peak else "measured fp32 matmul (JAX)"
-  if peak is None:
-    peak = measured_matmul_peak(models.as_dtype(preset["dtype"]))
+  if platform_name == "cpu":
+    peak, peak_source = measured_matmul_peak(models.as_dtype(preset["dtype"])), \
+        "measured fp32 matmul (JAX)"
+  elif preset["dtype"] == "bfloat16":
+    peak_source = "vendor dense bf16 peak"
+  else:
+    raise SystemExit(f"preset {args.preset}: dtype {preset['dtype']} on {kind}: the spec peaks "
+                     "are bf16; use --preset gpu")
   prompts, responses = synthetic_pairs(preset["pairs"], preset["prompt_words"],
                                        preset["response_words"])
   with tempfile.TemporaryDirectory() as tmp:

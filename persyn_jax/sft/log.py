@@ -8,31 +8,24 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from persyn_jax.device_peaks import peak_bf16_flops
 from persyn_jax.metrics import MetricsWriter
 from persyn_jax.sft.config import SFTConfig
 from persyn_jax.training import StepInfo
-
-# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (for MFU).
-PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12,
-             "NVIDIA A100": 312e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
-             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-             "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
 
 class NonFiniteError(FloatingPointError):
   """A step produced a NaN/Inf loss or gradient; the run stopped without saving that state."""
 
 
-def peak_flops(config: SFTConfig) -> float | None:
+def peak_flops(config: SFTConfig, kind: str | None = None) -> float | None:
+  """Peak FLOP/s of one device for MFU: config.peak_tflops, else the dense bf16 spec peak of the
+  device kind (default: this machine's; persyn_jax/device_peaks.py) for a bf16 run, else None."""
   if config.peak_tflops:
     return config.peak_tflops * 1e12
   if config.compute_dtype not in ("bfloat16", "bf16"):
     return None
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in PEAK_BF16.items():
-    if kind.startswith(prefix):
-      return flops
-  return None
+  return peak_bf16_flops(kind if kind is not None else jax.devices()[0].device_kind)
 
 
 class StepLog:
