@@ -6,8 +6,8 @@ PyTorch `generate` on the same random weights, with the fraction of the roofline
 
 Roofline (decode): one step must read every weight and the filled part of the KV cache once, so
   tokens/s <= batch * HBM bandwidth / (weight bytes + KV bytes read per step),
-with the KV bytes averaged over the steps (prompt + i tokens at step i). Prefill: FLOPs over the
-peak bf16 FLOP/s. Bandwidth: the spec sheet and a measured device copy. On CPU no roofline is
+with the KV bytes averaged over the steps (prompt + i tokens at step i). Prefill: model FLOPs
+(prefill_flops: the LM head at the last prompt token only) over the peak bf16 FLOP/s. Bandwidth: the spec sheet and a measured device copy. On CPU no roofline is
 given (no meaningful peak); compare the ratios to transformers instead.
 Decode time = the on-device decode loop (ours) / generate(new) - generate(1) (transformers);
 every row runs all `new` tokens (no stop token) unless --workload eos; greedy unless --sampling
@@ -67,6 +67,14 @@ def stop_set(workload: str, vocab: int, new: int) -> tuple[int, ...]:
   rng = np.random.default_rng(7)
   n = max(1, min(vocab // 2, 4 * vocab // new))
   return tuple(int(t) for t in rng.choice(np.arange(10, vocab), n, replace=False))
+
+
+def prefill_flops(cfg, B: int, L: int) -> float:
+  """Model FLOPs of one prefill of B prompts of L tokens: every token through the layers (causal
+  attention), the LM head at the last token only, as both sides compute it (our engine's prefill
+  returns the last position's logits; transformers' generate keeps only those)."""
+  head = 2 * cfg.vocab_size * cfg.hidden_size
+  return B * (L * (cfg.flops_per_token(L) - head) + head)
 
 
 def make_ours(model, cfg, B, L, new, sampling, dtype, stops):
@@ -282,7 +290,7 @@ def main(argv=None):
           row[f"decode_roofline_tok_s_{name}"] = roof
           row[f"decode_roofline_frac_{name}"] = dec["median"] / roof
     if peak_flops:
-      row["prefill_mfu"] = B * L * cfg.flops_per_token(L) / row["ours"]["prefill_s"]["median"] \
+      row["prefill_mfu"] = prefill_flops(cfg, B, L) / row["ours"]["prefill_s"]["median"] \
           / peak_flops
     rows.append(row)
     print_row(row)
