@@ -41,3 +41,40 @@ def test_prefill_flops_count_the_lm_head_at_the_last_token_only(sampler):
   # ModelConfig counts the RMSNorm scales as weights too (2 per layer): 2 FLOPs each, below 1e-4
   assert got == pytest.approx(want, rel=1e-4)
   assert got < 0.8 * B * L * llama_1b().flops_per_token(L)  # the head at every token: +27%
+
+
+def test_flops_per_token_is_the_matmul_count_plus_causal_attention():
+  S = 2048
+  want = LAYERS * layer_flops(S) + 2 * D * VOCAB  # the head; the embedding lookup is no matmul
+  assert llama_1b().flops_per_token(S) == pytest.approx(want, rel=1e-4)
+
+
+def test_sliding_layers_count_only_the_keys_in_their_window():
+  """Gemma-3-like: 5 of 6 layers see the last W tokens only. Reference: the mean over the
+  sequence of min(position, W) keys per token, summed by brute force."""
+  import numpy as np
+  S, W = 2048, 512
+  sliding = tuple(i % 6 != 5 for i in range(LAYERS))
+  cfg = llama_1b().replace(sliding_window=W, sliding_layers=sliding)
+  pos = np.arange(1, S + 1)
+  # (the convention drops each token's own half key: S/2 keys a token in a full layer)
+  keys_full, keys_window = pos.mean() - 0.5, np.minimum(pos, W).mean() - W / (2 * S)
+  want = sum(4 * HEADS * HD * (keys_window if s else keys_full) for s in sliding)
+  assert cfg.attention_flops_per_token(S) == pytest.approx(want, rel=1e-9)
+  assert cfg.flops_per_token(S) - cfg.attention_flops_per_token(S) == \
+      pytest.approx(llama_1b().flops_per_token(S) - llama_1b().attention_flops_per_token(S))
+
+
+def test_sft_mfu_flops_with_lora_keep_the_attention_backward():
+  """Full fine-tuning: forward + backward = 3x the forward. LoRA: the frozen matmuls skip their
+  weight gradients (2x), attention (no weights) still computes dQ, dK, dV (3x)."""
+  from persyn_jax.models.lora import LoRAConfig
+  from persyn_jax.sft import SFTConfig
+  from persyn_jax.sft.log import train_flops_per_token
+  S = 2048
+  matmul = LAYERS * layer_flops(0) + 2 * D * VOCAB
+  attn = LAYERS * (layer_flops(S) - layer_flops(0))
+  full = SFTConfig(seq_len=S)
+  lora = SFTConfig(seq_len=S, lora=LoRAConfig(rank=8))
+  assert train_flops_per_token(llama_1b(), full) == pytest.approx(3 * (matmul + attn), rel=1e-4)
+  assert train_flops_per_token(llama_1b(), lora) == pytest.approx(2 * matmul + 3 * attn, rel=1e-4)

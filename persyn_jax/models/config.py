@@ -95,10 +95,23 @@ class ModelConfig:
     return n
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Forward FLOPs per token: 2 per matmul weight, plus attention scores and values."""
+    """Forward FLOPs per token of a causal sequence of seq_len tokens: 2 per matmul weight (the
+    LM head included, the embedding lookup not), plus attention_flops_per_token. For a dense
+    model, training's 3x this is 6 N + 6 L d seq_len: PaLM's 6 N + 12 L d seq_len with the
+    causal half of the attention square, as MaxText counts it."""
     matmul = 2 * self.num_params(include_embeddings=False) + 2 * self.vocab_size * self.hidden_size
-    attn = 4 * self.num_layers * self.num_heads * self.head_dim * seq_len / 2  # causal: half
-    return matmul + attn
+    return matmul + self.attention_flops_per_token(seq_len)
+
+  def attention_flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token of attention's scores and values (4 heads x head_dim per key),
+    averaged over a causal sequence: seq_len / 2 keys per token, and in a sliding layer of window
+    W < seq_len, W - W^2 / (2 seq_len) (each token sees min(position, W) keys)."""
+    total = 0.0
+    for i in range(self.num_layers):
+      w = self.sliding_window if self.layer_is_sliding(i) else None
+      keys = seq_len / 2 if not w or w >= seq_len else w - w * w / (2 * seq_len)
+      total += 4 * self.num_heads * self.head_dim * keys
+    return total
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

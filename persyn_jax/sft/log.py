@@ -28,6 +28,16 @@ def peak_flops(config: SFTConfig, kind: str | None = None) -> float | None:
   return peak_bf16_flops(kind if kind is not None else jax.devices()[0].device_kind)
 
 
+def train_flops_per_token(model_config, config: SFTConfig) -> float:
+  """Model FLOPs per trained position, for MFU: forward + backward (2x the forward). With LoRA
+  the frozen weights need no weight gradient, one of the backward's two matmuls per weight, but
+  attention has no weights: its backward (dQ, dK, dV) is still 2x its forward."""
+  fwd = model_config.flops_per_token(config.seq_len)
+  if not config.lora.enabled:
+    return 3 * fwd
+  return 2 * fwd + model_config.attention_flops_per_token(config.seq_len)
+
+
 class StepLog:
   """A hook for every step (add_hook(log, every=1)); `flush()` settles the steps still pending
   (before a checkpoint or an eval, and at the end). `losses` holds every settled step's loss."""

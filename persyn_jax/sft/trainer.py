@@ -23,7 +23,7 @@ from persyn_jax.metrics import MetricsWriter, WandbConfig
 from persyn_jax.models import CausalLM, save_pretrained
 from persyn_jax.models.lora import merge_lora
 from persyn_jax.sft.config import SFTConfig
-from persyn_jax.sft.log import StepLog
+from persyn_jax.sft.log import StepLog, train_flops_per_token
 from persyn_jax.sft.loss import BATCH_KEYS
 from persyn_jax.sft.session import Session, make_session
 from persyn_jax.training import TrainLoop, checkpoint_hook
@@ -194,7 +194,7 @@ def _run(session: Session, state, source: BatchesFn, position: int, start: int, 
     last = ckpts.latest_step()
     return f"step {last} in {ckpts.directory}" if last is not None else "none"
 
-  fpt = session.model_config.flops_per_token(config.seq_len) * (2 if config.lora.enabled else 3)
+  fpt = train_flops_per_token(session.model_config, config)
   steplog = StepLog(config, total=total, start=start, flops_per_token=fpt,
                     devices=session.mesh.size, metrics=metrics, last_checkpoint=last_checkpoint)
   loop.add_hook(steplog, every=1)
