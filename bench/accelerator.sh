@@ -20,7 +20,8 @@
 #                      a small model, the same in both modes: judged in a --dry run on CPU too
 # The two sides of each step run sequentially in one process, alternating over 3 repeats, with
 # XLA_PYTHON_CLIENT_PREALLOCATE=false so that the torch side finds free device memory.
-# On a TPU host torch has no device: the torch anchors are skipped there (--no-torch).
+# On a TPU host, or where torch has no CUDA (pyproject's CPU wheel), torch has no device: the
+# torch anchors are skipped there (--no-torch).
 # Finally bench/accelerator_summary.py checks each target and writes summary.json beside the runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,8 +53,10 @@ else
   LIMIT=${STEP_LIMIT:-150}
 fi
 NO_TORCH=()
-if ! (( DRY )) && ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() == 'tpu')"; then
-  NO_TORCH=(--no-torch)
+if ! (( DRY )) && ! "$PY" -c "import jax, sys, torch
+sys.exit(not (jax.default_backend() == 'gpu' and torch.cuda.is_available()))"; then
+  NO_TORCH=(--no-torch)  # a TPU, or a torch without CUDA: no torch anchor to time on the device
+  echo "no CUDA torch beside JAX's accelerator here: the torch anchors are skipped (--no-torch)"
 fi
 mkdir -p "$OUT"
 echo "accelerator bench -> $OUT (dry=$DRY, ${NO_TORCH[*]:-with torch})"

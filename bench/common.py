@@ -180,6 +180,26 @@ def spec_peaks(required: bool = True) -> tuple[float | None, float | None]:
   return flops, hbm
 
 
+def torch_device_for(jax_platform: str, cuda_available: bool) -> str:
+  """The device of the torch anchor: the one JAX measures on. A GPU run whose torch has no CUDA
+  (the CPU wheel of pyproject.toml's test extra) stops here, rather than timing torch on the host
+  CPU against JAX on the GPU; a TPU host has no torch device (--no-torch)."""
+  if jax_platform == "cpu":
+    return "cpu"
+  if jax_platform == "gpu" and cuda_available:
+    return "cuda"
+  why = ("this torch has no CUDA (torch.cuda.is_available() is False): install a CUDA build"
+         if jax_platform == "gpu" else "torch has no device here")
+  raise SystemExit(f"JAX runs on {jax_platform!r} but {why}, or pass --no-torch")
+
+
+def torch_device() -> str:
+  """torch_device_for this machine's JAX platform and torch."""
+  import jax
+  import torch
+  return torch_device_for(jax.devices()[0].platform, torch.cuda.is_available())
+
+
 def write_json(path: str, result: dict) -> str:
   result = {**result, "host_malloc": dict(persyn_jax.host_malloc.STATE)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -118,8 +118,6 @@ def main(argv=None):
   args = ap.parse_args(argv)
   threads = C.pin_threads(args.threads)
   load_before = C.check_load("before")
-  import jax
-  on_cpu = jax.devices()[0].platform == "cpu"
   repeats = max(args.repeats, C.MIN_REPEATS)
   rows = {}
   for kind in ("peaked", "flat"):
@@ -128,7 +126,7 @@ def main(argv=None):
     sides = {"ours_greedy": timed(*ours(x, args.temperature, args.top_p, True, n), 1, n),
              "ours_top_p": timed(*ours(x, args.temperature, args.top_p, False, n), 1, n)}
     if not args.no_torch:  # transformers calls its warpers once per step, from Python
-      step, block = torch_side(x, args.temperature, args.top_p, "cpu" if on_cpu else "cuda")
+      step, block = torch_side(x, args.temperature, args.top_p, C.torch_device())
       block(step())
       sides["torch_top_p"] = timed(step, block, n, 1)
     times = C.alternate(sides, repeats)

@@ -126,7 +126,7 @@ def run_torch(path, prompts, responses, preset, scorer):
   import transformers as T
   from persyn_jax import scoring
   from persyn_jax.runtime.buckets import plan_batches, bucket_lengths
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  dev = C.torch_device()
   dtype = getattr(torch, preset["dtype"])
   model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
   model = model.to(dev).eval()

@@ -86,8 +86,8 @@ def torch_setup(p, batch) -> dict:
   import torch
   import transformers as T
 
-  cuda = torch.cuda.is_available()
-  dev = "cuda" if cuda else "cpu"
+  dev = C.torch_device()
+  cuda = dev == "cuda"
   torch.manual_seed(0)
   config = hf_config(p)
   config._attn_implementation = "sdpa"

@@ -48,3 +48,23 @@ def test_main_writes_the_summary(summary, tmp_path, capsys):
   assert "continuous_useful_fraction" in out and "NOT met" in out and "goal <= 1.25" in out
   saved = json.load(open(tmp_path / "summary.json"))
   assert saved["dry"] and len(saved["targets"]) == len(summary.TARGETS)
+
+
+@pytest.fixture
+def common(monkeypatch):
+  monkeypatch.syspath_prepend(BENCH)
+  import common
+  return common
+
+
+def test_the_torch_anchor_runs_where_jax_runs_or_not_at_all(common):
+  """A GPU host whose torch is the CPU wheel must not time torch on the host CPU against JAX on
+  the GPU (a 100x "speedup"): it stops, naming the fix; on CPU both sides use the CPU."""
+  assert common.torch_device_for("cpu", False) == "cpu"
+  assert common.torch_device_for("cpu", True) == "cpu"
+  assert common.torch_device_for("gpu", True) == "cuda"
+  with pytest.raises(SystemExit, match="no CUDA.*--no-torch"):
+    common.torch_device_for("gpu", False)
+  with pytest.raises(SystemExit, match="--no-torch"):
+    common.torch_device_for("tpu", False)
+  assert common.torch_device() == "cpu"  # this test machine: JAX on CPU
