@@ -6,7 +6,7 @@ PyTorch `generate` on the same random weights, with the fraction of the roofline
 
 Roofline (decode): one step must read every weight and the filled part of the KV cache once, so
   tokens/s <= batch * HBM bandwidth / (weight bytes + KV bytes read per step),
-with the KV bytes averaged over the steps (prompt + i tokens at step i). Prefill: model FLOPs
+with the KV bytes averaged over the steps (prompt + i + 1 tokens at step i from 0). Prefill: model FLOPs
 (prefill_flops: the LM head at the last prompt token only) over the peak bf16 FLOP/s. Bandwidth: the spec sheet and a measured device copy. On CPU no roofline is
 given (no meaningful peak); compare the ratios to transformers instead.
 Decode time = the on-device decode loop (ours) / generate(new) - generate(1) (transformers);
@@ -75,6 +75,17 @@ def prefill_flops(cfg, B: int, L: int) -> float:
   returns the last position's logits; transformers' generate keeps only those)."""
   head = 2 * cfg.vocab_size * cfg.hidden_size
   return B * (L * (cfg.flops_per_token(L) - head) + head)
+
+
+def decode_bytes_per_step(cfg, B: int, L: int, new: int, itemsize: int) -> dict:
+  """HBM bytes one step of our decode loop must read, averaged over its `new` steps: every weight
+  of the layers and the LM head once (the embedding lookup reads B rows only), and the filled KV
+  cache: step i (from 0) feeds token i at position L + i and attends over L + i + 1 cached
+  tokens, L + (new + 1) / 2 on average. kv_allocated: the whole cache, for comparison."""
+  kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+  weights = (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size) * itemsize
+  return {"weights": weights, "kv_filled": B * (L + (new + 1) / 2) * kv_token,
+          "kv_allocated": B * (L + new) * kv_token}
 
 
 def make_ours(model, cfg, B, L, new, sampling, dtype, stops):
@@ -238,7 +249,6 @@ def main(argv=None):
   meas_bw = None if on_cpu else measure_bandwidth(jax, jnp, 1 << 30)
   itemsize = np.dtype(jnp.dtype(dtype)).itemsize
   n_params = cfg.num_params()
-  weight_bytes = n_params * itemsize
   print(f"device: {kind} ({dev.platform}); model {n_params / 1e9:.3f}B params, {dtype}; "
         f"prompt {L}, new {new}, sampling {args.sampling}, workload {args.workload} "
         f"({len(stops)} stop ids), {threads} threads")
@@ -278,15 +288,12 @@ def main(argv=None):
       for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s"):
         if row["ours"][k] and row["torch"][k]:
           row[f"ratio_{k}"] = row["ours"][k]["median"] / row["torch"][k]["median"]
-    kv_step = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize  # bytes per token
-    kv_read = B * (L + (new - 1) / 2) * kv_step   # filled part, averaged over the steps
-    row["bytes_per_step"] = {"weights": weight_bytes, "kv_filled": kv_read,
-                             "kv_allocated": B * (L + new) * kv_step}
+    row["bytes_per_step"] = step_bytes = decode_bytes_per_step(cfg, B, L, new, itemsize)
     dec = row["ours"]["decode_tok_s"]
     if meas_bw and dec and args.workload == "full":  # with stops, rows leave the batch early
       for name, bw in (("measured", meas_bw), ("spec", spec_bw)):
         if bw:
-          roof = B * bw / (weight_bytes + kv_read)
+          roof = B * bw / (step_bytes["weights"] + step_bytes["kv_filled"])
           row[f"decode_roofline_tok_s_{name}"] = roof
           row[f"decode_roofline_frac_{name}"] = dec["median"] / roof
     if peak_flops:

@@ -78,3 +78,27 @@ def test_sft_mfu_flops_with_lora_keep_the_attention_backward():
   lora = SFTConfig(seq_len=S, lora=LoRAConfig(rank=8))
   assert train_flops_per_token(llama_1b(), full) == pytest.approx(3 * (matmul + attn), rel=1e-4)
   assert train_flops_per_token(llama_1b(), lora) == pytest.approx(2 * matmul + 3 * attn, rel=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_bytes_per_step_read_the_weights_the_head_and_the_filled_cache(sampler, tied):
+  """Reference: transformers' Llama-3.2-1B-shaped model (meta device: shapes only) for the weights
+  a step reads (all but the embedding table, of which it gathers B rows; the head is read whole),
+  and a step-by-step sum of the filled cache our decode loop attends over."""
+  import numpy as np
+  import torch
+  import transformers as T
+  B, L, new, itemsize = 64, 256, 128, 2
+  hf = T.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS,
+                     num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HD,
+                     tie_word_embeddings=tied)
+  with torch.device("meta"):
+    model = T.LlamaForCausalLM(hf)
+  read = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+             if not n.endswith("embed_tokens.weight"))
+  kv_token = 2 * LAYERS * KV * HD * itemsize
+  filled = np.mean([B * (L + i + 1) * kv_token for i in range(new)])  # step i attends L + i + 1
+  got = sampler.decode_bytes_per_step(llama_1b().replace(tie_embeddings=tied), B, L, new, itemsize)
+  assert got["weights"] == read * itemsize
+  assert got["kv_filled"] == pytest.approx(filled, rel=1e-12)
+  assert got["kv_allocated"] == B * (L + new) * kv_token
