@@ -160,7 +160,8 @@ def make_torch(path, B, L, new, vocab, sampling, dtype, device, compile_, stops)
     box["cache"] = "dynamic"
     gen(new)
   gen(1)
-  log = {"prefill_s": [], "decode_s": [], "useful_tokens": [], "cache": box["cache"]}
+  log = {"prefill_s": [], "decode_s": [], "useful_tokens": [], "decode_tokens": [],
+         "cache": box["cache"]}
 
   def measure() -> float:
     t0 = time.perf_counter()
@@ -175,22 +176,26 @@ def make_torch(path, B, L, new, vocab, sampling, dtype, device, compile_, stops)
     log["prefill_s"].append(t1 - t0)
     log["decode_s"].append((t2 - t1) - (t1 - t0))  # generate(new) - generate(1)
     log["useful_tokens"].append(int(first.sum()))
+    # generate(1) made each row's first token: the time difference holds the other ones only
+    log["decode_tokens"].append(int(first.sum()) - B)
     return (t1 - t0) + (t2 - t1)
 
   return measure, log
 
 
 def summarize(log: dict, B: int, L: int, new: int, stops) -> dict:
-  """Spreads of times and rates (prefill tok/s over the prompt; decode and end-to-end over the
-  useful tokens: those up to each row's stop; generate(new) - generate(1) can come out <= 0 for
-  tiny runs on a noisy machine, then no decode rate is given)."""
+  """Spreads of times and rates (prefill tok/s over the prompt; end-to-end over the useful
+  tokens: those up to each row's stop; decode over the useful tokens made in the decode time:
+  all of them in our decode loop, all but each row's first in generate(new) - generate(1), which
+  can come out <= 0 for tiny runs on a noisy machine, then no decode rate is given)."""
   pre = log["prefill_s"]
   dec = log["decode_s"]
   useful = log["useful_tokens"]
+  decoded = log.get("decode_tokens", useful)
   rate = lambda num, den: [n / d for n, d in zip(num, den) if d > 0] or None
   out = {"prefill_s": C.spread(pre), "decode_s": C.spread(dec),
          "prefill_tok_s": C.spread([B * L / t for t in pre]),
-         "decode_tok_s": rate(useful, dec), "e2e_tok_s": rate(useful, [a + b for a, b in
+         "decode_tok_s": rate(decoded, dec), "e2e_tok_s": rate(useful, [a + b for a, b in
                                                                        zip(pre, dec)]),
          "useful_tokens": C.spread(useful),
          "useful_fraction": C.spread([u / (B * new) for u in useful])}

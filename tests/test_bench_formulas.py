@@ -102,3 +102,16 @@ def test_decode_bytes_per_step_read_the_weights_the_head_and_the_filled_cache(sa
   assert got["weights"] == read * itemsize
   assert got["kv_filled"] == pytest.approx(filled, rel=1e-12)
   assert got["kv_allocated"] == B * (L + new) * kv_token
+
+
+def test_generate_decode_rate_counts_the_tokens_made_in_its_decode_time(sampler):
+  """transformers' decode time is generate(new) - generate(1): new - 1 forward steps, the first
+  token of each row being generate(1)'s. Ours times the whole loop, every token included."""
+  B, L, new = 4, 16, 8
+  torch_log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [B * new] * 3,
+               "decode_tokens": [B * (new - 1)] * 3}
+  ours_log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [B * new] * 3}
+  t = sampler.summarize(torch_log, B, L, new, ())
+  o = sampler.summarize(ours_log, B, L, new, ())
+  assert t["decode_tok_s"]["median"] == B * (new - 1) and o["decode_tok_s"]["median"] == B * new
+  assert t["e2e_tok_s"]["median"] == o["e2e_tok_s"]["median"] == B * new / 1.5
