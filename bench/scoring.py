@@ -7,9 +7,10 @@ Both sides score the same (prompt, response) pairs: the same token ids (our chat
 same length-sorted batches, an fp32 log-softmax over the vocabulary and the mean log-prob of the
 response tokens. JAX runs `scoring.LogProbScorer` end to end (tokenization included); torch runs
 its forward on the pre-tokenized batches (tokenization not counted, in its favour). MFU counts
-the model FLOPs of the real (unpadded) tokens, `ModelConfig.flops_per_token`, against the device
-peak (the dense bf16 spec sheet, persyn_jax/device_peaks.py; on CPU the measured fp32 matmul
-throughput of this machine; an accelerator missing from the table stops the run).
+the model FLOPs of the real (unpadded) tokens (scoring_flops: the LM head at the scored
+positions only) against the device peak (the dense bf16 spec sheet, persyn_jax/device_peaks.py;
+on CPU the measured fp32 matmul throughput of this machine; an accelerator missing from the
+table stops the run).
     python bench/scoring.py --preset tiny         # plumbing check in seconds (figures meaningless)
 The sides alternate over >= 3 repeats with pinned, equal thread counts (bench/common.py); the
 table gives medians with min-max and the machine's load is checked and recorded.
@@ -70,6 +71,19 @@ def build_model_dir(preset: dict, path: str):
   model.save_pretrained(path, safe_serialization=True)
   tok.save_pretrained(path)
   return tok
+
+
+def scoring_flops(cfg, pairs) -> float:
+  """Model FLOPs of scoring the (ids, mask) pairs: every token through the layers (causal
+  attention over its pair), the LM head only where a log-prob is wanted, at the positions that
+  predict a response token (mask[1:]), as the packed scorer computes it; the padded path and
+  torch also run the head over the prompt, work that MFU does not count."""
+  head = 2 * cfg.vocab_size * cfg.hidden_size
+  total = 0.0
+  for ids, mask in (p for p in pairs if p is not None):
+    n = len(ids)
+    total += n * (cfg.flops_per_token(n) - head) + int(np.count_nonzero(mask[1:])) * head
+  return total
 
 
 def measured_matmul_peak(dtype) -> float:
@@ -218,7 +232,7 @@ def main(argv=None):
     secs = C.alternate(sides, args.repeats)
     stats = box_jax["stats"]
     pairs, _ = scoring.encode_pairs(scorer.tokenizer, prompts, responses, scorer.config)
-    flops = float(sum(len(p[0]) * cfg.flops_per_token(len(p[0])) for p in pairs))
+    flops = scoring_flops(cfg, pairs)
     tokens = stats["tokens"]
     med = {n: s["median"] for n, s in secs.items()}
     rows = [("jax", secs["jax"], tokens / med["jax"], flops / med["jax"] / peak)]

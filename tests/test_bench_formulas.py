@@ -115,3 +115,16 @@ def test_generate_decode_rate_counts_the_tokens_made_in_its_decode_time(sampler)
   o = sampler.summarize(ours_log, B, L, new, ())
   assert t["decode_tok_s"]["median"] == B * (new - 1) and o["decode_tok_s"]["median"] == B * new
   assert t["e2e_tok_s"]["median"] == o["e2e_tok_s"]["median"] == B * new / 1.5
+
+
+def test_scoring_flops_count_the_lm_head_at_the_scored_positions_only(monkeypatch):
+  """The packed scorer gathers the positions that predict response tokens before the LM head
+  (runtime/logprob.gathered_logprobs): the prompt's positions need no head."""
+  monkeypatch.syspath_prepend(BENCH)
+  import importlib
+  scoring_bench = importlib.import_module("scoring")
+  pairs = [(list(range(300)), [0] * 100 + [1] * 200), None,  # None: a pair skipped as over-long
+           (list(range(64)), [0] * 60 + [1] * 4)]
+  head = 2 * D * VOCAB
+  want = 300 * LAYERS * layer_flops(300) + 200 * head + 64 * LAYERS * layer_flops(64) + 4 * head
+  assert scoring_bench.scoring_flops(llama_1b(), pairs) == pytest.approx(want, rel=1e-4)
