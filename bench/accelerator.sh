@@ -32,6 +32,7 @@ DRY=0
 [[ "${1:-}" == "--dry" ]] && DRY=1
 
 stamp=$(date -u +%Y-%m-%dT%H%MZ)
+since=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)  # the summary ignores step JSON older than this
 if (( DRY )); then
   OUT=${OUT_DIR:-$(mktemp -d -t persyn_accel_dry.XXXX)}
   SAMPLER=(--preset cpu-tiny --batches 4)
@@ -82,5 +83,5 @@ run scoring "$PY" bench/scoring.py "${SCORING[@]}" "${NO_TORCH[@]}" --out "$OUT/
 run sampling_math "$PY" bench/sampling_math.py "${MATH[@]}" "${NO_TORCH[@]}" \
   --out "$OUT/sampling_math.json"
 run continuous "$PY" bench/continuous.py "${CONTINUOUS[@]}" --out "$OUT/continuous.json"
-"$PY" bench/accelerator_summary.py "$OUT" $( (( DRY )) && echo --dry )
+"$PY" bench/accelerator_summary.py "$OUT" --since "$since" $( (( DRY )) && echo --dry )
 echo "total $SECONDS s"

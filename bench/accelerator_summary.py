@@ -1,9 +1,10 @@
 """Checks the accelerator targets against the JSON that bench/accelerator.sh wrote.
 
-    python bench/accelerator_summary.py <dir> [--dry]
+    python bench/accelerator_summary.py <dir> [--dry] [--since ISO-8601]
 
 Writes <dir>/summary.json and prints one line per target: its value, the goal, and whether it
-was met; a target whose run failed or was skipped is marked "not measured", never guessed.
+was met; a target whose run failed or was skipped is marked "not measured", never guessed (nor
+read from a JSON that an earlier run left in the directory: --since).
 With --dry (CPU, tiny presets) the values are plumbing only and those targets are not judged;
 the continuous-batching targets (bench/continuous.py, the same small model in either mode) are
 judged in both.
@@ -11,6 +12,7 @@ judged in both.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 
@@ -44,8 +46,11 @@ TARGETS = [
 ]
 
 
-def summarize(out_dir: str, dry: bool) -> dict:
+def summarize(out_dir: str, dry: bool, since: str | None = None) -> dict:
+  """since: when the run started (ISO 8601); a step's JSON dated before it is left from an
+  earlier run into the same directory (this run's step failed before writing): not measured."""
   rows = []
+  start = datetime.datetime.fromisoformat(since) if since else None
   for name, fname, read, goal, what in TARGETS:
     path = os.path.join(out_dir, fname)
     at_most = name in AT_MOST
@@ -53,6 +58,8 @@ def summarize(out_dir: str, dry: bool) -> dict:
     try:
       with open(path) as f:
         d = json.load(f)
+      if start and datetime.datetime.fromisoformat(d["date"]) < start:
+        raise ValueError(f"{path} is dated {d['date']}, before this run ({since}): stale")
       value = read(d)
       row["load"] = d.get("load")
     except (OSError, KeyError, IndexError, ValueError) as e:
@@ -69,8 +76,10 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("dir")
   ap.add_argument("--dry", action="store_true")
+  ap.add_argument("--since", default=None,
+                  help="ISO 8601 start of the run: step JSON dated before it is stale")
   args = ap.parse_args(argv)
-  s = summarize(args.dir, args.dry)
+  s = summarize(args.dir, args.dry, args.since)
   for r in s["targets"]:
     val = "not measured" if not r["measured"] else f"{r['value']:.3g}"
     verdict = {True: "met", False: "NOT met", None: "not judged"}[r["met"]]

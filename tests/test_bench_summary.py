@@ -50,6 +50,23 @@ def test_main_writes_the_summary(summary, tmp_path, capsys):
   assert saved["dry"] and len(saved["targets"]) == len(summary.TARGETS)
 
 
+def test_a_step_json_left_by_an_earlier_run_is_not_measured(summary, tmp_path):
+  """OUT_DIR reused (or two runs in one minute): a step that fails this time writes nothing, and
+  its JSON from before must not pass for this run's figure."""
+  since = "2026-12-06T22:00:00+00:00"
+  write(tmp_path, "sft.json", {"date": "2026-12-06T21:59:59+00:00", "jax": {"mfu": 0.45},
+                               "jax_over_torch_tokens_per_s": 1.3})
+  write(tmp_path, "continuous.json", {"date": "2026-12-06T22:03:00+00:00",
+                                      "useful_fraction": {"continuous": 0.95},
+                                      "per_token_growth_max_over_min": 1.1})
+  rows = {r["target"]: r for r in summary.summarize(str(tmp_path), False, since)["targets"]}
+  for name in ("sft_mfu", "sft_vs_torch"):
+    assert not rows[name]["measured"] and rows[name]["met"] is None
+    assert "stale" in rows[name]["error"] and "21:59:59" in rows[name]["error"]
+  assert rows["continuous_useful_fraction"]["met"] is True
+  assert rows["decode_cost_growth_16x_cache"]["met"] is True
+
+
 @pytest.fixture
 def common(monkeypatch):
   monkeypatch.syspath_prepend(BENCH)
