@@ -6,9 +6,10 @@ PyTorch `generate` on the same random weights, with the fraction of the roofline
 
 Roofline (decode): one step must read every weight and the filled part of the KV cache once, so
   tokens/s <= batch * HBM bandwidth / (weight bytes + KV bytes read per step),
-with the KV bytes averaged over the steps (prompt + i + 1 tokens at step i from 0). Prefill: model FLOPs
-(prefill_flops: the LM head at the last prompt token only) over the peak bf16 FLOP/s. Bandwidth: the spec sheet and a measured device copy. On CPU no roofline is
-given (no meaningful peak); compare the ratios to transformers instead.
+with the KV bytes averaged over the steps (prompt + i + 1 tokens at step i from 0;
+decode_bytes_per_step). Prefill: model FLOPs (prefill_flops: the LM head at the last prompt token
+only) over the peak bf16 FLOP/s. Bandwidth: the spec sheet and a measured device copy. On CPU no
+roofline is given (no meaningful peak); compare the ratios to transformers instead.
 Decode time = the on-device decode loop (ours) / generate(new) - generate(1) (transformers);
 every row runs all `new` tokens (no stop token) unless --workload eos; greedy unless --sampling
 paper. The two sides alternate over >= 3 repeats with the same thread count (bench/common.py);
@@ -98,7 +99,7 @@ def make_ours(model, cfg, B, L, new, sampling, dtype, stops):
   ids = rng.integers(10, cfg.vocab_size, (B, L), dtype=np.int32)
   mask = np.ones((B, L), np.int32)
   idx = np.arange(B, dtype=np.uint32)
-  log = {"prefill_s": [], "decode_s": [], "useful_tokens": []}
+  log = {"prefill_s": [], "decode_s": [], "useful_tokens": [], "slot_steps": []}
   state = {"seed": 0}
 
   def measure() -> float:
@@ -116,6 +117,7 @@ def make_ours(model, cfg, B, L, new, sampling, dtype, stops):
     log["prefill_s"].append(t1 - t0)
     log["decode_s"].append(t2 - t1)
     log["useful_tokens"].append(int(length.sum()))
+    log["slot_steps"].append(B * int(length.max()))  # the loop ends when its longest row does
     return t2 - t0
 
   t = time.perf_counter()
@@ -161,7 +163,7 @@ def make_torch(path, B, L, new, vocab, sampling, dtype, device, compile_, stops)
     gen(new)
   gen(1)
   log = {"prefill_s": [], "decode_s": [], "useful_tokens": [], "decode_tokens": [],
-         "cache": box["cache"]}
+         "slot_steps": [], "cache": box["cache"]}
 
   def measure() -> float:
     t0 = time.perf_counter()
@@ -176,6 +178,7 @@ def make_torch(path, B, L, new, vocab, sampling, dtype, device, compile_, stops)
     log["prefill_s"].append(t1 - t0)
     log["decode_s"].append((t2 - t1) - (t1 - t0))  # generate(new) - generate(1)
     log["useful_tokens"].append(int(first.sum()))
+    log["slot_steps"].append(B * toks.shape[1])  # generate ends when its longest row does
     # generate(1) made each row's first token: the time difference holds the other ones only
     log["decode_tokens"].append(int(first.sum()) - B)
     return (t1 - t0) + (t2 - t1)
@@ -198,7 +201,8 @@ def summarize(log: dict, B: int, L: int, new: int, stops) -> dict:
          "decode_tok_s": rate(decoded, dec), "e2e_tok_s": rate(useful, [a + b for a, b in
                                                                        zip(pre, dec)]),
          "useful_tokens": C.spread(useful),
-         "useful_fraction": C.spread([u / (B * new) for u in useful])}
+         # response tokens / slot-steps decoded (B x the longest row), as bench/continuous.py
+         "useful_fraction": C.spread([u / n for u, n in zip(useful, log["slot_steps"])])}
   for k in ("decode_tok_s", "e2e_tok_s"):
     out[k] = C.spread(out[k]) if out[k] else None
   return out

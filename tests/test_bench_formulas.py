@@ -89,9 +89,9 @@ def test_decode_bytes_per_step_read_the_weights_the_head_and_the_filled_cache(sa
   import torch
   import transformers as T
   B, L, new, itemsize = 64, 256, 128, 2
-  hf = T.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS,
-                     num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HD,
-                     tie_word_embeddings=tied)
+  hf = T.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=MLP,
+                     num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     num_key_value_heads=KV, head_dim=HD, tie_word_embeddings=tied)
   with torch.device("meta"):
     model = T.LlamaForCausalLM(hf)
   read = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
@@ -109,8 +109,9 @@ def test_generate_decode_rate_counts_the_tokens_made_in_its_decode_time(sampler)
   token of each row being generate(1)'s. Ours times the whole loop, every token included."""
   B, L, new = 4, 16, 8
   torch_log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [B * new] * 3,
-               "decode_tokens": [B * (new - 1)] * 3}
-  ours_log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [B * new] * 3}
+               "decode_tokens": [B * (new - 1)] * 3, "slot_steps": [B * new] * 3}
+  ours_log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [B * new] * 3,
+              "slot_steps": [B * new] * 3}
   t = sampler.summarize(torch_log, B, L, new, ())
   o = sampler.summarize(ours_log, B, L, new, ())
   assert t["decode_tok_s"]["median"] == B * (new - 1) and o["decode_tok_s"]["median"] == B * new
@@ -128,3 +129,12 @@ def test_scoring_flops_count_the_lm_head_at_the_scored_positions_only(monkeypatc
   head = 2 * D * VOCAB
   want = 300 * LAYERS * layer_flops(300) + 200 * head + 64 * LAYERS * layer_flops(64) + 4 * head
   assert scoring_bench.scoring_flops(llama_1b(), pairs) == pytest.approx(want, rel=1e-4)
+
+
+def test_sampler_useful_fraction_is_over_the_slot_steps_decoded(sampler):
+  """As bench/continuous.py counts it: response tokens / (B x the steps the batch ran, i.e. its
+  longest row); not over B x new when every row stopped early."""
+  B, L, new = 4, 16, 64
+  log = {"prefill_s": [0.5] * 3, "decode_s": [1.0] * 3, "useful_tokens": [40] * 3,
+         "slot_steps": [B * 20] * 3}  # rows of 5, 5, 10 and 20 tokens: the loop ran 20 steps
+  assert sampler.summarize(log, B, L, new, (1,))["useful_fraction"]["median"] == 0.5
