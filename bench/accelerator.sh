@@ -48,7 +48,8 @@ else
   # generate (~25 ms a step) to seconds per repeat
   SAMPLER=(--preset gpu-1b --batches 64 --prompt-len 256 --new-tokens 128 --repeats 3)
   SFT=(--preset gpu --set steps=3 rounds=3 warmup=1)
-  SCORING=(--preset gpu --pairs 128 --repeats 3)
+  # packed only (the scoring stage's default): a padded side would add ~7 compiles of the 1B model
+  SCORING=(--preset gpu --pairs 128 --repeats 3 --packing true)
   CONTINUOUS=(--rows 512)
   MATH=()
   LIMIT=${STEP_LIMIT:-150}
