@@ -270,3 +270,29 @@ def test_loss_avg_leaves_out_steps_without_response_tokens(tmp_path):
   rows = read_metrics(metrics.path, "train")
   assert [r["step"] for r in rows] == [2, 4]
   assert rows[0]["loss_avg"] == 3.0 and "loss_avg" not in rows[1]
+
+
+def test_the_logged_step_time_leaves_out_checkpoints_and_evals(tmp_path):
+  """Time spent in StepLog.paused() (the trainer's checkpoint and eval hooks) is not a training
+  step's: the logged step_time_s / tokens_per_s / mfu of the window around it stay the steps'."""
+  import time
+
+  from persyn_jax.metrics import MetricsWriter
+  from persyn_jax.sft.log import StepLog
+  from persyn_jax.training import StepInfo
+  config = cfg(log_every=3, max_steps=3, tensorboard=False)
+  metrics = MetricsWriter(str(tmp_path), tensorboard=False)
+  log = StepLog(config, total=3, start=0, flops_per_token=1.0, devices=1, metrics=metrics,
+                last_checkpoint=lambda: "none")
+  batch = [{"segment_ids": np.ones((2, SEQ), np.int32)}]
+  m = {"loss": np.float32(1.0), "tokens": np.float32(7.0), "lr": np.float32(1e-3),
+       "grad_norm": np.float32(0.5), "loss_finite": True, "grad_finite": True}
+  for n in (1, 2, 3):
+    log(StepInfo(n, None, m, batch, None))
+    if n == 2:
+      with log.paused():  # e.g. a checkpoint of 0.5 s
+        time.sleep(0.5)
+  log.flush()
+  metrics.close()
+  (row,) = read_metrics(metrics.path, "train")
+  assert row["step"] == 3 and row["step_time_s"] < 0.1, row

@@ -2,6 +2,7 @@
 (tokens/s, MFU), one step late so that the host never waits for the step it just queued."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -61,6 +62,18 @@ class StepLog:
     real = int(sum(int(np.count_nonzero(np.asarray(b["segment_ids"]))) for b in group))
     self.pending.append((info.step, info.metrics, positions, real))
     self.flush(keep=1)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Settles the pending steps, then leaves the time spent inside (a checkpoint, an eval) out
+    of the throughput window: tokens/s, step time and MFU stay the training steps' own."""
+    self.flush()
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self.window["t"] is not None:
+        self.window["t"] += time.perf_counter() - t
 
   def flush(self, keep: int = 0) -> None:
     """Checks and logs dispatched steps, all but the newest `keep` (NaN/Inf stops the run)."""

@@ -201,14 +201,19 @@ def _run(session: Session, state, source: BatchesFn, position: int, start: int, 
   # the data position of step n: microbatches are consumed k per step from `position` on
   meta = lambda n: {"step": n, "position": position + (n - start) * k, "total_steps": total,
                     "config": to_dict(config)}
-  # never save a state whose step has not been checked
-  loop.add_hook(checkpoint_hook(ckpts, meta, before=steplog.flush), every=config.checkpoint_every,
-                at_end=True)
+  # never save a state whose step has not been checked (paused() settles the pending steps first),
+  # and keep the save's time out of the logged step time and MFU
+  save = checkpoint_hook(ckpts, meta)
+
+  def checkpoint(info):
+    with steplog.paused():
+      save(info)
+  loop.add_hook(checkpoint, every=config.checkpoint_every, at_end=True)
   evals: dict[int, float] = {}
   if eval_batches is not None:
     def run_eval(info):
-      steplog.flush()
-      loss = evaluate_loss(session, info.state.params, eval_batches)
+      with steplog.paused():
+        loss = evaluate_loss(session, info.state.params, eval_batches)
       evals[info.step] = loss
       metrics.write(info.step, {"loss": loss}, prefix="eval")
       steplog.bar.write(f"step {info.step}: eval loss {loss:.4f}")
