@@ -102,7 +102,9 @@ def extract_answer(text: str) -> str | None:
 def _strip_latex(s: str) -> str:
   s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00a0", " ")
   s = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
-  s = re.sub(r"\\[dt]?frac\s*(\d)\s*(\d)", r"\1/\2", s)  # \frac34
+  # \frac34 as \frac{3}{4}: its digits stay apart from a digit before it (a mixed number
+  # 3\frac12 is 7/2, never 31/2)
+  s = re.sub(r"\\[dt]?frac\s*(\d)\s*(\d)", r"(\1)/(\2)", s)
   s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|operatorname|mbox)\s*\{([^{}]*)\}", r" \1 ", s)
   s = re.sub(r"\\(?:left|right|displaystyle|,|;|!|:|quad|qquad)", " ", s)
   s = s.replace("\\%", "%").replace("\\$", "$").replace("\\ ", " ")

@@ -221,3 +221,13 @@ def test_the_default_timeout_is_configurable():
     assert score == 0.0 and 1.0 <= took < 1.0 + 5
   finally:
     verify.set_math_timeout(2.0)
+
+
+def test_a_mixed_number_with_an_unbraced_frac_is_not_read_as_one_number():
+  """`3\\frac12` is the mixed number 7/2 (math-verify parses it so, as it does `3\\frac{1}{2}`);
+  rewriting `\\frac12` to `1/2` glued it to the 3, and the fast path read 31/2 = 15.5."""
+  assert verify.verify_math(r"\boxed{3\frac12}", "3.5") == 1.0
+  assert verify.verify_math(r"\boxed{3\frac12}", "15.5") == 0.0
+  assert verify.verify_math(r"\boxed{3\frac{1}{2}}", "7/2") == 1.0
+  assert verify.verify_math(r"\boxed{\frac12}", "0.5") == 1.0
+  assert verify.verify_math(r"\boxed{-\tfrac34}", "-0.75") == 1.0
