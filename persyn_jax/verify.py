@@ -34,7 +34,9 @@ from typing import Callable
 Verifier = Callable[[str, str], float]
 
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_NUM_RE = re.compile(rf"(?<![\w.])(?:{_NUM})(?:\s*/\s*(?:\d+))?(?![\w])")
+# a number, a/b, or a \frac{a}{b} as _strip_latex writes it: (a)/(b)
+_NUM_RE = re.compile(rf"(?<![\w.])(?:-?\((?:{_NUM})\)\s*/\s*\(\d+(?:\.\d+)?\)|"
+                     rf"(?:{_NUM})(?:\s*/\s*(?:\d+))?)(?![\w])")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
 _UNIT_WORDS = (
     "dollars?|cents?|euros?|pounds?|usd|units?|cm|mm|km|m|meters?|metres?|centimeters?|"

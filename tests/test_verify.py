@@ -231,3 +231,16 @@ def test_a_mixed_number_with_an_unbraced_frac_is_not_read_as_one_number():
   assert verify.verify_math(r"\boxed{3\frac{1}{2}}", "7/2") == 1.0
   assert verify.verify_math(r"\boxed{\frac12}", "0.5") == 1.0
   assert verify.verify_math(r"\boxed{-\tfrac34}", "-0.75") == 1.0
+
+
+@pytest.mark.parametrize("text,reference", [
+    (r"so the ratio is $\frac{3}{4}$", "0.75"),
+    (r"so the ratio is $\frac34$.", "3/4"),
+    (r"We get $\dfrac{10}{3}$ hours", r"\frac{10}{3}"),
+    (r"so x = $-\frac{1}{2}$", "-0.5"),
+])
+def test_the_last_number_fallback_reads_a_frac_whole(text, reference):
+  """A response without a box or "the answer is" ending in `$\\frac{3}{4}$` answers 3/4, as
+  math-verify reads it; the fallback took the denominator, 4, for the last number."""
+  assert verify.verify_math(text, reference) == 1.0
+  assert verify.verify_math(text, "4") == verify.verify_math(text, "3") == 0.0
