@@ -90,6 +90,8 @@ def extract_answer(text: str) -> str | None:
     rest = text[matches[-1].end():].split("\n")[0]
     # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
+    # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
+    rest = re.sub(r"^\*+\s*|\s*\*+$", "", rest)
     if rest:
       return rest
   flat = _strip_latex(text)

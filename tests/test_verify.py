@@ -244,3 +244,14 @@ def test_the_last_number_fallback_reads_a_frac_whole(text, reference):
   math-verify reads it; the fallback took the denominator, 4, for the last number."""
   assert verify.verify_math(text, reference) == 1.0
   assert verify.verify_math(text, "4") == verify.verify_math(text, "3") == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    "The final answer is **42**.", "**Answer:** 42", "**Final Answer:** 42",
+    "The answer is: **$42**", "**The answer is 42.**", "The answer is *42*",
+    "**Final Answer:**\n\n42"])
+def test_markdown_emphasis_around_the_stated_answer_is_not_part_of_it(text):
+  """Chat models bold their answer; math-verify reads 42 in each of these, the stated-answer
+  rule took `** 42` or `**42**`, which no comparison matched."""
+  assert verify.verify_math(text, "42") == 1.0
+  assert verify.verify_math(text, "41") == 0.0
