@@ -103,8 +103,12 @@ def extract_answer(text: str) -> str | None:
   return nums[-1].group().strip() + ("%" if pct else "")
 
 
+_MATH_DELIMS = re.compile(r"\\[\[\]()]")  # \[ 12 \], \( x \): LaTeX's math delimiters, like $
+
+
 def _strip_latex(s: str) -> str:
   s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00a0", " ")
+  s = _MATH_DELIMS.sub(" ", s)
   s = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
   # \frac34 as \frac{3}{4}: its digits stay apart from a digit before it (a mixed number
   # 3\frac12 is 7/2, never 31/2)
@@ -204,7 +208,7 @@ def set_math_timeout(seconds: float) -> None:
 
 
 def _latex(answer: str) -> str:
-  return "$" + answer.strip().strip("$").strip() + "$"
+  return "$" + _MATH_DELIMS.sub(" ", answer).strip().strip("$").strip() + "$"
 
 
 def _serve() -> None:

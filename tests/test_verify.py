@@ -255,3 +255,16 @@ def test_markdown_emphasis_around_the_stated_answer_is_not_part_of_it(text):
   rule took `** 42` or `**42**`, which no comparison matched."""
   assert verify.verify_math(text, "42") == 1.0
   assert verify.verify_math(text, "41") == 0.0
+
+
+@pytest.mark.parametrize("text,reference", [
+    (r"So the answer is \[ 12 \]", "12"),
+    (r"So the answer is \[ 2\sqrt2 \]", r"\sqrt8"),
+    (r"So the answer is \[ \frac{1}{2} \]", "0.5"),
+    (r"So the answer is \( 2\sqrt2 \).", r"\sqrt8"),
+])
+def test_display_math_delimiters_around_the_answer_are_not_part_of_it(text, reference):
+  """`\\[ ... \\]` and `\\( ... \\)` delimit math as `$` does; math-verify reads 12 in
+  "the answer is \\[ 12 \\]", the fast path and the symbolic check saw `\\[ 12 \\]`."""
+  assert verify.verify_math(text, reference) == 1.0
+  assert verify.verify_math(text, "13") == 0.0
