@@ -44,7 +44,9 @@ _UNIT_WORDS = (
     "ounces?|oz|liters?|litres?|l|ml|gallons?|hours?|hrs?|h|minutes?|mins?|seconds?|secs?|s|"
     "days?|weeks?|months?|years?|degrees?|people|persons?|students?|apples?|items?|points?|"
     "marbles?|pages?|books?|cookies?|eggs?|times|square|cubic|sq|per|each|total|mph|km/h")
-_UNIT_RE = re.compile(rf"^(?:(?:{_UNIT_WORDS})\b[\s.]*)+$", re.IGNORECASE)
+# unit words, squared or cubed, per another: "5 dollars", "12 cm^2", "5 m/s", "$5/hour"
+_UNIT_RE = re.compile(rf"^(?:/?\s*(?:{_UNIT_WORDS})\b(?:\s*\^\s*\{{?[23]\}}?)?[\s.]*)+$",
+                      re.IGNORECASE)
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:

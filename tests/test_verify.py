@@ -268,3 +268,19 @@ def test_display_math_delimiters_around_the_answer_are_not_part_of_it(text, refe
   "the answer is \\[ 12 \\]", the fast path and the symbolic check saw `\\[ 12 \\]`."""
   assert verify.verify_math(text, reference) == 1.0
   assert verify.verify_math(text, "13") == 0.0
+
+
+@pytest.mark.parametrize("text,reference", [
+    ("The answer is 5 m/s.", "5"), ("The answer is 12 m^2.", "12"),
+    ("The answer is $5/hour", "5"), ("The answer is 60 miles/hour", "60"),
+    (r"\boxed{4.5\text{ cm}^2}", "4.5"), (r"\boxed{3\text{ cm}^{3}}", "3"),
+])
+def test_squared_cubed_and_per_units_are_units(text, reference):
+  """math-verify reads 5 in "5 m/s" and "12 m^2"; unit words alone passed the fast path, a
+  square or a rate sent the answer to the symbolic check, which scored it 0."""
+  assert verify.verify_math(text, reference) == 1.0
+  assert verify.verify_math(text, "7") == 0.0
+
+
+def test_a_unit_power_other_than_a_square_or_cube_is_no_unit():
+  assert verify.parse_number("5 m^4") is None and verify.parse_number("5/x") is None
