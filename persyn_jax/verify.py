@@ -185,8 +185,11 @@ def answers_match(pred: str | None, ref: str | None, *, timeout_s: float | None 
     (va, pa), (vb, pb) = a, b
     if va == vb:  # exact: 1000001 is not 1000000, 0.666667 is not 2/3
       return True
-    # "50%" answers "what percentage" (ref 50) and "what fraction" (ref 0.5) alike.
-    return bool((pa and va / 100 == vb) or (pb and va == vb / 100))
+    # "50%" answers "what percentage" (ref 50) and "what fraction" (ref 0.5) alike; two
+    # percentages match only as equal values (5% is not 500%).
+    if pa == pb:
+      return False
+    return va / 100 == vb if pa else va == vb / 100
   na, nb = normalize_answer(pred), normalize_answer(ref)
   if not na or not nb:
     return False

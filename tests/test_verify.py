@@ -284,3 +284,14 @@ def test_squared_cubed_and_per_units_are_units(text, reference):
 
 def test_a_unit_power_other_than_a_square_or_cube_is_no_unit():
   assert verify.parse_number("5 m^4") is None and verify.parse_number("5/x") is None
+
+
+def test_two_percentages_match_only_as_equal_values():
+  """A percentage answers its value and its value / 100 (50% against 50 and 0.5); the rule
+  also applied with both sides percentages, so 5% matched 500% and 1% matched 100%, which
+  math-verify (5/100 against 500/100) calls different."""
+  for pred, ref in [("5%", "500%"), ("500%", "5%"), ("1%", "100%"), (r"0.5\%", "50%")]:
+    assert not verify.answers_match(pred, ref), (pred, ref)
+    assert verify.verify_math(f"The answer is {pred}.", ref) == 0.0
+  assert verify.answers_match("50%", r"50\%") and verify.answers_match("50%", "0.5")
+  assert verify.answers_match("0.5", "50%") and verify.answers_match("50", "50%")
