@@ -23,6 +23,8 @@ def score_generations(prompts: Sequence[Mapping[str, Any]], texts: Sequence[str]
   """Accuracy of `texts` against the prompts' references (and per `kind`, when prompts have one),
   and `correct`: each prompt's verifier score in prompt order (0 and 1 as ints; a verifier's
   partial credit as it gave it), whose mean is the accuracy."""
+  if len(texts) != len(prompts):  # a missing answer must not shrink the accuracy's denominator
+    raise ValueError(f"score_generations: {len(texts)} responses for {len(prompts)} eval prompts")
   rows = []
   check = get_verifier(verifier) if verifier else None
   for p, t in zip(prompts, texts):

@@ -227,3 +227,15 @@ def test_per_prompt_correctness_keeps_a_verifiers_partial_credit():
   math_out = ev.score_generations(prompts[:2], ["#### 3", "#### 4"], verifier="math")
   assert math_out["correct"] == [0, 0] and ev.score_generations(
       [dict(prompts[0], reference="3")], ["#### 3"], verifier="math")["correct"] == [1]
+
+
+def test_a_missing_response_is_refused_not_dropped_from_the_accuracy():
+  """score_generations paired prompts and responses with zip: one response short, the last
+  prompt vanished from n, the accuracy's denominator and the per-prompt vector the report
+  bootstraps, and the score read 1/1 for 1 right of 2."""
+  prompts = [{"id": "a", "prompt": "q", "reference": "3"}, {"id": "b", "prompt": "q", "reference": "4"}]
+  with pytest.raises(ValueError, match="1 responses for 2 eval prompts"):
+    ev.score_generations(prompts, ["#### 3"], verifier="math")
+  with pytest.raises(ValueError, match="3 responses for 2 eval prompts"):
+    ev.score_generations(prompts, ["#### 3", "#### 4", "#### 5"], verifier="math")
+  assert ev.score_generations(prompts, ["#### 3", "#### 5"], verifier="math")["correct"] == [1, 0]
