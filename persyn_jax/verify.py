@@ -45,7 +45,7 @@ _UNIT_WORDS = (
     "days?|weeks?|months?|years?|degrees?|people|persons?|students?|apples?|items?|points?|"
     "marbles?|pages?|books?|cookies?|eggs?|times|square|cubic|sq|per|each|total|mph|km/h")
 # unit words, squared or cubed, per another: "5 dollars", "12 cm^2", "5 m/s", "$5/hour"
-_UNIT_RE = re.compile(rf"^(?:/?\s*(?:{_UNIT_WORDS})\b(?:\s*\^\s*\{{?[23]\}}?)?[\s.]*)+$",
+_UNIT_RE = re.compile(rf"^(?:(?:/\s*)?(?:{_UNIT_WORDS})\b(?:\s*\^\s*\{{?[23]\}}?)?[\s.]*)+$",
                       re.IGNORECASE)
 
 
