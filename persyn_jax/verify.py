@@ -5,12 +5,13 @@ matches the reference, else 0).
     get_verifier("math")(response, reference)
 
 The final answer of a response is, in order of precedence: the last `\\boxed{...}` (or `\\fbox`),
-the text after the last GSM8K `####`, the text after the last "the (final) answer is", and else
-the last number in the text. Answers are compared as exact rationals where both sides read as
-numbers (commas, fractions, `\\frac`, decimals, percentages, currency and unit words, negative
-numbers) - that fast path is final and never calls sympy. Otherwise they match if their normalized
-strings (LaTeX spacing and wrappers removed) are equal, else if math-verify (LaTeX to sympy) finds
-them equivalent: `2\\sqrt2` = `\\sqrt8`, `x^2+2x` = `2x+x^2`, `3, 5` = `5, 3` (a set).
+the text after the last GSM8K `####` (not a markdown heading `#### Step 1`), the text after the
+last "the (final) answer is", and else the last number in the text. Answers are compared as
+exact rationals where both sides read as numbers (commas, fractions, `\\frac`, decimals,
+percentages, currency and unit words, negative numbers) - that fast path is final and never calls
+sympy. Otherwise they match if their normalized strings (LaTeX spacing and wrappers removed) are
+equal, else if math-verify (LaTeX to sympy) finds them equivalent: `2\\sqrt2` = `\\sqrt8`,
+`x^2+2x` = `2x+x^2`, `3, 5` = `5, 3` (a set).
 
 The symbolic check runs in a child process (`_SymbolicWorker`) with a deadline (`set_math_timeout`,
 2 s by default): sympy can spend hours on `10^{10^{10}}` inside C code that no signal interrupts,
@@ -49,6 +50,11 @@ _UNIT_RE = re.compile(rf"^(?:(?:/\s*)?(?:{_UNIT_WORDS})\b(?:\s*\^\s*\{{?[23]\}}?
                       re.IGNORECASE)
 
 
+# a markdown heading (`#### Step 1: ...`, `#### **Answer**`, `#### 2. Check`), not GSM8K's
+# `#### 42`: its text starts with a word, emphasis, or a numbered title
+_HEADING = re.compile(r"[A-Za-z*_#]|\d+[.)]\s+[A-Za-z]")
+
+
 def _braced(text: str, start: int) -> tuple[str, int] | None:
   """The contents of the brace group opening at `text[start]` (nested braces), and the end index."""
   if start >= len(text) or text[start] != "{":
@@ -85,8 +91,10 @@ def extract_answer(text: str) -> str | None:
   boxed = last_boxed(text)
   if boxed is not None:
     return boxed.strip()
-  if "####" in text:
-    return text.rsplit("####", 1)[1].strip().split("\n")[0].strip()
+  marked = [m.group(1).strip() for m in re.finditer(r"####\s*(.*)", text)]
+  marked = [a for a in marked if a and not _HEADING.match(a)]
+  if marked:
+    return marked[-1]
   matches = list(_ANSWER_IS.finditer(text))
   if matches:
     rest = text[matches[-1].end():].split("\n")[0]

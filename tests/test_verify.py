@@ -304,3 +304,19 @@ def test_a_long_run_of_unit_words_is_read_in_linear_time():
   assert verify.parse_number("5" + " m   " * 2000 + "!") is None
   assert verify.parse_number("5 m / s") is not None and verify.parse_number("5 m/s") is not None
   assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("text", [
+    "#### Step 1: Find the cost\n3 * 2 = 6.\n\n#### Step 2: Add\n6 + 36 = 42.\n\nThe answer is 42.",
+    "### Solution\n#### Step 1\n6 * 7 = 42\n\nSo she has 42 marbles.",
+    "#### 1. Compute\n6*7=42\n#### 2. Answer\nThe final answer is 42",
+    "#### **Final Answer**\n42",
+    "Natalia sold 48/2 = 24 clips.\n#### 42",
+    "She has 6 * 7 = 42.\n####\n42",
+])
+def test_a_markdown_heading_is_not_the_gsm8k_answer_marker(text):
+  """Chat models title their steps with `#### Step 1: ...`; the answer was the text after the
+  last `####`, a heading, which scored 0 where math-verify and lm-eval's GSM8K regex
+  (`#### (-?[0-9.,]+)`) find 42."""
+  assert verify.extract_answer(text) == "42"
+  assert verify.verify_math(text, "42") == 1.0 and verify.verify_math(text, "6") == 0.0
