@@ -320,3 +320,24 @@ def test_a_markdown_heading_is_not_the_gsm8k_answer_marker(text):
   (`#### (-?[0-9.,]+)`) find 42."""
   assert verify.extract_answer(text) == "42"
   assert verify.verify_math(text, "42") == 1.0 and verify.verify_math(text, "6") == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is: 18 (since 16 - 3 - 4 = 9 and 9 * 2 = 18).",
+    "The answer is 18, because 9 * 2 = 18.",
+    "The answer is 18 dollars (she sells 9 eggs a day).",
+    "The answer is $18 (or 1800 cents).",
+    "The answer is 18 - that is her daily income.",
+])
+def test_a_remark_in_words_after_a_stated_number_is_not_part_of_it(text):
+  """math-verify reads 18 in each; the stated answer ran to the end of the sentence, so the
+  remark made it no number and the symbolic check scored it 0."""
+  assert verify.verify_math(text, "18") == 1.0
+  assert verify.verify_math(text, "9") == 0.0
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("The answer is (1, 2)", "(1, 2)"), ("The answer is 1, 2, 3", "1, 2, 3"),
+    ("The answer is f(x) = (x+1)", "f(x) = (x+1)")])
+def test_a_stated_answer_that_is_no_number_keeps_its_commas_and_brackets(text, answer):
+  assert verify.extract_answer(text) == answer
