@@ -101,7 +101,7 @@ def extract_answer(text: str) -> str | None:
     # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
     # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
-    rest = re.sub(r"^\*+\s*|\s*\*+$", "", rest)
+    rest = rest.strip("*").strip()
     # a number with a remark in words after it: "18 (since 9 * 2 = 18)", "18, because ..."
     remark = re.search(r"(?:\(|,|;|:|\s-+\s)\s*[A-Za-z]", rest)
     if remark and parse_number(rest[:remark.start()]) is not None and parse_number(rest) is None:
@@ -164,9 +164,10 @@ def parse_number(s: str) -> tuple[Fraction, bool] | None:
   t = t.replace("$", " ").replace("€", " ").replace("£", " ").strip().rstrip(".").strip()
   t = re.sub(r"^(?:usd|rs\.?|us)\s*", "", t, flags=re.IGNORECASE)
   pct = False
-  if t.endswith("%") or re.search(r"\s*percent$", t, re.IGNORECASE):
+  # (no \s* before the sign: searched for, it would try every start in a run of spaces)
+  if t.endswith("%") or re.search(r"percent$", t, re.IGNORECASE):
     pct = True
-    t = re.sub(r"\s*(?:%|percent)$", "", t, flags=re.IGNORECASE).strip()
+    t = re.sub(r"(?:%|percent)$", "", t, flags=re.IGNORECASE).strip()
   m = re.match(rf"^(-?)\s*\(?\s*({_NUM})\s*\)?(?:\s*/\s*\(?\s*(\d+(?:\.\d+)?)\s*\)?)?\s*(.*)$",
                t)
   if not m:

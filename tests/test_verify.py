@@ -341,3 +341,17 @@ def test_a_remark_in_words_after_a_stated_number_is_not_part_of_it(text):
     ("The answer is f(x) = (x+1)", "f(x) = (x+1)")])
 def test_a_stated_answer_that_is_no_number_keeps_its_commas_and_brackets(text, answer):
   assert verify.extract_answer(text) == answer
+
+
+def test_a_long_run_of_spaces_is_read_in_linear_time():
+  """A degenerate response of spaces: parse_number searched `\\s*percent$` and the stated
+  answer's emphasis was cut with `\\s*\\*+$`, each trying every start in the run (seconds at
+  40k spaces, in the parent, where no deadline applies: only the symbolic child has one)."""
+  start = time.monotonic()
+  for text in ["5" + " " * 40000 + "!", "5" + " " * 40000 + "%", "The answer is 5" + " " * 40000 + "!",
+               "**Answer:**" + " " * 40000 + "42"]:
+    for fn in (verify.parse_number, verify.extract_answer, verify.normalize_answer):
+      fn(text)
+  assert verify.parse_number("5" + " " * 40000 + "%") == (5, True)
+  assert verify.parse_number("50 percent") == (50, True) and verify.parse_number("50%") == (50, True)
+  assert time.monotonic() - start < 2.0
