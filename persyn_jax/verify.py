@@ -55,30 +55,32 @@ _UNIT_RE = re.compile(rf"^(?:(?:/\s*)?(?:{_UNIT_WORDS})\b(?:\s*\^\s*\{{?[23]\}}?
 _HEADING = re.compile(r"[A-Za-z*_#]|\d+[.)]\s+[A-Za-z]")
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-  """The contents of the brace group opening at `text[start]` (nested braces), and the end index."""
-  if start >= len(text) or text[start] != "{":
-    return None
-  depth = 0
-  for i in range(start, len(text)):
-    if text[i] == "{":
-      depth += 1
-    elif text[i] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start + 1:i], i + 1
-  return None  # unbalanced: a truncated response has no final answer
+def _brace_pairs(text: str) -> dict[int, int]:
+  """Each `{` of `text` that closes -> the index of its `}` (nested braces), in one pass."""
+  pairs, opened = {}, []
+  for i, ch in enumerate(text):
+    if ch == "{":
+      opened.append(i)
+    elif ch == "}" and opened:
+      pairs[opened.pop()] = i
+  return pairs
+
+
+_BARE_BOXED = re.compile(r"[^\s$]+")  # `\\boxed 5`: the box's argument up to a space or `$`
 
 
 def last_boxed(text: str) -> str | None:
-  """Contents of the last `\\boxed{...}` / `\\fbox{...}` (nested braces), or `\\boxed 5`."""
-  found = None
+  """Contents of the last `\\boxed{...}` / `\\fbox{...}` (nested braces), or `\\boxed 5`. A box
+  left open (a truncated response) has no answer."""
+  found, pairs = None, None
   for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
-    g = _braced(text, m.end())
-    if g is not None:
-      found = g[0]
-    elif m.end() < len(text) and text[m.end()] != "{":
-      tail = re.match(r"[^\s$]+", text[m.end():])
+    start = m.end()
+    if start < len(text) and text[start] == "{":
+      pairs = _brace_pairs(text) if pairs is None else pairs
+      if start in pairs:
+        found = text[start + 1:pairs[start]]
+    else:
+      tail = _BARE_BOXED.match(text, start)
       if tail:
         found = tail.group(0)
   return found
