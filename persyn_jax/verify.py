@@ -39,6 +39,8 @@ _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _NUM_RE = re.compile(rf"(?<![\w.])(?:-?\((?:{_NUM})\)\s*/\s*\(\d+(?:\.\d+)?\)|"
                      rf"(?:{_NUM})(?:\s*/\s*(?:\d+))?)(?![\w])")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
+_VERDICT = re.compile(r"[\s*]*(?:correct|incorrect|right|wrong|reasonable|consistent|valid|"
+                      r"plausible|accurate|indeed|confirmed|verified|as follows)\b", re.IGNORECASE)
 _UNIT_WORDS = (
     "dollars?|cents?|euros?|pounds?|usd|units?|cm|mm|km|m|meters?|metres?|centimeters?|"
     "kilometers?|inches|inch|in|feet|foot|ft|yards?|miles?|kg|g|grams?|kilograms?|lbs?|"
@@ -97,9 +99,10 @@ def extract_answer(text: str) -> str | None:
   marked = [a for a in marked if a and not _HEADING.match(a)]
   if marked:
     return marked[-1]
-  matches = list(_ANSWER_IS.finditer(text))
-  if matches:
-    rest = text[matches[-1].end():].split("\n")[0]
+  # the last statement of the answer; "my answer is correct" after it is a verdict, not one
+  stated = [m.end() for m in _ANSWER_IS.finditer(text) if not _VERDICT.match(text, m.end())]
+  if stated:
+    rest = text[stated[-1]:].split("\n")[0]
     # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
     # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."

@@ -366,3 +366,23 @@ def test_a_response_of_open_boxes_is_read_in_linear_time():
   assert time.monotonic() - start < 1.0
   assert verify.last_boxed(r"a } b \boxed{\frac{1}{2}} { c") == r"\frac{1}{2}"
   assert verify.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is 18. To double check that this answer is reasonable: 16 - 7 = 9 eggs.",
+    "The answer is 18.\n\nI am confident my answer is correct.",
+    "So the answer is 18. Is it right? Yes, the answer is right.",
+    "The final answer is 18. (Check: the answer is **correct** since 9 * 2 = 18.)",
+    "The answer is as follows:\n\n18",
+])
+def test_a_verdict_on_the_answer_is_not_a_new_answer(text):
+  """"my answer is correct" after "The answer is 18." made the verdict the stated answer, which
+  scored 0; math-verify reads 18 in these."""
+  assert verify.extract_answer(text) == "18"
+  assert verify.verify_math(text, "18") == 1.0 and verify.verify_math(text, "9") == 0.0
+
+
+def test_many_verdicts_are_read_in_linear_time():
+  start = time.monotonic()
+  assert verify.extract_answer("The answer is 7. " + "the answer is correct " * 5000) == "7"
+  assert time.monotonic() - start < 1.0
