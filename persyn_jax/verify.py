@@ -107,6 +107,9 @@ def extract_answer(text: str) -> str | None:
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
     # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
     rest = rest.strip("*").strip()
+    # a hedge before it: "approximately 3.14", "about $18"
+    rest = re.sub(r"^(\$?)\s*(?:approximately|approx\.|about|around|roughly|~|\\approx)\s*", r"\1",
+                  rest, flags=re.IGNORECASE)
     # a number with a remark in words after it: "18 (since 9 * 2 = 18)", "18, because ..."
     remark = re.search(r"(?:\(|,|;|:|\s-+\s)\s*[A-Za-z]", rest)
     if remark and parse_number(rest[:remark.start()]) is not None and parse_number(rest) is None:

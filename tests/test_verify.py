@@ -386,3 +386,13 @@ def test_many_verdicts_are_read_in_linear_time():
   start = time.monotonic()
   assert verify.extract_answer("The answer is 7. " + "the answer is correct " * 5000) == "7"
   assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("text,reference", [
+    ("The answer is approximately 3.14.", "3.14"), ("The answer is about $18.", "18"),
+    (r"The answer is $\approx 0.67$", "0.67"), ("The answer is roughly 12 cm", "12")])
+def test_a_hedge_before_the_stated_answer_is_not_part_of_it(text, reference):
+  """math-verify reads 3.14 in "The answer is approximately 3.14."; the stated answer kept the
+  word, read as no number, and scored 0. Numbers still compare exactly (0.67 is not 2/3)."""
+  assert verify.verify_math(text, reference) == 1.0
+  assert verify.verify_math(text, "2/3") == 0.0
