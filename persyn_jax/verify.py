@@ -39,8 +39,9 @@ _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _NUM_RE = re.compile(rf"(?<![\w.])(?:-?\((?:{_NUM})\)\s*/\s*\(\d+(?:\.\d+)?\)|"
                      rf"(?:{_NUM})(?:\s*/\s*(?:\d+))?)(?![\w])")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
+# "my answer is correct": a verdict on an answer, never one ("the answer is indeed 18" is one)
 _VERDICT = re.compile(r"[\s*]*(?:correct|incorrect|right|wrong|reasonable|consistent|valid|"
-                      r"plausible|accurate|indeed|confirmed|verified|as follows)\b", re.IGNORECASE)
+                      r"plausible|accurate|as follows)\b", re.IGNORECASE)
 _UNIT_WORDS = (
     "dollars?|cents?|euros?|pounds?|usd|units?|cm|mm|km|m|meters?|metres?|centimeters?|"
     "kilometers?|inches|inch|in|feet|foot|ft|yards?|miles?|kg|g|grams?|kilograms?|lbs?|"
@@ -107,9 +108,10 @@ def extract_answer(text: str) -> str | None:
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
     # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
     rest = rest.strip("*").strip()
-    # a hedge before it: "approximately 3.14", "about $18"
-    rest = re.sub(r"^(\$?)\s*(?:approximately|approx\.|about|around|roughly|~|\\approx)\s*", r"\1",
-                  rest, flags=re.IGNORECASE)
+    # a hedge or emphasis before it: "approximately 3.14", "about $18", "indeed 18"
+    rest = re.sub(r"^(\$?)\s*(?:approximately|approx\.|about|around|roughly|~|\\approx|indeed|"
+                  r"exactly|simply|just|clearly|(?:verified|confirmed) (?:to be|as)|equal to)"
+                  r"(?![A-Za-z])\s*", r"\1", rest, flags=re.IGNORECASE)
     # a number with a remark in words after it: "18 (since 9 * 2 = 18)", "18, because ..."
     remark = re.search(r"(?:\(|,|;|:|\s-+\s)\s*[A-Za-z]", rest)
     if remark and parse_number(rest[:remark.start()]) is not None and parse_number(rest) is None:

@@ -396,3 +396,16 @@ def test_a_hedge_before_the_stated_answer_is_not_part_of_it(text, reference):
   word, read as no number, and scored 0. Numbers still compare exactly (0.67 is not 2/3)."""
   assert verify.verify_math(text, reference) == 1.0
   assert verify.verify_math(text, "2/3") == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is 17. Wait, 9 * 2 = 18, so the answer is indeed 18.",
+    "First I thought the answer is 17, but the answer is verified to be 18.",
+    "The answer is 17? No: the answer is confirmed as 18.",
+    "The answer is exactly $18.", "The answer is just 18"])
+def test_a_restated_answer_with_an_emphasis_word_is_the_answer(text):
+  """A statement "the answer is indeed 18" is an answer, not a verdict: passing it over (as
+  068c864 did for "indeed", "confirmed", "verified") answered the earlier 17, and reading the
+  word with it gave `indeed 18`, which no comparison matched; math-verify reads 18."""
+  assert verify.verify_math(text, "18") == 1.0 and verify.verify_math(text, "17") == 0.0
+  assert verify.extract_answer("The answer is justified by 17") == "justified by 17"
