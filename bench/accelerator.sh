@@ -5,8 +5,9 @@
 #   bash bench/accelerator.sh --dry    # CPU, tiny presets: the same steps end to end, to check the
 #                                      # plumbing (figures meaningless; written to a temp dir)
 #
-# Steps (each under its own time limit, STEP_LIMIT seconds, default 150; one failing or timed-out
-# step does not stop the others, and its targets are reported as not measured):
+# Steps (each under its own time limit, STEP_LIMIT seconds, default 150, and all of them within
+# TOTAL_LIMIT, default 540; one failing, timed-out or unstarted step does not stop the others, and
+# its targets are reported as not measured):
 #   sampler_paper_eos  top-p 0.95 / T 0.7 on random stop tokens (geometric response lengths),
 #                      batch 64, Llama-3.2-1B shape, vs transformers generate (static cache)
 #   sampler_greedy     greedy, every row runs all new tokens: decode vs the HBM roofline, vs torch
@@ -63,11 +64,18 @@ fi
 mkdir -p "$OUT"
 echo "accelerator bench -> $OUT (dry=$DRY, ${NO_TORCH[*]:-with torch})"
 
+TOTAL=${TOTAL_LIMIT:-$(( DRY ? 3600 : 540 ))}  # the whole run ends within this (a device call: <= 600 s)
 run() {  # name, then the command
   local name=$1; shift
   local t0=$SECONDS
-  echo "== $name: $*"
-  if timeout "$LIMIT" "$@" >"$OUT/$name.log" 2>&1; then
+  local left=$((TOTAL - SECONDS))
+  if (( left < 30 )); then
+    echo "== $name: not run, the total budget of $TOTAL s is spent (its targets: not measured)"
+    return
+  fi
+  local limit=$(( left < LIMIT ? left : LIMIT ))
+  echo "== $name (limit $limit s): $*"
+  if timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
     echo "   done in $((SECONDS - t0)) s"
   else
     echo "   FAILED or timed out after $((SECONDS - t0)) s (rc $?): see $OUT/$name.log"
