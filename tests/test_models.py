@@ -434,12 +434,17 @@ def test_saving_over_an_earlier_save_leaves_only_the_new_weights(model_dir, tmp_
     assert names == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
   for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
     shutil.copy(os.path.join(path_b, f), out)
-  ids, mask = batch(b.config.vocab_size)
-  ref = torch_logits(tm_b, ids, mask)
+  both_loaders_read(out, tm_b)
+
+
+def both_loaders_read(out, tm):
+  """transformers' loader and ours both read `out` as the torch model `tm` (its logits)."""
+  ids, mask = batch(tm.config.vocab_size)
+  ref = torch_logits(tm, ids, mask)
   loaded = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
-  again, _ = from_pretrained(out, dtype="float32")
-  assert rel_err(forward(again, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+  model, _ = from_pretrained(out, dtype="float32")
+  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
 
 
 def test_a_directory_with_both_weight_layouts_loads_what_transformers_loads(model_dir, tmp_path):
@@ -452,12 +457,7 @@ def test_a_directory_with_both_weight_layouts_loads_what_transformers_loads(mode
   for f in os.listdir(tmp_path / "other"):
     if f.startswith("model-") or f.endswith(".index.json"):
       shutil.copy(tmp_path / "other" / f, out)
-  ids, mask = batch(tm.config.vocab_size)
-  ref = torch_logits(tm, ids, mask)
-  loaded = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-  assert rel_err(torch_logits(loaded, ids, mask), ref, mask) <= 1e-5
-  model, _ = from_pretrained(out, dtype="float32")
-  assert rel_err(forward(model, jnp.asarray(ids), jnp.asarray(mask)), ref, mask) <= 1e-4
+  both_loaders_read(out, tm)
 
 
 def test_missing_tokenizer_is_named(model_dir, tmp_path):
