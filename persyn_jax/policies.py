@@ -110,7 +110,9 @@ def unit_hash(*parts) -> float:
   return int.from_bytes(h[:8], "little") / 2.0**64
 
 
-def _tied(a: float, b: float) -> bool:
+def within_tie(a: float, b: float) -> bool:
+  """Whether two scores tie: within TIE_TOL of each other relative to their size (at least
+  absolutely); non-finite ones only when equal. The study's best sets use the same rule."""
   if not (np.isfinite(a) and np.isfinite(b)):
     return a == b
   return abs(a - b) <= TIE_TOL * max(1.0, abs(a), abs(b))
@@ -123,7 +125,7 @@ def _order(scores: Mapping[str, float], seed: int, key: str) -> list[str]:
   out, i = [], 0
   while i < len(by):
     j = i + 1
-    while j < len(by) and _tied(scores[by[i]], scores[by[j]]):
+    while j < len(by) and within_tie(scores[by[i]], scores[by[j]]):
       j += 1
     out += sorted(by[i:j], key=lambda t: -unit_hash(seed, "tie", key, t))
     i = j
@@ -149,7 +151,7 @@ def best_teachers(ids: Sequence[str], teachers: Sequence[str], reward, seed: int
       cands, unscored = usable, unscored + 1
     else:
       top = row[ok].max()
-      cands = [t for t, v, o in zip(teachers, row, ok) if o and _tied(v, top)]
+      cands = [t for t, v, o in zip(teachers, row, ok) if o and within_tie(v, top)]
       ties += len(cands) > 1
     out[i] = _order({t: 0.0 for t in cands}, seed, i)[0]
   return Best(out, ties, unscored)
@@ -265,7 +267,7 @@ def best_sample(records: Sequence[Mapping[str, Any]], seed: int = 0, field: str 
   out = []
   for (i, t), rs in groups.items():
     top = max(value(r) for r in rs)
-    tied = [r for r in rs if _tied(value(r), top)]
+    tied = [r for r in rs if within_tie(value(r), top)]
     out.append(max(tied, key=lambda r: unit_hash(seed, "sample", i, t, r.get("sample", 0))))
   return out
 

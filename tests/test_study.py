@@ -31,10 +31,10 @@ def test_spearman_is_undefined_for_a_constant_side():
 def test_agreement_counts_ties_as_a_random_pick():
   gain = {"A": 0.2, "B": 0.1, "C": 0.2}
   assert best_set(gain) == ["A", "C"]
-  # ties as the policies see them (policies._tied: TIE_TOL relative to the size, at least
+  # ties as the policies see them (policies.within_tie: TIE_TOL relative to the size, at least
   # absolute): z-scored means above 1 tie within 1e-6 of their size
   near = {"A": 3.0, "B": 3.0 - 2.5e-6, "C": 3.0 - 4e-6, "D": 0.5}
-  assert best_set(near) == [t for t in near if pol._tied(near[t], 3.0)] == ["A", "B"]
+  assert best_set(near) == [t for t in near if pol.within_tie(near[t], 3.0)] == ["A", "B"]
   assert best_set({"A": 0.5, "B": 0.5 - 9e-7, "C": 0.5 - 2e-6}) == ["A", "B"]
   assert agreement({"A": 1.0, "B": 0.0, "C": 0.5}, gain) == 0.5   # A is one of 2 best by gain
   assert agreement({"A": 0.0, "B": 1.0, "C": 0.5}, gain) == 0.0

@@ -65,7 +65,7 @@ def best_set(values: Mapping[str, float]) -> list[str]:
   if not finite:
     return []
   top = max(finite.values())
-  return sorted(t for t, v in finite.items() if pol._tied(v, top))
+  return sorted(t for t, v in finite.items() if pol.within_tie(v, top))
 
 
 def agreement(signal: Mapping[str, float], gain: Mapping[str, float]) -> float:
