@@ -180,6 +180,21 @@ def spec_peaks(required: bool = True) -> tuple[float | None, float | None]:
   return flops, hbm
 
 
+def measured_matmul_peak(dtype="float32", n: int = 1024, reps: int = 10) -> float:
+  """FLOP/s of a square n x n matmul in JAX on this machine: the MFU denominator of a CPU, which
+  has no spec-sheet peak."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
 def torch_device_for(jax_platform: str, cuda_available: bool) -> str:
   """The device of the torch anchor: the one JAX measures on. A GPU run whose torch has no CUDA
   (the CPU wheel of pyproject.toml's test extra) stops here, rather than timing torch on the host

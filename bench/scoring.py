@@ -86,22 +86,6 @@ def scoring_flops(cfg, pairs) -> float:
   return total
 
 
-def measured_matmul_peak(dtype) -> float:
-  """FLOP/s of a large square matmul in JAX: the practical peak of a CPU (no vendor table)."""
-  import jax
-  import jax.numpy as jnp
-  n = 1024
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  reps = 10
-  for _ in range(reps):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
 def device_info():
   """(platform, device kind, device count, spec bf16 peak FLOP/s: None on CPU)."""
   import jax
@@ -207,7 +191,7 @@ def main(argv=None):
 
   platform_name, kind, ndev, peak = device_info()
   if platform_name == "cpu":
-    peak, peak_source = measured_matmul_peak(models.as_dtype(preset["dtype"])), \
+    peak, peak_source = C.measured_matmul_peak(models.as_dtype(preset["dtype"])), \
         "measured fp32 matmul (JAX)"
   elif preset["dtype"] == "bfloat16":
     peak_source = "vendor dense bf16 peak"

@@ -143,20 +143,6 @@ def timed(run, n):
   return (time.perf_counter() - t0) / n, loss
 
 
-def cpu_matmul_peak(dtype="float32", n=1024, reps=10):
-  """Measured fp32 matmul FLOP/s of this CPU (JAX): the MFU denominator where no spec applies."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
 def _x(ratio):
   return "n/a" if ratio is None else f"{ratio:.2f}x"
 
@@ -215,7 +201,7 @@ def main(argv=None):
   tokens = p["batch"] * p["seq"]
   train_flops = 3 * jx["flops_per_token_fwd"]  # forward + backward (2x)
   if dev.platform == "cpu":
-    peak, peak_note = cpu_matmul_peak(), "measured fp32 matmul"
+    peak, peak_note = C.measured_matmul_peak(), "measured fp32 matmul"
   elif p["dtype"] == "bfloat16":
     peak, peak_note = spec_peak, "spec bf16 dense"
   else:
