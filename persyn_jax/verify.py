@@ -103,19 +103,7 @@ def extract_answer(text: str) -> str | None:
   # the last statement of the answer; "my answer is correct" after it is a verdict, not one
   stated = [m.end() for m in _ANSWER_IS.finditer(text) if not _VERDICT.match(text, m.end())]
   if stated:
-    rest = text[stated[-1]:].split("\n")[0]
-    # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
-    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip()
-    # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
-    rest = rest.strip("*").strip()
-    # a hedge or emphasis before it: "approximately 3.14", "about $18", "indeed 18"
-    rest = re.sub(r"^(\$?)\s*(?:approximately|approx\.|about|around|roughly|~|\\approx|indeed|"
-                  r"exactly|simply|just|clearly|(?:verified|confirmed) (?:to be|as)|equal to)"
-                  r"(?![A-Za-z])\s*", r"\1", rest, flags=re.IGNORECASE)
-    # a number with a remark in words after it: "18 (since 9 * 2 = 18)", "18, because ..."
-    remark = re.search(r"(?:\(|,|;|:|\s-+\s)\s*[A-Za-z]", rest)
-    if remark and parse_number(rest[:remark.start()]) is not None and parse_number(rest) is None:
-      rest = rest[:remark.start()].strip()
+    rest = _stated_answer(text[stated[-1]:].split("\n")[0])
     if rest:
       return rest
   flat = _strip_latex(text)
@@ -125,6 +113,28 @@ def extract_answer(text: str) -> str | None:
   # a percent sign right after the number is part of it ("so 50%" answers a fraction 0.5 too)
   pct = re.match(r"\s*(?:\\?%|percent\b)", flat[nums[-1].end():], re.IGNORECASE)
   return nums[-1].group().strip() + ("%" if pct else "")
+
+
+_HEDGE = re.compile(r"^(\$?)\s*(?:approximately|approx\.|about|around|roughly|~|\\approx|indeed|"
+                    r"exactly|simply|just|clearly|(?:verified|confirmed) (?:to be|as)|equal to)"
+                    r"(?![A-Za-z])\s*", re.IGNORECASE)
+_REMARK = re.compile(r"(?:\(|,|;|:|\s-+\s)\s*[A-Za-z]")
+
+
+def _stated_answer(line: str) -> str:
+  """The answer in the line after "the answer is": its first sentence, without markdown emphasis,
+  a hedge before it or a remark in words after a number."""
+  # A sentence ends at ". " or a final "."; a decimal point is followed by a digit.
+  rest = re.split(r"\.(?:\s|$)", line, maxsplit=1)[0].strip()
+  # markdown emphasis around it: "**Answer:** 42", "the answer is **42**."
+  rest = rest.strip("*").strip()
+  # a hedge or emphasis before it: "approximately 3.14", "about $18", "indeed 18"
+  rest = _HEDGE.sub(r"\1", rest)
+  # a number with a remark in words after it: "18 (since 9 * 2 = 18)", "18, because ..."
+  remark = _REMARK.search(rest)
+  if remark and parse_number(rest[:remark.start()]) is not None and parse_number(rest) is None:
+    rest = rest[:remark.start()].strip()
+  return rest
 
 
 _MATH_DELIMS = re.compile(r"\\[\[\]()]")  # \[ 12 \], \( x \): LaTeX's math delimiters, like $
